@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (the main job on the embedded synthetic default) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The constraint keeps every dependency from swapping torch for a multi-GB CUDA build.
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c $(VENV)/constraints.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --output_dir outputs/demo
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs
