@@ -1,0 +1,72 @@
+"""Export of the fine-tuned image encoder for report generation (``sam_encoder.pth``).
+
+Layout, as existing users load it::
+
+    ckpt = torch.load("outputs/sam_encoder.pth")
+    model.visual_encoder.load_state_dict(ckpt["image_encoder_state_dict"])
+
+plus what is needed to rebuild the encoder and feed it correctly: the model config, the visual-token
+projection, and the preprocessing the encoder was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+
+from .modeling.build import Sam3DConfig, build_image_encoder
+from .modeling.image_encoder import ImageEncoderViT
+from .modeling.sam3d import Sam3D
+from .modeling.visual_tokens import VisualTokenProjector
+
+EXPORT_FORMAT = "sam3d-encoder-v1"
+
+
+def export_encoder(
+    model: Sam3D,
+    path: str | os.PathLike,
+    config: Sam3DConfig,
+    visual_tokens: int = 256,
+    preprocessing: Mapping[str, Any] | None = None,
+    source: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``sam_encoder.pth`` atomically and return what was written."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the projector's initialisation is reproducible per export
+    projector = VisualTokenProjector(config.prompt_embed_dim, visual_tokens)
+    torch.random.set_rng_state(generator_state)
+    payload = {
+        "format": EXPORT_FORMAT,
+        "image_encoder_state_dict": {k: v.detach().cpu() for k, v in model.image_encoder.state_dict().items()},
+        "visual_projection_state_dict": projector.state_dict(),
+        "model_config": config.to_dict(),
+        "visual_tokens": visual_tokens,
+        "embedding_shape": [config.prompt_embed_dim] + [config.image_embedding_size] * 3,
+        "preprocessing": dict(preprocessing or {}),
+        "source_checkpoint": source,
+    }
+    atomic_save(payload, path)
+    return payload
+
+
+def load_exported_encoder(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[ImageEncoderViT, VisualTokenProjector, dict[str, Any]]:
+    """Rebuild the encoder and its projector from ``sam_encoder.pth``; returns (encoder, projector, metadata)."""
+    payload = load_checkpoint(path, map_location=map_location)
+    missing = [k for k in ("image_encoder_state_dict", "model_config") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not an encoder export: missing {missing} (found {sorted(payload)})")
+    config = Sam3DConfig.from_dict(payload["model_config"])
+    encoder = build_image_encoder(config)
+    load_state_dict_strict(encoder, payload["image_encoder_state_dict"], f"{path} [image_encoder_state_dict]")
+    projector = VisualTokenProjector(config.prompt_embed_dim, int(payload.get("visual_tokens", 256)))
+    if "visual_projection_state_dict" in payload:
+        load_state_dict_strict(projector, payload["visual_projection_state_dict"], f"{path} [visual_projection_state_dict]")
+    meta = {k: v for k, v in payload.items() if not k.endswith("state_dict")}
+    return encoder, projector, meta
