@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Export the image encoder of a SAM-Med3D checkpoint as ``sam_encoder.pth`` for report generation.
+
+    python scripts/export_encoder.py --checkpoint outputs/sam3d/best_model.pth --output outputs/sam3d/sam_encoder.pth
+    python scripts/export_encoder.py --checkpoint sam_med3d_turbo.pth --model_type vit_b_ori --output sam_encoder.pth
+
+Checkpoints written by train.py carry their model config and preprocessing; official ones need
+--model_type (default vit_b_ori) and get the official preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_strict  # noqa: E402
+from sam3d.export import export_encoder  # noqa: E402
+from sam3d.modeling import Sam3DConfig, build_sam3d, model_config  # noqa: E402
+
+OFFICIAL_PREPROCESSING = {
+    "target_spacing_mm": (1.5, 1.5, 1.5), "roi_size": (128, 128, 128), "hu_clamp": (-1000.0, 1000.0),
+    "normalization": "zscore",
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--model_type", default=None, help="registry name when the checkpoint has no model_config")
+    p.add_argument("--visual_tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="initialisation of the visual-token projection")
+    args = p.parse_args(argv)
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    if isinstance(checkpoint, dict) and "model_config" in checkpoint and args.model_type is None:
+        config = Sam3DConfig.from_dict(checkpoint["model_config"])
+        preprocessing = checkpoint.get("preprocessing", OFFICIAL_PREPROCESSING)
+    else:
+        config = model_config(args.model_type or "vit_b_ori")
+        preprocessing = OFFICIAL_PREPROCESSING
+    model = build_sam3d(config)
+    load_state_dict_strict(model, extract_state_dict(checkpoint, args.checkpoint), args.checkpoint)
+    export_encoder(model, args.output, config, args.visual_tokens, preprocessing, source=args.checkpoint, seed=args.seed)
+    print(f"exported image encoder ({sum(p.numel() for p in model.image_encoder.parameters()) / 1e6:.1f} M parameters) "
+          f"to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
