@@ -1,0 +1,376 @@
+"""Read a CT volume or mask from any format users have, keeping its geometry, and write NIfTI safely.
+
+Every reader returns a :class:`Volume` in one convention, nibabel's: ``array`` is indexed by voxel
+axes (i, j, k) and ``affine`` maps ``(i, j, k, 1)`` to RAS+ world millimetres. Formats read through
+SimpleITK (NRRD, MHA/MHD, DICOM) are converted from ITK's (z, y, x) arrays and LPS geometry, the same
+conversion MONAI's ``ITKReader`` does, so one scan gives the same array and affine in every format.
+
+Anything wrong with a file raises :class:`VolumeReadError` with the file's path and the reason, so a
+data problem in a folder of thousands of scans can be found without a debugger.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "ARRAY_PICKLE_GLOBALS",
+    "SUPPORTED_FORMATS",
+    "Volume",
+    "VolumeReadError",
+    "align_mask_to_volume",
+    "load_volume",
+    "save_nifti",
+    "strip_volume_extension",
+]
+
+_NIFTI_EXTS = (".nii.gz", ".nii")
+_ITK_EXTS = (".nrrd", ".mha", ".mhd")
+_NPZ_KEYS = ("image", "array", "arr_0", "data")
+_PICKLE_ARRAY_KEYS = ("image", "array", "data", "volume", "img")
+# Longest first so ".nii.gz" is stripped whole.
+_FILE_EXTS = _NIFTI_EXTS + _ITK_EXTS + (".npy", ".npz", ".pkl", ".pickle")
+SUPPORTED_FORMATS = ", ".join(_FILE_EXTS) + ", or a folder holding a DICOM series"
+
+
+class VolumeReadError(ValueError):
+    """A volume or mask file could not be used; the message names the file and what was wrong."""
+
+
+@dataclass
+class Volume:
+    """One 3-D image on its voxel grid.
+
+    Attributes:
+        array: shape (I, J, K). float32 for floating-point data; integer data (masks, raw int16 CT)
+            keeps its integer dtype so label values stay exact (bool becomes uint8).
+        affine: 4x4 float64, voxel index (i, j, k, 1) -> RAS+ world position in mm.
+        spacing_mm: voxel size along i, j, k in mm (the affine's column norms).
+        source: the path the volume was read from.
+        geometry_known: False when the file carried no geometry (``.npy``, ``.npz``, a bare pickled
+            array): spacing is then assumed 1 mm and the affine the identity, which silently changes
+            the physical size after resampling, so callers should warn.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    source: str
+    geometry_known: bool = True
+
+
+def strip_volume_extension(name: str) -> str:
+    """Return a file or folder name without its volume extension (``049.nii.gz`` -> ``049``)."""
+    lower = name.lower()
+    for ext in _FILE_EXTS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3-D volume from NIfTI, NRRD, MHA/MHD, a DICOM series folder, NPY, NPZ or pickle.
+
+    Size-1 axes beyond the three spatial ones (a 4-D NIfTI with one channel) are dropped; arrays
+    without geometry drop every size-1 axis (a saved ``(1, X, Y, Z)`` tensor).
+
+    Raises:
+        VolumeReadError: missing, unreadable or unsupported file, refused pickle content, a shape that
+            is not 3-D, or NaN/Inf voxels. The message names the file.
+    """
+    source = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise VolumeReadError(f"{source}: file does not exist")
+    lower = p.name.lower()
+    if p.is_dir():
+        reader = _read_dicom_series
+    elif lower.endswith(_NIFTI_EXTS):
+        reader = _read_nifti
+    elif lower.endswith(_ITK_EXTS):
+        reader = _read_itk_file
+    elif lower.endswith(".npy"):
+        reader = _read_npy
+    elif lower.endswith(".npz"):
+        reader = _read_npz
+    elif lower.endswith((".pkl", ".pickle")):
+        reader = _read_pickle
+    else:
+        raise VolumeReadError(f"{source}: unsupported file type; supported: {SUPPORTED_FORMATS}")
+    try:
+        array, affine = reader(p)
+    except VolumeReadError:
+        raise
+    except Exception as e:  # any reader failure on a corrupt or truncated file
+        raise VolumeReadError(f"{source}: cannot read ({type(e).__name__}: {e})") from e
+    return _validated(array, affine, source)
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``array`` (I, J, K) with its voxel->RAS mm ``affine`` to ``.nii``/``.nii.gz`` atomically.
+
+    The file is written to a temporary name in the same folder and moved into place with
+    ``os.replace``, so a crash never leaves a half-written file under ``path``. bool is stored as
+    uint8 and int64 as int32 (NIfTI readers handle int64 poorly).
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(_NIFTI_EXTS):
+        raise ValueError(f"{path}: save_nifti writes .nii or .nii.gz files only")
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif array.dtype in (np.int64, np.uint64):
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{path}: int64 values do not fit the int32 NIfTI type")
+        array = array.astype(np.int32)
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)  # both codes "scanner" so ITK-based tools read the same geometry
+    image.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"  # nibabel compresses by name
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def align_mask_to_volume(volume: Volume, mask: Volume, atol_mm: float = 1e-3) -> tuple[Volume, Volume]:
+    """Check that ``mask`` lies on ``volume``'s voxel grid and fill in geometry one side lacks.
+
+    Users often store the scan as a bare array (``.pkl``/``.npy``) and the mask as NIfTI; the two are
+    then voxel-aligned by construction and the side with geometry lends it to the other. When both
+    carry geometry, their affines must agree within ``atol_mm``.
+
+    Returns:
+        (volume, mask), with the known affine copied onto the one whose geometry was unknown.
+
+    Raises:
+        VolumeReadError: "shape mismatch" or "geometry mismatch", naming both files.
+    """
+    if mask.array.shape != volume.array.shape:
+        raise VolumeReadError(
+            f"shape mismatch: mask {mask.source} has shape {mask.array.shape}, "
+            f"volume {volume.source} has shape {volume.array.shape}"
+        )
+    if volume.geometry_known and mask.geometry_known:
+        if not np.allclose(mask.affine, volume.affine, rtol=0.0, atol=atol_mm):
+            raise VolumeReadError(
+                f"geometry mismatch: affine of mask {mask.source} {_format_affine(mask.affine)} differs "
+                f"from affine of volume {volume.source} {_format_affine(volume.affine)} (voxel -> RAS mm)"
+            )
+    elif volume.geometry_known:
+        mask = _with_affine(mask, volume.affine)
+    elif mask.geometry_known:
+        volume = _with_affine(volume, mask.affine)
+    return volume, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: each returns (array, affine or None) in (i, j, k) / RAS convention; None = no geometry.
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(str(path), mmap=False)  # no file handle left open behind the array
+    # asanyarray applies the scaling slope/intercept; unscaled integer data stays integer.
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return _from_sitk(sitk.ReadImage(str(path)), path)
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read the series with the most files in ``folder`` (sub-folders are not searched)."""
+    if not any(folder.iterdir()):
+        raise VolumeReadError(f"{folder}: DICOM folder is empty")
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        n_files = sum(1 for f in folder.iterdir() if f.is_file())
+        raise VolumeReadError(f"{folder}: no DICOM series found among its {n_files} file(s)")
+    files = max(
+        (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len
+    )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return _from_sitk(reader.Execute(), folder)  # applies RescaleSlope/Intercept, so CT comes out in HU
+
+
+def _from_sitk(image: sitk.Image, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """ITK array (z, y, x) + LPS geometry -> array (x, y, z) + RAS affine, as MONAI's ITKReader."""
+    n_components = image.GetNumberOfComponentsPerPixel()
+    if n_components != 1:
+        raise VolumeReadError(f"{source}: {n_components} components per voxel, expected 1")
+    dim = image.GetDimension()
+    if dim < 3:
+        raise VolumeReadError(f"{source}: {dim}-D image {image.GetSize()}, expected a 3-D volume")
+    array = sitk.GetArrayFromImage(image).transpose()  # reverses all axes: (.., z, y, x) -> (x, y, z, ..)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(image.GetSpacing()[:3])
+    affine[:3, 3] = image.GetOrigin()[:3]
+    affine[:2] *= -1  # LPS -> RAS: negate the world x and y rows
+    return array, affine
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, None]:
+    return np.load(path, allow_pickle=False), None
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, None]:
+    with np.load(path, allow_pickle=False) as archive:
+        keys = list(archive.files)
+        key = next((k for k in _NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise VolumeReadError(
+                f"{path}: cannot tell which array is the volume; expected one of {list(_NPZ_KEYS)} "
+                f"or a single array, found keys {keys}"
+            )
+        return archive[key], None
+
+
+def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A pickled ndarray, or a dict with the array and optional ``spacing`` (3) / ``affine`` (4x4)."""
+    with open(path, "rb") as f:
+        obj = _ArrayOnlyUnpickler(f, str(path)).load()
+    if isinstance(obj, np.ndarray):
+        return obj, None
+    if not isinstance(obj, dict):
+        raise VolumeReadError(f"{path}: pickle holds a {type(obj).__name__}, expected a numpy array or dict")
+    key = next((k for k in _PICKLE_ARRAY_KEYS if k in obj), None)
+    if key is None:
+        raise VolumeReadError(
+            f"{path}: pickled dict has no array under {list(_PICKLE_ARRAY_KEYS)}; found keys {list(obj)}"
+        )
+    array = np.asarray(obj[key])
+    affine = None
+    if obj.get("affine") is not None:
+        affine = np.asarray(obj["affine"], dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise VolumeReadError(f"{path}: 'affine' must be 4x4, got shape {affine.shape}")
+    if obj.get("spacing") is not None:
+        spacing = np.asarray(obj["spacing"], dtype=np.float64).ravel()
+        if spacing.shape != (3,) or not np.all(spacing > 0):
+            raise VolumeReadError(f"{path}: 'spacing' must be 3 positive numbers, got {obj['spacing']!r}")
+        if affine is None:
+            affine = np.diag([*spacing, 1.0])  # axis-aligned: voxel axes taken as R, A, S
+        elif not np.allclose(_spacing(affine), spacing, atol=1e-3):
+            raise VolumeReadError(
+                f"{path}: 'spacing' {spacing.tolist()} disagrees with the affine's voxel size "
+                f"{list(_spacing(affine))}"
+            )
+    return array, affine
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays, numbers and containers and nothing else.
+
+    Plain ``pickle.load`` runs whatever callable the file names (``os.system``...), and ``.pkl``
+    volumes come from users, so every global a pickle asks for must be in ``ARRAY_PICKLE_GLOBALS``.
+    """
+
+    def __init__(self, file: io.BufferedReader, source: str):
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module: str, name: str):
+        try:
+            return ARRAY_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise VolumeReadError(
+                f"{self._source}: refused to unpickle '{module}.{name}'; only numpy arrays, numbers and "
+                f"dict/list/tuple containers are allowed in .pkl volumes"
+            ) from None
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as pickle protocols 0-2 use it for bytes (latin-1 only)."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """(module, name) -> object for every global a pickle of numeric arrays and containers needs."""
+    # The reconstructors are taken from numpy's own __reduce__ so this works whichever module path the
+    # installed numpy uses; files written by numpy 1.x name `numpy.core`, numpy 2 names `numpy._core`.
+    reconstruct = np.empty(0).__reduce__()[0]
+    frombuffer = np.empty(0).__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    for code in np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?":
+        dtype_class = type(np.dtype(code))  # numpy.dtypes.Float32DType etc.
+        allowed[("numpy.dtypes", dtype_class.__name__)] = dtype_class
+    return allowed
+
+
+ARRAY_PICKLE_GLOBALS = _allowed_globals()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation shared by all formats.
+
+
+def _validated(array: np.ndarray, affine: np.ndarray | None, source: str) -> Volume:
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        n_bad = int(np.count_nonzero(~np.isfinite(array)))
+        if n_bad:
+            raise VolumeReadError(f"{source}: {n_bad} NaN/Inf voxel(s) out of {array.size}")
+        array = array.astype(np.float32, copy=False)
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise VolumeReadError(f"{source}: unsupported voxel type {array.dtype}, expected numbers")
+    if array.size == 0:
+        raise VolumeReadError(f"{source}: volume is empty (shape {array.shape})")
+    original_shape = array.shape
+    if affine is None:
+        array = array.squeeze()  # no geometry to keep consistent: drop every size-1 axis
+    elif array.ndim > 3:
+        array = array.squeeze(axis=tuple(a for a in range(3, array.ndim) if array.shape[a] == 1))
+    if array.ndim != 3:
+        raise VolumeReadError(
+            f"{source}: expected a 3-D volume (4-D allowed with one channel), got shape {original_shape}"
+        )
+    geometry_known = affine is not None
+    affine = np.asarray(affine, dtype=np.float64) if geometry_known else np.eye(4)
+    return Volume(array, affine, _spacing(affine), source, geometry_known)
+
+
+def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+def _format_affine(affine: np.ndarray) -> str:
+    """The top three rows on one line, so the message stays one log line."""
+    return np.array2string(np.round(affine[:3], 4), separator=", ", suppress_small=True).replace("\n", "")
+
+
+def _with_affine(volume: Volume, affine: np.ndarray) -> Volume:
+    return Volume(volume.array, affine.copy(), _spacing(affine), volume.source, True)

@@ -1,0 +1,395 @@
+"""MONAI dictionary pipelines that turn a head-CT scan (+ hemorrhage mask) into SAM-Med3D input.
+
+Items are dicts with ``"image"`` (a path) and, for training, ``"label"`` (a mask path, or None for
+an ``ich=0`` scan that has no mask). Every tensor is a ``monai.data.MetaTensor`` (C, X, Y, Z) whose
+``affine`` (voxel -> RAS mm) is updated by each spatial step, so a crop can always be located in the
+original scan.
+
+Training/validation pipeline, in order (``build_transforms``):
+
+1. ``LoadVolumed``       read any format (``sam3d.data.io``), channel-first, affine in meta
+2. ``EnsureTyped``       float32 MetaTensor
+3. ``Orientationd``      RAS axes, so "axis 0 = left-right" holds for every scan
+4. ``Spacingd``          resample to ``target_spacing_mm`` (bilinear image, nearest label)
+5. ``ClampHUd``          clamp to ``hu_clamp`` (values are still HU)
+6. ``CropAroundLesiond`` ``roi_size`` box around the lesion, or around the head for negatives. It
+   runs before normalisation because the head is found with a HU threshold and padding uses air.
+7. spatial augmentation  (training only) left-right flip, small rotation/scaling
+8. normalisation         ``zscore`` (SAM-Med3D's own) or ``brain_window``
+9. intensity augmentation (training only) scale/shift/noise. It runs after normalisation because a
+   z-score would undo a global intensity scale or shift applied before it.
+10. label -> float32 {0, 1}
+
+Output: image float32 (C, *roi_size) with C = ``num_input_channels(cfg)``, label float32
+(1, *roi_size) in {0, 1}. Steps 1-5 are deterministic, so ``monai.data.PersistentDataset`` caches
+them; caching stops at ``CropAroundLesiond``, which is randomised (jitter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    AsDiscreted,
+    BorderPad,
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    Randomizable,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Spacingd,
+    SpatialCrop,
+)
+from monai.utils import convert_to_tensor
+
+from sam3d.data.io import Volume, align_mask_to_volume, load_volume
+
+__all__ = [
+    "DEFAULT_TRANSFORM_CONFIG",
+    "BrainWindowd",
+    "ClampHUd",
+    "CropAroundLesiond",
+    "LoadVolumed",
+    "ZNormalizeForegroundd",
+    "build_inference_transforms",
+    "build_transforms",
+    "num_input_channels",
+]
+
+DEFAULT_TRANSFORM_CONFIG: dict = {
+    "target_spacing_mm": (1.5, 1.5, 1.5),  # SAM-Med3D's pre-training data were resampled to 1.5 mm
+    "roi_size": (128, 128, 128),  # voxels; SAM-Med3D's fixed input size
+    "hu_clamp": (-1000.0, 1000.0),  # air .. dense bone
+    "normalization": "zscore",  # or "brain_window"
+    "hu_windows": [[40.0, 80.0]],  # (level, width) in HU, used by "brain_window"; one channel each
+    "augment": True,  # training only
+    "lesion_jitter_voxels": 8,  # training only: random shift of the crop centre, per axis
+    "head_threshold_hu": -500.0,  # voxels above this are "head" when centring crops of negatives
+    "flip_axes": [0],  # RAS axis 0 = left-right; brains are near-symmetric, other flips are not anatomical
+}
+
+
+class LoadVolumed(MapTransform):
+    """Load ``keys`` with :func:`sam3d.data.io.load_volume` into channel-first MetaTensors.
+
+    The first key is the image; later keys are its masks. A mask entry that is ``None`` (an
+    ``ich=0`` scan without a mask file) becomes an all-zero volume on the image's grid. A mask must
+    match the image's shape and affine; if only one of the two files carries geometry (e.g. a bare
+    ``.pkl`` array with a NIfTI mask) the other one inherits it.
+
+    Output per key: float32 MetaTensor (1, X, Y, Z) with ``affine`` (voxel -> RAS mm) and meta
+    ``filename_or_obj`` (path, "" for a synthesised mask), ``spacing_mm`` (as read),
+    ``geometry_known``, ``original_affine`` and ``spatial_shape`` (to map predictions back).
+    """
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image_key, *mask_keys = self.keys
+        image = load_volume(d[image_key])
+        masks: dict[Hashable, Volume] = {}
+        for key in mask_keys:
+            if key not in d:
+                if not self.allow_missing_keys:
+                    raise KeyError(f"key {key!r} is missing from the data item")
+            elif d[key] is None:
+                empty = np.zeros(image.array.shape, dtype=np.uint8)
+                masks[key] = Volume(empty, image.affine, image.spacing_mm, "", image.geometry_known)
+            else:
+                image, masks[key] = align_mask_to_volume(image, load_volume(d[key]))
+        d[image_key] = _to_meta_tensor(image)
+        for key, mask in masks.items():
+            # The image's exact affine (masks agree within 1e-3 mm): Spacingd sizes its output grid
+            # from the affine, so a rounding difference could give image and mask different shapes.
+            d[key] = _to_meta_tensor(mask, image.affine)
+        return d
+
+
+def _to_meta_tensor(volume: Volume, affine: np.ndarray | None = None) -> MetaTensor:
+    """(X, Y, Z) Volume -> float32 MetaTensor (1, X, Y, Z); ``affine`` overrides the volume's."""
+    affine_t = torch.as_tensor(volume.affine if affine is None else affine, dtype=torch.float64)
+    meta = {
+        "filename_or_obj": volume.source,
+        "spacing_mm": volume.spacing_mm,
+        "geometry_known": volume.geometry_known,
+        "original_affine": affine_t.clone(),
+        "spatial_shape": torch.as_tensor(volume.array.shape),
+    }
+    array = torch.from_numpy(volume.array.astype(np.float32, copy=False))[None]
+    return MetaTensor(array, affine=affine_t, meta=meta)
+
+
+class ClampHUd(MapTransform):
+    """Clamp intensities to [hu_min, hu_max] HU: metal and beyond-air values carry no information."""
+
+    def __init__(self, keys: KeysCollection, hu_min: float = -1000.0, hu_max: float = 1000.0):
+        super().__init__(keys)
+        if hu_min >= hu_max:
+            raise ValueError(f"hu_min ({hu_min}) must be below hu_max ({hu_max})")
+        self.hu_min, self.hu_max = float(hu_min), float(hu_max)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = torch.clamp(d[key], self.hu_min, self.hu_max)
+        return d
+
+
+class ZNormalizeForegroundd(MapTransform):
+    """SAM-Med3D's normalisation: ``(x - mean) / std`` with mean/std taken over voxels > 0 only.
+
+    Statistics come from the foreground (after ``ClampHUd`` in HU: brain, blood, bone; not air or
+    fat) so the amount of air in the field of view does not shift them; they are applied to every
+    voxel. With no voxel > 0 the whole volume is used. If std < ``eps`` (constant values) the volume
+    is only shifted by the mean, rather than blown up by dividing by ~0.
+    """
+
+    def __init__(self, keys: KeysCollection, eps: float = 1e-6):
+        super().__init__(keys)
+        self.eps = eps
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = convert_to_tensor(d[key], track_meta=False)  # statistics need no meta bookkeeping
+            foreground = x > 0
+            values = (x[foreground] if bool(foreground.any()) else x.reshape(-1)).double()
+            mean = values.mean().item()
+            std = values.std(correction=0).item()
+            std = std if std >= self.eps else 1.0
+            d[key] = (d[key] - mean) / std
+        return d
+
+
+class BrainWindowd(MapTransform):
+    """Map HU to [0, 1] through CT display windows, one output channel per window.
+
+    A (level, width) window maps ``level - width/2`` -> 0 and ``level + width/2`` -> 1, clipping
+    outside. Input (1, X, Y, Z) HU; output (len(windows), X, Y, Z). The model must be built with
+    ``in_chans = len(windows)``; SAM-Med3D's pre-trained patch embedding has one channel, so more
+    than one window needs a re-initialised or widened first layer.
+    """
+
+    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]] = ((40.0, 80.0),)):
+        super().__init__(keys)
+        self.windows = [(float(level), float(width)) for level, width in windows]
+        if not self.windows or any(width <= 0 for _, width in self.windows):
+            raise ValueError(f"windows must be a non-empty list of (level, width > 0), got {windows!r}")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            channels = [((x - (level - width / 2)) / width).clamp(0.0, 1.0) for level, width in self.windows]
+            d[key] = torch.cat(channels, dim=0)
+        return d
+
+
+class CropAroundLesiond(Randomizable, MapTransform):
+    """Crop a ``roi_size`` box centred on the lesion (or the head when there is none), padding as needed.
+
+    Centre: the bounding-box centre of ``label > 0.5``; if the label is empty or absent (negative
+    scan, inference) the bounding-box centre of ``image > foreground_threshold_hu``, so the image
+    must still be in HU (place this transform before normalisation); with no such voxel, the volume
+    centre. For training, ``jitter_voxels`` shifts the centre by a random integer in
+    [-jitter, jitter] per axis so the lesion is not always in the middle.
+
+    The box stays centred even at the volume border (as torchio's ``CropOrPad`` does with a mask):
+    the part outside the scan is padded with the image's minimum (air after
+    ``ClampHUd``) and 0 for masks. MONAI's ``SpatialCrop``/``BorderPad`` do the work so the affine
+    follows. Input (C, X, Y, Z) per key, output (C, *roi_size).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        roi_size: Sequence[int] = (128, 128, 128),
+        label_key: str = "label",
+        image_key: str = "image",
+        foreground_threshold_hu: float = -500.0,
+        jitter_voxels: int = 0,
+        allow_missing_keys: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.roi_size = np.asarray(roi_size, dtype=int)
+        if self.roi_size.shape != (3,) or np.any(self.roi_size < 1):
+            raise ValueError(f"roi_size must be 3 positive ints, got {roi_size!r}")
+        if jitter_voxels < 0:
+            raise ValueError(f"jitter_voxels must be >= 0, got {jitter_voxels}")
+        self.label_key, self.image_key = label_key, image_key
+        self.foreground_threshold_hu = foreground_threshold_hu
+        self.jitter_voxels = int(jitter_voxels)
+        self._jitter = np.zeros(3, dtype=int)
+
+    def randomize(self, data: object = None) -> None:
+        self._jitter = self.R.randint(-self.jitter_voxels, self.jitter_voxels + 1, size=3)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = d[self.image_key]
+        shape = np.asarray(image.shape[1:])
+        label = d.get(self.label_key)
+        centre = _bbox_centre(label > 0.5) if label is not None else None
+        if centre is None:
+            centre = _bbox_centre(image > self.foreground_threshold_hu)
+        if centre is None:
+            centre = (shape - 1) / 2
+        self.randomize()
+        centre = np.clip(centre + self._jitter, 0, shape - 1)
+        # Put `centre` at the output's middle, (roi - 1) / 2, rounding half up.
+        start = np.floor(centre - (self.roi_size - 1) / 2 + 0.5).astype(int)
+        end = start + self.roi_size
+        crop = SpatialCrop(roi_start=np.maximum(start, 0), roi_end=np.minimum(end, shape))
+        pad_before, pad_after = np.maximum(-start, 0), np.maximum(end - shape, 0)
+        border = [int(b) for axis in range(3) for b in (pad_before[axis], pad_after[axis])]  # BorderPad order
+        for key in self.key_iterator(d):
+            out = crop(d[key])
+            if any(border):
+                fill = float(d[key].min()) if key == self.image_key else 0.0
+                out = BorderPad(border, mode="constant", value=fill)(out)
+            d[key] = out
+        return d
+
+
+def _bbox_centre(mask: torch.Tensor) -> np.ndarray | None:
+    """Centre (3,) in voxels of the bounding box of a (C, X, Y, Z) boolean mask; None if empty."""
+    mask = convert_to_tensor(mask, track_meta=False).any(dim=0)
+    centre = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = torch.nonzero(mask.any(dim=other)).flatten()
+        if hits.numel() == 0:
+            return None
+        centre.append((hits[0].item() + hits[-1].item()) / 2)
+    return np.asarray(centre)
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders
+
+
+def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
+    """Training (``train=True``) or validation pipeline; see the module docstring for the steps.
+
+    Args:
+        cfg: keys of ``DEFAULT_TRANSFORM_CONFIG`` (missing keys take the defaults, other keys are
+            ignored so a larger config section can be passed).
+        train: adds centre jitter and, if ``cfg["augment"]``, augmentation. Seed it with
+            ``compose.set_random_state(seed)``; MONAI's DataLoader seeds each worker.
+
+    Items need ``"image"``; ``"label"`` may be a path, None (empty mask) or absent.
+    """
+    c = _resolved_config(cfg)
+    keys = ["image", "label"]
+    augment = train and c["augment"]
+    steps = _resampling_steps(c, keys)
+    steps.append(
+        CropAroundLesiond(
+            keys,
+            roi_size=c["roi_size"],
+            foreground_threshold_hu=c["head_threshold_hu"],
+            jitter_voxels=c["lesion_jitter_voxels"] if train else 0,
+        )
+    )
+    if augment:
+        steps += [
+            RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in c["flip_axes"]
+        ]
+        steps.append(
+            RandAffined(
+                keys,
+                prob=0.3,
+                rotate_range=(np.deg2rad(10.0),) * 3,  # radians, each axis
+                scale_range=(0.1,) * 3,  # zoom factor 1 +- 0.1
+                mode=("bilinear", "nearest"),
+                padding_mode=("border", "zeros"),
+                spatial_size=c["roi_size"],
+                cache_grid=True,
+                allow_missing_keys=True,
+            )
+        )
+    steps.append(_normalization(c))
+    if augment:
+        # Units are those of the normalised image (z-scores, or [0, 1] for windows).
+        steps += [
+            RandScaleIntensityd("image", factors=0.1, prob=0.3),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.3),
+            RandGaussianNoised("image", prob=0.2, std=0.05),
+        ]
+    steps += [
+        AsDiscreted("label", threshold=0.5, allow_missing_keys=True),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
+    ]
+    return Compose(steps)
+
+
+def build_inference_transforms(cfg: Mapping | None) -> Compose:
+    """Whole-scan pipeline for sliding-window prediction: load, RAS, resample, clamp, normalise.
+
+    No label, no crop: output image float32 (C, X, Y, Z) at ``target_spacing_mm``. Its
+    ``applied_operations`` let ``monai.transforms.Invertd`` map a prediction back to the scan's grid.
+    Z-score statistics come from the whole scan here rather than a 128^3 crop, a small difference.
+    """
+    c = _resolved_config(cfg)
+    steps = _resampling_steps(c, ["image"])
+    steps += [_normalization(c), EnsureTyped("image", dtype=torch.float32, track_meta=True)]
+    return Compose(steps)
+
+
+def num_input_channels(cfg: Mapping | None) -> int:
+    """Channels of the image these pipelines produce: 1 for z-score, one per window otherwise."""
+    c = _resolved_config(cfg)
+    return len(c["hu_windows"]) if c["normalization"] == "brain_window" else 1
+
+
+def _resampling_steps(c: dict, keys: list[str]) -> list:
+    """Deterministic prefix shared by all pipelines: load -> float32 -> RAS -> spacing -> HU clamp."""
+    return [
+        LoadVolumed(keys),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
+        Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+        Spacingd(
+            keys,
+            pixdim=c["target_spacing_mm"],
+            mode=("bilinear", "nearest")[: len(keys)],
+            dtype=np.float32,
+            allow_missing_keys=True,
+        ),
+        ClampHUd("image", *c["hu_clamp"]),
+    ]
+
+
+def _normalization(c: dict) -> MapTransform:
+    if c["normalization"] == "zscore":
+        return ZNormalizeForegroundd("image")
+    return BrainWindowd("image", windows=c["hu_windows"])
+
+
+def _resolved_config(cfg: Mapping | None) -> dict:
+    """Defaults filled in, values checked, so a bad config fails before any data is read."""
+    given = {k: v for k, v in (cfg or {}).items() if k in DEFAULT_TRANSFORM_CONFIG}
+    c = {**DEFAULT_TRANSFORM_CONFIG, **given}
+    c["target_spacing_mm"] = tuple(float(s) for s in c["target_spacing_mm"])
+    c["roi_size"] = tuple(int(s) for s in c["roi_size"])
+    if len(c["target_spacing_mm"]) != 3 or min(c["target_spacing_mm"]) <= 0:
+        raise ValueError(f"target_spacing_mm must be 3 positive numbers, got {c['target_spacing_mm']}")
+    if len(c["roi_size"]) != 3 or min(c["roi_size"]) < 1:
+        raise ValueError(f"roi_size must be 3 positive ints, got {c['roi_size']}")
+    if c["normalization"] not in ("zscore", "brain_window"):
+        raise ValueError(f"normalization must be 'zscore' or 'brain_window', got {c['normalization']!r}")
+    if int(c["lesion_jitter_voxels"]) < 0:
+        raise ValueError(f"lesion_jitter_voxels must be >= 0, got {c['lesion_jitter_voxels']}")
+    if any(axis not in (0, 1, 2) for axis in c["flip_axes"]):
+        raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2, got {c['flip_axes']}")
+    return c
