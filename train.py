@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation (" + FULL_DEFAULTS_NOTE + ")")
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--batch_size", type=int, default=2)
-    g.add_argument("--lr", type=float, default=1e-4, help="encoder lr; prompt encoder and decoder get 0.1 x lr")
+    g.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate")
+    g.add_argument("--decoder_lr_ratio", type=float, default=0.1,
+                   help="prompt encoder and mask decoder learn at this x lr (SAM-Med3D: 0.1)")
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--patience", type=int, default=15, help="early stopping on validation Dice")
     g.add_argument("--use_mixed_precision", action=bool_flag, default=False,
@@ -173,7 +175,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     task = SegmentationTask(args.num_clicks, args.val_num_clicks, args.target_spacing, args.seed, args.use_mixed_precision)
     encoder_params = [p for p in model.image_encoder.parameters() if p.requires_grad]
     decoder_params = list(model.prompt_encoder.parameters()) + list(model.mask_decoder.parameters())
-    param_groups = [{"params": decoder_params, "lr": 0.1 * args.lr, "weight_decay": args.weight_decay, "name": "decoder"}]
+    param_groups = [{"params": decoder_params, "lr": args.decoder_lr_ratio * args.lr, "weight_decay": args.weight_decay, "name": "decoder"}]
     if encoder_params:
         param_groups.insert(0, {"params": encoder_params, "lr": args.lr, "weight_decay": args.weight_decay, "name": "encoder"})
     trainer_cfg = TrainerConfig(

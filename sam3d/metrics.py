@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +42,9 @@ def surface_metrics(
     pred = prediction.reshape(1, 1, *prediction.shape[-3:]).float()
     gt = target.reshape(1, 1, *target.shape[-3:]).float()
     spacing = [float(s) for s in spacing_mm]
-    nsd = compute_surface_dice(pred, gt, class_thresholds=[tolerance_mm], include_background=True, spacing=spacing)
-    hd95 = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=spacing)
+    with warnings.catch_warnings():
+        # MONAI 1.5+ warns about an argument its own metric code still passes internally.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        nsd = compute_surface_dice(pred, gt, class_thresholds=[tolerance_mm], include_background=True, spacing=spacing)
+        hd95 = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=spacing)
     return {"nsd": float(nsd.item()), "hd95_mm": float(hd95.item())}

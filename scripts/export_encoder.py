@@ -16,14 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_strict  # noqa: E402
+from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG  # noqa: E402
 from sam3d.export import export_encoder  # noqa: E402
-from sam3d.modeling import Sam3DConfig, build_sam3d, model_config  # noqa: E402
-
-OFFICIAL_PREPROCESSING = {
-    "target_spacing_mm": (1.5, 1.5, 1.5), "roi_size": (128, 128, 128), "hu_clamp": (-1000.0, 1000.0),
-    "normalization": "zscore",
-}
+from sam3d.modeling import load_trained_sam3d  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,16 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="initialisation of the visual-token projection")
     args = p.parse_args(argv)
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    if isinstance(checkpoint, dict) and "model_config" in checkpoint and args.model_type is None:
-        config = Sam3DConfig.from_dict(checkpoint["model_config"])
-        preprocessing = checkpoint.get("preprocessing", OFFICIAL_PREPROCESSING)
-    else:
-        config = model_config(args.model_type or "vit_b_ori")
-        preprocessing = OFFICIAL_PREPROCESSING
-    model = build_sam3d(config)
-    load_state_dict_strict(model, extract_state_dict(checkpoint, args.checkpoint), args.checkpoint)
-    export_encoder(model, args.output, config, args.visual_tokens, preprocessing, source=args.checkpoint, seed=args.seed)
+    model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
+    # Official checkpoints were trained with the official preprocessing, which is the default here.
+    preprocessing = meta.get("preprocessing", {**DEFAULT_TRANSFORM_CONFIG, "augment": False})
+    export_encoder(model, args.output, model.config, args.visual_tokens, preprocessing, source=args.checkpoint,
+                   seed=args.seed)
     print(f"exported image encoder ({sum(p.numel() for p in model.image_encoder.parameters()) / 1e6:.1f} M parameters) "
           f"to {args.output}")
     return 0

@@ -1,4 +1,12 @@
-from .build import MODEL_CONFIGS, Sam3DConfig, build_sam3d, load_sam3d_weights, model_config, sam_model_registry3D
+from .build import (
+    MODEL_CONFIGS,
+    Sam3DConfig,
+    build_sam3d,
+    load_sam3d_weights,
+    load_trained_sam3d,
+    model_config,
+    sam_model_registry3D,
+)
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
@@ -13,6 +21,7 @@ __all__ = [
     "Sam3DConfig",
     "build_sam3d",
     "load_sam3d_weights",
+    "load_trained_sam3d",
     "model_config",
     "sam_model_registry3D",
 ]

@@ -161,6 +161,22 @@ def build_sam3d(
     return model
 
 
+def load_trained_sam3d(
+    checkpoint: str | os.PathLike, model_type: str | None = None
+) -> tuple[Sam3D, dict[str, Any]]:
+    """A model from a checkpoint of this toolkit (its config travels inside) or an official one
+    (``model_type`` names the architecture, default ``vit_b_ori``). Returns (model, checkpoint
+    metadata such as ``preprocessing``; empty for official checkpoints)."""
+    payload = load_checkpoint(checkpoint)
+    own = isinstance(payload, Mapping) and "model_config" in payload and model_type is None
+    config = Sam3DConfig.from_dict(payload["model_config"]) if own else model_config(model_type or "vit_b_ori")
+    model = build_from_config(config)
+    model.config = config
+    load_state_dict_strict(model, extract_state_dict(payload, checkpoint), str(checkpoint))
+    meta = {k: payload[k] for k in ("preprocessing", "model_type", "epoch", "best_metric") if own and k in payload}
+    return model, meta
+
+
 sam_model_registry3D = {name: (lambda checkpoint=None, _n=name: build_sam3d(_n, checkpoint)) for name in MODEL_CONFIGS}
 
 __all__ = [
@@ -169,6 +185,7 @@ __all__ = [
     "Sam3DConfig",
     "build_sam3d",
     "load_sam3d_weights",
+    "load_trained_sam3d",
     "model_config",
     "sam_model_registry3D",
 ]
