@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.trainer import autocast_dtype
+
 from .clicks import run_click_rounds
 from .loss import InteractiveSegmentationLoss, dice_ce_loss
 from .metrics import dice_score, surface_metrics
@@ -44,7 +46,7 @@ class SegmentationTask:
         return InteractiveSegmentationLoss(model, self.num_clicks)
 
     def _autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_mixed_precision)
+        return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision)
 
     @torch.no_grad()
     def predict_batch(self, model: Sam3D, batch: dict, device: torch.device, generator: torch.Generator):
