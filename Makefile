@@ -6,10 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test clean
 
+# The constraint keeps every dependency from swapping torch for a multi-GB CUDA build.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# The constraint keeps every dependency from swapping torch for a multi-GB CUDA build.
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -c $(VENV)/constraints.txt
 	touch $(STAMP)

@@ -132,7 +132,6 @@ def preprocessing_config(args: argparse.Namespace, roi_size: int) -> dict[str, A
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune, then export the best encoder. Returns the engine's result plus output paths."""
-    import torch
 
     from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
     from engine.tracking import Tracker

@@ -24,9 +24,18 @@ def fixture_fill(key: str, shape) -> torch.Tensor:
     return 0.05 * t
 
 
-@pytest.fixture(scope="session")
-def sam3d_fixture():
-    path = FIXTURES / "sam3d_parity.pt"
+def load_fixture(name: str) -> dict:
+    path = FIXTURES / name
     if not path.exists():
         pytest.skip(f"{path} not present")
     return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def sam3d_fixture():
+    return load_fixture("sam3d_parity.pt")
+
+
+@pytest.fixture(scope="session")
+def sam2d_fixture():
+    return load_fixture("sam2d_parity.pt")

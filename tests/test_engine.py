@@ -99,3 +99,14 @@ class NanTask(SegmentationTask):
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
         _train(tmp_path, epochs=1, task=NanTask(num_clicks=1))
+
+
+def test_visualize_gives_rgb_overlays_through_the_lesion():
+    model = build_sam3d(model_config("small", img_size=32))
+    from monai.data import DataLoader
+
+    images = SegmentationTask(val_num_clicks=1).visualize(model, DataLoader(VolumeDataset(2), batch_size=2), torch.device("cpu"))
+    assert list(images) == ["val/P0", "val/P1"]
+    overlay = images["val/P0"]
+    assert overlay.shape == (32, 32, 3) and overlay.dtype.name == "uint8"
+    assert (overlay[..., 1] > overlay[..., 0]).any()  # the green ground truth is drawn

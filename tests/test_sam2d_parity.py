@@ -1,18 +1,9 @@
 """The same ViT in 2-D reproduces segment-anything's image encoder (the X-ray tower of report generation)."""
 
-import pytest
 import torch
 
 from sam3d.modeling.image_encoder import ImageEncoderViT
-from tests.conftest import FIXTURES, fixture_fill
-
-
-@pytest.fixture(scope="module")
-def sam2d():
-    path = FIXTURES / "sam2d_parity.pt"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return torch.load(path, weights_only=True)
+from tests.conftest import fixture_fill
 
 
 def _encoder(cfg: dict, in_chans: int = 3) -> ImageEncoderViT:
@@ -23,8 +14,8 @@ def _encoder(cfg: dict, in_chans: int = 3) -> ImageEncoderViT:
     ).eval()
 
 
-def test_small_case_matches_segment_anything(sam2d):
-    case = sam2d["small"]
+def test_small_case_matches_segment_anything(sam2d_fixture):
+    case = sam2d_fixture["small"]
     encoder = _encoder(case["config"])
     prefix = "image_encoder."
     assert [(prefix + k, tuple(v.shape)) for k, v in encoder.state_dict().items()] == [
@@ -36,10 +27,10 @@ def test_small_case_matches_segment_anything(sam2d):
     torch.testing.assert_close(out, case["image_embedding"], atol=1e-4, rtol=0)
 
 
-def test_vit_b_key_layout_matches_sam_vit_b(sam2d):
+def test_vit_b_key_layout_matches_sam_vit_b(sam2d_fixture):
     cfg = {"img": 1024, "ps": 16, "emb": 768, "depth": 12, "heads": 12, "win": 14, "glob": (2, 5, 8, 11), "out": 256}
     with torch.device("meta"):
         encoder = _encoder(cfg)
     assert [("image_encoder." + k, tuple(v.shape)) for k, v in encoder.state_dict().items()] == [
-        (k, tuple(s)) for k, s in sam2d["vit_b_keys_only"]
+        (k, tuple(s)) for k, s in sam2d_fixture["vit_b_keys_only"]
     ]

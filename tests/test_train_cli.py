@@ -115,3 +115,12 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     checkpoint = load_checkpoint(tmp_path / "ddp" / "latest_model.pth")
     assert checkpoint["epoch"] == 1 and not any(k.startswith("module.") for k in checkpoint["model_state_dict"])
     assert result.stdout.count("best val Dice") == 1  # only rank 0 reports
+
+
+def test_system_check_passes_and_prints_one_line_per_check(tmp_path):
+    result = _run([sys.executable, str(REPO / "train.py"), "--test", "--output_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    names = [line.split("]")[1].split(":")[0].strip() for line in lines]
+    assert names == ["versions", "gpu", "ram", "disk", "packages", "output dir", "end-to-end tiny training"]
+    assert all(line.startswith("[OK  ]") for line in lines)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from engine.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_strict
 
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D
@@ -178,14 +178,3 @@ def load_trained_sam3d(
 
 
 sam_model_registry3D = {name: (lambda checkpoint=None, _n=name: build_sam3d(_n, checkpoint)) for name in MODEL_CONFIGS}
-
-__all__ = [
-    "CheckpointError",
-    "MODEL_CONFIGS",
-    "Sam3DConfig",
-    "build_sam3d",
-    "load_sam3d_weights",
-    "load_trained_sam3d",
-    "model_config",
-    "sam_model_registry3D",
-]
