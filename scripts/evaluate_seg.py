@@ -125,10 +125,12 @@ def main(argv=None) -> int:
                "spacing_mm": spacing, "nsd_tolerance_mm": args.nsd_tolerance_mm, **_summary(results),
                "skipped_rows": skipped}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    dice = summary["dice"]["mean"]
-    print(f"{summary['hemorrhage_cases']} hemorrhage scans: Dice {dice if dice is None else round(dice, 4)}, "
-          f"NSD {summary['nsd']['mean']}, HD95 {summary['hd95_mm']['mean']} mm, "
-          f"|volume error| {summary['abs_volume_error_ml']['mean']} mL")
+    def fmt(key: str) -> str:
+        value = summary[key]["mean"]
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(f"{summary['hemorrhage_cases']} hemorrhage scans: Dice {fmt('dice')}, NSD {fmt('nsd')}, "
+          f"HD95 {fmt('hd95_mm')} mm, |volume error| {fmt('abs_volume_error_ml')} mL")
     print(f"written: {out / 'per_case.csv'}, {out / 'summary.json'}")
     return 0
 
