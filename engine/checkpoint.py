@@ -44,8 +44,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    # Only add what is not registered yet: leaving the context removes what it added, and other
+    # modules (the MONAI cache loader) register some of the same numpy globals process-wide.
+    registered = set(torch.serialization.get_safe_globals())
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals([g for g in SAFE_GLOBALS if g not in registered]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         try:

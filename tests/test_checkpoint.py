@@ -98,3 +98,12 @@ def test_extract_rejects_non_weights(tmp_path):
         extract_state_dict({"epoch": 1}, "x.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_loading_a_checkpoint_keeps_other_process_wide_allow_listings(tmp_path):
+    sentinel = (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")
+    torch.serialization.add_safe_globals([sentinel])
+    path = tmp_path / "w.pth"
+    torch.save({"model_state_dict": _small().state_dict()}, path)
+    load_checkpoint(path)
+    assert sentinel in torch.serialization.get_safe_globals()

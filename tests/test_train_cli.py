@@ -37,7 +37,9 @@ def _argv(data, output_dir, *extra):
 
 
 def _run(argv, **kw):
-    return subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+    # CI may run without a UTF-8 locale while the progress bars print block characters.
+    return subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=600, **kw)
 
 
 def test_missing_inputs_and_bad_config_are_named(tmp_path, data):
