@@ -1,0 +1,307 @@
+"""BLIP-2 report model: vision tower → Q-Former bridge → causal language model.
+
+Module layout (state-dict prefixes):
+
+- ``visual_encoder``: the CT tower, SAM-Med3D's ``ImageEncoderViT`` itself, so the exported encoder
+  loads as ``model.visual_encoder.load_state_dict(ckpt["image_encoder_state_dict"])``.
+- ``visual_encoder_2d``: the chest X-ray tower, segment-anything's 2-D encoder (optional).
+- ``vision_adapters``: a Linear per tower whose width differs from the bridge's ``vision_width``
+  (the bridge takes the first tower's width), so both modalities share one Q-Former.
+- ``bridge``: ``ln_vision`` → Q-Former (``num_query_tokens`` queries) → ``language_projection``.
+- ``language_model``: any Hugging Face causal LM (frozen, fully trained, or with LoRA adapters).
+
+The LM reads ``[projected queries (Q)] [prompt tokens (P)] [report tokens (T)]`` and is trained with
+its own next-token loss on the report only: labels are -100 on the Q + P prefix and on padding
+(BLIP-2 stage 2). A batch holds one modality, since the prompt and the tower depend on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.checkpoint import CheckpointError, load_state_dict_strict
+
+from .language_model import LM_MODES, load_language_model
+from .qformer import QFormerBridge, QFormerBridgeConfig
+from .vision import VisionTowerConfig, build_vision_tower, encoder_tokens, tower_width
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LM_FOLDER = "lm"
+DEFAULT_PROMPTS = {"ct": "Head CT report:", "xray": "Chest X-ray report:"}
+TOWER_OF_MODALITY = {"ct": "visual_encoder", "xray": "visual_encoder_2d"}
+LM_PREFIX = "language_model."
+
+
+@dataclass
+class Blip2ReportConfig:
+    """Everything needed to rebuild a report model. ``ct_tower`` / ``xray_tower`` are
+    ``VisionTowerConfig`` dicts (None: no such modality); ``bridge`` overrides ``QFormerBridgeConfig``
+    fields except ``vision_width``, ``lm_hidden_size`` and ``num_query_tokens``, which come from the
+    tower, the LM and this config. ``lm_path`` is a local Hugging Face folder (relative paths in a
+    saved model are relative to its folder)."""
+
+    ct_tower: dict[str, Any] | None = field(default_factory=lambda: VisionTowerConfig("sam3d").to_dict())
+    xray_tower: dict[str, Any] | None = None
+    bridge: dict[str, Any] = field(default_factory=dict)
+    lm_path: str | None = None
+    lm_mode: str = "frozen"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    num_query_tokens: int = 32
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    max_text_len: int = 128
+
+    def __post_init__(self) -> None:
+        if self.lm_mode not in LM_MODES:
+            raise ValueError(f"lm_mode must be one of {LM_MODES}, got '{self.lm_mode}'")
+        if self.ct_tower is None and self.xray_tower is None:
+            raise ValueError("a report model needs at least one vision tower (ct_tower or xray_tower)")
+        fixed = sorted({"vision_width", "lm_hidden_size", "num_query_tokens"} & set(self.bridge))
+        if fixed:
+            raise ValueError(f"bridge overrides {fixed} are set by the towers, the LM and num_query_tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Blip2ReportConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Blip2ReportConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class Blip2ReportOutput:
+    """``loss``: mean next-token loss over report tokens; ``logits`` (B, Q + P + T, vocab);
+    ``labels`` (B, Q + P + T), -100 where no loss is taken."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+class Blip2ReportModel(nn.Module):
+    """Image (B, C, *spatial) of one modality → report text."""
+
+    def __init__(self, config: Blip2ReportConfig, language_model: nn.Module | None = None, tokenizer=None) -> None:
+        super().__init__()
+        config = copy.deepcopy(config)  # the towers write their resolved configs into it
+        if language_model is None:
+            if not config.lm_path:
+                raise ValueError("Blip2ReportConfig.lm_path is empty and no language model was given")
+            language_model, tokenizer = load_language_model(
+                config.lm_path, config.lm_mode, config.lora_r, config.lora_alpha, config.lora_dropout
+            )
+        elif tokenizer is None:
+            raise ValueError("a language model passed in needs its tokenizer too")
+        self.notes: list[str] = []
+        self.visual_encoder = self._tower(config, "ct_tower")
+        self.visual_encoder_2d = self._tower(config, "xray_tower")
+        widths = {m: tower_width(getattr(self, name)) for m, name in TOWER_OF_MODALITY.items()
+                  if getattr(self, name) is not None}
+        vision_width = next(iter(widths.values()))
+        self.vision_adapters = nn.ModuleDict(
+            {m: nn.Linear(w, vision_width) for m, w in widths.items() if w != vision_width}
+        )
+        lm_hidden = language_model.get_input_embeddings().embedding_dim
+        self.bridge = QFormerBridge(QFormerBridgeConfig(
+            **config.bridge, vision_width=vision_width, lm_hidden_size=lm_hidden,
+            num_query_tokens=config.num_query_tokens,
+        ))
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def _tower(self, config: Blip2ReportConfig, key: str) -> nn.Module | None:
+        """Build the tower of ``config.<key>`` and store its resolved config back (architecture and
+        preprocessing read from the checkpoint travel with the model)."""
+        values = getattr(config, key)
+        if values is None:
+            return None
+        tower = build_vision_tower(VisionTowerConfig.from_dict(values))
+        setattr(config, key, tower.config.to_dict())
+        self.notes += tower.notes
+        return tower.encoder
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> Blip2ReportModel:
+        """Frozen parts stay in eval mode (no dropout), as LAVIS does for its frozen LM."""
+        super().train(mode)
+        if self.config.lm_mode == "frozen":
+            self.language_model.eval()
+        for name in TOWER_OF_MODALITY.values():
+            tower = getattr(self, name)
+            if tower is not None and not any(p.requires_grad for p in tower.parameters()):
+                tower.eval()
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute tower blocks and (trained) LM layers in backward instead of storing activations."""
+        for name in TOWER_OF_MODALITY.values():
+            if getattr(self, name) is not None:
+                getattr(self, name).gradient_checkpointing = True
+        if self.config.lm_mode != "frozen":
+            self.language_model.gradient_checkpointing_enable()
+
+    # ------------------------------------------------------------------ encoding
+    def tower(self, modality: str) -> nn.Module:
+        if modality not in TOWER_OF_MODALITY:
+            raise ValueError(f"modality must be one of {sorted(TOWER_OF_MODALITY)}, got '{modality}'")
+        tower = getattr(self, TOWER_OF_MODALITY[modality])
+        if tower is None:
+            raise ValueError(f"this model has no {modality} tower (config.{'ct' if modality == 'ct' else 'xray'}_tower is None)")
+        return tower
+
+    def image_tokens(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge; a frozen tower runs without
+        autograd, which saves its activations."""
+        tower = self.tower(modality)
+        trainable = any(p.requires_grad for p in tower.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            tokens = encoder_tokens(tower, images)
+        if modality in self.vision_adapters:
+            tokens = self.vision_adapters[modality](tokens)
+        return tokens
+
+    def prompt_ids(self, modality: str) -> torch.Tensor:
+        """(P,) token ids of the modality's prompt text."""
+        if modality not in self.config.prompts:
+            raise KeyError(f"no prompt for modality '{modality}'; config.prompts has {sorted(self.config.prompts)}")
+        return torch.tensor(self.tokenizer(self.config.prompts[modality], add_special_tokens=False).input_ids)
+
+    def soft_prompt(self, images: torch.Tensor, modality: str, output_attentions: bool = False):
+        """(prefix embeddings (B, Q + P, H_lm), bridge output): projected queries, then the prompt."""
+        bridge_out = self.bridge(self.image_tokens(images, modality), output_attentions=output_attentions)
+        embed = self.language_model.get_input_embeddings()
+        queries = bridge_out.projected.to(embed.weight.dtype)
+        prompt = embed(self.prompt_ids(modality).to(images.device))
+        prefix = torch.cat([queries, prompt.unsqueeze(0).expand(queries.shape[0], -1, -1)], dim=1)
+        return prefix, bridge_out
+
+    def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), each (B, T ≤ max_text_len): reports + end-of-text, right-padded."""
+        encoded = self.tokenizer(
+            [text.strip() + self.tokenizer.eos_token for text in reports], add_special_tokens=False,
+            truncation=True, max_length=self.config.max_text_len, padding="longest", return_tensors="pt",
+        )
+        return encoded.input_ids, encoded.attention_mask
+
+    # ------------------------------------------------------------------ training and generation
+    def forward(
+        self, images: torch.Tensor, modality: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Blip2ReportOutput:
+        """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``."""
+        prefix, _ = self.soft_prompt(images, modality)
+        batch, prefix_len = prefix.shape[:2]
+        report_embeds = self.language_model.get_input_embeddings()(input_ids)
+        attention_mask = attention_mask.to(input_ids.device)
+        ones = torch.ones(batch, prefix_len, dtype=attention_mask.dtype, device=attention_mask.device)
+        labels = torch.cat(
+            [torch.full_like(ones, -100, dtype=torch.long), input_ids.masked_fill(attention_mask == 0, -100)], dim=1
+        )
+        out = self.language_model(
+            inputs_embeds=torch.cat([prefix, report_embeds], dim=1),
+            attention_mask=torch.cat([ones, attention_mask], dim=1),
+            labels=labels,
+        )
+        return Blip2ReportOutput(loss=out.loss, logits=out.logits, labels=labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        modality: str,
+        num_beams: int = 3,
+        max_new_tokens: int = 100,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+    ) -> list[str]:
+        """One report per image of the batch. Defaults follow R2GenGPT (beam 3, ~100 new tokens);
+        it also uses ``repetition_penalty=2.0, no_repeat_ngram_size=2``."""
+        prefix, _ = self.soft_prompt(images, modality)
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        tokens = self.language_model.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),
+            num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """``config.json`` + ``model.safetensors`` (towers, adapters, bridge) + ``lm/`` (the LM and its
+        tokenizer via their own ``save_pretrained``). LoRA adapters are merged into a copy of the LM
+        first, so the folder is self-contained; ``from_pretrained`` re-adds fresh (zero) adapters."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(self.config, lm_path=LM_FOLDER)
+        for key in ("ct_tower", "xray_tower"):
+            if getattr(config, key) is not None:  # weights are in model.safetensors now
+                setattr(config, key, {**getattr(config, key), "checkpoint": None})
+        (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(LM_PREFIX)}
+        save_file(weights, str(folder / WEIGHTS_NAME))
+        language_model = self.language_model
+        if self.config.lm_mode == "lora":
+            language_model = copy.deepcopy(language_model).merge_and_unload()
+        language_model.save_pretrained(folder / LM_FOLDER)
+        self.tokenizer.save_pretrained(folder / LM_FOLDER)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Blip2ReportModel:
+        """Rebuild from a ``save_pretrained`` folder; ``overrides`` replace config fields (e.g.
+        ``lm_mode="lora"`` to continue training with adapters)."""
+        folder = Path(folder)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: not a Blip2ReportModel folder")
+        config = Blip2ReportConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
+        if config.lm_path and not Path(config.lm_path).is_absolute():
+            config.lm_path = str(folder / config.lm_path)
+        model = cls(config)
+        weights_path = folder / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise CheckpointError(f"{weights_path} not found")
+        vision_and_bridge = nn.Module()
+        for name, child in model.named_children():
+            if name != "language_model":
+                vision_and_bridge.add_module(name, child)
+        load_state_dict_strict(vision_and_bridge, load_file(str(weights_path)), str(weights_path))
+        return model
+
+
+SECTION_PATTERN = re.compile(r"\b(findings|impression)\s*:", re.IGNORECASE)
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """``{'findings', 'impression'}`` of a report written as "FINDINGS: ... IMPRESSION: ..."; text
+    without headers counts as findings."""
+    sections = {"findings": "", "impression": ""}
+    matches = list(SECTION_PATTERN.finditer(text))
+    if not matches:
+        sections["findings"] = text.strip()
+        return sections
+    for match, following in zip(matches, matches[1:] + [None]):
+        end = following.start() if following is not None else len(text)
+        sections[match.group(1).lower()] = text[match.end():end].strip()
+    return sections

@@ -1,0 +1,191 @@
+"""The BLIP-2 report model: vision towers (exported CT encoder, SAM 2-D layout and loading, freezing),
+the language model (tiny GPT-2 folder, frozen/full/LoRA), LM loss masking, learning, generation and
+save/load symmetry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip.language_model import build_tiny_gpt2, load_language_model, lora_target_modules
+from blip.model import Blip2ReportConfig, Blip2ReportModel, split_sections
+from blip.vision import SAM2D_CONFIGS, VisionTowerConfig, build_vision_tower
+from engine.checkpoint import CheckpointError
+from sam3d.export import export_encoder
+from sam3d.modeling.build import build_sam3d, model_config
+
+REPORTS = [
+    "FINDINGS: Acute hemorrhage in the left frontal lobe with mild edema. IMPRESSION: Intraparenchymal hemorrhage.",
+    "FINDINGS: No hemorrhage, mass effect or midline shift. IMPRESSION: Normal head CT.",
+]
+TINY_BRIDGE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+# The registry's "tiny" CT encoder without window attention: a 4^3 grid attended globally instead of
+# padded to one 14^3 window, which keeps CPU tests fast.
+TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    return build_tiny_gpt2(REPORTS, tmp_path_factory.mktemp("lm"), n_embd=32)
+
+
+def tiny_config(lm_folder, lm_mode="full", ct_checkpoint=None, freeze_ct=False, xray=True) -> Blip2ReportConfig:
+    ct = VisionTowerConfig("sam3d", checkpoint=ct_checkpoint, freeze=freeze_ct,
+                           encoder_config=None if ct_checkpoint else TINY_CT.to_dict())
+    return Blip2ReportConfig(
+        ct_tower=ct.to_dict(), xray_tower=VisionTowerConfig("sam2d", "tiny").to_dict() if xray else None,
+        bridge=TINY_BRIDGE, lm_path=str(lm_folder), lm_mode=lm_mode, num_query_tokens=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(lm_folder):
+    torch.manual_seed(0)
+    return Blip2ReportModel(tiny_config(lm_folder))
+
+
+def ct_images(batch=2, seed=0):
+    return torch.randn(batch, 1, 64, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_and_labels_mask_prefix_and_padding(model):
+    input_ids, attention_mask = model.tokenize_reports(REPORTS)
+    assert attention_mask[1].sum() < attention_mask[0].sum()  # the short report is padded
+    assert input_ids[0, attention_mask[0].sum() - 1] == model.tokenizer.eos_token_id
+    out = model(ct_images(), "ct", input_ids, attention_mask)
+    prefix = 4 + len(model.prompt_ids("ct"))
+    assert out.logits.shape == (2, prefix + input_ids.shape[1], len(model.tokenizer))
+    assert torch.isfinite(out.loss)
+    assert (out.labels[:, :prefix] == -100).all()
+    report_labels = out.labels[:, prefix:]
+    assert torch.equal(report_labels[attention_mask == 1], input_ids[attention_mask == 1])
+    assert (report_labels[attention_mask == 0] == -100).all()
+    assert model.image_tokens(ct_images(1), "ct").shape == (1, 64, 48)  # 4^3 grid, neck width 48
+
+
+def test_a_few_steps_reduce_the_loss(lm_folder):
+    torch.manual_seed(0)
+    model = Blip2ReportModel(tiny_config(lm_folder, xray=False))
+    images = ct_images()
+    input_ids, attention_mask = model.tokenize_reports(REPORTS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(images, "ct", input_ids, attention_mask).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_generation_returns_one_string_per_image_for_each_modality(model):
+    model.eval()
+    ct = model.generate(ct_images(), "ct", num_beams=2, max_new_tokens=8)
+    xray = model.generate(torch.randn(3, 3, 64, 64), "xray", max_new_tokens=5, do_sample=True, top_p=0.9,
+                          repetition_penalty=2.0, no_repeat_ngram_size=2)
+    assert len(ct) == 2 and len(xray) == 3 and all(isinstance(t, str) for t in ct + xray)
+    assert "xray" in model.vision_adapters  # the 2-D tower (32 wide) is adapted to the CT width (48)
+    with pytest.raises(ValueError, match="modality"):
+        model.generate(ct_images(), "mri")
+
+
+def test_exported_encoder_loads_from_config_and_the_users_way(tmp_path, lm_folder):
+    torch.manual_seed(1)
+    sam = build_sam3d(TINY_CT)
+    path = tmp_path / "sam_encoder.pth"
+    preprocessing = {"target_spacing_mm": (3.0, 3.0, 3.0), "roi_size": (64, 64, 64)}
+    export_encoder(sam, path, TINY_CT, visual_tokens=16, preprocessing=preprocessing)
+    expected = sam.image_encoder.state_dict()
+
+    from_export = Blip2ReportModel(tiny_config(lm_folder, ct_checkpoint=str(path), xray=False))
+    for key, value in from_export.visual_encoder.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert from_export.config.ct_tower["encoder_config"] == TINY_CT.to_dict()
+    assert tuple(from_export.config.ct_tower["preprocessing"]["roi_size"]) == (64, 64, 64)
+
+    users_way = Blip2ReportModel(tiny_config(lm_folder, xray=False))
+    users_way.visual_encoder.load_state_dict(torch.load(path)["image_encoder_state_dict"])
+    for key, value in users_way.visual_encoder.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_sam2d_vit_b_tower_has_the_sam_vit_b_key_layout(sam2d_fixture):
+    with torch.device("meta"):
+        tower = build_vision_tower(VisionTowerConfig("sam2d", "vit_b"))
+    assert [("image_encoder." + k, tuple(v.shape)) for k, v in tower.encoder.state_dict().items()] == [
+        (k, tuple(s)) for k, s in sam2d_fixture["vit_b_keys_only"]
+    ]
+    assert tower.config.encoder_config == SAM2D_CONFIGS["vit_b"]
+
+
+def test_sam2d_checkpoint_loads_image_encoder_keys_and_notes_the_rest(tmp_path):
+    source = build_vision_tower(VisionTowerConfig("sam2d", "tiny")).encoder
+    checkpoint = {"image_encoder." + k: torch.randn_like(v) for k, v in source.state_dict().items()}
+    checkpoint["prompt_encoder.point_embeddings.0.weight"] = torch.zeros(1, 8)
+    checkpoint["mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
+    path = tmp_path / "sam_vit_tiny.pth"
+    torch.save(checkpoint, path)
+    tower = build_vision_tower(VisionTowerConfig("sam2d", "tiny", checkpoint=str(path), freeze=True))
+    key = "neck.0.weight"
+    assert torch.equal(tower.encoder.state_dict()[key], checkpoint["image_encoder." + key])
+    assert any("mask_decoder" in note and "prompt_encoder" in note for note in tower.notes)
+    assert not any(p.requires_grad for p in tower.encoder.parameters())
+
+    del checkpoint["image_encoder." + key]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="missing.*neck.0.weight"):
+        build_vision_tower(VisionTowerConfig("sam2d", "tiny", checkpoint=str(path)))
+
+
+def test_freeze_flags_and_lm_modes(lm_folder):
+    frozen = Blip2ReportModel(tiny_config(lm_folder, lm_mode="frozen", freeze_ct=True, xray=False))
+    assert not any(p.requires_grad for p in frozen.visual_encoder.parameters())
+    assert not any(p.requires_grad for p in frozen.language_model.parameters())
+    assert all(p.requires_grad for p in frozen.bridge.parameters())
+    frozen.train()
+    assert not frozen.language_model.training and not frozen.visual_encoder.training and frozen.bridge.training
+
+    lora = Blip2ReportModel(tiny_config(lm_folder, lm_mode="lora", xray=False))
+    trainable = [n for n, p in lora.language_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "c_attn" in n for n in trainable)
+    assert all(p.requires_grad for p in lora.visual_encoder.parameters())
+
+
+def test_language_model_loading_errors(tmp_path, lm_folder):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_language_model(tmp_path)
+    with pytest.raises(ValueError, match="lm mode"):
+        load_language_model(lm_folder, mode="half")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="bitsandbytes"):
+            load_language_model(lm_folder, load_in_4bit=True)
+    model, tokenizer = load_language_model(lm_folder)
+    assert lora_target_modules(model) == ["c_attn"] and tokenizer.pad_token == "<|pad|>"
+
+
+@pytest.mark.parametrize("lm_mode", ["full", "lora"])
+def test_save_and_from_pretrained_give_the_same_model(tmp_path, lm_folder, lm_mode):
+    torch.manual_seed(2)
+    model = Blip2ReportModel(tiny_config(lm_folder, lm_mode=lm_mode, xray=False)).eval()
+    if lm_mode == "lora":  # non-zero adapters, so merging them into the saved LM is visible
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+    model.save_pretrained(tmp_path / "report_model")
+    reloaded = Blip2ReportModel.from_pretrained(tmp_path / "report_model").eval()
+    input_ids, attention_mask = model.tokenize_reports(REPORTS)
+    images = ct_images()
+    with torch.no_grad():
+        expected = model(images, "ct", input_ids, attention_mask).logits
+        found = reloaded(images, "ct", input_ids, attention_mask).logits
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+    assert reloaded.config.ct_tower["checkpoint"] is None and reloaded.config.lm_mode == lm_mode
+
+
+def test_split_sections():
+    assert split_sections(REPORTS[0]) == {
+        "findings": "Acute hemorrhage in the left frontal lobe with mild edema.",
+        "impression": "Intraparenchymal hemorrhage.",
+    }
+    assert split_sections("No acute findings.") == {"findings": "No acute findings.", "impression": ""}
