@@ -223,7 +223,8 @@ def read_csv(path):
 
 def test_csv_columns_split_by_patient_and_files(dataset):
     out, paths = dataset
-    assert set(paths) == {"train_csv", "val_csv", "test_csv", "mask_dir", "cases_json"}
+    assert set(paths) == {"train_csv", "val_csv", "test_csv", "reports_train", "reports_val", "reports_test",
+                          "mask_dir", "cases_json"}
     patients = {}
     for split in ("train", "val", "test"):
         rows, header = read_csv(paths[f"{split}_csv"])

@@ -49,6 +49,12 @@ Output layout written by :func:`make_synthetic_ich`::
     output_dir/masks/<case_id>.nii.gz     uint8 mask (1 = hemorrhage), same grid and affine
     output_dir/train.csv, val.csv[, test.csv]   path,ich,patient_id,ich_type,side,region,...
     output_dir/cases.json                 per-case metadata incl. lesion centroid (voxel and mm)
+                                          and the case's report (report, findings, impression)
+    output_dir/reports_train.jsonl, reports_val.jsonl[, reports_test.jsonl]
+                                          report manifests (blip.data.reports format), one per split
+
+Reports are written by :func:`sam3d.data.synthetic_reports.write_ct_report` from the metadata only,
+with their own random stream, so they never change an image, a mask or a CSV.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from sam3d.data.synthetic_reports import report_manifest_row, write_ct_report
+
 ICH_TYPES = ("intraparenchymal", "subdural", "intraventricular")
 DEFAULT_SPACING_MM = (0.45, 0.45, 5.0)
 DEFAULT_FOV_MM = (200.0, 240.0, 160.0)
@@ -82,7 +90,7 @@ _TYPE_SHARES = (("intraparenchymal", 0.45), ("subdural", 0.35), ("intraventricul
 # (seed, index).
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # Independent random streams per case (appended to the SeedSequence entropy (seed, index)).
-_ANATOMY, _LESION, _NOISE = 0, 1, 2
+_ANATOMY, _LESION, _NOISE, _REPORT = 0, 1, 2, 3
 _SPLIT_STREAM = 0x5B17
 _HU_MIN, _HU_MAX = -1024, 3071
 _COARSE_STEP_MM = 1.8   # target in-plane step of the coarse geometry grid at head_scale 1
@@ -790,16 +798,17 @@ def make_synthetic_ich(
     progress: bool = True,
     fov_mm=DEFAULT_FOV_MM,
 ) -> dict:
-    """Write a synthetic ICH dataset (volumes, masks, split CSVs, cases.json) to ``output_dir``.
+    """Write a synthetic ICH dataset (volumes, masks, split CSVs, cases.json, report manifests).
 
     Cases ``0 .. num_cases-1`` are rendered with :func:`synthesize_case`, so case k is identical
     whatever ``num_cases`` is. The split is by ``patient_id``, seeded and stratified by ``ich``;
     ``round(num_cases * fraction)`` patients go to val (and test); with ``test_fraction`` 0 no
-    test.csv is written and a stale one is removed. Every file is written to a temp name and
-    renamed into place, so an interrupted run never leaves a half-written file.
+    test.csv (nor reports_test.jsonl) is written and stale ones are removed. Every file is written
+    to a temp name and renamed into place, so an interrupted run never leaves a half-written file.
+    Each case's report depends only on ``(seed, index)`` like its image.
 
-    Returns ``{'train_csv', 'val_csv', 'test_csv' (None when test_fraction is 0), 'mask_dir',
-    'cases_json'}`` as ``str`` paths.
+    Returns ``{'train_csv', 'val_csv', 'test_csv', 'reports_train', 'reports_val', 'reports_test',
+    'mask_dir', 'cases_json'}`` as ``str`` paths (the test entries are None when test_fraction is 0).
     """
     if isinstance(num_cases, bool) or not isinstance(num_cases, (int, np.integer)) or num_cases < 2:
         raise ValueError(f"num_cases must be an integer >= 2, got {num_cases!r}")
@@ -835,6 +844,7 @@ def make_synthetic_ich(
         meta = dict(case.metadata)
         meta["path"] = f"volumes/{case.case_id}.nii.gz"
         meta["mask_path"] = f"masks/{case.case_id}.nii.gz"
+        meta.update(write_ct_report(meta, np.random.default_rng([int(seed), index, _REPORT])))
         records.append(meta)
 
     labels = {}
@@ -844,12 +854,14 @@ def make_synthetic_ich(
     for r in records:
         r["split"] = split[r["patient_id"]]
 
-    result = {"train_csv": None, "val_csv": None, "test_csv": None}
+    result = {"train_csv": None, "val_csv": None, "test_csv": None,
+              "reports_train": None, "reports_val": None, "reports_test": None}
     for name in ("train", "val", "test"):
         rows = [r for r in records if r["split"] == name]
         if name == "test" and n_test == 0:
             # A test.csv left by an earlier run would list cases that are now in train/val.
             (out / "test.csv").unlink(missing_ok=True)
+            (out / "reports_test.jsonl").unlink(missing_ok=True)
             continue
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -858,6 +870,9 @@ def make_synthetic_ich(
         path = out / f"{name}.csv"
         _write_text(path, buffer.getvalue())
         result[f"{name}_csv"] = str(path)
+        reports = out / f"reports_{name}.jsonl"
+        _write_text(reports, "".join(json.dumps(report_manifest_row(r)) + "\n" for r in rows))
+        result[f"reports_{name}"] = str(reports)
     cases_json = out / "cases.json"
     _write_text(cases_json, json.dumps(records, indent=2) + "\n")
     result["mask_dir"] = str(mask_dir)
