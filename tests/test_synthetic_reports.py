@@ -195,3 +195,19 @@ def test_dataset_reports_are_deterministic_and_per_case(dataset, tmp_path):
         assert case["report"] == before[int(case["case_id"][-3:])]["report"]
     reports = [c["report"] for c in before]
     assert len(set(reports)) == len(reports)
+
+
+def test_project_labeler_recovers_the_ground_truth():
+    """The reports are the reference side of the clinical-efficacy metric: blip.labeler must read
+    them back exactly, or CE on synthetic CT would measure the generator's phrasing, not the model."""
+    from blip.labeler import label_ct_report
+
+    subtypes = {"intraparenchymal": "IPH", "subdural": "SDH", "intraventricular": "IVH"}
+    for meta in CASES:
+        for seed in range(20):
+            labels = label_ct_report(write_ct_report(meta, np.random.default_rng(seed))["report"])
+            expected = {"hemorrhage": int(meta["ich_type"] != "none"), "side": meta["side"],
+                        "midline_shift": int(meta["midline_shift_mm"] > 0), "mass_effect": int(bool(meta["mass_effect"]))}
+            expected.update({abbreviation: int(meta["ich_type"] == kind) for kind, abbreviation in subtypes.items()})
+            got = {key: int(labels[key] == 1) if key != "side" else labels[key] for key in expected}
+            assert got == expected, (meta, seed)
