@@ -321,7 +321,18 @@ def _prf(tp: int, fp: int, fn: int) -> dict:
 
 def clinical_efficacy(reference_texts: list[str], generated_texts: list[str], modality: str,
                       uncertain_as_positive: bool = True) -> dict:
-    """Precision/recall/F1 of the generated reports' labels against the reference reports' labels.
+    """Precision/recall/F1 of the generated reports' labels against the reference reports' labels
+    (labels both with :func:`label_report`, then :func:`clinical_efficacy_from_labels`)."""
+    if len(reference_texts) != len(generated_texts):
+        raise ValueError(f"{len(reference_texts)} reference reports but {len(generated_texts)} generated reports")
+    return clinical_efficacy_from_labels([label_report(t, modality) for t in reference_texts],
+                                         [label_report(t, modality) for t in generated_texts],
+                                         modality, uncertain_as_positive)
+
+
+def clinical_efficacy_from_labels(references: list[dict], generated: list[dict], modality: str,
+                                  uncertain_as_positive: bool = True) -> dict:
+    """Clinical efficacy of already-labelled reports (callers that also need the labels label once).
 
     Returns ``{"per_observation": {name: {precision, recall, f1, tp, fp, fn, n_reference_positive}},
     "micro": {...}, "macro": {precision, recall, f1}, "n": int, "uncertain_as_positive": bool}``;
@@ -329,12 +340,10 @@ def clinical_efficacy(reference_texts: list[str], generated_texts: list[str], mo
     tp/fp/fn over observations; macro averages the per-observation values, counting an observation
     with no positives on either side as 0 (as scikit-learn does), so rare findings pull it down.
     """
-    if len(reference_texts) != len(generated_texts):
-        raise ValueError(f"{len(reference_texts)} reference reports but {len(generated_texts)} generated reports")
-    if not reference_texts:
+    if len(references) != len(generated):
+        raise ValueError(f"{len(references)} reference label sets but {len(generated)} generated label sets")
+    if not references:
         raise ValueError("no reports to compare")
-    references = [label_report(t, modality) for t in reference_texts]
-    generated = [label_report(t, modality) for t in generated_texts]
     per_observation = {}
     for name in binary_observations(modality):
         ref = [is_positive(r[name], uncertain_as_positive) for r in references]
