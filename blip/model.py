@@ -13,6 +13,8 @@ Module layout (state-dict prefixes):
 The LM reads ``[projected queries (Q)] [prompt tokens (P)] [report tokens (T)]`` and is trained with
 its own next-token loss on the report only: labels are -100 on the Q + P prefix and on padding
 (BLIP-2 stage 2). A batch holds one modality, since the prompt and the tower depend on it.
+Generated reports follow the training text's "FINDINGS: ... IMPRESSION: ..." format; cut them with
+``blip.data.reports.split_sections``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +43,16 @@ LM_FOLDER = "lm"
 DEFAULT_PROMPTS = {"ct": "Head CT report:", "xray": "Chest X-ray report:"}
 TOWER_OF_MODALITY = {"ct": "visual_encoder", "xray": "visual_encoder_2d"}
 LM_PREFIX = "language_model."
+
+
+def tokenize_reports(tokenizer, reports: list[str], max_text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T ≤ max_text_len): each report + end-of-text (so the LM
+    learns to stop), right-padded; no BOS, since the soft prompt starts the sequence."""
+    encoded = tokenizer(
+        [text.strip() + tokenizer.eos_token for text in reports], add_special_tokens=False,
+        truncation=True, max_length=max_text_len, padding="longest", return_tensors="pt",
+    )
+    return encoded.input_ids, encoded.attention_mask
 
 
 @dataclass
@@ -194,12 +205,8 @@ class Blip2ReportModel(nn.Module):
         return prefix, bridge_out
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), each (B, T ≤ max_text_len): reports + end-of-text, right-padded."""
-        encoded = self.tokenizer(
-            [text.strip() + self.tokenizer.eos_token for text in reports], add_special_tokens=False,
-            truncation=True, max_length=self.config.max_text_len, padding="longest", return_tensors="pt",
-        )
-        return encoded.input_ids, encoded.attention_mask
+        """(input_ids, attention_mask), each (B, T ≤ max_text_len): see :func:`tokenize_reports`."""
+        return tokenize_reports(self.tokenizer, reports, self.config.max_text_len)
 
     # ------------------------------------------------------------------ training and generation
     def forward(
@@ -288,20 +295,3 @@ class Blip2ReportModel(nn.Module):
                 vision_and_bridge.add_module(name, child)
         load_state_dict_strict(vision_and_bridge, load_file(str(weights_path)), str(weights_path))
         return model
-
-
-SECTION_PATTERN = re.compile(r"\b(findings|impression)\s*:", re.IGNORECASE)
-
-
-def split_sections(text: str) -> dict[str, str]:
-    """``{'findings', 'impression'}`` of a report written as "FINDINGS: ... IMPRESSION: ..."; text
-    without headers counts as findings."""
-    sections = {"findings": "", "impression": ""}
-    matches = list(SECTION_PATTERN.finditer(text))
-    if not matches:
-        sections["findings"] = text.strip()
-        return sections
-    for match, following in zip(matches, matches[1:] + [None]):
-        end = following.start() if following is not None else len(text)
-        sections[match.group(1).lower()] = text[match.end():end].strip()
-    return sections

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip.language_model import build_tiny_gpt2, load_language_model, lora_target_modules
-from blip.model import Blip2ReportConfig, Blip2ReportModel, split_sections
+from blip.model import Blip2ReportConfig, Blip2ReportModel
 from blip.vision import SAM2D_CONFIGS, VisionTowerConfig, build_vision_tower
 from engine.checkpoint import CheckpointError
 from sam3d.export import export_encoder
@@ -182,10 +182,3 @@ def test_save_and_from_pretrained_give_the_same_model(tmp_path, lm_folder, lm_mo
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
     assert reloaded.config.ct_tower["checkpoint"] is None and reloaded.config.lm_mode == lm_mode
 
-
-def test_split_sections():
-    assert split_sections(REPORTS[0]) == {
-        "findings": "Acute hemorrhage in the left frontal lobe with mild edema.",
-        "impression": "Intraparenchymal hemorrhage.",
-    }
-    assert split_sections("No acute findings.") == {"findings": "No acute findings.", "impression": ""}

@@ -1,0 +1,184 @@
+"""Report generation as a task of the shared training engine: data, collation, loss and validation.
+
+Items are dicts ``{"image": path, "report": text, "modality": "ct"|"xray", "id": str}`` (rows of a
+``blip.data.reports`` manifest). Image pipelines, per modality:
+
+- ``ct``: ``sam3d.data.transforms.build_inference_transforms`` with the exported encoder's
+  ``preprocessing`` (RAS, resampling, HU clamp, normalisation), then a centred crop or pad to the
+  tower's input size. Padding uses the volume's minimum, i.e. air after normalisation.
+- ``xray``: grayscale → resized to the tower's square input → repeated to 3 channels → normalised with
+  segment-anything's pixel statistics (what the 2-D encoder was trained on). The resize does not keep
+  the aspect ratio, as R2Gen and R2GenGPT do for chest films.
+
+A batch holds one modality (the prompt and the tower depend on it). The engine draws batches with a
+plain sampler, so each dataset is kept to one modality; mixing CT and X-ray in one run needs a
+modality-grouped batch sampler, which the engine does not have yet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose, ResizeWithPadOrCropd
+from monai.utils import convert_to_tensor
+from torch import nn
+from torch.utils.data import Dataset
+
+from engine.trainer import autocast_dtype
+from sam3d.data.transforms import build_inference_transforms
+
+from .model import Blip2ReportModel, tokenize_reports
+from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
+
+
+def ct_image_transform(preprocessing: Mapping[str, Any] | None, img_size: int) -> Callable[[str], torch.Tensor]:
+    """path → float32 (C, img_size, img_size, img_size) for the CT tower."""
+    pipeline = Compose([
+        build_inference_transforms(preprocessing),
+        ResizeWithPadOrCropd("image", (img_size,) * 3, mode="minimum"),
+    ])
+    # A plain tensor: MetaTensor's per-op bookkeeping would slow every layer of the model down.
+    return lambda path: convert_to_tensor(pipeline({"image": path})["image"], dtype=torch.float32, track_meta=False)
+
+
+def xray_image_transform(img_size: int) -> Callable[[str], torch.Tensor]:
+    """path → float32 (3, img_size, img_size) for the X-ray tower."""
+    from PIL import Image
+
+    mean = torch.tensor(SAM2D_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM2D_PIXEL_STD).view(3, 1, 1)
+
+    def load(path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            gray = image.convert("L").resize((img_size, img_size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(gray, dtype=np.float32))
+        return (pixels.expand(3, -1, -1) - mean) / std
+
+    return load
+
+
+def image_transform(model: Blip2ReportModel, modality: str) -> Callable[[str], torch.Tensor]:
+    """The pipeline that feeds ``model``'s tower for ``modality``, sized from the tower itself."""
+    tower = model.tower(modality)
+    if modality == "ct":
+        return ct_image_transform(model.config.ct_tower.get("preprocessing"), tower.img_size)
+    return xray_image_transform(tower.img_size)
+
+
+class ReportDataset(Dataset):
+    """Rows ``{"image", "report", "modality", "id"}`` of one modality → ``{"image": tensor, ...}``.
+    A row with several images (frontal + lateral views) uses the first."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], transform: Callable[[str], torch.Tensor], source: str = "") -> None:
+        modalities = sorted({row["modality"] for row in rows})
+        if len(modalities) != 1:
+            raise ValueError(f"{source or 'report rows'}: one modality per dataset expected, found {modalities}")
+        self.rows = [dict(row) for row in rows]
+        self.modality = modalities[0]
+        self.load_image = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        image = row["image"] if isinstance(row["image"], str) else row["image"][0]
+        return {"image": self.load_image(image), "report": row["report"], "modality": row["modality"],
+                "id": str(row.get("id", index))}
+
+
+class ReportCollator:
+    """Items → ``{"image" (B, C, *S), "modality", "input_ids" (B, T), "attention_mask" (B, T),
+    "report", "id"}``; the reports are tokenized here, once per batch."""
+
+    def __init__(self, tokenizer, max_text_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        modalities = sorted({item["modality"] for item in items})
+        if len(modalities) != 1:
+            raise ValueError(f"a batch must hold one modality, found {modalities} (ids {[i['id'] for i in items]})")
+        reports = [item["report"] for item in items]
+        input_ids, attention_mask = tokenize_reports(self.tokenizer, reports, self.max_text_len)
+        return {
+            "image": torch.stack([item["image"] for item in items]),
+            "modality": modalities[0],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "report": reports,
+            "id": [item["id"] for item in items],
+        }
+
+
+def batch_loss(model: Blip2ReportModel, batch: Mapping[str, Any]) -> torch.Tensor:
+    device = next(model.bridge.parameters()).device
+    return model(
+        batch["image"].to(device, non_blocking=True), batch["modality"],
+        batch["input_ids"].to(device), batch["attention_mask"].to(device),
+    ).loss
+
+
+class ReportLoss(nn.Module):
+    """batch → (LM loss, logs): the module the engine trains (and DDP wraps)."""
+
+    def __init__(self, model: Blip2ReportModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return batch_loss(self.model, batch), {}
+
+
+class ReportTask:
+    """Validation: ``val_loss`` is the LM loss (mean over report tokens) averaged over the validation
+    studies; it selects the best model. The first ``num_samples`` validation studies also get a
+    generated report, written with their reference to ``samples_path`` (JSON, the latest validation's)
+    when one is given."""
+
+    monitor = "val_loss"
+    monitor_mode = "min"
+
+    def __init__(
+        self,
+        num_samples: int = 2,
+        generation: Mapping[str, Any] | None = None,
+        samples_path: str | Path | None = None,
+        use_mixed_precision: bool = False,
+    ) -> None:
+        self.num_samples = num_samples
+        self.generation = dict(generation or {})
+        self.samples_path = Path(samples_path) if samples_path else None
+        self.use_mixed_precision = use_mixed_precision
+        self.samples: list[dict[str, str]] = []
+
+    def training_module(self, model: Blip2ReportModel) -> nn.Module:
+        return ReportLoss(model)
+
+    @torch.no_grad()
+    def validate(self, model: Blip2ReportModel, loader: Iterable, device: torch.device) -> dict[str, float]:
+        model.eval()
+        total, count = 0.0, 0
+        self.samples = []
+        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision):
+            for batch in loader:
+                size = len(batch["report"])
+                total += batch_loss(model, batch).item() * size
+                count += size
+                wanted = self.num_samples - len(self.samples)
+                if wanted > 0:
+                    generated = model.generate(batch["image"][:wanted].to(device), batch["modality"], **self.generation)
+                    self.samples += [{"id": i, "reference": r, "generated": g}
+                                     for i, r, g in zip(batch["id"], batch["report"], generated)]
+        model.train()
+        if self.samples_path is not None and self.samples:
+            self.samples_path.write_text(json.dumps(self.samples, indent=2) + "\n")
+        return {"val_loss": total / count if count else float("nan")}
+
+    def visualize(self, model: Blip2ReportModel, loader: Iterable, device: torch.device) -> dict[str, np.ndarray]:
+        """No images yet (cross-attention overlays would go here)."""
+        return {}

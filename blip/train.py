@@ -1,0 +1,248 @@
+"""Train the BLIP-2 report model on the shared engine.
+
+    python -m blip.train --config configs/blip_tiny_ct.yaml --train_manifest train.jsonl --val_manifest val.jsonl \\
+        --encoder outputs/sam3d/sam_encoder.pth
+    python -m blip.train --config ... --resume                       # continue from output_dir/latest_model.pth
+
+Manifests are ``blip.data.reports`` CSV/JSONL files (columns image, report, modality ...). Without
+``--val_manifest`` both sets come from the ``split`` column of ``--train_manifest``. Each set holds one
+modality (CT or X-ray). Without ``--lm`` a tiny GPT-2 (tokenizer trained on the training reports) is
+built into ``output_dir/lm`` and reused on resume.
+
+Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
+(``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
+latest validation), config.json, training_summary_<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.config import ConfigError, check_training_config, parse_with_config
+
+LM_FOLDER = "lm"
+REPORT_MODEL_FOLDER = "report_model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML file of flag values; explicit flags override it")
+    g.add_argument("--output_dir", default="outputs/blip")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--resume", action=bool_flag, default=False, help="continue from output_dir/latest_model.pth")
+    g = p.add_argument_group("data")
+    g.add_argument("--train_manifest", help="CSV/JSONL with columns image, report (or findings/impression), modality")
+    g.add_argument("--val_manifest", help="default: the rows of --train_manifest whose split is 'val'")
+    g.add_argument("--num_workers", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", help="CT tower: sam_encoder.pth exported by train.py (architecture and preprocessing inside)")
+    g.add_argument("--ct_model_type", default="small", help="CT tower registry name when no --encoder (random weights)")
+    g.add_argument("--xray_encoder", help="X-ray tower: segment-anything checkpoint, e.g. sam_vit_b_01ec64.pth")
+    g.add_argument("--xray_model_type", default="vit_b", help="X-ray tower: vit_b (sam_vit_b) or tiny")
+    g.add_argument("--freeze_vision", action=bool_flag, default=False, help="keep the vision tower(s) fixed")
+    g.add_argument("--num_query_tokens", type=int, default=32)
+    g.add_argument("--bridge", type=json.loads, default={},
+                   help='Q-Former overrides as JSON, e.g. {"hidden_size": 256, "num_hidden_layers": 4} (default BERT-base)')
+    g.add_argument("--lm", help="local Hugging Face causal-LM folder; default: a tiny GPT-2 built in output_dir/lm")
+    g.add_argument("--lm_mode", choices=["frozen", "full", "lora"], default="frozen")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lm_vocab_size", type=int, default=1000, help="tiny GPT-2: tokenizer vocabulary bound")
+    g.add_argument("--lm_layers", type=int, default=2, help="tiny GPT-2: layers")
+    g.add_argument("--lm_width", type=int, default=128, help="tiny GPT-2: hidden size")
+    g.add_argument("--prompt_ct", default="Head CT report:")
+    g.add_argument("--prompt_xray", default="Chest X-ray report:")
+    g.add_argument("--max_text_len", type=int, default=128, help="report tokens kept (end-of-text included)")
+    g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch_size", type=int, default=4)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--patience", type=int, default=10, help="early stopping on validation loss")
+    g.add_argument("--use_mixed_precision", action=bool_flag, default=False)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--scheduler_type", choices=["reduce_on_plateau", "cosine", "step"], default="cosine")
+    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap batches per epoch (smoke runs)")
+    g = p.add_argument_group("generation (validation samples and the final sample)")
+    g.add_argument("--num_val_samples", type=int, default=2)
+    g.add_argument("--num_beams", type=int, default=3)
+    g.add_argument("--max_new_tokens", type=int, default=100)
+    g.add_argument("--repetition_penalty", type=float, default=2.0)
+    g.add_argument("--no_repeat_ngram_size", type=int, default=2)
+    g = p.add_argument_group("tracking")
+    g.add_argument("--use_wandb", action=bool_flag, default=False)
+    g.add_argument("--wandb_project", default="blip-reports")
+    g.add_argument("--wandb_entity", default=None)
+    return p
+
+
+def check_config(args: argparse.Namespace) -> list[str]:
+    """Configuration problems before any data is read; returns warnings."""
+    warns = check_training_config(vars(args))
+    if not args.train_manifest:
+        raise ConfigError("--train_manifest is required")
+    for key in ("train_manifest", "val_manifest", "encoder", "xray_encoder"):
+        value = getattr(args, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"--{key} {value}: file not found")
+    if args.lm and not (Path(args.lm) / "config.json").is_file():
+        raise ConfigError(f"--lm {args.lm}: not a Hugging Face model folder (no config.json)")
+    if args.resume and not (Path(args.output_dir) / "latest_model.pth").is_file():
+        raise ConfigError(f"--resume: {Path(args.output_dir) / 'latest_model.pth'} does not exist")
+    if args.num_query_tokens < 1 or args.max_text_len < 2:
+        raise ConfigError("num_query_tokens must be >= 1 and max_text_len >= 2")
+    if args.lm_mode == "frozen" and args.freeze_vision:
+        warns.append("--lm_mode frozen with --freeze_vision: only the Q-Former bridge trains (BLIP-2 stage 2)")
+    return warns
+
+
+def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(train rows, val rows) as ``{"image", "report", "modality", "id"}`` dicts."""
+    from blip.data.reports import read_report_manifest
+
+    if args.val_manifest:
+        train, val = read_report_manifest(args.train_manifest), read_report_manifest(args.val_manifest)
+    else:
+        train = read_report_manifest(args.train_manifest, split="train")
+        val = read_report_manifest(args.train_manifest, split="val")
+    as_row = lambda r: {"image": r.image, "report": r.report, "modality": r.modality, "id": r.id}  # noqa: E731
+    return [as_row(r) for r in train], [as_row(r) for r in val]
+
+
+def build_model(args: argparse.Namespace, modality: str, train_reports: list[str], ctx):
+    """The report model for ``modality`` from the flags. Without --lm the tiny GPT-2 is built once
+    (rank 0; the other ranks wait) into output_dir/lm, where a resumed run finds it again."""
+    from blip.language_model import build_tiny_gpt2
+    from blip.model import Blip2ReportConfig, Blip2ReportModel
+    from blip.vision import VisionTowerConfig
+    from engine.distributed import barrier
+
+    lm_path = args.lm
+    if not lm_path:
+        lm_path = str(Path(args.output_dir) / LM_FOLDER)
+        if ctx.is_main and not (Path(lm_path) / "config.json").is_file():
+            build_tiny_gpt2(train_reports, lm_path, vocab_size=args.lm_vocab_size, n_layer=args.lm_layers,
+                            n_embd=args.lm_width, n_positions=args.num_query_tokens + args.max_text_len + 32,
+                            seed=args.seed)
+        barrier(ctx)
+    ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, args.freeze_vision)
+    xray = VisionTowerConfig("sam2d", args.xray_model_type, args.xray_encoder, args.freeze_vision)
+    config = Blip2ReportConfig(
+        ct_tower=ct.to_dict() if modality == "ct" else None,
+        xray_tower=xray.to_dict() if modality == "xray" else None,
+        bridge=args.bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
+        max_text_len=args.max_text_len,
+    )
+    model = Blip2ReportModel(config)
+    if args.use_gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, save the best model with ``save_pretrained`` and generate one sample. Returns the
+    engine's result plus ``outputs`` and ``sample``."""
+    import torch
+
+    from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
+    from engine.checkpoint import extract_state_dict, load_checkpoint
+    from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
+    from engine.tracking import Tracker
+    from engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT, Trainer, TrainerConfig
+
+    device = resolve_device(args.device)
+    ctx = init_distributed(device)
+    seed_everything(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_rows, val_rows = read_rows(args)
+    modality = train_rows[0]["modality"]
+    model = build_model(args, modality, [r["report"] for r in train_rows], ctx)
+    for note in model.notes:
+        print(note)
+    transform = image_transform(model, modality)
+    train_ds = ReportDataset(train_rows, transform, args.train_manifest)
+    val_ds = ReportDataset(val_rows, transform, args.val_manifest or args.train_manifest)
+    if val_ds.modality != modality:
+        raise ConfigError(f"train rows are {modality}, val rows {val_ds.modality}: one modality per run")
+
+    generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                  "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    task = ReportTask(args.num_val_samples, generation, output_dir / "val_samples.json", args.use_mixed_precision)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "report_model"}]
+    trainer_cfg = TrainerConfig(
+        output_dir=str(output_dir), epochs=args.epochs, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+        use_mixed_precision=args.use_mixed_precision, scheduler_type=args.scheduler_type, patience=args.patience,
+        seed=args.seed, num_workers=args.num_workers, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
+    )
+    run_config = {**vars(args), "report_model_config": model.config.to_dict()}
+    if ctx.is_main:
+        (output_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+    tracker_factory = lambda run_id: Tracker(  # noqa: E731
+        args.use_wandb, args.wandb_project, args.wandb_entity, run_config, output_dir, run_id, name=output_dir.name,
+    )
+    trainer = Trainer(
+        trainer_cfg, task, model, param_groups, device, ctx, tracker_factory,
+        collate_fn=ReportCollator(model.tokenizer, args.max_text_len),
+        checkpoint_extras={"report_model_config": model.config.to_dict()},
+    )
+    summary_extra = {"data": {"train_studies": len(train_rows), "val_studies": len(val_rows), "modality": modality},
+                     "trainable_parameters": sum(p.numel() for p in trainable)}
+    try:
+        result = trainer.fit(train_ds, val_ds, summary_extra)
+        outputs = {"best_model": str(output_dir / BEST_CHECKPOINT), "latest_model": str(output_dir / LATEST_CHECKPOINT)}
+        if ctx.is_main and (output_dir / BEST_CHECKPOINT).exists():
+            best = output_dir / BEST_CHECKPOINT
+            model.load_state_dict(extract_state_dict(load_checkpoint(best, map_location=device), best))
+            model.save_pretrained(output_dir / REPORT_MODEL_FOLDER)
+            outputs["report_model"] = str(output_dir / REPORT_MODEL_FOLDER)
+            model.eval()
+            first = val_ds[0]
+            with torch.no_grad():
+                generated = model.generate(first["image"][None].to(device), modality, **generation)[0]
+            result["sample"] = {"id": first["id"], "reference": first["report"], "generated": generated}
+        result["outputs"] = outputs
+        return result
+    finally:
+        cleanup(ctx)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse_with_config(parser, argv)
+        for message in check_config(args):
+            print(f"WARNING: {message}", file=sys.stderr)
+    except ConfigError as err:
+        parser.error(str(err))
+    result = run_training(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from blip.data.reports import split_sections
+
+        print(f"stopped: {result['stop_reason']}")
+        print(f"best val loss {result['best_metric']:.4f} at epoch {result['best_epoch']}")
+        if "sample" in result:
+            findings, impression = split_sections(result["sample"]["generated"])
+            print(f"sample {result['sample']['id']}\n  reference: {result['sample']['reference']}\n"
+                  f"  generated: {result['sample']['generated']}\n  findings: {findings}\n  impression: {impression}")
+        for name, path in result["outputs"].items():
+            print(f"{name}: {path}")
+        print(f"summary: {result['summary_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
