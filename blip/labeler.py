@@ -66,7 +66,7 @@ _SCOPE_TERMINATOR = (r"\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bwhich\b|\be
                      r"|\bwith the exception\b|\bother than\b|\bwhereas\b|\bwhile\b|\bsecondary to\b|\bdue to\b"
                      r"|\bthere (?:is|are)\b")
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+|(?<=[.!?;])$")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -234,9 +234,15 @@ def _label_observation(sentences: list[str], observation: Observation) -> int | 
 
 
 def label_chest_report(text: str) -> dict[str, int | None]:
-    """CheXpert labels of one chest X-ray report: ``{observation: 1 | 0 | -1 | None}``."""
+    """CheXpert labels of one chest X-ray report: ``{observation: 1 | 0 | -1 | None}``.
+
+    An empty report gets ``None`` everywhere: it states nothing, so it must not earn a true "No Finding"
+    in clinical efficacy.
+    """
     sentences = split_sentences(text)
     labels = {obs.name: _label_observation(sentences, obs) for obs in CHEST_OBSERVATIONS}
+    if not sentences:
+        return {"No Finding": None, **labels}
     pathology_found = any(labels[name] in (POSITIVE, UNCERTAIN) for name in labels if name != "Support Devices")
     return {"No Finding": None if pathology_found else POSITIVE, **labels}
 

@@ -103,12 +103,15 @@ def _meteor_scorer() -> Iterator[object]:
     try:
         yield scorer
     finally:
+        # compute_score keeps its lock when the JVM dies mid-way, and Meteor.__del__ would then block
+        # forever acquiring it: release it before shutting the process down.
+        if scorer.lock.locked():
+            scorer.lock.release()
         process = scorer.meteor_p
-        with scorer.lock:
-            for stream in (process.stdin, process.stdout, process.stderr):
-                stream.close()
-            process.kill()
-            process.wait()
+        process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            stream.close()
 
 
 def caption_metrics(references: list[str], hypotheses: list[str], tokenize: str | None = None,
@@ -155,7 +158,11 @@ def caption_metrics(references: list[str], hypotheses: list[str], tokenize: str 
         corpus[key], per_sample[key] = float(value), [float(v) for v in values]
     if meteor:
         with _meteor_scorer() as scorer:
-            value, values = scorer.compute_score(gts, res)
+            try:
+                value, values = scorer.compute_score(gts, res)
+            except (ValueError, OSError) as err:
+                raise RuntimeError(f"METEOR (java -jar meteor-1.5.jar, 2 GB heap) returned no score ({err}); "
+                                   "run the jar by hand to see the Java error, or pass meteor=False") from err
         corpus["METEOR"], per_sample["METEOR"] = float(value), [float(v) for v in values]
     else:
         corpus["METEOR"], per_sample["METEOR"] = None, None

@@ -107,3 +107,8 @@ def test_agreement_with_iu_human_labels():
               "Pneumothorax": 0.80, "Edema": 0.75, "Fracture": 0.78}
     for observation, floor in floors.items():
         assert observations[observation]["f1"] >= floor, (observation, observations[observation])
+
+
+def test_empty_report_states_nothing():
+    assert set(label_chest_report("  ").values()) == {None}
+    assert label_ct_report("")["side"] == "none" and label_ct_report("")["hemorrhage"] is None

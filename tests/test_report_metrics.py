@@ -150,3 +150,19 @@ def test_evaluate_reports_errors(tmp_path, capsys):
     assert evaluate_reports.main(["--input", str(jsonl), "--output_dir", str(tmp_path / "o"), "--no_meteor"]) == 2
     err = capsys.readouterr().err
     assert "line 1" in err and "modality" in err
+
+
+def test_meteor_failure_is_an_error_and_frees_the_jvm(monkeypatch):
+    """A JVM that dies mid-score leaves Meteor's lock held; the error must be clear and nothing may hang."""
+    if not metrics.java_available():
+        pytest.skip("java not on PATH")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    def dying_jvm(self, gts, res):
+        self.lock.acquire()
+        raise ValueError("could not convert string to float: ''")
+
+    monkeypatch.setattr(Meteor, "compute_score", dying_jvm)
+    with pytest.raises(RuntimeError, match="METEOR .* returned no score"):
+        caption_metrics(REFERENCES, HYPOTHESES, tokenize="simple")
+    assert _java_children() == []
