@@ -106,17 +106,18 @@ b.png;c.png,,No effusion.,Normal chest x-XXXX.,,P2
 dicom_series,"Small subdural hematoma.
 No shift.",,,test,P3
 """)
-    # "findings"/"impression" columns exist but are empty in row 2: report is built from them.
+    # Empty section cells are cut out of the report (rows 2, 4); an empty report is built from them (row 3).
     records = read_report_manifest(path)
     a, bc, d = records
     assert a.image == str(scans / "a.nii.gz") and a.modality == "ct" and a.split == "val" and a.id == "a"
     assert a.report == "FINDINGS: Acute hematoma. IMPRESSION: Bleed."
+    assert (a.findings, a.impression) == ("Acute hematoma.", "Bleed.")
     assert a.source_row == 2 and a.extra == {"patient": "P1"}
     assert bc.image == [str(scans / "b.png"), str(scans / "c.png")] and bc.modality == "xray"
     assert bc.split == "train" and bc.id == "b" and bc.images == bc.image
     assert bc.report == f"FINDINGS: No effusion. IMPRESSION: Normal chest x-{DEID_TOKEN}."
     assert (d.modality, d.source_row, d.id) == ("ct", 4, "dicom_series")
-    assert d.report == "Small subdural hematoma. No shift."
+    assert d.report == d.findings == "Small subdural hematoma. No shift." and d.impression == ""
     assert [r.id for r in read_report_manifest(path, split="test")] == ["dicom_series"]
 
 

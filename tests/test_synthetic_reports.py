@@ -29,12 +29,14 @@ def base(**changes) -> dict:
     return {**meta, **changes}
 
 
-# Metadata as the generator writes it, one per pattern the reports must distinguish.
+# Metadata as the generator writes it, one per pattern the reports must distinguish (plus mass effect
+# without shift, which the generator does not produce but user metadata may).
 CASES = [
     base(),
     base(ich_type="intraparenchymal", side="right", region="frontal", volume_ml=23.4, midline_shift_mm=1.6,
          mass_effect=1, oedema=True),
     base(ich_type="intraparenchymal", side="left", region="basal ganglia", volume_ml=6.4),
+    base(ich_type="intraparenchymal", side="left", region="temporal", volume_ml=12.0, mass_effect=1),   # no shift
     base(ich_type="subdural", side="left", region="convexity", volume_ml=41.0, midline_shift_mm=5.0,
          mass_effect=1, max_thickness_mm=14.2),
     base(ich_type="subdural", side="right", region="convexity", volume_ml=3.6, max_thickness_mm=3.8),
@@ -125,7 +127,7 @@ def test_oedema_and_hydrocephalus_are_stated_either_way():
     without = write_ct_report({**iph, "oedema": False}, np.random.default_rng(0))["findings"]
     assert re.search(r"(surrounding|perihematomal) edema", with_oedema)
     assert re.search(r"\bno\b[^.]*edema", without.lower())
-    ivh = CASES[6]
+    ivh = CASES[-1]   # intraventricular, no hydrocephalus
     assert "no hydrocephalus" in write_ct_report(ivh, np.random.default_rng(0))["findings"].lower()
 
 

@@ -7,7 +7,7 @@ A manifest is a CSV or JSONL file with one study per row:
   cell paths separated by ``;``.
 - ``report``, or ``findings`` and/or ``impression``: the text. When ``report`` is missing or empty
   it is built from the sections with :func:`join_sections`; when the section columns are missing
-  they are cut out of ``report`` with :func:`split_sections`.
+  or empty they are cut out of ``report`` with :func:`split_sections`.
 - optional ``modality`` (``ct`` / ``xray``; inferred from the image suffix when absent), ``split``
   (``train`` / ``val`` / ``test``; ``train`` when absent) and ``id`` (the image name when absent).
   Every other column is kept in :attr:`ReportRecord.extra`.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import tempfile
@@ -41,6 +42,7 @@ __all__ = [
     "ReportManifestError",
     "ReportRecord",
     "clean_report",
+    "infer_modality",
     "join_sections",
     "normalize_for_metrics",
     "read_report_manifest",
@@ -119,7 +121,7 @@ def clean_report(text) -> str:
     Case is kept because it carries meaning for readers (``IMPRESSION``, ``T12``); metrics use
     :func:`normalize_for_metrics`.
     """
-    if text is None or (isinstance(text, float) and text != text):
+    if text is None or (isinstance(text, float) and math.isnan(text)):
         return ""
     text = " ".join(str(text).split())
     text = _DEID_RUN.sub(DEID_TOKEN, text)
@@ -213,7 +215,7 @@ def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files
 
     report = clean_report(row.get("report"))
     findings, impression = clean_report(row.get("findings")), clean_report(row.get("impression"))
-    if report and "findings" not in row and "impression" not in row:
+    if report and not (findings or impression):
         findings, impression = split_sections(row["report"])   # raw text: bare headers end a line
     if not report:
         report = join_sections(findings, impression)

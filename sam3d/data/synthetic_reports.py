@@ -161,7 +161,10 @@ def write_ct_report(metadata: dict, rng: np.random.Generator) -> dict:
     Raises ValueError for missing keys, an unknown type or a side the type cannot have.
     """
     _check(metadata)
-    choose = lambda options: str(rng.choice(options))  # noqa: E731
+
+    def choose(options) -> str:
+        return str(rng.choice(options))
+
     kind = metadata["ich_type"]
     if kind == "none":
         findings = [choose(options) for options in _NEGATIVE_FINDINGS] + [choose(_CALVARIUM)]
