@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--visual_tokens", type=int, default=256, help="width of the exported visual-token projection")
     g.add_argument("--num_clicks", type=int, default=11, help="simulated click rounds per training batch")
     g.add_argument("--val_num_clicks", type=int, default=5)
+    g.add_argument("--automatic_round", action=bool_flag, default=True,
+                   help="also train the prompt-free prediction of hemorrhage scans (automatic mode, no clicks)")
     g = p.add_argument_group("optimisation (" + FULL_DEFAULTS_NOTE + ")")
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--batch_size", type=int, default=2)
@@ -171,7 +173,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / "config.json").write_text(
             json.dumps({**vars(args), "model_config": config.to_dict(), "preprocessing": preprocessing}, indent=2, default=str)
         )
-    task = SegmentationTask(args.num_clicks, args.val_num_clicks, args.target_spacing, args.seed, args.use_mixed_precision)
+    task = SegmentationTask(args.num_clicks, args.val_num_clicks, args.target_spacing, args.seed,
+                            args.use_mixed_precision, args.automatic_round)
     encoder_params = [p for p in model.image_encoder.parameters() if p.requires_grad]
     decoder_params = list(model.prompt_encoder.parameters()) + list(model.mask_decoder.parameters())
     param_groups = [{"params": decoder_params, "lr": args.decoder_lr_ratio * args.lr, "weight_decay": args.weight_decay, "name": "decoder"}]

@@ -21,14 +21,19 @@ class InteractiveSegmentationLoss(nn.Module):
     """batch → (loss, logs): encoder once, then ``num_clicks`` decoder rounds for hemorrhage-positive
     cases (loss averaged over rounds) and one prompt-free round for hemorrhage-free cases, which must
     come out empty. The two groups are weighted by their number of cases.
+
+    With ``automatic_round`` the prompt-free round also runs on hemorrhage-positive cases and must find
+    the bleed without clicks: this trains the automatic mode (sliding-window prediction without
+    clicks) that official SAM-Med3D lacks. Its loss is added with the weight of those cases.
     """
 
-    def __init__(self, model: Sam3D, num_clicks: int = 11) -> None:
+    def __init__(self, model: Sam3D, num_clicks: int = 11, automatic_round: bool = False) -> None:
         super().__init__()
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
         self.model = model
         self.num_clicks = num_clicks
+        self.automatic_round = automatic_round
         self.criterion = dice_ce_loss()
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -57,10 +62,11 @@ class InteractiveSegmentationLoss(nn.Module):
             loss = loss + pos_loss * positive.sum() / batch_size
             logs["loss_positive"] = pos_loss.item()
             logs["loss_last_click"] = round_losses[-1].item()
-        if (~positive).any():
-            neg_embeddings = embeddings[~positive]
-            low_res, _ = self.model.decode(neg_embeddings)
-            neg_loss = self.criterion(self.model.upsample_logits(low_res).float(), targets[~positive])
-            loss = loss + neg_loss * (~positive).sum() / batch_size
-            logs["loss_negative"] = neg_loss.item()
+        for name, selected in (("loss_negative", ~positive), ("loss_automatic", positive)):
+            if not selected.any() or (name == "loss_automatic" and not self.automatic_round):
+                continue
+            low_res, _ = self.model.decode(embeddings[selected])
+            prompt_free_loss = self.criterion(self.model.upsample_logits(low_res).float(), targets[selected])
+            loss = loss + prompt_free_loss * selected.sum() / batch_size
+            logs[name] = prompt_free_loss.item()
         return loss, logs

@@ -21,7 +21,8 @@ class SegmentationTask:
     """Validation: hemorrhage-positive scans get ``val_num_clicks`` simulated clicks (seeded the same
     every epoch, so epochs are comparable) and are scored by Dice and NSD after the first and the last
     click; hemorrhage-free scans are predicted without prompts and must come out empty.
-    ``val_dice`` (last click, positives) selects the best model.
+    ``val_dice`` (last click, positives) selects the best model. With ``automatic_round``,
+    ``val_dice_automatic`` scores the prompt-free prediction of the hemorrhage-positive scans.
     """
 
     monitor = "val_dice"
@@ -34,8 +35,10 @@ class SegmentationTask:
         spacing_mm: Sequence[float] = (1.5, 1.5, 1.5),
         seed: int = 0,
         use_mixed_precision: bool = False,
+        automatic_round: bool = False,
     ) -> None:
         self.num_clicks = num_clicks
+        self.automatic_round = automatic_round
         self.val_num_clicks = val_num_clicks
         self.spacing_mm = tuple(spacing_mm)
         self.seed = seed
@@ -43,64 +46,64 @@ class SegmentationTask:
         self.criterion = dice_ce_loss()
 
     def training_module(self, model: Sam3D) -> nn.Module:
-        return InteractiveSegmentationLoss(model, self.num_clicks)
+        return InteractiveSegmentationLoss(model, self.num_clicks, self.automatic_round)
 
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision)
 
     @torch.no_grad()
-    def predict_batch(self, model: Sam3D, batch: dict, device: torch.device, generator: torch.Generator):
-        """(logits after the first click, logits after the last click) for a batch; negatives get the
-        prompt-free prediction in both."""
+    def predict_batch(self, model: Sam3D, batch: dict, device: torch.device, generator: torch.Generator) -> dict:
+        """Logits (B, 1, *S) of a batch: ``first`` and ``last`` after the first and the last simulated
+        click (hemorrhage-free scans get the prompt-free prediction there), and ``automatic``, the
+        prompt-free prediction of every scan. Also ``targets`` (bool) and ``positive`` (B,)."""
         images = batch["image"].to(device)
         targets = batch["label"].to(device) > 0.5
         with self._autocast(device):
             embeddings = model.image_encoder(images)
+        embeddings = embeddings.float()
         positive = targets.flatten(1).any(1)
-        first = torch.zeros(targets.shape, device=device)
-        last = torch.zeros(targets.shape, device=device)
+        low_res, _ = model.decode(embeddings)
+        automatic = model.upsample_logits(low_res).float()
+        first, last = automatic.clone(), automatic.clone()
         if positive.any():
             rounds: list[torch.Tensor] = []
             run_click_rounds(
-                model, embeddings[positive].float(), targets[positive], self.val_num_clicks, generator,
+                model, embeddings[positive], targets[positive], self.val_num_clicks, generator,
                 on_round=lambda i, logits: rounds.append(logits.float()),
             )
             first[positive] = rounds[0]
             last[positive] = rounds[-1]
-        if (~positive).any():
-            low_res, _ = model.decode(embeddings[~positive].float())
-            logits = model.upsample_logits(low_res).float()
-            first[~positive] = logits
-            last[~positive] = logits
-        return targets, positive, first, last
+        return {"targets": targets, "positive": positive, "first": first, "last": last, "automatic": automatic}
 
     @torch.no_grad()
     def validate(self, model: Sam3D, loader: Iterable, device: torch.device) -> dict[str, float]:
         model.eval()
         generator = torch.Generator().manual_seed(self.seed)
-        dice_first, dice_last, nsd_last, losses, negatives_clean = [], [], [], [], []
+        scores: dict[str, list[float]] = {k: [] for k in ("first", "last", "nsd", "automatic", "loss", "clean")}
         for batch in loader:
-            targets, positive, first, last = self.predict_batch(model, batch, device, generator)
-            losses.append(self.criterion(last, targets.float()).item())
-            d1 = dice_score(first > 0, targets)
-            d2 = dice_score(last > 0, targets)
+            out = self.predict_batch(model, batch, device, generator)
+            targets, last = out["targets"], out["last"]
+            scores["loss"].append(self.criterion(last, targets.float()).item())
+            dice = {key: dice_score(out[key] > 0, targets) for key in ("first", "last", "automatic")}
             for b in range(targets.shape[0]):
-                if positive[b]:
-                    dice_first.append(d1[b].item())
-                    dice_last.append(d2[b].item())
-                    nsd_last.append(surface_metrics(last[b] > 0, targets[b], self.spacing_mm)["nsd"])
+                if out["positive"][b]:
+                    for key in ("first", "last", "automatic"):
+                        scores[key].append(dice[key][b].item())
+                    scores["nsd"].append(surface_metrics(last[b] > 0, targets[b], self.spacing_mm)["nsd"])
                 else:
-                    negatives_clean.append(float(not (last[b] > 0).any()))
+                    scores["clean"].append(float(not (last[b] > 0).any()))
         model.train()
-        metrics = {"val_loss": float(np.mean(losses)) if losses else float("nan")}
-        if dice_last:
+        metrics = {"val_loss": float(np.mean(scores["loss"])) if scores["loss"] else float("nan")}
+        if scores["last"]:
             metrics.update(
-                val_dice=float(np.mean(dice_last)),
-                val_dice_first_click=float(np.mean(dice_first)),
-                val_nsd=float(np.mean(nsd_last)),
+                val_dice=float(np.mean(scores["last"])),
+                val_dice_first_click=float(np.mean(scores["first"])),
+                val_nsd=float(np.mean(scores["nsd"])),
             )
-        if negatives_clean:
-            metrics["val_negative_clean"] = float(np.mean(negatives_clean))
+            if self.automatic_round:
+                metrics["val_dice_automatic"] = float(np.mean(scores["automatic"]))
+        if scores["clean"]:
+            metrics["val_negative_clean"] = float(np.mean(scores["clean"]))
         if "val_dice" not in metrics:
             # A validation set without hemorrhages can still rank models by clean negatives.
             metrics["val_dice"] = metrics.get("val_negative_clean", float("nan"))
@@ -113,7 +116,8 @@ class SegmentationTask:
         generator = torch.Generator().manual_seed(self.seed)
         images: dict[str, np.ndarray] = {}
         for batch in loader:
-            targets, _, _, last = self.predict_batch(model, batch, device, generator)
+            out = self.predict_batch(model, batch, device, generator)
+            targets, last = out["targets"], out["last"]
             for b in range(targets.shape[0]):
                 if len(images) >= max_cases:
                     break

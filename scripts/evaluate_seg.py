@@ -9,7 +9,8 @@ the official one), gets ``--num_clicks`` simulated clicks from its ground truth 
 scored on the model's grid with that grid's true spacing: Dice, NSD at --nsd_tolerance_mm, HD95 in
 mm, and predicted vs true hemorrhage volume in mL. The true volume is measured on the original mask
 at its original spacing, so a lesion larger than the model's crop shows up as volume error (and is
-flagged ``lesion_truncated``). Hemorrhage-free scans are predicted without prompts.
+flagged ``lesion_truncated``). Hemorrhage-free scans are predicted without prompts;
+``dice_automatic`` scores the prompt-free prediction of hemorrhage scans (automatic mode).
 
 Writes ``per_case.csv`` and ``summary.json`` to --output_dir.
 """
@@ -37,7 +38,7 @@ from sam3d.metrics import dice_score, surface_metrics, volume_ml  # noqa: E402
 from sam3d.modeling import load_trained_sam3d  # noqa: E402
 from sam3d.task import SegmentationTask  # noqa: E402
 
-COLUMNS = ["row", "patient_id", "path", "ich", "dice_first_click", "dice", "nsd", "hd95_mm",
+COLUMNS = ["row", "patient_id", "path", "ich", "dice_first_click", "dice", "dice_automatic", "nsd", "hd95_mm",
            "true_volume_ml", "pred_volume_ml", "volume_error_ml", "lesion_truncated"]
 
 
@@ -54,7 +55,7 @@ def _summary(rows: list[dict]) -> dict:
                 "n_undefined": int(values.size - finite.size)}
 
     summary = {"cases": len(rows), "hemorrhage_cases": len(positives), "hemorrhage_free_cases": len(negatives)}
-    for key in ("dice_first_click", "dice", "nsd", "hd95_mm", "volume_error_ml"):
+    for key in ("dice_first_click", "dice", "dice_automatic", "nsd", "hd95_mm", "volume_error_ml"):
         summary[key] = stats(key, positives)
     summary["abs_volume_error_ml"] = stats("abs_volume_error_ml", positives)
     summary["lesions_truncated_by_crop"] = sum(r["lesion_truncated"] for r in positives)
@@ -93,8 +94,8 @@ def main(argv=None) -> int:
     for row, index in zip(manifest, tqdm(range(len(dataset)), desc="evaluating", unit="scan")):
         item = dataset[index]
         batch = {"image": item["image"][None], "label": item["label"][None]}
-        target, _, first, last = task.predict_batch(model, batch, device, generator)
-        prediction = last > 0
+        out = task.predict_batch(model, batch, device, generator)
+        target, first, prediction = out["targets"], out["first"], out["last"] > 0
         true_ml = 0.0
         if row.mask_path is not None:
             mask = load_volume(row.mask_path)
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
             "row": row.row, "patient_id": row.patient_id, "path": row.path, "ich": row.ich,
             "dice_first_click": dice_score(first > 0, target)[0].item() if row.ich else float("nan"),
             "dice": dice_score(prediction, target)[0].item() if row.ich else float("nan"),
+            "dice_automatic": dice_score(out["automatic"] > 0, target)[0].item() if row.ich else float("nan"),
             "nsd": surface["nsd"] if row.ich else float("nan"),
             "hd95_mm": surface["hd95_mm"] if row.ich else float("nan"),
             "true_volume_ml": round(true_ml, 3), "pred_volume_ml": round(pred_ml, 3),

@@ -72,3 +72,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model.image_encoder.gradient_checkpointing = True
     model.image_encoder(x).sum().backward()
     torch.testing.assert_close(model.image_encoder.blocks[0].attn.qkv.weight.grad, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_automatic_round_trains_prompt_free_segmentation_of_bleeds():
+    model = build_sam3d(model_config("small", img_size=32))
+    target = _target().float()
+    batch = {"image": torch.randn(2, 1, 32, 32, 32), "label": target}
+    _, logs = InteractiveSegmentationLoss(model, num_clicks=1)(batch)
+    assert "loss_automatic" not in logs
+    loss, logs = InteractiveSegmentationLoss(model, num_clicks=1, automatic_round=True)(batch)
+    assert "loss_automatic" in logs and "loss_negative" not in logs
+    loss.backward()
+    assert model.prompt_encoder.no_mask_embed.weight.grad.abs().sum() > 0
