@@ -60,9 +60,9 @@ def main(argv=None) -> dict:
         )
     except ValueError as err:
         sys.exit(f"error: {err}")
-    for key in ("train_csv", "val_csv", "test_csv", "mask_dir", "cases_json"):
-        if paths[key] is not None:
-            print(f"{key}: {paths[key]}")
+    for key, path in paths.items():
+        if path is not None:
+            print(f"{key}: {path}")
     return paths
 
 
