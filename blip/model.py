@@ -27,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from engine.checkpoint import CheckpointError, load_state_dict_strict
+from sam3d.visualize import lesion_slice_index
 
 from .language_model import LM_MODES, load_language_model
 from .qformer import QFormerBridge, QFormerBridgeConfig
@@ -254,6 +257,19 @@ class Blip2ReportModel(nn.Module):
         )
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
+    @torch.no_grad()
+    def cross_attention_map(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, *spatial): where the Q-Former reads the image. Its cross-attention weights (one
+        (B, heads, Q, N) map per cross-attention layer) are averaged over layers, heads and queries,
+        laid back onto the tower's token grid (N = prod(grid), row-major like the neck output) and
+        upsampled (tri/bilinear) to the input size."""
+        bridge_out = self.bridge(self.image_tokens(images, modality), output_attentions=True)
+        weights = torch.stack(bridge_out.cross_attentions).float().mean(dim=(0, 2, 3))  # (B, N)
+        grid = self.tower(modality).grid_size
+        mode = "trilinear" if len(grid) == 3 else "bilinear"
+        maps = F.interpolate(weights.reshape(-1, 1, *grid), size=images.shape[2:], mode=mode, align_corners=False)
+        return maps[:, 0]
+
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """``config.json`` + ``model.safetensors`` (towers, adapters, bridge) + ``lm/`` (the LM and its
@@ -295,3 +311,38 @@ class Blip2ReportModel(nn.Module):
                 vision_and_bridge.add_module(name, child)
         load_state_dict_strict(vision_and_bridge, load_file(str(weights_path)), str(weights_path))
         return model
+
+
+def attention_overlays(model: Blip2ReportModel, images: torch.Tensor, modality: str, alpha: float = 0.5) -> list[np.ndarray]:
+    """One RGB uint8 (H, W, 3) picture per image: the cross-attention map (``jet`` colours) over the
+    image in grey. CT: the axial slice that receives the most attention, displayed like
+    ``sam3d.visualize.overlay_slice`` (first axis left→right, superior up); X-ray: the film."""
+    from matplotlib import colormaps
+
+    maps = model.cross_attention_map(images, modality).cpu().numpy()
+    pictures = []
+    for image, attention in zip(images[:, 0].float().cpu().numpy(), maps):
+        if attention.ndim == 3:
+            z = lesion_slice_index(attention, axis=-1)
+            image, attention = np.rot90(image[..., z]), np.rot90(attention[..., z])
+        lo, hi = np.percentile(image, [1, 99])
+        grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0)[..., None]
+        heat = (attention - attention.min()) / max(float(attention.max() - attention.min()), 1e-12)
+        rgb = (1 - alpha) * grey + alpha * colormaps["jet"](heat)[..., :3]
+        pictures.append((rgb * 255).round().astype(np.uint8))
+    return pictures
+
+
+def write_attention_overlays(
+    model: Blip2ReportModel, images: torch.Tensor, modality: str, ids: list[str], folder: str | os.PathLike
+) -> list[Path]:
+    """``attention_overlays`` written as ``<folder>/<id>_attention.png``; returns the paths."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for study_id, picture in zip(ids, attention_overlays(model, images, modality)):
+        paths.append(folder / f"{study_id}_attention.png")
+        Image.fromarray(picture).save(paths[-1])
+    return paths

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from engine.trainer import autocast_dtype
 from sam3d.data.transforms import build_inference_transforms
 
-from .model import Blip2ReportModel, tokenize_reports
+from .model import Blip2ReportModel, attention_overlays, tokenize_reports
 from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
 
 
@@ -179,6 +179,11 @@ class ReportTask:
             self.samples_path.write_text(json.dumps(self.samples, indent=2) + "\n")
         return {"val_loss": total / count if count else float("nan")}
 
-    def visualize(self, model: Blip2ReportModel, loader: Iterable, device: torch.device) -> dict[str, np.ndarray]:
-        """No images yet (cross-attention overlays would go here)."""
-        return {}
+    @torch.no_grad()
+    def visualize(self, model: Blip2ReportModel, loader: Iterable, device: torch.device, max_cases: int = 2) -> dict[str, np.ndarray]:
+        """Q-Former cross-attention overlays of the first validation studies (``attention_overlays``)."""
+        model.eval()
+        batch = next(iter(loader))
+        pictures = attention_overlays(model, batch["image"][:max_cases].to(device), batch["modality"])
+        model.train()
+        return {f"val/{study_id}_attention": picture for study_id, picture in zip(batch["id"], pictures)}

@@ -11,7 +11,8 @@ built into ``output_dir/lm`` and reused on resume.
 
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
 (``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
-latest validation), config.json, training_summary_<timestamp>.json.
+latest validation), attention/<id>_attention.png (Q-Former cross-attention over the sample's image),
+config.json, training_summary_<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_wandb", action=bool_flag, default=False)
     g.add_argument("--wandb_project", default="blip-reports")
     g.add_argument("--wandb_entity", default=None)
+    g.add_argument("--log_images", action=bool_flag, default=False,
+                   help="Q-Former cross-attention overlays to W&B every --log_freq epochs")
+    g.add_argument("--log_freq", type=int, default=5)
     return p
 
 
@@ -101,6 +105,8 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--resume: {Path(args.output_dir) / 'latest_model.pth'} does not exist")
     if args.num_query_tokens < 1 or args.max_text_len < 2:
         raise ConfigError("num_query_tokens must be >= 1 and max_text_len >= 2")
+    if args.log_images and not args.use_wandb:
+        warns.append("--log_images needs --use_wandb; the overlays are computed but not logged")
     if args.lm_mode == "frozen" and args.freeze_vision:
         warns.append("--lm_mode frozen with --freeze_vision: only the Q-Former bridge trains (BLIP-2 stage 2)")
     return warns
@@ -155,6 +161,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     engine's result plus ``outputs`` and ``sample``."""
     import torch
 
+    from blip.model import write_attention_overlays
     from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
     from engine.checkpoint import extract_state_dict, load_checkpoint
     from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
@@ -187,6 +194,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
         use_mixed_precision=args.use_mixed_precision, scheduler_type=args.scheduler_type, patience=args.patience,
         seed=args.seed, num_workers=args.num_workers, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
+        log_images=args.log_images, log_freq=args.log_freq,
     )
     run_config = {**vars(args), "report_model_config": model.config.to_dict()}
     if ctx.is_main:
@@ -211,9 +219,12 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             outputs["report_model"] = str(output_dir / REPORT_MODEL_FOLDER)
             model.eval()
             first = val_ds[0]
+            image = first["image"][None].to(device)
             with torch.no_grad():
-                generated = model.generate(first["image"][None].to(device), modality, **generation)[0]
-            result["sample"] = {"id": first["id"], "reference": first["report"], "generated": generated}
+                generated = model.generate(image, modality, **generation)[0]
+            attention = write_attention_overlays(model, image, modality, [first["id"]], output_dir / "attention")
+            result["sample"] = {"id": first["id"], "reference": first["report"], "generated": generated,
+                                "attention_overlay": str(attention[0])}
         result["outputs"] = outputs
         return result
     finally:
@@ -237,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "sample" in result:
             findings, impression = split_sections(result["sample"]["generated"])
             print(f"sample {result['sample']['id']}\n  reference: {result['sample']['reference']}\n"
-                  f"  generated: {result['sample']['generated']}\n  findings: {findings}\n  impression: {impression}")
+                  f"  generated: {result['sample']['generated']}\n  findings: {findings}\n  impression: {impression}\n"
+                  f"  cross-attention: {result['sample']['attention_overlay']}")
         for name, path in result["outputs"].items():
             print(f"{name}: {path}")
         print(f"summary: {result['summary_path']}")

@@ -150,6 +150,7 @@ def test_freeze_flags_and_lm_modes(lm_folder):
     trainable = [n for n, p in lora.language_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "c_attn" in n for n in trainable)
     assert all(p.requires_grad for p in lora.visual_encoder.parameters())
+    assert len(lora.eval().generate(ct_images(1), "ct", max_new_tokens=3)) == 1  # through peft's generate
 
 
 def test_language_model_loading_errors(tmp_path, lm_folder):
@@ -182,3 +183,21 @@ def test_save_and_from_pretrained_give_the_same_model(tmp_path, lm_folder, lm_mo
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
     assert reloaded.config.ct_tower["checkpoint"] is None and reloaded.config.lm_mode == lm_mode
 
+
+
+def test_cross_attention_maps_and_overlays(model, tmp_path):
+    from PIL import Image
+
+    from blip.model import write_attention_overlays
+
+    model.eval()
+    ct = ct_images()
+    maps = model.cross_attention_map(ct, "ct")
+    assert maps.shape == (2, 64, 64, 64) and (maps >= 0).all()
+    # Averaged softmax weights over the 4^3 = 64 tokens: their mean is 1/64 before upsampling.
+    assert abs(maps.mean().item() - 1 / 64) < 2e-3
+    paths = write_attention_overlays(model, ct, "ct", ["a", "b"], tmp_path)
+    xray_paths = write_attention_overlays(model, torch.randn(1, 3, 64, 64), "xray", ["film"], tmp_path)
+    assert [p.name for p in paths + xray_paths] == ["a_attention.png", "b_attention.png", "film_attention.png"]
+    with Image.open(paths[0]) as picture:
+        assert picture.size == (64, 64) and picture.mode == "RGB"

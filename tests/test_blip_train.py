@@ -62,13 +62,14 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     argv = [
         "--config", "configs/blip_tiny_ct.yaml",
         "--train_manifest", str(ct_data["train"]), "--val_manifest", str(ct_data["val"]),
-        "--encoder", str(ct_data["encoder"]), "--output_dir", str(out), "--max_new_tokens", "10", "--epochs", "2",
+        "--encoder", str(ct_data["encoder"]), "--output_dir", str(out), "--max_new_tokens", "10", "--log_images", "--log_freq", "1", "--epochs", "2",
     ]
     assert main(argv) == 0
     first = capsys.readouterr().out
     history = load_checkpoint(out / "latest_model.pth")["history"]
     assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]
     assert "generated:" in first and (out / "lm" / "config.json").is_file()
+    assert (out / "attention" / "val0_attention.png").is_file()
     samples = json.loads((out / "val_samples.json").read_text())
     assert [s["id"] for s in samples] == ["val0"] and isinstance(samples[0]["generated"], str)
 
