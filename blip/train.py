@@ -28,6 +28,8 @@ from engine.config import ConfigError, check_training_config, parse_with_config
 
 LM_FOLDER = "lm"
 REPORT_MODEL_FOLDER = "report_model"
+MANIFEST_HINT = (" (`make demo` or scripts/make_synthetic_ich.py write synthetic head-CT report manifests, "
+                 "reports_train.jsonl and reports_val.jsonl)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +100,8 @@ def check_config(args: argparse.Namespace) -> list[str]:
     for key in ("train_manifest", "val_manifest", "encoder", "xray_encoder"):
         value = getattr(args, key)
         if value and not Path(value).is_file():
-            raise ConfigError(f"--{key} {value}: file not found")
+            hint = {"train_manifest": MANIFEST_HINT, "val_manifest": MANIFEST_HINT}.get(key, "")
+            raise ConfigError(f"--{key} {value}: file not found{hint}")
     if args.lm and not (Path(args.lm) / "config.json").is_file():
         raise ConfigError(f"--lm {args.lm}: not a Hugging Face model folder (no config.json)")
     if args.resume and not (Path(args.output_dir) / "latest_model.pth").is_file():

@@ -105,3 +105,29 @@ def test_xray_pipeline_and_one_modality_batches(tmp_path):
     items = [{"image": torch.zeros(1), "report": "r", "modality": m, "id": m} for m in ("ct", "xray")]
     with pytest.raises(ValueError, match="one modality"):
         ReportCollator(Tokenizer(), 8)(items)
+
+
+def test_xray_run_and_config_errors(tmp_path, capsys):
+    from PIL import Image
+
+    rows = []
+    for index, (split, text) in enumerate([("train", "FINDINGS: Clear lungs. IMPRESSION: Normal chest."),
+                                          ("train", "FINDINGS: Right pleural effusion. IMPRESSION: Effusion."),
+                                          ("val", "FINDINGS: Clear lungs. IMPRESSION: Normal chest.")]):
+        film = np.random.default_rng(index).integers(0, 255, (48, 40), dtype=np.uint8)
+        Image.fromarray(film).save(tmp_path / f"film{index}.png")
+        rows.append({"image": f"film{index}.png", "report": text, "split": split})  # modality from the suffix
+    manifest = tmp_path / "films.csv"
+    manifest.write_text("image,report,split\n" + "".join(f"{r['image']},{r['report']},{r['split']}\n" for r in rows))
+    out = tmp_path / "xray_run"
+    argv = ["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(manifest), "--val_manifest", "",
+            "--encoder", "", "--xray_model_type", "tiny", "--output_dir", str(out), "--epochs", "1",
+            "--max_new_tokens", "5", "--lm_mode", "lora"]
+    assert main(argv) == 0  # without --val_manifest the split column separates train and val
+    assert "sample film2" in capsys.readouterr().out and (out / "attention" / "film2_attention.png").is_file()
+    model = Blip2ReportModel.from_pretrained(out / "report_model")
+    assert model.visual_encoder is None and model.visual_encoder_2d is not None and model.config.lm_mode == "lora"
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv[:4] + ["--train_manifest", str(tmp_path / "missing.jsonl")])
+    assert exit_info.value.code == 2 and "missing.jsonl: file not found" in capsys.readouterr().err
