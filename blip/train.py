@@ -21,8 +21,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from engine.config import ConfigError, check_training_config, parse_with_config
 
@@ -124,7 +125,7 @@ def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     else:
         train = read_report_manifest(args.train_manifest, split="train")
         val = read_report_manifest(args.train_manifest, split="val")
-    as_row = lambda r: {"image": r.image, "report": r.report, "modality": r.modality, "id": r.id}  # noqa: E731
+    as_row = lambda r: {"image": r.image, "report": r.report, "modality": r.modality, "id": r.id}
     return [as_row(r) for r in train], [as_row(r) for r in val]
 
 
@@ -167,9 +168,19 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     from blip.model import write_attention_overlays
     from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
     from engine.checkpoint import extract_state_dict, load_checkpoint
-    from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
+    from engine.distributed import (
+        cleanup,
+        init_distributed,
+        resolve_device,
+        seed_everything,
+    )
     from engine.tracking import Tracker
-    from engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT, Trainer, TrainerConfig
+    from engine.trainer import (
+        BEST_CHECKPOINT,
+        LATEST_CHECKPOINT,
+        Trainer,
+        TrainerConfig,
+    )
 
     device = resolve_device(args.device)
     ctx = init_distributed(device)
@@ -202,7 +213,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     run_config = {**vars(args), "report_model_config": model.config.to_dict()}
     if ctx.is_main:
         (output_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
-    tracker_factory = lambda run_id: Tracker(  # noqa: E731
+    tracker_factory = lambda run_id: Tracker(
         args.use_wandb, args.wandb_project, args.wandb_entity, run_config, output_dir, run_id, name=output_dir.name,
     )
     trainer = Trainer(

@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from engine.checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    load_checkpoint,
+    load_state_dict_strict,
+)
 from sam3d.export import load_exported_encoder
 from sam3d.modeling.build import Sam3DConfig, build_image_encoder, model_config
 from sam3d.modeling.image_encoder import ImageEncoderViT
@@ -36,14 +42,14 @@ VISION_KINDS = ("sam3d", "sam2d")
 
 # ImageEncoderViT keyword arguments of the 2-D encoders; ``vit_b`` is segment-anything's ``sam_vit_b``.
 SAM2D_CONFIGS: dict[str, dict[str, Any]] = {
-    "vit_b": dict(
-        img_size=1024, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, out_chans=256,
-        window_size=14, global_attn_indexes=[2, 5, 8, 11],
-    ),
-    "tiny": dict(
-        img_size=64, patch_size=16, in_chans=3, embed_dim=48, depth=2, num_heads=2, out_chans=32,
-        window_size=2, global_attn_indexes=[1],
-    ),
+    "vit_b": {
+        "img_size": 1024, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "num_heads": 12,
+        "out_chans": 256, "window_size": 14, "global_attn_indexes": [2, 5, 8, 11],
+    },
+    "tiny": {
+        "img_size": 64, "patch_size": 16, "in_chans": 3, "embed_dim": 48, "depth": 2, "num_heads": 2,
+        "out_chans": 32, "window_size": 2, "global_attn_indexes": [1],
+    },
 }
 
 # segment-anything's pixel statistics (ImageNet, 0-255 scale): the 2-D encoder was trained on them.

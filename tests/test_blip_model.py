@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip.language_model import build_tiny_gpt2, load_language_model, lora_target_modules
+from blip.language_model import (
+    build_tiny_gpt2,
+    load_language_model,
+    lora_target_modules,
+)
 from blip.model import Blip2ReportConfig, Blip2ReportModel
 from blip.vision import SAM2D_CONFIGS, VisionTowerConfig, build_vision_tower
 from engine.checkpoint import CheckpointError
@@ -18,7 +22,7 @@ REPORTS = [
     "FINDINGS: Acute hemorrhage in the left frontal lobe with mild edema. IMPRESSION: Intraparenchymal hemorrhage.",
     "FINDINGS: No hemorrhage, mass effect or midline shift. IMPRESSION: Normal head CT.",
 ]
-TINY_BRIDGE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY_BRIDGE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 # The registry's "tiny" CT encoder without window attention: a 4^3 grid attended globally instead of
 # padded to one 14^3 window, which keeps CPU tests fast.
 TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from blip.model import Blip2ReportModel
-from blip.task import ReportCollator, ReportDataset, image_transform, xray_image_transform
+from blip.task import (
+    ReportCollator,
+    ReportDataset,
+    image_transform,
+    xray_image_transform,
+)
 from blip.train import main
 from engine.checkpoint import load_checkpoint
 from sam3d.data.io import save_nifti
