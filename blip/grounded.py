@@ -1,0 +1,113 @@
+"""Reports grounded in measurements: scan → segmentation → measurements → BLIP-2 report, checked.
+
+A generated report may contradict what the segmentation measured ("no hemorrhage" next to a measured
+12 mL, the wrong side, a volume off by half). The findings labeler reads the generated text, the
+contradictions are listed as flags, and with ``correct=True`` the impression is replaced by one
+stated from the measurements. The measurements always enter the report as a structured line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sam3d.predict import Click, HemorrhageSegmenter, Measurements
+
+from .data.reports import join_sections, split_sections
+from .labeler import NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
+
+MIN_HEMORRHAGE_ML = 0.5  # smaller segmentations are treated as noise, not as a bleed
+_VOLUME = re.compile(r"(\d+(?:\.\d+)?)\s*(?:ml|mL|cc|milliliters?)\b")
+
+
+def structured_findings(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
+    """One sentence a radiologist can check against the mask."""
+    if m.total_volume_ml < min_ml:
+        return f"Automated segmentation: no hemorrhage detected ({m.total_volume_ml:.1f} mL)."
+    parts = f"{m.num_components} component" + ("s" if m.num_components != 1 else "")
+    largest = f", largest {m.component_volumes_ml[0]:.1f} mL" if m.num_components > 1 else ""
+    return (f"Automated segmentation: {m.side} hemorrhage, {m.total_volume_ml:.1f} mL in {parts}{largest}, "
+            f"axial slices {m.slice_extent[0]}-{m.slice_extent[1]} "
+            f"(craniocaudal extent {m.craniocaudal_extent_mm:.0f} mm).")
+
+
+def measured_impression(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
+    if m.total_volume_ml < min_ml:
+        return "No acute intracranial hemorrhage identified by automated segmentation."
+    return f"Acute {m.side} intracranial hemorrhage, approximately {m.total_volume_ml:.0f} mL."
+
+
+def contradictions(text: str, m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> list[str]:
+    """Statements of ``text`` that the measurements contradict (empty when consistent)."""
+    labels = label_ct_report(text)
+    measured = m.total_volume_ml >= min_ml
+    flags = []
+    if measured and labels["hemorrhage"] in (NEGATIVE, None):
+        flags.append(f"report does not describe a hemorrhage, segmentation measured {m.total_volume_ml:.1f} mL")
+    if not measured and labels["hemorrhage"] in (POSITIVE, UNCERTAIN):
+        flags.append(f"report describes a hemorrhage, segmentation found none ({m.total_volume_ml:.1f} mL)")
+    if measured and labels["hemorrhage"] == POSITIVE and labels["side"] not in ("none", m.side):
+        flags.append(f"report says {labels['side']}, segmentation is {m.side}")
+    if measured:
+        for value in (float(v) for v in _VOLUME.findall(text)):
+            if abs(value - m.total_volume_ml) > max(5.0, 0.5 * m.total_volume_ml):
+                flags.append(f"report states {value:g} mL, segmentation measured {m.total_volume_ml:.1f} mL")
+    return flags
+
+
+@dataclass
+class GroundedReport:
+    report: str  # what to show: generated findings + structured line, impression corrected if flagged
+    generated: str  # the language model's text, untouched
+    structured_findings: str
+    flags: list[str] = field(default_factory=list)
+    corrected: bool = False
+
+
+def ground_report(generated: str, m: Measurements, correct: bool = True, min_ml: float = MIN_HEMORRHAGE_ML) -> GroundedReport:
+    findings, impression = split_sections(generated)
+    structured = structured_findings(m, min_ml)
+    flags = contradictions(generated, m, min_ml)
+    corrected = bool(flags) and correct
+    if corrected:
+        impression = measured_impression(m, min_ml)
+    report = join_sections(" ".join(part for part in (findings, structured) if part), impression)
+    return GroundedReport(report, generated, structured, flags, corrected)
+
+
+class ScanReporter:
+    """The whole path for one scan; CT scans are segmented and grounded, X-ray images only reported."""
+
+    def __init__(self, segmentation_checkpoint: str | os.PathLike | None, report_model: str | os.PathLike,
+                 device: str = "cpu", correct: bool = True, generation: dict | None = None) -> None:
+        from .model import Blip2ReportModel
+
+        self.segmenter = HemorrhageSegmenter(segmentation_checkpoint, device) if segmentation_checkpoint else None
+        self.model = Blip2ReportModel.from_pretrained(report_model).to(device).eval()
+        self.device = device
+        self.correct = correct
+        self.generation = dict(generation or {})
+
+    def generate(self, path: str, modality: str) -> str:
+        from .task import image_transform
+
+        image = image_transform(self.model, modality)(str(path))[None].to(self.device)
+        return self.model.generate(image, modality, **self.generation)[0]
+
+    def run(self, path: str | os.PathLike, modality: str = "ct", clicks: list[Click] | None = None,
+            output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = {"source": str(path), "modality": modality}
+        text = self.generate(str(path), modality)
+        if modality != "ct" or self.segmenter is None:
+            findings, impression = split_sections(text)
+            result.update(report=text, findings=findings, impression=impression)
+            return result
+        segmentation = self.segmenter.predict(path, clicks)
+        if output_dir is not None:
+            segmentation = self.segmenter.save(segmentation, output_dir)
+        grounded = ground_report(text, segmentation.measurements, self.correct)
+        findings, impression = split_sections(grounded.report)
+        result.update(segmentation=segmentation.to_json(), findings=findings, impression=impression, **asdict(grounded))
+        return result

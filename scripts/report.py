@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Scan → hemorrhage mask → measurements → BLIP-2 report checked against the measurements.
+
+    python scripts/report.py --segmentation_checkpoint outputs/demo/sam3d/best_model.pth \\
+        --report_model outputs/demo/blip/report_model --input scan.nii.gz --output_dir outputs/report
+    python scripts/report.py --report_model ... --input chest.png --modality xray   # X-ray: report only
+
+Writes per scan ``<stem>_report.json`` (report, generated text, structured findings, contradiction
+flags, measurements) and ``<stem>_report.txt``, plus the mask, measurements and overlays of
+``scripts/predict.py`` for CT. Without --no_correct, an impression that contradicts the measured
+hemorrhage (presence, side, volume) is replaced by one stated from the measurements; either way the
+contradictions are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blip.data.reports import infer_modality  # noqa: E402
+from blip.grounded import ScanReporter  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
+from sam3d.data.io import strip_volume_extension  # noqa: E402
+from scripts.predict import _clicks, _inputs  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report_model", required=True, help="folder written by `python -m blip.train` (report_model/)")
+    p.add_argument("--segmentation_checkpoint", help="SAM-Med3D checkpoint for CT (omit for X-ray only)")
+    p.add_argument("--input", required=True, help="a scan, a DICOM folder, an X-ray image, a folder or a CSV")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--modality", choices=["auto", "ct", "xray"], default="auto")
+    p.add_argument("--click", nargs="+", action="append", metavar="X Y Z [pos|neg]")
+    p.add_argument("--click_space", choices=["voxel", "mm"], default="voxel")
+    p.add_argument("--no_correct", action="store_true", help="flag contradictions but keep the generated impression")
+    p.add_argument("--num_beams", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                  "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    reporter = ScanReporter(args.segmentation_checkpoint, args.report_model, str(resolve_device(args.device)),
+                            correct=not args.no_correct, generation=generation)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clicks = _clicks(args.click, args.click_space)
+    for path in _inputs(args.input):
+        modality = infer_modality(path) if args.modality == "auto" else args.modality
+        if modality == "ct" and reporter.segmenter is None:
+            raise SystemExit(f"{path}: CT needs --segmentation_checkpoint (the report is checked against the mask)")
+        result = reporter.run(path, modality, clicks, out)
+        stem = strip_volume_extension(Path(path).name)
+        (out / f"{stem}_report.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / f"{stem}_report.txt").write_text(result["report"] + "\n")
+        print(f"== {path} ({modality})")
+        print(result["report"])
+        for flag in result.get("flags", []):
+            print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
