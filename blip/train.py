@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--xray_model_type", default="vit_b", help="X-ray tower: vit_b (sam_vit_b) or tiny")
     g.add_argument("--freeze_vision", action=bool_flag, default=False, help="keep the vision tower(s) fixed")
     g.add_argument("--num_query_tokens", type=int, default=32)
+    g.add_argument("--qformer_checkpoint",
+                   help="LAVIS BLIP-2 checkpoint that initialises the Q-Former bridge (blip.convert_lavis; "
+                        "parts whose widths differ from this model's restart, with a warning)")
     g.add_argument("--bridge", type=json.loads, default={},
                    help='Q-Former overrides as JSON, e.g. {"hidden_size": 256, "num_hidden_layers": 4} (default BERT-base)')
     g.add_argument("--lm", help="local Hugging Face causal-LM folder; default: a tiny GPT-2 built in output_dir/lm")
@@ -98,7 +101,7 @@ def check_config(args: argparse.Namespace) -> list[str]:
     warns = check_training_config(vars(args))
     if not args.train_manifest:
         raise ConfigError("--train_manifest is required")
-    for key in ("train_manifest", "val_manifest", "encoder", "xray_encoder"):
+    for key in ("train_manifest", "val_manifest", "encoder", "xray_encoder", "qformer_checkpoint"):
         value = getattr(args, key)
         if value and not Path(value).is_file():
             hint = {"train_manifest": MANIFEST_HINT, "val_manifest": MANIFEST_HINT}.get(key, "")
@@ -155,6 +158,10 @@ def build_model(args: argparse.Namespace, modality: str, train_reports: list[str
         max_text_len=args.max_text_len,
     )
     model = Blip2ReportModel(config)
+    if args.qformer_checkpoint and not args.resume:  # a resumed run has its trained bridge in the checkpoint
+        from blip.convert_lavis import load_lavis_into_bridge
+
+        model.notes += load_lavis_into_bridge(model.bridge, args.qformer_checkpoint)
     if args.use_gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

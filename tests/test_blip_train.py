@@ -136,3 +136,31 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv[:4] + ["--train_manifest", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 2 and "missing.jsonl: file not found" in capsys.readouterr().err
+
+
+def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
+    """The recorded LAVIS fixture has the tiny tower's width (48) and a 32-wide LM: every bridge
+    tensor, interfaces included, comes from the LAVIS checkpoint."""
+    from blip.language_model import build_tiny_gpt2
+    from blip.train import build_model, build_parser
+    from engine.distributed import DistributedContext
+    from tests.conftest import fixture_fill, load_fixture
+
+    lavis = load_fixture("lavis_qformer_parity.pt")
+    c = lavis["config"]
+    lavis_sd = {key: fixture_fill(key, shape) for key, shape in lavis["keys"]}
+    checkpoint = tmp_path / "blip2_opt.pth"
+    torch.save({"model": lavis_sd}, checkpoint)
+    lm = build_tiny_gpt2(list(REPORTS.values()), tmp_path / "lm", n_embd=c["lm_hidden"])
+    bridge = {"hidden_size": c["hidden"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
+              "intermediate_size": c["inter"], "cross_attention_frequency": c["freq"]}
+    args = build_parser().parse_args([
+        "--train_manifest", str(ct_data["train"]), "--encoder", str(ct_data["encoder"]), "--lm", str(lm),
+        "--bridge", json.dumps(bridge), "--num_query_tokens", str(c["num_query_token"]),
+        "--qformer_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "run"),
+    ])
+    model = build_model(args, "ct", [], DistributedContext())
+    state = model.bridge.state_dict()
+    for ours, theirs in (("query_tokens", "query_tokens"), ("ln_vision.weight", "ln_vision.weight"),
+                         ("language_projection.weight", "opt_proj.weight")):
+        assert torch.equal(state[ours], lavis_sd[theirs]), ours
