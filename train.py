@@ -210,11 +210,27 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             export_encoder(best, output_dir / "sam_encoder.pth", config, args.visual_tokens, preprocessing,
                            source=str(output_dir / "best_model.pth"), seed=args.seed)
             outputs["sam_encoder"] = str(output_dir / "sam_encoder.pth")
+            outputs["val_overlays"] = write_validation_overlays(task, best.to(device), val_ds, output_dir / "val_overlays",
+                                                                device)
+        if ctx.is_main:
+            outputs["training_curves"] = result["curves_path"]
         result["outputs"] = outputs
         result["skipped_rows"] = skipped
         return result
     finally:
         cleanup(ctx)
+
+
+def write_validation_overlays(task, model, val_ds, folder: Path, device, max_cases: int = 4) -> str:
+    """PNG overlays (prediction red, truth green) of the best model on the first validation scans."""
+    from monai.data import DataLoader
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = task.visualize(model, DataLoader(val_ds, batch_size=1), device, max_cases=max_cases)
+    for name, picture in images.items():
+        Image.fromarray(picture).save(folder / f"{name.split('/')[-1]}.png")
+    return str(folder)
 
 
 def system_check_run(output_dir: Path) -> str:

@@ -40,6 +40,7 @@ from .distributed import (
     seed_everything,
     set_rng_state,
 )
+from .plots import plot_training_curves
 from .tracking import Tracker
 
 BEST_CHECKPOINT = "best_model.pth"
@@ -354,10 +355,13 @@ class Trainer:
         finally:
             if self.ctx.is_main:
                 self._write_summary(summary_path, stop_reason, summary_extra)
+                if self.state["history"]:
+                    plot_training_curves(summary_path, self.output_dir / "training_curves.png")
                 tracker.summary({"best_" + self.task.monitor: self.state["best_metric"], "best_epoch": self.state["best_epoch"]})
                 tracker.finish()
         return {
             "summary_path": str(summary_path),
+            "curves_path": str(self.output_dir / "training_curves.png"),
             "best_metric": self.state["best_metric"],
             "best_epoch": self.state["best_epoch"],
             "stop_reason": stop_reason,

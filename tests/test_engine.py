@@ -110,3 +110,11 @@ def test_visualize_gives_rgb_overlays_through_the_lesion():
     overlay = images["val/P0"]
     assert overlay.shape == (32, 32, 3) and overlay.dtype.name == "uint8"
     assert (overlay[..., 1] > overlay[..., 0]).any()  # the green ground truth is drawn
+
+
+def test_training_curves_png_is_written(tmp_path):
+    result, _ = _train(tmp_path, epochs=1)
+    from PIL import Image
+
+    curves = Image.open(result["curves_path"])
+    assert curves.size[0] > 500 and curves.size[1] > 200

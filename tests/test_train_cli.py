@@ -83,7 +83,9 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     assert not list(killed_dir.glob(".*.tmp"))  # stale temp files cleaned on restart
 
     outputs = {p.name for p in killed_dir.iterdir()}
-    assert {"best_model.pth", "latest_model.pth", "sam_encoder.pth", "config.json"} <= outputs
+    assert {"best_model.pth", "latest_model.pth", "sam_encoder.pth", "config.json", "training_curves.png",
+            "val_overlays"} <= outputs
+    assert len(list((killed_dir / "val_overlays").glob("*.png"))) == 2  # the two validation scans
     summary = json.loads(next(killed_dir.glob("training_summary_*.json")).read_text())
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
     assert summary["stop_reason"] == "completed all epochs"
