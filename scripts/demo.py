@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The main job on the embedded default (`make demo`): synthetic head CTs → fine-tuned SAM-Med3D →
-evaluation → exported encoder. Runs on 2 CPU cores in a few minutes.
+exported encoder → BLIP-2 report model → mask, measurements and a grounded report for held-out
+scans. Runs on 2 CPU cores in under 10 minutes.
 
     python scripts/demo.py --output_dir outputs/demo
 """
@@ -13,6 +14,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -27,46 +30,78 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--num_cases", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
+    p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
+    p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = Path(args.output_dir)
     started = time.time()
 
-    print(f"[1/3] synthetic head CTs with hemorrhages -> {out / 'data'}", flush=True)
+    print(f"[1/5] synthetic head CTs with hemorrhages and their reports -> {out / 'data'}", flush=True)
     data = make_synthetic_ich(out / "data", num_cases=args.num_cases, seed=args.seed, val_fraction=0.25)
 
-    print("[2/3] fine-tuning SAM-Med3D (small) on them", flush=True)
-    train_argv = [
-        "--config", args.config, "--train_csv", str(data["train_csv"]), "--val_csv", str(data["val_csv"]),
+    print("[2/5] fine-tuning SAM-Med3D (small) to segment the hemorrhages", flush=True)
+    seg_args = parse_with_config(train.build_parser(), [
+        "--config", args.segmentation_config, "--train_csv", str(data["train_csv"]), "--val_csv", str(data["val_csv"]),
         "--mask_dir", str(data["mask_dir"]), "--output_dir", str(out / "sam3d"), "--cache_dir", str(out / "cache"),
         "--seed", str(args.seed),
-    ]
-    train_args = parse_with_config(train.build_parser(), train_argv)
-    for message in train.check_config(train_args):
+    ])
+    for message in train.check_config(seg_args):
         print(f"WARNING: {message}", file=sys.stderr)
-    result = train.run_training(train_args)
+    seg = train.run_training(seg_args)
 
-    print("[3/3] evaluating the best checkpoint on the validation scans", flush=True)
+    print("[3/5] evaluating it on the validation scans (simulated clicks)", flush=True)
     from scripts.evaluate_seg import main as evaluate
 
-    evaluate(["--checkpoint", result["outputs"]["best_model"], "--csv", str(data["val_csv"]),
-              "--mask_dir", str(data["mask_dir"]), "--output_dir", str(out / "sam3d" / "eval"),
-              "--num_clicks", str(train_args.val_num_clicks)])
-    summary = json.loads((out / "sam3d" / "eval" / "summary.json").read_text())
+    evaluate(["--checkpoint", seg["outputs"]["best_model"], "--csv", str(data["val_csv"]), "--mask_dir",
+              str(data["mask_dir"]), "--output_dir", str(out / "sam3d" / "eval"), "--num_clicks",
+              str(seg_args.val_num_clicks)])
+    evaluation = json.loads((out / "sam3d" / "eval" / "summary.json").read_text())
 
-    print("\n=== demo finished in %.1f min ===" % ((time.time() - started) / 60))
-    print(f"training stopped: {result['stop_reason']}")
-    print(f"best validation Dice {result['best_metric']:.3f} (epoch {result['best_epoch']}, "
-          f"{train_args.val_num_clicks} simulated clicks)")
-    vol = summary["abs_volume_error_ml"]["mean"]
-    print(f"evaluation: Dice {summary['dice']['mean']:.3f}, NSD {summary['nsd']['mean']:.3f}, "
-          f"mean |volume error| {vol:.1f} mL over {summary['hemorrhage_cases']} hemorrhage scans; "
-          f"hemorrhage-free scans predicted empty: {summary.get('hemorrhage_free_predicted_empty', 'n/a')}")
-    for name, path in result["outputs"].items():
-        print(f"{name}: {path}")
-    print(f"training summary: {result['summary_path']}")
-    print(f"per-case evaluation: {out / 'sam3d' / 'eval' / 'per_case.csv'}")
+    print("[4/5] training the BLIP-2 report model on the exported encoder", flush=True)
+    from blip import train as blip_train
+
+    report_args = parse_with_config(blip_train.build_parser(), [
+        "--config", args.report_config, "--train_manifest", str(data["reports_train"]), "--val_manifest",
+        str(data["reports_val"]), "--encoder", seg["outputs"]["sam_encoder"], "--output_dir", str(out / "blip"),
+        "--seed", str(args.seed),
+    ])
+    reports = blip_train.run_training(report_args)
+
+    print("[5/5] held-out scans: automatic segmentation, measurements, grounded report", flush=True)
+    from blip.grounded import ScanReporter
+    from blip.labeler import label_ct_report
+
+    reporter = ScanReporter(seg["outputs"]["best_model"], reports["outputs"]["report_model"],
+                            generation={"num_beams": report_args.num_beams, "max_new_tokens": report_args.max_new_tokens})
+    cases = {c["patient_id"]: c for c in json.loads(Path(data["cases_json"]).read_text()) if c["split"] == "val"}
+    results = []
+    for case in tqdm(cases.values(), desc="reporting", unit="scan"):
+        scan = Path(data["cases_json"]).parent / case["path"]
+        result = reporter.run(scan, "ct", output_dir=out / "predictions")
+        result["true_volume_ml"] = case["volume_ml"]
+        result["report_says_hemorrhage"] = label_ct_report(result["generated"])["hemorrhage"] == 1
+        results.append(result)
+    (out / "predictions" / "held_out_reports.json").write_text(json.dumps(results, indent=2, default=str))
+
+    minutes = (time.time() - started) / 60
+    print(f"\n=== demo finished in {minutes:.1f} min ===")
+    print(f"segmentation: best validation Dice {seg['best_metric']:.3f} (epoch {seg['best_epoch']}, "
+          f"{seg_args.val_num_clicks} simulated clicks); evaluation Dice {evaluation['dice']['mean']:.3f}, "
+          f"automatic (no clicks) Dice {evaluation['dice_automatic']['mean']:.3f}")
+    print(f"report model: best validation loss {reports['best_metric']:.3f} (epoch {reports['best_epoch']})")
+    print("held-out scans, automatic mode (true vs measured hemorrhage volume, generated report's finding):")
+    for r in results:
+        m = r["segmentation"]["measurements"]
+        flags = f"  [{len(r['flags'])} contradiction(s) flagged]" if r["flags"] else ""
+        print(f"  {Path(r['source']).name}: true {r['true_volume_ml']:6.1f} mL, measured {m['total_volume_ml']:6.1f} mL "
+              f"({m['side']}); report says hemorrhage: {'yes' if r['report_says_hemorrhage'] else 'no'}{flags}")
+    example = next((r for r in results if r["true_volume_ml"] > 0), results[0])
+    print(f"\nreport for {Path(example['source']).name} (true {example['true_volume_ml']} mL):\n{example['report']}")
+    print(f"\noutputs: {out.resolve()}")
+    for name, path in {**seg["outputs"], **reports["outputs"]}.items():
+        print(f"  {name}: {path}")
+    print(f"  predictions (masks, measurements, overlays, reports): {out / 'predictions'}")
     return 0
 
 
