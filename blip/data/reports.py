@@ -236,7 +236,7 @@ def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files
     )
 
 
-def _csv_rows(path: Path):
+def csv_rows(path: Path):
     """(line, row) for each CSV record; ``line`` is where the record starts (header = line 1)."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -253,7 +253,7 @@ def _csv_rows(path: Path):
             start = reader.line_num + 1
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path):
     with open(path, encoding="utf-8") as handle:
         for line, text in enumerate(handle, start=1):
             if not text.strip():
@@ -285,9 +285,9 @@ def read_report_manifest(path, split: str | None = None, check_files: bool = Tru
         raise FileNotFoundError(f"report manifest not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        rows = _csv_rows(path)
+        rows = csv_rows(path)
     elif suffix in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     else:
         raise ReportManifestError(f"{path}: unknown manifest format {suffix!r}, expected .csv, .jsonl or .ndjson")
 
