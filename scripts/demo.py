@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     reports = blip_train.run_training(report_args)
 
     print("[5/5] held-out scans: automatic segmentation, measurements, grounded report", flush=True)
-    from blip.grounded import ScanReporter
+    from blip.grounded import MIN_HEMORRHAGE_ML, ScanReporter
     from blip.labeler import label_ct_report
 
     reporter = ScanReporter(seg["outputs"]["best_model"], reports["outputs"]["report_model"],
@@ -93,14 +93,16 @@ def main(argv=None) -> int:
     print("held-out scans, automatic mode (true vs measured hemorrhage volume, generated report's finding):")
     for r in results:
         m = r["segmentation"]["measurements"]
+        side = f" ({m['side']})" if m["total_volume_ml"] >= MIN_HEMORRHAGE_ML else ""
         flags = f"  [{len(r['flags'])} contradiction(s) flagged]" if r["flags"] else ""
-        print(f"  {Path(r['source']).name}: true {r['true_volume_ml']:6.1f} mL, measured {m['total_volume_ml']:6.1f} mL "
-              f"({m['side']}); report says hemorrhage: {'yes' if r['report_says_hemorrhage'] else 'no'}{flags}")
+        print(f"  {Path(r['source']).name}: true {r['true_volume_ml']:6.1f} mL, measured {m['total_volume_ml']:6.1f} mL"
+              f"{side}; report says hemorrhage: {'yes' if r['report_says_hemorrhage'] else 'no'}{flags}")
     example = next((r for r in results if r["true_volume_ml"] > 0), results[0])
     print(f"\nreport for {Path(example['source']).name} (true {example['true_volume_ml']} mL):\n{example['report']}")
     print(f"\noutputs: {out.resolve()}")
-    for name, path in {**seg["outputs"], **reports["outputs"]}.items():
-        print(f"  {name}: {path}")
+    for stage, outputs in (("segmentation", seg["outputs"]), ("report", reports["outputs"])):
+        for name, path in outputs.items():
+            print(f"  {stage} {name}: {path}")
     print(f"  predictions (masks, measurements, overlays, reports): {out / 'predictions'}")
     return 0
 
