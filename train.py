@@ -280,12 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         parser.error(str(err))
     result = run_training(args)
-    if result.get("outputs") and int(os.environ.get("RANK", "0")) == 0:
-        print(f"stopped: {result['stop_reason']}")
-        print(f"best val Dice {result['best_metric']:.4f} at epoch {result['best_epoch']}")
-        for name, path in result["outputs"].items():
-            print(f"{name}: {path}")
-        print(f"summary: {result['summary_path']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        from engine.trainer import print_outcome
+
+        print_outcome(result, "val Dice")
     return 0
 
 

@@ -263,17 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_training(args)
     if int(os.environ.get("RANK", "0")) == 0:
         from blip.data.reports import split_sections
+        from engine.trainer import print_outcome
 
-        print(f"stopped: {result['stop_reason']}")
-        print(f"best val loss {result['best_metric']:.4f} at epoch {result['best_epoch']}")
         if "sample" in result:
             findings, impression = split_sections(result["sample"]["generated"])
             print(f"sample {result['sample']['id']}\n  reference: {result['sample']['reference']}\n"
                   f"  generated: {result['sample']['generated']}\n  findings: {findings}\n  impression: {impression}\n"
                   f"  cross-attention: {result['sample']['attention_overlay']}")
-        for name, path in result["outputs"].items():
-            print(f"{name}: {path}")
-        print(f"summary: {result['summary_path']}")
+        print_outcome(result, "val loss")
     return 0
 
 

@@ -390,3 +390,13 @@ class Trainer:
             **dict(extra or {}),
         }
         _write_json_atomic(path, payload)
+
+
+def print_outcome(result: Mapping[str, Any], metric: str) -> None:
+    """The end of a run on the console: why it stopped, the best epoch and where the outputs are."""
+    print(f"stopped: {result['stop_reason']}")
+    if result.get("best_metric") is not None:
+        print(f"best {metric} {result['best_metric']:.4f} at epoch {result['best_epoch']}")
+    for name, path in result.get("outputs", {}).items():
+        print(f"{name}: {path}")
+    print(f"summary: {result['summary_path']}")

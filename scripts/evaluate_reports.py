@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blip.data import normalize_for_metrics, split_sections  # noqa: E402
-from blip.data.reports import ReportManifestError, csv_rows, jsonl_rows  # noqa: E402
+from blip.data.reports import ReportManifestError, table_rows  # noqa: E402
 from blip.labeler import (MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive,  # noqa: E402
                           label_report)
 from blip.metrics import TOKENIZERS, caption_metrics  # noqa: E402
@@ -46,15 +46,8 @@ def prepare_text(text: str) -> str:
 
 def read_generations(path: Path, default_modality: str | None) -> list[dict]:
     """Rows ``{id, modality, reference, generated}``; errors name the file, the line and the column."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = csv_rows(path)
-    elif suffix in (".jsonl", ".ndjson"):
-        rows = jsonl_rows(path)
-    else:
-        raise ReportManifestError(f"{path}: expected a .csv or .jsonl file, found suffix {suffix!r}")
     samples = []
-    for line, row in rows:
+    for line, row in table_rows(path):
         missing = [c for c in REQUIRED_COLUMNS if c not in row or row[c] is None]
         if missing:
             raise ReportManifestError(f"{path}, line {line}: missing column(s) {missing}; "

@@ -253,6 +253,16 @@ def csv_rows(path: Path):
             start = reader.line_num + 1
 
 
+def table_rows(path: Path):
+    """(line, row) of a CSV or JSONL file, by suffix; any other suffix is a ReportManifestError."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return csv_rows(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return jsonl_rows(path)
+    raise ReportManifestError(f"{path}: unknown manifest format {suffix!r}, expected .csv, .jsonl or .ndjson")
+
+
 def jsonl_rows(path: Path):
     with open(path, encoding="utf-8") as handle:
         for line, text in enumerate(handle, start=1):
@@ -283,14 +293,7 @@ def read_report_manifest(path, split: str | None = None, check_files: bool = Tru
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     if not path.is_file():
         raise FileNotFoundError(f"report manifest not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = csv_rows(path)
-    elif suffix in (".jsonl", ".ndjson"):
-        rows = jsonl_rows(path)
-    else:
-        raise ReportManifestError(f"{path}: unknown manifest format {suffix!r}, expected .csv, .jsonl or .ndjson")
-
+    rows = table_rows(path)
     records, first_row_of_id = [], {}
     for line, row in rows:
         where = f"{path}, line {line}"
