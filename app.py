@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Web app: upload a head CT or a chest X-ray, get the mask, the measurements and the report.
+
+    python app.py                                   # the demo's models (outputs/demo/...)
+    python app.py --segmentation_checkpoint best_model.pth --report_model report_model/ --port 7860
+
+CT (NIfTI, NRRD, MHA/MHD or a zipped DICOM series): the scan is segmented, measured and reported
+through the same path as ``scripts/report.py`` (the report is checked against the measurements and
+contradictions are flagged). The page shows the axial slices with the mask in red under brain,
+subdural or bone windows, the measurements, the report, and downloads for the mask and the report.
+Clicking the slice adds a refinement click (positive or negative) in that slice's voxel space and
+re-runs the segmentation; the generated text is kept and re-grounded on the new measurements.
+X-ray (PNG/JPEG): the film and its report. A file that cannot be used gives a message on the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
+from blip.grounded import ScanReporter, ground_report
+from sam3d.data.io import VolumeReadError, load_volume, strip_volume_extension
+from sam3d.predict import Click, Measurements
+from sam3d.visualize import lesion_slice_index
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_SEGMENTATION_CHECKPOINT = REPO / "outputs" / "demo" / "sam3d" / "best_model.pth"
+DEFAULT_REPORT_MODEL = REPO / "outputs" / "demo" / "blip" / "report_model"
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# Level / width in HU; the radio label is what the user sees.
+WINDOWS = {"brain (40/80)": (40.0, 80.0), "subdural (75/215)": (75.0, 215.0), "bone (600/2800)": (600.0, 2800.0)}
+MAX_ZIP_BYTES = 4 << 30  # uncompressed; a larger "DICOM series" is more likely a zip bomb than a head CT
+MASK_ALPHA = 0.45
+VIEWER_PIXELS = 512  # small slices are enlarged by a whole factor (nearest) so voxels stay sharp and clickable
+
+log = logging.getLogger("app")
+
+
+class UploadError(ValueError):
+    """An upload the app cannot use; the message is shown on the page as it is."""
+
+
+def extract_zip(archive: Path, destination: Path) -> None:
+    """Unpack ``archive`` into ``destination``, refusing members that would land outside it.
+
+    Member names are attacker-controlled (``../../etc/x``, absolute paths), so each target is
+    resolved and checked before anything is written; the total size is capped against zip bombs.
+    """
+    root = destination.resolve()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+                raise UploadError(f"{archive.name}: the zip unpacks to more than {MAX_ZIP_BYTES >> 30} GB")
+            for member in members:
+                target = (root / member.filename).resolve()
+                if not target.is_relative_to(root):
+                    raise UploadError(f"{archive.name}: refused member {member.filename!r} (path outside the archive)")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile as e:
+        raise UploadError(f"{archive.name}: not a valid zip file ({e})") from e
+
+
+def find_dicom_series(root: Path, archive_name: str) -> Path:
+    """The folder holding the largest DICOM series under ``root`` (a zip may nest it in folders)."""
+    best, best_count = None, 0
+    for folder in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ():
+            count = len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+            if count > best_count:
+                best, best_count = folder, count
+    if best is None:
+        raise UploadError(f"{archive_name}: the zip holds no DICOM series")
+    return best
+
+
+def zoom_factor(slice_shape: tuple[int, int]) -> int:
+    """Whole-number enlargement of a slice to about VIEWER_PIXELS (one voxel = zoom x zoom pixels)."""
+    return max(1, VIEWER_PIXELS // max(slice_shape))
+
+
+def window_overlay(slice_hu: np.ndarray, mask: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Axial slice (I, J) in HU + mask → the viewer's RGB uint8 picture, mask in red.
+
+    The window is the radiologist's (level/width), not a percentile stretch, so brain, subdural and
+    bone views differ as they do at a workstation. Same screen orientation as
+    ``sam3d.visualize.overlay_slice`` (first axis left→right, superior up), enlarged by
+    :func:`zoom_factor`.
+    """
+    grey = np.clip((slice_hu.astype(np.float32) - (level - width / 2)) / width, 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    red = mask.astype(bool)
+    rgb[red] = (1 - MASK_ALPHA) * rgb[red] + MASK_ALPHA * np.array([1.0, 0.0, 0.0])
+    picture = (np.rot90(rgb, k=1) * 255).round().astype(np.uint8)
+    zoom = zoom_factor(slice_hu.shape)
+    return picture.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
+def display_to_voxel(x: int, y: int, slice_index: int, axial_axis: int, slice_shape: tuple[int, int]) -> tuple[int, int, int]:
+    """Pixel (x, y) of the viewer's picture (:func:`window_overlay`, enlarged) → voxel index of the volume.
+
+    ``np.rot90(a)[y, x] == a[x, J - 1 - y]`` for a slice of shape (I, J).
+    """
+    zoom = zoom_factor(slice_shape)
+    x, y = min(x // zoom, slice_shape[0] - 1), min(y // zoom, slice_shape[1] - 1)
+    in_plane = (x, slice_shape[1] - 1 - y)
+    voxel = list(in_plane)
+    voxel.insert(axial_axis, slice_index)
+    return tuple(int(v) for v in voxel)
+
+
+def measurements_markdown(m: Measurements) -> str:
+    """The numbers a radiologist checks, as a table (the mask is the source of every figure)."""
+    components = f"{m.num_components}" + (f" ({', '.join(f'{v:.2f}' for v in m.component_volumes_ml)} mL)"
+                                          if m.num_components else "")
+    rows = [
+        ("Total hemorrhage volume", f"{m.total_volume_ml:.2f} mL"),
+        ("Components", components),
+        ("Side", m.side),
+        ("Axial slices", f"{m.slice_extent[0]}–{m.slice_extent[1]}" if m.slice_extent else "—"),
+        ("Craniocaudal extent", f"{m.craniocaudal_extent_mm:.1f} mm"),
+        ("Centroid (voxel)", ", ".join(f"{v:.1f}" for v in m.centroid_voxel) if m.centroid_voxel else "—"),
+        ("Centroid (RAS mm)", ", ".join(f"{v:.1f}" for v in m.centroid_mm) if m.centroid_mm else "—"),
+    ]
+    return "| Measurement | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def flags_markdown(flags: list[str], corrected: bool) -> str:
+    if not flags:
+        return "No contradictions between the generated report and the measurements."
+    note = " The impression was rewritten from the measurements." if corrected else ""
+    return "**Contradictions with the measurements:**" + note + "\n" + "\n".join(f"- {f}" for f in flags)
+
+
+class ReportSession:
+    """The models, loaded once per app, and the work one upload needs (no Gradio types here)."""
+
+    def __init__(self, reporter: ScanReporter, work_dir: Path) -> None:
+        self.reporter = reporter
+        self.work_dir = work_dir
+
+    def _new_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.work_dir))
+
+    def resolve_upload(self, upload: Path, name: str) -> tuple[Path, str]:
+        """The path to analyse and its modality; a zip becomes its extracted DICOM series folder."""
+        lower = name.lower()
+        if lower.endswith(".zip"):
+            unpacked = self._new_dir() / "dicom"
+            extract_zip(upload, unpacked)
+            return find_dicom_series(unpacked, name), "ct"
+        if lower.endswith(IMAGE_2D_SUFFIXES):
+            return upload, "xray"
+        if lower.endswith(VOLUME_SUFFIXES):
+            return upload, "ct"
+        raise UploadError(f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, "
+                          f"a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})")
+
+    def analyse_ct(self, path: Path, name: str) -> dict[str, Any]:
+        try:
+            volume = load_volume(path)  # reads before the models do, so a bad file gets io's clear message
+        except VolumeReadError as e:
+            raise UploadError(str(e).replace(str(path), name)) from e
+        generated = self.reporter.generate(str(path), "ct")
+        case = {"modality": "ct", "path": str(path), "name": name, "volume": volume.array.astype(np.float32),
+                "axial_axis": int(np.argmax(np.abs(volume.affine[2, :3]))), "generated": generated, "clicks": []}
+        return self.segment_and_report(case)
+
+    def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
+        """(Re)segment with the case's clicks, ground the kept generated text, write the downloads."""
+        clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
+        segmenter = self.reporter.segmenter
+        out = self._new_dir()
+        segmentation = segmenter.save(segmenter.predict(case["path"], clicks or None), out)
+        grounded = ground_report(case["generated"], segmentation.measurements, self.reporter.correct)
+        findings, impression = split_sections(grounded.report)
+        name = case["name"]
+        stem = name[:-4] if name.lower().endswith(".zip") else strip_volume_extension(name)
+        record = {"source": case["name"], "modality": "ct", "clicks": case["clicks"], **asdict(grounded),
+                  "findings": findings, "impression": impression, "segmentation": segmentation.to_json()}
+        report_json, report_txt = out / f"{stem}_report.json", out / f"{stem}_report.txt"
+        report_json.write_text(json.dumps(record, indent=2, default=str))
+        report_txt.write_text(grounded.report + "\n")
+        return {**case, "mask": segmentation.mask, "measurements": segmentation.measurements,
+                "report": grounded.report, "flags": grounded.flags, "corrected": grounded.corrected,
+                "downloads": [segmentation.files["mask"], str(report_txt), str(report_json)]}
+
+    def analyse_xray(self, path: Path, name: str) -> dict[str, Any]:
+        try:
+            with Image.open(path) as image:
+                film = np.asarray(image.convert("RGB"))
+        except OSError as e:
+            raise UploadError(f"{name}: cannot read the image ({e})") from e
+        result = self.reporter.run(path, "xray")
+        out = self._new_dir()
+        report_txt = out / f"{Path(name).stem}_report.txt"
+        report_txt.write_text(result["report"] + "\n")
+        return {"modality": "xray", "name": name, "film": film, "report": result["report"],
+                "downloads": [str(report_txt)]}
+
+
+def _error_outputs(message: str) -> tuple:
+    hidden = gr.Slider(visible=False)
+    return (f"**Error:** {message}", None, None, hidden, gr.Radio(visible=False), "", "", "", None, "")
+
+
+def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, device: str = "cpu",
+              generation: dict | None = None) -> gr.Blocks:
+    """The whole page; the models are loaded here, once, and shared by every visitor."""
+    reporter = ScanReporter(segmentation_checkpoint, report_model, device, generation=generation)
+    session = ReportSession(reporter, Path(tempfile.mkdtemp(prefix="sam3d_app_")))
+
+    def render(case: dict | None, slice_index: float, window: str) -> np.ndarray | None:
+        if case is None:
+            return None
+        if case["modality"] == "xray":
+            return case["film"]
+        axis, k = case["axial_axis"], int(slice_index)
+        level, width = WINDOWS[window]
+        return window_overlay(np.take(case["volume"], k, axis=axis), np.take(case["mask"], k, axis=axis), level, width)
+
+    def show(case: dict[str, Any], status: str, slice_index: int | None, window: str) -> tuple:
+        if case["modality"] == "xray":
+            return (status, case, render(case, 0, window), gr.Slider(visible=False), gr.Radio(visible=False),
+                    "", case["report"], "", case["downloads"], "")
+        axis = case["axial_axis"]
+        if slice_index is None:  # open on the slice with the most hemorrhage, else the middle one
+            slice_index = lesion_slice_index(case["mask"], axis)
+        slider = gr.Slider(minimum=0, maximum=case["volume"].shape[axis] - 1, step=1, value=slice_index, visible=True)
+        clicks = ", ".join(f"{'+' if c[3] else '−'}({c[0]}, {c[1]}, {c[2]})" for c in case["clicks"])
+        return (status, case, render(case, slice_index, window), slider, gr.Radio(visible=True),
+                measurements_markdown(case["measurements"]), case["report"],
+                flags_markdown(case["flags"], case["corrected"]), case["downloads"],
+                f"Refinement clicks (voxel): {clicks}" if clicks else "")
+
+    def analyse(upload: str | None, window: str) -> tuple:
+        if not upload:
+            return _error_outputs("no file received")
+        name = Path(upload).name
+        try:
+            path, modality = session.resolve_upload(Path(upload), name)
+            case = session.analyse_ct(path, name) if modality == "ct" else session.analyse_xray(path, name)
+        except UploadError as e:
+            return _error_outputs(str(e))
+        except Exception as e:  # the page gets one line; the server log keeps the traceback
+            log.exception("analysis of %s failed", name)
+            return _error_outputs(f"{name}: analysis failed ({type(e).__name__}: {e})")
+        return show(case, f"Analysed **{name}** ({'CT' if modality == 'ct' else 'X-ray'}).", None, window)
+
+    def refine(case: dict | None, slice_index: float, window: str, polarity: str, evt: gr.SelectData) -> tuple:
+        if case is None or case["modality"] != "ct":
+            raise gr.Error("Upload a CT scan first; clicks refine its hemorrhage mask.")
+        axis, k = case["axial_axis"], int(slice_index)
+        slice_shape = tuple(s for i, s in enumerate(case["volume"].shape) if i != axis)
+        x, y = evt.index
+        voxel = display_to_voxel(int(x), int(y), k, axis, slice_shape)
+        case = {**case, "clicks": [*case["clicks"], [*voxel, polarity == "positive"]]}
+        try:
+            case = session.segment_and_report(case)
+        except Exception as e:
+            log.exception("refinement failed")
+            raise gr.Error(f"refinement failed ({type(e).__name__}: {e})") from e
+        return show(case, f"Re-segmented **{case['name']}** with {len(case['clicks'])} click(s).", k, window)
+
+    def clear_clicks(case: dict | None, slice_index: float, window: str) -> tuple:
+        if case is None or case["modality"] != "ct" or not case["clicks"]:
+            raise gr.Error("There are no clicks to clear.")
+        case = session.segment_and_report({**case, "clicks": []})
+        return show(case, f"Automatic segmentation of **{case['name']}** restored.", int(slice_index), window)
+
+    with gr.Blocks(title="Head CT hemorrhage report") as app:
+        gr.Markdown("## Head CT → hemorrhage mask → measurements → report\n"
+                    "Upload a head CT (NIfTI, NRRD, MHA, or a zipped DICOM series) or a chest X-ray (PNG/JPEG). "
+                    "Automated output for research use, not for diagnosis.")
+        case_state = gr.State(None)
+        with gr.Row():
+            upload = gr.UploadButton("Upload scan", file_count="single", elem_id="upload")
+            status = gr.Markdown("", elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                viewer = gr.Image(label="Axial slice (mask in red; click to refine)", interactive=False,
+                                  elem_id="viewer")
+                slice_slider = gr.Slider(0, 1, step=1, value=0, label="Axial slice", visible=False, elem_id="slice")
+                window = gr.Radio(list(WINDOWS), value="brain (40/80)", label="Window (level/width HU)",
+                                  visible=False, elem_id="window")
+                with gr.Row():
+                    polarity = gr.Radio(["positive", "negative"], value="positive", label="Click adds")
+                    clear = gr.Button("Clear clicks")
+                clicks_md = gr.Markdown("", elem_id="clicks")
+            with gr.Column(scale=2):
+                measurements = gr.Markdown("", elem_id="measurements")
+                report = gr.Textbox(label="Report", lines=10, interactive=False, elem_id="report")
+                flags = gr.Markdown("", elem_id="flags")
+                downloads = gr.File(label="Downloads (mask, report)", file_count="multiple", interactive=False,
+                                    elem_id="downloads")
+        outputs = [status, case_state, viewer, slice_slider, window, measurements, report, flags, downloads, clicks_md]
+        upload.upload(analyse, [upload, window], outputs)
+        slice_slider.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
+        window.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
+        viewer.select(refine, [case_state, slice_slider, window, polarity], outputs)
+        clear.click(clear_clicks, [case_state, slice_slider, window], outputs)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--segmentation_checkpoint", default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
+                   help="SAM-Med3D checkpoint (default: the one `make demo` writes)")
+    p.add_argument("--report_model", default=str(DEFAULT_REPORT_MODEL),
+                   help="folder written by `python -m blip.train` (default: configs/blip_tiny_ct.yaml's output)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num_beams", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    args = p.parse_args(argv)
+    missing = [f"{flag} {path}" for flag, path in (("--segmentation_checkpoint", args.segmentation_checkpoint),
+                                                   ("--report_model", args.report_model)) if not Path(path).exists()]
+    if missing:
+        raise SystemExit("missing model(s): " + "; ".join(missing) + ". Run `make demo` and "
+                         "`python -m blip.train --config configs/blip_tiny_ct.yaml` first, "
+                         "or pass --segmentation_checkpoint/--report_model.")
+    from engine.distributed import resolve_device
+
+    logging.basicConfig(level=logging.INFO)
+    app = build_app(args.segmentation_checkpoint, args.report_model, str(resolve_device(args.device)),
+                    {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens})
+    app.launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The web app in a real browser: upload a CT, read the measured volume and the report off the page,
+then upload a corrupt file and see the error message (Debian Chromium driven by Playwright)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from app import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
+from blip.language_model import build_tiny_gpt2
+from blip.model import Blip2ReportConfig, Blip2ReportModel
+from blip.vision import VisionTowerConfig
+from engine.checkpoint import atomic_save
+from sam3d.data.synthetic import synthesize_case
+from sam3d.modeling import build_sam3d, model_config
+from sam3d.predict import HemorrhageSegmenter
+from tests.conftest import REPO
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium's own connections are refused by the closed network.
+# Playwright starts each browser on a new empty profile (it refuses --user-data-dir in launch()).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_display_to_voxel_inverts_the_viewer_orientation():
+    """A click on a pixel must land on the voxel drawn there, whatever the axial axis is."""
+    volume = np.zeros((5, 7, 3), dtype=np.float32)
+    volume[1, 2, 0] = 1000.0
+    picture = window_overlay(volume[:, :, 0], np.zeros((5, 7)), 40.0, 80.0)
+    y, x = np.argwhere(picture[..., 0] == 255)[0]
+    assert display_to_voxel(int(x), int(y), 0, 2, (5, 7)) == (1, 2, 0)
+    assert display_to_voxel(int(x), int(y), 4, 0, (5, 7)) == (4, 1, 2)
+
+
+def test_zip_with_path_traversal_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../outside.dcm", b"x")
+    with pytest.raises(UploadError, match="outside the archive"):
+        extract_zip(archive, tmp_path / "unpacked")
+    assert not (tmp_path / "outside.dcm").exists()
+
+
+def upload(page, path: Path) -> None:
+    """As a user does: click the upload button and pick the file in the chooser."""
+    with page.expect_file_chooser() as chooser:
+        page.locator("#upload").click()
+    chooser.value.set_files(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny segmentation checkpoint and report model (the recipe of test_report_cli_end_to_end)."""
+    tmp = tmp_path_factory.mktemp("app_models")
+    seg_config = model_config("small", img_size=32)
+    torch.manual_seed(0)
+    atomic_save({"model_state_dict": build_sam3d(seg_config).state_dict(), "model_config": seg_config.to_dict(),
+                 "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)}}, tmp / "seg.pth")
+    lm = build_tiny_gpt2(["subdural hematoma on the left."] * 4, tmp / "lm", n_embd=32)
+    encoder = model_config("tiny", encoder_depth=1, window_size=0, global_attn_indexes=())
+    config = Blip2ReportConfig(
+        ct_tower=VisionTowerConfig("sam3d", encoder_config=encoder.to_dict(),
+                                   preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}).to_dict(),
+        bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        lm_path=str(lm), lm_mode="full", num_query_tokens=4,
+    )
+    Blip2ReportModel(config).save_pretrained(tmp / "report_model")
+    return tmp / "seg.pth", tmp / "report_model"
+
+
+def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+
+    seg_checkpoint, report_model = tiny_models
+    case = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(case.image_hu, case.affine), scan)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    expected_ml = HemorrhageSegmenter(seg_checkpoint).predict(scan).measurements.total_volume_ml
+
+    app = build_app(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"http://127.0.0.1:{port}/", timeout=TIMEOUT_MS)
+                upload(page, scan)
+                expect(page.locator("#status")).to_contain_text("Analysed", timeout=TIMEOUT_MS)
+
+                volume_cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
+                shown = float(re.search(r"[\d.]+", volume_cell.inner_text()).group())
+                assert shown == pytest.approx(expected_ml, abs=0.005)
+                report_text = page.locator("#report textarea").input_value()
+                assert report_text.strip() and report_text.startswith("FINDINGS:")
+                expect(page.locator("#viewer img")).to_be_visible()
+                page.locator("#viewer img").click()  # a refinement click in the middle of the slice
+                expect(page.locator("#status")).to_contain_text("with 1 click(s)", timeout=TIMEOUT_MS)
+                expect(page.locator("#clicks")).to_contain_text("+(")
+                if os.environ.get("APP_SCREENSHOT"):
+                    (REPO / "outputs").mkdir(exist_ok=True)
+                    page.screenshot(path=str(REPO / "outputs" / "app_screenshot.png"), full_page=True)
+
+                upload(page, corrupt)
+                expect(page.locator("#status")).to_contain_text("Error", timeout=TIMEOUT_MS)
+                expect(page.locator("#status")).to_contain_text("corrupt.nii.gz: cannot read")
+                assert "Traceback" not in page.content()
+            finally:
+                browser.close()
+    finally:
+        app.close()
