@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segmentation_checkpoint", default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
                    help="SAM-Med3D checkpoint (default: the one `make demo` writes)")
     p.add_argument("--report_model", default=str(DEFAULT_REPORT_MODEL),
-                   help="folder written by `python -m blip.train` (default: configs/blip_tiny_ct.yaml's output)")
+                   help="folder written by `python -m blip.train` (default: the one `make demo` writes)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto")
@@ -333,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"{flag} {path}" for flag, path in (("--segmentation_checkpoint", args.segmentation_checkpoint),
                                                    ("--report_model", args.report_model)) if not Path(path).exists()]
     if missing:
-        raise SystemExit("missing model(s): " + "; ".join(missing) + ". Run `make demo` and "
-                         "`python -m blip.train --config configs/blip_tiny_ct.yaml` first, "
+        raise SystemExit("missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
                          "or pass --segmentation_checkpoint/--report_model.")
     from engine.distributed import resolve_device
 
