@@ -1,0 +1,92 @@
+"""Does the report model learn? The X-ray path overfits the four real IU X-ray image/report pairs of
+the local sample (tiny 2-D SAM tower, tiny GPT-2, trained end to end with ``blip.train``): the loss
+falls far and greedy generation reproduces the reports. Run with ``-s`` to see the measured figures.
+
+Measured (2 shared CPU cores): val loss 5.50 -> 0.21 in 40 epochs, 33 s of training, 43 s in all.
+uid 1000 has three films and uid 1001 one, so reproducing 1000's report for all four already gives
+BLEU-4 0.756 and 3/4 first sentences, and that is what the model does now: 1001's film gets 1000's
+report (its teacher-forced loss is ~log 2 on the one token where the two reports part, i.e. the LM
+does not use the image there). The printed ``image dependence`` (relative difference of the projected
+queries of films 1000-1001 and 1001-1001) was 0.70 after this run but 0.003 after an 80-epoch run
+with 1001 oversampled, which still generated 1000's report for 1001.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip.model import Blip2ReportModel
+from blip.task import image_transform
+from blip.train import build_parser, run_training
+from engine.checkpoint import load_checkpoint
+from engine.config import parse_with_config
+
+IU_XRAY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iu_xray"
+
+
+def _train(argv: list[str]) -> dict:
+    os.environ["WANDB_MODE"] = "disabled"
+    args = parse_with_config(build_parser(), argv)
+    return run_training(args)
+
+
+def _iu_pairs() -> list[dict]:
+    """One row per local IU X-ray image: the image and its study's cleaned report."""
+    from blip.data.iu_xray import read_indiana
+
+    studies = read_indiana(IU_XRAY / "indiana_reports.csv", IU_XRAY / "indiana_projections.csv", IU_XRAY / "images",
+                           views=("Frontal", "Lateral"))
+    rows = []
+    for record in studies.records:
+        images = [record.image] if isinstance(record.image, str) else record.image
+        for image in images:
+            if Path(image).is_file():
+                rows.append({"image": image, "report": record.report, "modality": "xray",
+                             "id": Path(image).name.split(".")[0]})
+    return rows
+
+
+@pytest.mark.skipif(not (IU_XRAY / "indiana_reports.csv").is_file(), reason=f"no IU X-ray sample at {IU_XRAY}")
+def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
+    from blip.metrics import caption_metrics
+
+    start = time.perf_counter()
+    rows = _iu_pairs()
+    assert len(rows) == 4 and {r["id"].split("_")[0] for r in rows} == {"1000", "1001"}
+    manifest = tmp_path / "iu4.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    _train([
+        "--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(manifest), "--val_manifest", str(manifest),
+        "--encoder", "", "--xray_model_type", "tiny", "--output_dir", str(out),
+        "--epochs", "40", "--lr", "1e-2", "--batch_size", "4",
+        "--patience", "1000", "--max_text_len", "200", "--num_val_samples", "0", "--num_beams", "1",
+        "--max_new_tokens", "8",
+    ])
+    trained = time.perf_counter()
+    history = load_checkpoint(out / "latest_model.pth")["history"]
+    model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
+    transform = image_transform(model, "xray")
+    images = torch.stack([transform(row["image"]) for row in rows])
+    with torch.no_grad():
+        generated = model.generate(images, "xray", num_beams=1, max_new_tokens=200)
+    references = [row["report"] for row in rows]
+    scores = caption_metrics(references, generated, meteor=False, tokenize="simple")
+    first_sentence = [g.split(". ")[0] == r.split(". ")[0] for g, r in zip(generated, references)]
+    with torch.no_grad():
+        projected = model.bridge(model.image_tokens(images, "xray")).projected
+    dependence = ((projected[0] - projected[3]).abs().mean() / projected.abs().mean()).item()
+    for row, text in zip(rows, generated):
+        print(f"  {row['id']}: {text[:100]}")
+    print(f"X-ray: val loss {history[0]['val_loss']:.3f} -> {history[-1]['val_loss']:.3f}, BLEU-4 "
+          f"{scores['corpus']['BLEU_4']:.3f} (per image {[round(b, 3) for b in scores['per_sample']['BLEU_4']]}), "
+          f"first sentence reproduced {sum(first_sentence)}/4, image dependence of the queries {dependence:.4f}; "
+          f"train {trained - start:.0f} s, total {time.perf_counter() - start:.0f} s")
+    assert history[-1]["val_loss"] < 0.3 * history[0]["val_loss"]
+    assert scores["corpus"]["BLEU_4"] >= 0.5 and sum(first_sentence) >= 3
