@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
     p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
+    p.add_argument("--report_epochs", type=int, default=12,
+                   help="fewer than the config's 40 so the whole demo stays under 10 minutes on 2 cores")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = Path(args.output_dir)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     report_args = parse_with_config(blip_train.build_parser(), [
         "--config", args.report_config, "--train_manifest", str(data["reports_train"]), "--val_manifest",
         str(data["reports_val"]), "--encoder", seg["outputs"]["sam_encoder"], "--output_dir", str(out / "blip"),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), "--epochs", str(args.report_epochs),
     ])
     reports = blip_train.run_training(report_args)
 
