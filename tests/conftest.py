@@ -39,3 +39,29 @@ def sam3d_fixture():
 @pytest.fixture(scope="session")
 def sam2d_fixture():
     return load_fixture("sam2d_parity.pt")
+
+
+def make_tiny_models(folder: Path) -> tuple[Path, Path]:
+    """An untrained tiny segmentation checkpoint and a saved tiny report model, for CLI/app tests.
+    Returns (segmentation checkpoint, report-model folder); both use 3 mm preprocessing."""
+    from blip.language_model import build_tiny_gpt2
+    from blip.model import Blip2ReportConfig, Blip2ReportModel
+    from blip.vision import VisionTowerConfig
+    from engine.checkpoint import atomic_save
+    from sam3d.modeling import build_sam3d, model_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    seg_config = model_config("small", img_size=32)
+    atomic_save({"model_state_dict": build_sam3d(seg_config).state_dict(), "model_config": seg_config.to_dict(),
+                 "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)}}, folder / "seg.pth")
+    lm = build_tiny_gpt2(["subdural hematoma on the left."] * 4, folder / "lm", n_embd=32)
+    encoder = model_config("tiny", encoder_depth=1, window_size=0, global_attn_indexes=())
+    config = Blip2ReportConfig(
+        ct_tower=VisionTowerConfig("sam3d", encoder_config=encoder.to_dict(),
+                                   preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}).to_dict(),
+        bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        lm_path=str(lm), lm_mode="full", num_query_tokens=4,
+    )
+    Blip2ReportModel(config).save_pretrained(folder / "report_model")
+    return folder / "seg.pth", folder / "report_model"

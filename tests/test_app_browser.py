@@ -12,17 +12,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from app import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
-from blip.language_model import build_tiny_gpt2
-from blip.model import Blip2ReportConfig, Blip2ReportModel
-from blip.vision import VisionTowerConfig
-from engine.checkpoint import atomic_save
 from sam3d.data.synthetic import synthesize_case
-from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import HemorrhageSegmenter
-from tests.conftest import REPO
+from tests.conftest import REPO, make_tiny_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections are refused by the closed network.
@@ -66,22 +60,7 @@ def upload(page, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """A tiny segmentation checkpoint and report model (the recipe of test_report_cli_end_to_end)."""
-    tmp = tmp_path_factory.mktemp("app_models")
-    seg_config = model_config("small", img_size=32)
-    torch.manual_seed(0)
-    atomic_save({"model_state_dict": build_sam3d(seg_config).state_dict(), "model_config": seg_config.to_dict(),
-                 "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)}}, tmp / "seg.pth")
-    lm = build_tiny_gpt2(["subdural hematoma on the left."] * 4, tmp / "lm", n_embd=32)
-    encoder = model_config("tiny", encoder_depth=1, window_size=0, global_attn_indexes=())
-    config = Blip2ReportConfig(
-        ct_tower=VisionTowerConfig("sam3d", encoder_config=encoder.to_dict(),
-                                   preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}).to_dict(),
-        bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-        lm_path=str(lm), lm_mode="full", num_query_tokens=4,
-    )
-    Blip2ReportModel(config).save_pretrained(tmp / "report_model")
-    return tmp / "seg.pth", tmp / "report_model"
+    return make_tiny_models(tmp_path_factory.mktemp("app_models"))
 
 
 def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):

@@ -6,17 +6,11 @@ import sys
 
 import nibabel as nib
 import pytest
-import torch
 
 from blip.grounded import contradictions, ground_report, structured_findings
-from blip.language_model import build_tiny_gpt2
-from blip.model import Blip2ReportConfig, Blip2ReportModel
-from blip.vision import VisionTowerConfig
-from engine.checkpoint import atomic_save
 from sam3d.data.synthetic import synthesize_case
-from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import Measurements
-from tests.conftest import REPO
+from tests.conftest import REPO, make_tiny_models
 
 BLEED = Measurements(12.3, 1, [12.3], "left", [10, 14], 20.0, [50.0, 60.0, 12.0], [-30.0, 5.0, 40.0])
 NONE = Measurements(0.0, 0, [], "none", None, 0.0, None, None)
@@ -54,22 +48,10 @@ def test_report_cli_end_to_end(tmp_path):
     case = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(case.image_hu, case.affine), scan)
-    seg_config = model_config("small", img_size=32)
-    atomic_save({"model_state_dict": build_sam3d(seg_config).state_dict(), "model_config": seg_config.to_dict(),
-                 "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)}}, tmp_path / "seg.pth")
-    lm = build_tiny_gpt2([case.metadata["ich_type"] + " hematoma on the left."] * 4, tmp_path / "lm", n_embd=32)
-    encoder = model_config("tiny", encoder_depth=1, window_size=0, global_attn_indexes=())
-    config = Blip2ReportConfig(
-        ct_tower=VisionTowerConfig("sam3d", encoder_config=encoder.to_dict(),
-                                   preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}).to_dict(),
-        bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-        lm_path=str(lm), lm_mode="full", num_query_tokens=4,
-    )
-    torch.manual_seed(0)
-    Blip2ReportModel(config).save_pretrained(tmp_path / "report_model")
+    seg_checkpoint, report_model = make_tiny_models(tmp_path / "models")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), "--segmentation_checkpoint", str(tmp_path / "seg.pth"),
-         "--report_model", str(tmp_path / "report_model"), "--input", str(scan), "--output_dir", str(tmp_path / "out"),
+        [sys.executable, str(REPO / "scripts" / "report.py"), "--segmentation_checkpoint", str(seg_checkpoint),
+         "--report_model", str(report_model), "--input", str(scan), "--output_dir", str(tmp_path / "out"),
          "--max_new_tokens", "8", "--num_beams", "1"],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
     )
