@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -30,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, atomic_write, load_checkpoint
 from .distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -108,13 +106,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, monito
 def peak_ram_gb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _set_transform_seed(dataset: Dataset, seed: int) -> None:
@@ -389,7 +380,7 @@ class Trainer:
             "epochs": self.state["history"],
             **dict(extra or {}),
         }
-        _write_json_atomic(path, payload)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
 
 
 def print_outcome(result: Mapping[str, Any], metric: str) -> None:

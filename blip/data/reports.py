@@ -28,10 +28,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.checkpoint import atomic_write
 from sam3d.data.io import strip_volume_extension
 
 __all__ = [
@@ -338,11 +338,4 @@ def write_report_manifest(records, path) -> None:
         row["image"] = [relative(p) for p in record.image] if isinstance(record.image, list) else relative(record.image)
         row.update(record.extra)
         lines.append(json.dumps(row, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))

@@ -15,13 +15,14 @@ import collections
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+
+from engine.checkpoint import atomic_write
 
 __all__ = [
     "ARRAY_PICKLE_GLOBALS",
@@ -137,18 +138,10 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -
             raise ValueError(f"{path}: int64 values do not fit the int32 NIfTI type")
         array = array.astype(np.int32)
     image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)  # both codes "scanner" so ITK-based tools read the same geometry
     image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"  # nibabel compresses by name
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: nib.save(image, str(tmp)))  # nibabel compresses by the .gz name
 
 
 def align_mask_to_volume(volume: Volume, mask: Volume, atol_mm: float = 1e-3) -> tuple[Volume, Volume]:

@@ -63,8 +63,6 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +71,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from engine.checkpoint import atomic_write
+from sam3d.data.io import save_nifti
 from sam3d.data.synthetic_reports import report_manifest_row, write_ct_report
 
 ICH_TYPES = ("intraparenchymal", "subdural", "intraventricular")
@@ -730,28 +730,8 @@ def _metadata(case_id, index, kind, lesion: _Lesion, anat: _Anatomy, mask, affin
     return meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Run ``write(tmp_path)`` on a hidden temp name in the same folder, then rename into place."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    image = nib.Nifti1Image(array, affine)
-    image.header.set_xyzt_units("mm")
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
-    _atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _split_counts(n_split: int, pools: list[list]) -> list[int]:
@@ -839,8 +819,8 @@ def make_synthetic_ich(
     records = []
     for index in tqdm(range(num_cases), desc="synthetic ICH", disable=not progress):
         case = synthesize_case(index, seed, spacing, None, head_scale, positive_fraction, fov_mm)
-        _save_nifti(vol_dir / f"{case.case_id}.nii.gz", case.image_hu, case.affine)
-        _save_nifti(mask_dir / f"{case.case_id}.nii.gz", case.mask, case.affine)
+        save_nifti(vol_dir / f"{case.case_id}.nii.gz", case.image_hu, case.affine)
+        save_nifti(mask_dir / f"{case.case_id}.nii.gz", case.mask, case.affine)
         meta = dict(case.metadata)
         meta["path"] = f"volumes/{case.case_id}.nii.gz"
         meta["mask_path"] = f"masks/{case.case_id}.nii.gz"
