@@ -12,7 +12,8 @@ Module layout (state-dict prefixes):
 
 The LM reads ``[projected queries (Q)] [prompt tokens (P)] [report tokens (T)]`` and is trained with
 its own next-token loss on the report only: labels are -100 on the Q + P prefix and on padding
-(BLIP-2 stage 2). A batch holds one modality, since the prompt and the tower depend on it.
+(BLIP-2 stage 2). A batch holds one modality, since the prompt and the tower depend on it; one model
+with both towers serves both modalities (``blip.train`` batches a mixed run by modality).
 Generated reports follow the training text's "FINDINGS: ... IMPRESSION: ..." format; cut them with
 ``blip.data.reports.split_sections``.
 """

@@ -10,9 +10,9 @@ Items are dicts ``{"image": path, "report": text, "modality": "ct"|"xray", "id":
   segment-anything's pixel statistics (what the 2-D encoder was trained on). The resize does not keep
   the aspect ratio, as R2Gen and R2GenGPT do for chest films.
 
-A batch holds one modality (the prompt and the tower depend on it). The engine draws batches with a
-plain sampler, so each dataset is kept to one modality; mixing CT and X-ray in one run needs a
-modality-grouped batch sampler, which the engine does not have yet.
+A batch holds one modality (the prompt and the tower depend on it). A dataset may mix modalities:
+it exposes each item's modality as ``group_keys``, from which the engine draws single-modality
+batches (``engine.samplers.GroupedBatchSampler``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ from torch.utils.data import Dataset
 from engine.trainer import autocast_dtype
 from sam3d.data.transforms import build_inference_transforms
 
-from .model import Blip2ReportModel, attention_overlays, tokenize_reports
+from .model import (
+    TOWER_OF_MODALITY,
+    Blip2ReportModel,
+    attention_overlays,
+    tokenize_reports,
+)
 from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
 
 
@@ -71,16 +76,30 @@ def image_transform(model: Blip2ReportModel, modality: str) -> Callable[[str], t
 
 
 class ReportDataset(Dataset):
-    """Rows ``{"image", "report", "modality", "id"}`` of one modality → ``{"image": tensor, ...}``.
-    A row with several images (frontal + lateral views) uses the first."""
+    """Rows ``{"image", "report", "modality", "id"}`` → ``{"image": tensor, ...}``. ``transform`` is
+    one pipeline (rows of one modality) or a mapping modality → pipeline (rows of several).
+    ``group_keys`` (each row's modality) lets the engine batch one modality at a time. A row with
+    several images (frontal + lateral views) uses the first."""
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], transform: Callable[[str], torch.Tensor], source: str = "") -> None:
-        modalities = sorted({row["modality"] for row in rows})
-        if len(modalities) != 1:
-            raise ValueError(f"{source or 'report rows'}: one modality per dataset expected, found {modalities}")
+    def __init__(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        transform: Callable[[str], torch.Tensor] | Mapping[str, Callable[[str], torch.Tensor]],
+        source: str = "",
+    ) -> None:
+        source = source or "report rows"
+        self.modalities = sorted({row["modality"] for row in rows})
+        if not isinstance(transform, Mapping):
+            if len(self.modalities) > 1:
+                raise ValueError(f"{source}: one modality per dataset with a single transform, found "
+                                 f"{self.modalities}; pass a mapping modality -> transform for mixed rows")
+            transform = {modality: transform for modality in self.modalities}
+        missing = [m for m in self.modalities if m not in transform]
+        if missing:
+            raise ValueError(f"{source}: no image transform for modality {missing} (transforms for {sorted(transform)})")
         self.rows = [dict(row) for row in rows]
-        self.modality = modalities[0]
-        self.load_image = transform
+        self.group_keys = [row["modality"] for row in self.rows]
+        self.transforms = dict(transform)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,7 +107,7 @@ class ReportDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         image = row["image"] if isinstance(row["image"], str) else row["image"][0]
-        return {"image": self.load_image(image), "report": row["report"], "modality": row["modality"],
+        return {"image": self.transforms[row["modality"]](image), "report": row["report"], "modality": row["modality"],
                 "id": str(row.get("id", index))}
 
 
@@ -137,7 +156,8 @@ class ReportLoss(nn.Module):
 
 class ReportTask:
     """Validation: ``val_loss`` is the LM loss (mean over report tokens) averaged over the validation
-    studies; it selects the best model. The first ``num_samples`` validation studies also get a
+    studies; it selects the best model. With several modalities, ``val_loss_<modality>`` averages each
+    one's studies too. The first ``num_samples`` validation studies of each modality also get a
     generated report, written with their reference to ``samples_path`` (JSON, the latest validation's)
     when one is given."""
 
@@ -163,28 +183,43 @@ class ReportTask:
     @torch.no_grad()
     def validate(self, model: Blip2ReportModel, loader: Iterable, device: torch.device) -> dict[str, float]:
         model.eval()
-        total, count = 0.0, 0
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         self.samples = []
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision):
             for batch in loader:
-                size = len(batch["report"])
-                total += batch_loss(model, batch).item() * size
-                count += size
-                wanted = self.num_samples - len(self.samples)
+                modality, size = batch["modality"], len(batch["report"])
+                totals[modality] = totals.get(modality, 0.0) + batch_loss(model, batch).item() * size
+                counts[modality] = counts.get(modality, 0) + size
+                wanted = self.num_samples - sum(s["modality"] == modality for s in self.samples)
                 if wanted > 0:
-                    generated = model.generate(batch["image"][:wanted].to(device), batch["modality"], **self.generation)
-                    self.samples += [{"id": i, "reference": r, "generated": g}
+                    generated = model.generate(batch["image"][:wanted].to(device), modality, **self.generation)
+                    self.samples += [{"id": i, "modality": modality, "reference": r, "generated": g}
                                      for i, r, g in zip(batch["id"], batch["report"], generated)]
         model.train()
         if self.samples_path is not None and self.samples:
             self.samples_path.write_text(json.dumps(self.samples, indent=2) + "\n")
-        return {"val_loss": total / count if count else float("nan")}
+        count = sum(counts.values())
+        metrics = {"val_loss": sum(totals.values()) / count if count else float("nan")}
+        if len(counts) > 1:
+            metrics.update({f"val_loss_{m}": totals[m] / counts[m] for m in sorted(counts)})
+        return metrics
 
     @torch.no_grad()
     def visualize(self, model: Blip2ReportModel, loader: Iterable, device: torch.device, max_cases: int = 2) -> dict[str, np.ndarray]:
-        """Q-Former cross-attention overlays of the first validation studies (``attention_overlays``)."""
+        """Q-Former cross-attention overlays of the first validation studies of each modality
+        (``attention_overlays``)."""
         model.eval()
-        batch = next(iter(loader))
-        pictures = attention_overlays(model, batch["image"][:max_cases].to(device), batch["modality"])
+        towers = {m for m, name in TOWER_OF_MODALITY.items() if getattr(model, name) is not None}
+        shown: set[str] = set()
+        images: dict[str, np.ndarray] = {}
+        for batch in loader:
+            if batch["modality"] in shown:
+                continue
+            shown.add(batch["modality"])
+            pictures = attention_overlays(model, batch["image"][:max_cases].to(device), batch["modality"])
+            images.update({f"val/{study_id}_attention": picture for study_id, picture in zip(batch["id"], pictures)})
+            if shown >= towers:  # the rest of the loader holds no modality not yet shown
+                break
         model.train()
-        return {f"val/{study_id}_attention": picture for study_id, picture in zip(batch["id"], pictures)}
+        return images

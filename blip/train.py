@@ -5,14 +5,20 @@
     python -m blip.train --config ... --resume                       # continue from output_dir/latest_model.pth
 
 Manifests are ``blip.data.reports`` CSV/JSONL files (columns image, report, modality ...). Without
-``--val_manifest`` both sets come from the ``split`` column of ``--train_manifest``. Each set holds one
-modality (CT or X-ray). Without ``--lm`` a tiny GPT-2 (tokenizer trained on the training reports) is
-built into ``output_dir/lm`` and reused on resume.
+``--val_manifest`` both sets come from the ``split`` column of ``--train_manifest``. Without ``--lm`` a
+tiny GPT-2 (tokenizer trained on the training reports) is built into ``output_dir/lm`` and reused on resume.
+
+CT and X-ray in one run: a manifest may mix modalities. The model then gets both towers (the CT one
+from ``--encoder`` / ``--ct_model_type``, the X-ray one from ``--xray_encoder`` / ``--xray_model_type``)
+sharing one Q-Former and LM, each modality with its own prompt; every batch holds one modality, and
+validation covers both (``val_loss`` over all studies, ``val_loss_ct`` / ``val_loss_xray`` per modality).
+``--freeze_vision`` keeps both towers fixed; ``--freeze_ct_tower`` / ``--freeze_xray_tower`` (or their
+``--no-`` forms) decide per tower and override it.
 
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
 (``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
-latest validation), attention/<id>_attention.png (Q-Former cross-attention over the sample's image),
-config.json, training_summary_<timestamp>.json.
+latest validation), attention/<id>_attention.png (Q-Former cross-attention over the image of the first
+validation study of each modality), config.json, training_summary_<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ct_model_type", default="small", help="CT tower registry name when no --encoder (random weights)")
     g.add_argument("--xray_encoder", help="X-ray tower: segment-anything checkpoint, e.g. sam_vit_b_01ec64.pth")
     g.add_argument("--xray_model_type", default="vit_b", help="X-ray tower: vit_b (sam_vit_b) or tiny")
-    g.add_argument("--freeze_vision", action=bool_flag, default=False, help="keep the vision tower(s) fixed")
+    g.add_argument("--freeze_vision", action=bool_flag, default=False, help="keep both vision towers fixed")
+    g.add_argument("--freeze_ct_tower", action=bool_flag, default=None,
+                   help="CT tower fixed or trained (default: --freeze_vision)")
+    g.add_argument("--freeze_xray_tower", action=bool_flag, default=None,
+                   help="X-ray tower fixed or trained (default: --freeze_vision)")
     g.add_argument("--num_query_tokens", type=int, default=32)
     g.add_argument("--qformer_checkpoint",
                    help="LAVIS BLIP-2 checkpoint that initialises the Q-Former bridge (blip.convert_lavis; "
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler_type", choices=["reduce_on_plateau", "cosine", "step"], default="cosine")
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap batches per epoch (smoke runs)")
     g = p.add_argument_group("generation (validation samples and the final sample)")
-    g.add_argument("--num_val_samples", type=int, default=2)
+    g.add_argument("--num_val_samples", type=int, default=2, help="per modality")
     g.add_argument("--num_beams", type=int, default=3)
     g.add_argument("--max_new_tokens", type=int, default=100)
     g.add_argument("--repetition_penalty", type=float, default=2.0)
@@ -114,9 +124,15 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError("num_query_tokens must be >= 1 and max_text_len >= 2")
     if args.log_images and not args.use_wandb:
         warns.append("--log_images needs --use_wandb; the overlays are computed but not logged")
-    if args.lm_mode == "frozen" and args.freeze_vision:
-        warns.append("--lm_mode frozen with --freeze_vision: only the Q-Former bridge trains (BLIP-2 stage 2)")
+    if args.lm_mode == "frozen" and all(tower_freezing(args).values()):
+        warns.append("--lm_mode frozen with frozen vision towers: only the Q-Former bridge trains (BLIP-2 stage 2)")
     return warns
+
+
+def tower_freezing(args: argparse.Namespace) -> dict[str, bool]:
+    """modality → whether its tower stays fixed: the per-tower flag where given, else --freeze_vision."""
+    per_tower = {"ct": args.freeze_ct_tower, "xray": args.freeze_xray_tower}
+    return {m: args.freeze_vision if frozen is None else frozen for m, frozen in per_tower.items()}
 
 
 def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -132,14 +148,16 @@ def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return [as_row(r) for r in train], [as_row(r) for r in val]
 
 
-def build_model(args: argparse.Namespace, modality: str, train_reports: list[str], ctx):
-    """The report model for ``modality`` from the flags. Without --lm the tiny GPT-2 is built once
-    (rank 0; the other ranks wait) into output_dir/lm, where a resumed run finds it again."""
+def build_model(args: argparse.Namespace, modalities: str | Collection[str], train_reports: list[str], ctx):
+    """The report model with a tower for each of ``modalities`` (one name or several) from the flags.
+    Without --lm the tiny GPT-2 is built once (rank 0; the other ranks wait) into output_dir/lm, where
+    a resumed run finds it again."""
     from blip.language_model import build_tiny_gpt2
     from blip.model import Blip2ReportConfig, Blip2ReportModel
     from blip.vision import VisionTowerConfig
     from engine.distributed import barrier
 
+    modalities = {modalities} if isinstance(modalities, str) else set(modalities)
     lm_path = args.lm
     if not lm_path:
         lm_path = str(Path(args.output_dir) / LM_FOLDER)
@@ -148,11 +166,12 @@ def build_model(args: argparse.Namespace, modality: str, train_reports: list[str
                             n_embd=args.lm_width, n_positions=args.num_query_tokens + args.max_text_len + 32,
                             seed=args.seed)
         barrier(ctx)
-    ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, args.freeze_vision)
-    xray = VisionTowerConfig("sam2d", args.xray_model_type, args.xray_encoder, args.freeze_vision)
+    frozen = tower_freezing(args)
+    ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, frozen["ct"])
+    xray = VisionTowerConfig("sam2d", args.xray_model_type, args.xray_encoder, frozen["xray"])
     config = Blip2ReportConfig(
-        ct_tower=ct.to_dict() if modality == "ct" else None,
-        xray_tower=xray.to_dict() if modality == "xray" else None,
+        ct_tower=ct.to_dict() if "ct" in modalities else None,
+        xray_tower=xray.to_dict() if "xray" in modalities else None,
         bridge=args.bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
         max_text_len=args.max_text_len,
@@ -168,8 +187,8 @@ def build_model(args: argparse.Namespace, modality: str, train_reports: list[str
 
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, save the best model with ``save_pretrained`` and generate one sample. Returns the
-    engine's result plus ``outputs`` and ``sample``."""
+    """Train, save the best model with ``save_pretrained`` and generate one sample per validation
+    modality. Returns the engine's result plus ``outputs`` and ``samples``."""
     import torch
 
     from blip.model import write_attention_overlays
@@ -195,15 +214,17 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_rows, val_rows = read_rows(args)
-    modality = train_rows[0]["modality"]
-    model = build_model(args, modality, [r["report"] for r in train_rows], ctx)
+    modalities = sorted({r["modality"] for r in train_rows})
+    val_only = sorted({r["modality"] for r in val_rows} - set(modalities))
+    if val_only:
+        raise ConfigError(f"{args.val_manifest or args.train_manifest}: validation rows of modality {val_only}, "
+                          f"but the training rows of {args.train_manifest} are {modalities} (that tower would not train)")
+    model = build_model(args, modalities, [r["report"] for r in train_rows], ctx)
     for note in model.notes:
         print(note)
-    transform = image_transform(model, modality)
-    train_ds = ReportDataset(train_rows, transform, args.train_manifest)
-    val_ds = ReportDataset(val_rows, transform, args.val_manifest or args.train_manifest)
-    if val_ds.modality != modality:
-        raise ConfigError(f"train rows are {modality}, val rows {val_ds.modality}: one modality per run")
+    transforms = {m: image_transform(model, m) for m in modalities}
+    train_ds = ReportDataset(train_rows, transforms, args.train_manifest)
+    val_ds = ReportDataset(val_rows, transforms, args.val_manifest or args.train_manifest)
 
     generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                   "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
@@ -228,7 +249,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         collate_fn=ReportCollator(model.tokenizer, args.max_text_len),
         checkpoint_extras={"report_model_config": model.config.to_dict()},
     )
-    summary_extra = {"data": {"train_studies": len(train_rows), "val_studies": len(val_rows), "modality": modality},
+    summary_extra = {"data": {"train_studies": len(train_rows), "val_studies": len(val_rows), "modalities": modalities},
                      "trainable_parameters": sum(p.numel() for p in trainable)}
     try:
         result = trainer.fit(train_ds, val_ds, summary_extra)
@@ -239,13 +260,15 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             model.save_pretrained(output_dir / REPORT_MODEL_FOLDER)
             outputs["report_model"] = str(output_dir / REPORT_MODEL_FOLDER)
             model.eval()
-            first = val_ds[0]
-            image = first["image"][None].to(device)
-            with torch.no_grad():
-                generated = model.generate(image, modality, **generation)[0]
-            attention = write_attention_overlays(model, image, modality, [first["id"]], output_dir / "attention")
-            result["sample"] = {"id": first["id"], "reference": first["report"], "generated": generated,
-                                "attention_overlay": str(attention[0])}
+            result["samples"] = []
+            for modality in val_ds.modalities:
+                first = val_ds[val_ds.group_keys.index(modality)]
+                image = first["image"][None].to(device)
+                with torch.no_grad():
+                    generated = model.generate(image, modality, **generation)[0]
+                attention = write_attention_overlays(model, image, modality, [first["id"]], output_dir / "attention")
+                result["samples"].append({"id": first["id"], "modality": modality, "reference": first["report"],
+                                          "generated": generated, "attention_overlay": str(attention[0])})
         result["outputs"] = outputs
         return result
     finally:
@@ -265,11 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from blip.data.reports import split_sections
         from engine.trainer import print_outcome
 
-        if "sample" in result:
-            findings, impression = split_sections(result["sample"]["generated"])
-            print(f"sample {result['sample']['id']}\n  reference: {result['sample']['reference']}\n"
-                  f"  generated: {result['sample']['generated']}\n  findings: {findings}\n  impression: {impression}\n"
-                  f"  cross-attention: {result['sample']['attention_overlay']}")
+        for sample in result.get("samples", []):
+            findings, impression = split_sections(sample["generated"])
+            print(f"sample {sample['id']} ({sample['modality']})\n  reference: {sample['reference']}\n"
+                  f"  generated: {sample['generated']}\n  findings: {findings}\n  impression: {impression}\n"
+                  f"  cross-attention: {sample['attention_overlay']}")
         print_outcome(result, "val loss")
     return 0
 

@@ -8,6 +8,10 @@ Exact resume: every epoch re-seeds all RNGs (and the data pipeline's random tran
 ``(seed, epoch)``, and ``latest_model.pth`` is written atomically at the end of each epoch with model,
 optimizer, scheduler, scaler and bookkeeping. A run killed at any moment (even SIGKILL) and resumed
 therefore finishes with the same weights as an uninterrupted run with the same seed.
+
+Grouped batches: a dataset with a ``group_keys`` attribute (one key per item, e.g. the modality of
+each report study) is batched by :class:`engine.samplers.GroupedBatchSampler`, so no batch mixes
+groups; other datasets (segmentation) use a ``DistributedSampler`` and ``batch_size``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .distributed import (
     set_rng_state,
 )
 from .plots import plot_training_curves
+from .samplers import GroupedBatchSampler
 from .tracking import Tracker
 
 BEST_CHECKPOINT = "best_model.pth"
@@ -209,13 +214,18 @@ class Trainer:
     def _loader(self, dataset: Dataset, shuffle: bool, ctx: DistributedContext) -> DataLoader:
         from monai.data import DataLoader as MonaiDataLoader
 
-        sampler = DistributedSampler(
-            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=self.cfg.seed, drop_last=False
-        )
+        group_keys = getattr(dataset, "group_keys", None)
+        if group_keys is not None:
+            batching = {"batch_sampler": GroupedBatchSampler(
+                group_keys, self.cfg.batch_size, shuffle, self.cfg.seed, ctx.world_size, ctx.rank
+            )}
+        else:
+            batching = {"batch_size": self.cfg.batch_size, "sampler": DistributedSampler(
+                dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=self.cfg.seed, drop_last=False
+            )}
         return MonaiDataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
+            **batching,
             num_workers=self.cfg.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
@@ -296,7 +306,8 @@ class Trainer:
                 epoch_seed = cfg.seed + 1000 * epoch + self.ctx.rank
                 seed_everything(epoch_seed)
                 _set_transform_seed(train_dataset, epoch_seed)
-                train_loader.sampler.set_epoch(epoch)
+                grouped = isinstance(train_loader.batch_sampler, GroupedBatchSampler)
+                (train_loader.batch_sampler if grouped else train_loader.sampler).set_epoch(epoch)
                 record: dict[str, Any] = {"epoch": epoch + 1, **self._train_epoch(train_loader, epoch)}
                 metrics = None
                 if self.ctx.is_main:
