@@ -8,6 +8,7 @@ from monai.transforms import Compose
 
 from sam3d.data.io import VolumeReadError, save_nifti
 from sam3d.data.transforms import (
+    DEFAULT_TRANSFORM_CONFIG,
     BrainWindowd,
     ClampHUd,
     CropAroundLesiond,
@@ -159,6 +160,53 @@ def test_crop_of_negative_centres_on_head_and_pads_small_volumes():
 
     small = {"image": _meta(image[:20, :20, :20]), "label": _meta(np.zeros((20, 20, 20), np.float32))}
     assert CropAroundLesiond(roi_size=(32, 32, 32))(small)["image"].shape == (1, 32, 32, 32)
+
+
+def _crop_centre_in_input(out: MetaTensor, input_affine: np.ndarray) -> np.ndarray:
+    """Input-voxel position of a crop's middle voxel, found through the affines."""
+    middle = np.append((np.array(out.shape[1:]) - 1) / 2, 1.0)
+    return (np.linalg.inv(input_affine) @ out.affine.numpy() @ middle)[:3]
+
+
+def test_random_head_crops_reach_the_head_edges_and_repeat_for_a_seed():
+    rng = np.random.default_rng(3)
+    head = (slice(10, 70), slice(8, 62), slice(6, 50))  # bbox 10..69, 8..61, 6..49; middle (39.5, 34.5, 27.5)
+    image = _head_ct((80, 70, 56), head, rng)
+    data = {"image": _meta(image), "label": _meta(np.zeros(image.shape, np.float32))}
+
+    def centres(prob, seed, n=30):
+        crop = CropAroundLesiond(roi_size=(24, 24, 24), negative_random_prob=prob)
+        crop.set_random_state(seed)
+        return np.array([_crop_centre_in_input(crop(data)["image"], np.eye(4)) for _ in range(n)])
+
+    fixed = centres(0.0, 0)
+    np.testing.assert_allclose(fixed, np.tile([39.5, 34.5, 27.5], (30, 1)), atol=0.5)  # head-centred, as before
+    spread = centres(1.0, 0)
+    assert np.all(spread >= np.array([10, 8, 6]) - 0.5) and np.all(spread <= np.array([69, 61, 49]) + 0.5)
+    assert np.any(np.abs(spread - [39.5, 34.5, 27.5]).max(1) > 20)  # some crops sit at the skull/scalp/air edge
+    np.testing.assert_array_equal(spread, centres(1.0, 0))  # a seed fixes the sequence
+    assert not np.array_equal(spread, centres(1.0, 1))
+    half = centres(0.5, 0, n=60)
+    assert 10 < np.sum(np.abs(half - [39.5, 34.5, 27.5]).max(1) > 0.5) < 50
+
+    lesion = np.zeros(image.shape, np.float32)
+    lesion[30:34, 30:34, 20:24] = 1
+    positive = {"image": data["image"], "label": _meta(lesion)}
+    crop = CropAroundLesiond(roi_size=(24, 24, 24), negative_random_prob=1.0, positive_random_prob=0.0)
+    assert crop(positive)["label"].sum() == lesion.sum()  # the negatives' share does not move lesion crops
+
+
+def test_random_head_crops_only_in_training(tmp_path):
+    image_path, _, _ = _write_case(tmp_path)
+    cfg = {"roi_size": (32, 32, 32), "negative_random_crop_prob": 1.0}
+    train_crop = next(t for t in build_transforms(cfg, train=True).transforms if isinstance(t, CropAroundLesiond))
+    assert train_crop.negative_random_prob == 1.0 and train_crop.positive_random_prob == DEFAULT_TRANSFORM_CONFIG["positive_random_crop_prob"]
+    validation = build_transforms(cfg, train=False)
+    assert next(t for t in validation.transforms if isinstance(t, CropAroundLesiond)).negative_random_prob == 0.0
+    first, second = (validation({"image": image_path, "label": None})["image"] for _ in range(2))
+    torch.testing.assert_close(first.as_tensor(), second.as_tensor())
+    with pytest.raises(ValueError, match="positive_random_crop_prob"):
+        build_transforms({"positive_random_crop_prob": 1.5}, train=True)
 
 
 def test_clamp_hu():

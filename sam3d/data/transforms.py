@@ -12,7 +12,9 @@ Training/validation pipeline, in order (``build_transforms``):
 3. ``Orientationd``      RAS axes, so "axis 0 = left-right" holds for every scan
 4. ``Spacingd``          resample to ``target_spacing_mm`` (bilinear image, nearest label)
 5. ``ClampHUd``          clamp to ``hu_clamp`` (values are still HU)
-6. ``CropAroundLesiond`` ``roi_size`` box around the lesion, or around the head for negatives. It
+6. ``CropAroundLesiond`` ``roi_size`` box around the lesion, or around the head for negatives; in
+   training a share of crops (``negative_random_crop_prob`` / ``positive_random_crop_prob``) is
+   centred anywhere in the head instead, so skull, scalp and air edges are seen as background. It
    runs before normalisation because the head is found with a HU threshold and padding uses air.
 7. spatial augmentation  (training only) left-right flip, small rotation/scaling
 8. normalisation         ``zscore`` (SAM-Med3D's own) or ``brain_window``
@@ -74,6 +76,13 @@ DEFAULT_TRANSFORM_CONFIG: dict = {
     "augment": True,  # training only
     "lesion_jitter_voxels": 8,  # training only: random shift of the crop centre, per axis
     "head_threshold_hu": -500.0,  # voxels above this are "head" when centring crops of negatives
+    # Training only: share of crops centred at a uniformly random point of the head's bounding box
+    # instead of the lesion / head centre. Automatic (whole-head sliding-window) prediction shows the
+    # model skull, scalp and air edges far from the brain's centre; with only lesion- and
+    # head-centred crops it never learns that these hold no blood and marks the inner skull table.
+    # Positives get a smaller share so most of their crops still contain the lesion.
+    "negative_random_crop_prob": 0.5,
+    "positive_random_crop_prob": 0.2,
     "flip_axes": [0],  # RAS axis 0 = left-right; brains are near-symmetric, other flips are not anatomical
 }
 
@@ -203,7 +212,12 @@ class CropAroundLesiond(Randomizable, MapTransform):
     scan, inference) the bounding-box centre of ``image > foreground_threshold_hu``, so the image
     must still be in HU (place this transform before normalisation); with no such voxel, the volume
     centre. For training, ``jitter_voxels`` shifts the centre by a random integer in
-    [-jitter, jitter] per axis so the lesion is not always in the middle.
+    [-jitter, jitter] per axis so the lesion is not always in the middle, and with probability
+    ``negative_random_prob`` (empty label) or ``positive_random_prob`` (lesion present) the centre is
+    instead a uniformly random point of the head's bounding box, so crops also show the skull, scalp
+    and surrounding air (such a crop of a positive scan may hold part of the lesion or none of it).
+    All randomness comes from the transform's own RNG (``set_random_state``), and every call draws the
+    same numbers whichever branch it takes, so a seeded pipeline repeats its crops exactly.
 
     The box stays centred even at the volume border (as torchio's ``CropOrPad`` does with a mask):
     the part outside the scan is padded with the image's minimum (air after
@@ -219,6 +233,8 @@ class CropAroundLesiond(Randomizable, MapTransform):
         image_key: str = "image",
         foreground_threshold_hu: float = -500.0,
         jitter_voxels: int = 0,
+        negative_random_prob: float = 0.0,
+        positive_random_prob: float = 0.0,
         allow_missing_keys: bool = True,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -227,26 +243,36 @@ class CropAroundLesiond(Randomizable, MapTransform):
             raise ValueError(f"roi_size must be 3 positive ints, got {roi_size!r}")
         if jitter_voxels < 0:
             raise ValueError(f"jitter_voxels must be >= 0, got {jitter_voxels}")
+        for name, prob in (("negative_random_prob", negative_random_prob), ("positive_random_prob", positive_random_prob)):
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {prob}")
         self.label_key, self.image_key = label_key, image_key
         self.foreground_threshold_hu = foreground_threshold_hu
         self.jitter_voxels = int(jitter_voxels)
+        self.negative_random_prob, self.positive_random_prob = float(negative_random_prob), float(positive_random_prob)
         self._jitter = np.zeros(3, dtype=int)
 
     def randomize(self, data: object = None) -> None:
         self._jitter = self.R.randint(-self.jitter_voxels, self.jitter_voxels + 1, size=3)
+        self._random_draw = self.R.uniform()
+        self._head_fraction = self.R.uniform(size=3)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         image = d[self.image_key]
         shape = np.asarray(image.shape[1:])
         label = d.get(self.label_key)
-        centre = _bbox_centre(label > 0.5) if label is not None else None
-        if centre is None:
-            centre = _bbox_centre(image > self.foreground_threshold_hu)
-        if centre is None:
-            centre = (shape - 1) / 2
+        lesion = _bbox(label > 0.5) if label is not None else None
+        head = _bbox(image > self.foreground_threshold_hu)
         self.randomize()
-        centre = np.clip(centre + self._jitter, 0, shape - 1)
+        random_prob = self.negative_random_prob if lesion is None else self.positive_random_prob
+        if head is not None and self._random_draw < random_prob:
+            centre = head[0] + self._head_fraction * (head[1] - head[0])
+        else:
+            box = lesion if lesion is not None else head
+            middle = (box[0] + box[1]) / 2 if box is not None else (shape - 1) / 2
+            centre = middle + self._jitter
+        centre = np.clip(centre, 0, shape - 1)
         # Put `centre` at the output's middle, (roi - 1) / 2, rounding half up.
         start = np.floor(centre - (self.roi_size - 1) / 2 + 0.5).astype(int)
         end = start + self.roi_size
@@ -262,17 +288,18 @@ class CropAroundLesiond(Randomizable, MapTransform):
         return d
 
 
-def _bbox_centre(mask: torch.Tensor) -> np.ndarray | None:
-    """Centre (3,) in voxels of the bounding box of a (C, X, Y, Z) boolean mask; None if empty."""
+def _bbox(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last voxel index (3,) each of the bounding box of a (C, X, Y, Z) boolean mask; None if empty."""
     mask = convert_to_tensor(mask, track_meta=False).any(dim=0)
-    centre = []
+    first, last = [], []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         hits = torch.nonzero(mask.any(dim=other)).flatten()
         if hits.numel() == 0:
             return None
-        centre.append((hits[0].item() + hits[-1].item()) / 2)
-    return np.asarray(centre)
+        first.append(hits[0].item())
+        last.append(hits[-1].item())
+    return np.asarray(first, dtype=float), np.asarray(last, dtype=float)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +312,7 @@ def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
     Args:
         cfg: keys of ``DEFAULT_TRANSFORM_CONFIG`` (missing keys take the defaults, other keys are
             ignored so a larger config section can be passed).
-        train: adds centre jitter and, if ``cfg["augment"]``, augmentation. Seed it with
+        train: adds centre jitter, crops centred anywhere in the head and, if ``cfg["augment"]``, augmentation. Seed it with
             ``compose.set_random_state(seed)``; MONAI's DataLoader seeds each worker.
 
     Items need ``"image"``; ``"label"`` may be a path, None (empty mask) or absent.
@@ -300,6 +327,8 @@ def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
             roi_size=c["roi_size"],
             foreground_threshold_hu=c["head_threshold_hu"],
             jitter_voxels=c["lesion_jitter_voxels"] if train else 0,
+            negative_random_prob=c["negative_random_crop_prob"] if train else 0.0,
+            positive_random_prob=c["positive_random_crop_prob"] if train else 0.0,
         )
     )
     if augment:
@@ -390,6 +419,9 @@ def _resolved_config(cfg: Mapping | None) -> dict:
         raise ValueError(f"normalization must be 'zscore' or 'brain_window', got {c['normalization']!r}")
     if int(c["lesion_jitter_voxels"]) < 0:
         raise ValueError(f"lesion_jitter_voxels must be >= 0, got {c['lesion_jitter_voxels']}")
+    for key in ("negative_random_crop_prob", "positive_random_crop_prob"):
+        if not 0.0 <= float(c[key]) <= 1.0:
+            raise ValueError(f"{key} must be in [0, 1], got {c[key]}")
     if any(axis not in (0, 1, 2) for axis in c["flip_axes"]):
         raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2, got {c['flip_axes']}")
     return c
