@@ -8,6 +8,13 @@
 
 Without --click the whole head is covered by sliding windows (automatic mode). Clicks are voxel
 indices of the input file, or RAS millimetres with --click_space mm; "neg" marks a background click.
+
+Post-processing, on by default and recorded under "postprocessing" in each measurements JSON:
+predictions outside the intracranial space (found in the scan: bone above --bone_hu, the cavity it
+encloses on each axial slice, eroded by --intracranial_margin_mm) are cleared, and connected
+components smaller than --min_component_ml are dropped. A component holding a positive click is
+always kept whole. Use --no-intracranial_mask for skull-stripped scans or after a craniectomy, and
+--min_component_ml 0 to keep every component.
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.distributed import resolve_device  # noqa: E402
-from sam3d.predict import Click, HemorrhageSegmenter  # noqa: E402
+from sam3d.predict import (  # noqa: E402
+    BONE_THRESHOLD_HU,
+    INTRACRANIAL_MARGIN_MM,
+    MIN_COMPONENT_ML,
+    Click,
+    HemorrhageSegmenter,
+)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".pkl", ".pickle", ".npy", ".npz")
 
@@ -66,10 +79,23 @@ def main(argv=None) -> int:
     p.add_argument("--click_space", choices=["voxel", "mm"], default="voxel")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (automatic mode)")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--intracranial_mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="clear predictions outside the skull's cavity (default on)")
+    p.add_argument("--bone_hu", type=float, default=BONE_THRESHOLD_HU, help="HU from which a voxel is bone")
+    p.add_argument("--intracranial_margin_mm", type=float, default=INTRACRANIAL_MARGIN_MM,
+                   help="erode the intracranial mask by this many mm off the inner table")
+    p.add_argument("--min_component_ml", type=float, default=MIN_COMPONENT_ML,
+                   help="drop connected components smaller than this (mL); 0 keeps all")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if args.min_component_ml < 0 or args.intracranial_margin_mm < 0:
+        p.error("--min_component_ml and --intracranial_margin_mm must be >= 0")
 
-    segmenter = HemorrhageSegmenter(args.checkpoint, resolve_device(args.device), args.model_type, args.overlap)
+    segmenter = HemorrhageSegmenter(
+        args.checkpoint, resolve_device(args.device), args.model_type, args.overlap,
+        restrict_intracranial=args.intracranial_mask, min_component_ml=args.min_component_ml,
+        bone_hu=args.bone_hu, margin_mm=args.intracranial_margin_mm,
+    )
     clicks = _clicks(args.click, args.click_space)
     results = []
     for path in _inputs(args.input):

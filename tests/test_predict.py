@@ -6,14 +6,23 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.transforms import Compose
+from scipy import ndimage
 
 from engine.checkpoint import atomic_save
-from sam3d.data.io import load_volume
+from sam3d.data.io import Volume, load_volume
 from sam3d.data.synthetic import synthesize_case
 from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, _resampling_steps
 from sam3d.metrics import volume_ml
 from sam3d.modeling import build_sam3d, model_config
-from sam3d.predict import Click, HemorrhageSegmenter, measure, to_input_grid
+from sam3d.predict import (
+    Click,
+    HemorrhageSegmenter,
+    intracranial_mask,
+    measure,
+    postprocess_mask,
+    to_input_grid,
+)
+from scripts import predict as predict_cli
 
 
 @pytest.fixture(scope="module")
@@ -71,5 +80,87 @@ def test_predict_writes_mask_in_input_geometry(case, tmp_path, clicks):
     assert written.shape == c.image_hu.shape and np.allclose(written.affine, c.affine)
     saved = json.loads(open(result.files["measurements"]).read())
     assert saved["mode"] == ("interactive" if clicks else "automatic")
+    post = saved["postprocessing"]
+    assert post["intracranial_mask"]["applied"] and post["min_component"]["min_component_ml"] > 0
+    assert post["volume_after_ml"] == result.measurements.total_volume_ml
     assert saved["measurements"]["total_volume_ml"] == result.measurements.total_volume_ml
     assert result.files["overlays"] and all(p.endswith(".png") for p in result.files["overlays"])
+
+
+@pytest.fixture(scope="module")
+def small_head():
+    """A miniature subdural case at coarse spacing: (67, 80, 20) voxels, the bleed against the inner table."""
+    c = synthesize_case(1, seed=0, spacing_mm=(1.5, 1.5, 4.0), ich_type="subdural", head_scale=0.5)
+    return c, Volume(c.image_hu.astype(np.float32), c.affine, c.spacing_mm, "", True)
+
+
+def test_intracranial_mask_keeps_the_brain_and_drops_scalp_skull_and_air(small_head):
+    c, volume = small_head
+    hu = volume.array
+    inside = intracranial_mask(volume)
+    head = hu > -500
+    scalp = head & ~ndimage.binary_erosion(head, np.ones((3, 3, 1), bool), iterations=2)  # outer 3 mm, in-plane
+    assert inside[tuple(np.array(hu.shape) // 2)]  # the middle of the brain
+    assert not (inside & (hu >= 300)).any() and not (inside & ~head).any() and not (inside & scalp).any()
+    assert np.all((hu[inside] > -50) & (hu[inside] < 150))  # CSF, brain and blood only
+    assert 0.5 < inside.sum() / head.sum() < 0.8  # scalp and skull make up a good part of the head
+    assert (inside & (c.mask > 0)).sum() == (c.mask > 0).sum()  # the subdural crescent survives
+
+
+def test_postprocessing_clears_outside_the_skull_unless_clicked_and_skips_skull_free_scans(small_head):
+    c, volume = small_head
+    in_scalp = np.zeros(c.mask.shape, bool)
+    in_scalp[0:6, 35:45, 8:12] = True  # the head's left edge: scalp, skull and air
+    mask = (c.mask > 0) | in_scalp
+    cleared, record = postprocess_mask(mask, volume, min_component_ml=0)
+    assert not (cleared.astype(bool) & in_scalp).any() and cleared[c.mask > 0].all()
+    step = record["intracranial_mask"]
+    assert step["applied"] and step["removed_ml"] == pytest.approx(volume_ml(in_scalp, c.spacing_mm), abs=0.01)
+    clicked, record = postprocess_mask(mask, volume, keep_points=[(2, 40, 10)], min_component_ml=0)
+    assert clicked[in_scalp].all() and record["clicked_components_kept"] == 1
+
+    stripped = Volume(np.where(volume.array >= 300, 0.0, volume.array), volume.affine, volume.spacing_mm, "", True)
+    untouched, record = postprocess_mask(mask, stripped, min_component_ml=0)
+    assert not record["intracranial_mask"]["applied"] and np.array_equal(untouched.astype(bool), mask)
+
+
+def test_component_filter_drops_small_blobs_by_volume_in_ml():
+    spacing = (1.5, 1.5, 4.0)  # 9 mm^3 per voxel
+    volume = Volume(np.zeros((40, 40, 10), np.float32), np.diag([*spacing, 1.0]), spacing, "", True)
+    mask = np.zeros(volume.array.shape, bool)
+    mask[2:4, 2:4, 2:4] = True  # 8 voxels = 0.072 mL
+    mask[20:30, 20:30, 4:7] = True  # 300 voxels = 2.7 mL
+    kept, record = postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.1)
+    assert not kept[2:4, 2:4, 2:4].any() and kept[20:30, 20:30, 4:7].all()
+    assert record["min_component"] == {"min_component_ml": 0.1, "components_removed": 1, "removed_ml": 0.07}
+    assert record["volume_after_ml"] == 2.7 and "intracranial_mask" not in record
+    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.05)[0][2, 2, 2]
+    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0)[0].sum() == 308
+    clicked, _ = postprocess_mask(mask, volume, keep_points=[(2.2, 3.4, 2.9)], restrict_intracranial=False,
+                                  min_component_ml=0.1)
+    assert clicked[2:4, 2:4, 2:4].all()
+
+
+def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatch):
+    _, root = case
+    seen = {}
+
+    class Built(Exception):
+        """The segmenter's options are all this test needs: stop before loading a model."""
+
+    def recorder(checkpoint, device, model_type, overlap, **options):
+        seen.clear()
+        seen.update(options)
+        raise Built
+
+    monkeypatch.setattr(predict_cli, "HemorrhageSegmenter", recorder)
+    base = ["--checkpoint", "m.pth", "--input", str(root / "scan.nii.gz"), "--output_dir", str(tmp_path), "--device", "cpu"]
+    with pytest.raises(Built):
+        predict_cli.main(base)
+    assert seen["restrict_intracranial"] is True and seen["min_component_ml"] > 0
+    with pytest.raises(Built):
+        predict_cli.main(base + ["--no-intracranial_mask", "--min_component_ml", "0", "--bone_hu", "250",
+                                 "--intracranial_margin_mm", "0.5"])
+    assert seen == {"restrict_intracranial": False, "min_component_ml": 0.0, "bone_hu": 250.0, "margin_mm": 0.5}
+    with pytest.raises(SystemExit, match="2"):
+        predict_cli.main(base + ["--min_component_ml", "-1"])
