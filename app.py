@@ -9,7 +9,8 @@ through the same path as ``scripts/report.py`` (the report is checked against th
 contradictions are flagged). The page shows the axial slices with the mask in red under brain,
 subdural or bone windows, the measurements, the report, and downloads for the mask and the report.
 Clicking the slice adds a refinement click (positive or negative) in that slice's voxel space and
-re-runs the segmentation; the generated text is kept and re-grounded on the new measurements.
+re-runs the segmentation; the report is re-grounded on the new measurements (and rewritten from them
+when the report model is conditioned on measurements).
 X-ray (PNG/JPEG): the film and its report. A file that cannot be used gives a message on the page.
 """
 
@@ -177,17 +178,21 @@ class ReportSession:
             volume = load_volume(path)  # reads before the models do, so a bad file gets io's clear message
         except VolumeReadError as e:
             raise UploadError(str(e).replace(str(path), name)) from e
-        generated = self.reporter.generate(str(path), "ct")
+        # An unconditioned model's text does not depend on the segmentation: written once, re-grounded after clicks.
+        generated = None if self.reporter.conditioned else self.reporter.generate(str(path), "ct")
         case = {"modality": "ct", "path": str(path), "name": name, "volume": volume.array.astype(np.float32),
                 "axial_axis": int(np.argmax(np.abs(volume.affine[2, :3]))), "generated": generated, "clicks": []}
         return self.segment_and_report(case)
 
     def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
-        """(Re)segment with the case's clicks, ground the kept generated text, write the downloads."""
+        """(Re)segment with the case's clicks, ground the generated text (rewritten from the new
+        measurements by a conditioned model, kept otherwise), write the downloads."""
         clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
         segmenter = self.reporter.segmenter
         out = self._new_dir()
         segmentation = segmenter.save(segmenter.predict(case["path"], clicks or None), out)
+        if self.reporter.conditioned:
+            case = {**case, "generated": self.reporter.generate(case["path"], "ct", segmentation.measurements)}
         grounded = ground_report(case["generated"], segmentation.measurements, self.reporter.correct)
         findings, impression = split_sections(grounded.report)
         name = case["name"]

@@ -3,7 +3,8 @@
 A generated report may contradict what the segmentation measured ("no hemorrhage" next to a measured
 12 mL, the wrong side, a volume off by half). The findings labeler reads the generated text, the
 contradictions are listed as flags, and with ``correct=True`` the impression is replaced by one
-stated from the measurements. The measurements always enter the report as a structured line.
+stated from the measurements. The measurements always enter the report as a structured line, and
+as conditioning for generation when the report model was trained with it (``blip.conditioning``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 from sam3d.predict import Click, HemorrhageSegmenter, Measurements
 
+from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements
 from .data.reports import join_sections, split_sections
 from .labeler import NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
 
-MIN_HEMORRHAGE_ML = 0.5  # smaller segmentations are treated as noise, not as a bleed
+__all__ = ["MIN_HEMORRHAGE_ML", "GroundedReport", "ScanReporter", "contradictions", "ground_report",
+           "measured_impression", "structured_findings"]
 _VOLUME = re.compile(r"(\d+(?:\.\d+)?)\s*(?:ml|mL|cc|milliliters?)\b")
 
 
@@ -78,7 +81,9 @@ def ground_report(generated: str, m: Measurements, correct: bool = True, min_ml:
 
 
 class ScanReporter:
-    """The whole path for one scan; CT scans are segmented and grounded, X-ray images only reported."""
+    """The whole path for one scan; CT scans are segmented and grounded, X-ray images only reported.
+    A report model conditioned on measurements (``config.condition_on_measurements``) reads the
+    segmentation's measurement sentence before it writes, so a CT scan is segmented first."""
 
     def __init__(self, segmentation_checkpoint: str | os.PathLike | None, report_model: str | os.PathLike,
                  device: str = "cpu", correct: bool = True, generation: dict | None = None) -> None:
@@ -86,27 +91,41 @@ class ScanReporter:
 
         self.segmenter = HemorrhageSegmenter(segmentation_checkpoint, device) if segmentation_checkpoint else None
         self.model = Blip2ReportModel.from_pretrained(report_model).to(device).eval()
+        if self.model.config.condition_on_measurements and self.segmenter is None:
+            raise ValueError(f"{report_model} is conditioned on measurements: it needs a segmentation checkpoint")
         self.device = device
         self.correct = correct
         self.generation = dict(generation or {})
 
-    def generate(self, path: str, modality: str) -> str:
+    @property
+    def conditioned(self) -> bool:
+        return self.model.config.condition_on_measurements
+
+    def generate(self, path: str, modality: str, measurements: Measurements | None = None) -> str:
+        """The model's report for one image; ``measurements`` are required by (and only given to) a
+        conditioned model's CT reports."""
         from .task import image_transform
 
         image = image_transform(self.model, modality)(str(path))[None].to(self.device)
-        return self.model.generate(image, modality, **self.generation)[0]
+        contexts = None
+        if self.conditioned and modality == "ct":
+            if measurements is None:
+                raise ValueError("this report model is conditioned on measurements: segment the scan first")
+            contexts = [context_from_measurements(measurements)]
+        return self.model.generate(image, modality, contexts, **self.generation)[0]
 
     def run(self, path: str | os.PathLike, modality: str = "ct", clicks: list[Click] | None = None,
             output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"source": str(path), "modality": modality}
-        text = self.generate(str(path), modality)
         if modality != "ct" or self.segmenter is None:
+            text = self.generate(str(path), modality)
             findings, impression = split_sections(text)
             result.update(report=text, findings=findings, impression=impression)
             return result
         segmentation = self.segmenter.predict(path, clicks)
         if output_dir is not None:
             segmentation = self.segmenter.save(segmentation, output_dir)
+        text = self.generate(str(path), modality, segmentation.measurements)
         grounded = ground_report(text, segmentation.measurements, self.correct)
         findings, impression = split_sections(grounded.report)
         result.update(segmentation=segmentation.to_json(), findings=findings, impression=impression, **asdict(grounded))

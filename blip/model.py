@@ -12,7 +12,9 @@ Module layout (state-dict prefixes):
 
 The LM reads ``[projected queries (Q)] [prompt tokens (P)] [report tokens (T)]`` and is trained with
 its own next-token loss on the report only: labels are -100 on the Q + P prefix and on padding
-(BLIP-2 stage 2). A batch holds one modality, since the prompt and the tower depend on it; one model
+(BLIP-2 stage 2). With ``condition_on_measurements`` the prompt of each CT study starts with its
+measurement sentence (``blip.conditioning``), so prompts differ in length: the prefix is left-padded
+and position ids follow the attention mask, as Hugging Face generation does for left padding. A batch holds one modality, since the prompt and the tower depend on it; one model
 with both towers serves both modalities (``blip.train`` batches a mixed run by modality).
 Generated reports follow the training text's "FINDINGS: ... IMPRESSION: ..." format; cut them with
 ``blip.data.reports.split_sections``.
@@ -79,6 +81,7 @@ class Blip2ReportConfig:
     num_query_tokens: int = 32
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     max_text_len: int = 128
+    condition_on_measurements: bool = False  # CT prompts start with a measurement sentence
 
     def __post_init__(self) -> None:
         if self.lm_mode not in LM_MODES:
@@ -194,20 +197,44 @@ class Blip2ReportModel(nn.Module):
             tokens = self.vision_adapters[modality](tokens)
         return tokens
 
-    def prompt_ids(self, modality: str) -> torch.Tensor:
-        """(P,) token ids of the modality's prompt text."""
+    def prompt_ids(self, modality: str, context: str | None = None) -> torch.Tensor:
+        """(P,) token ids of the modality's prompt text, preceded by ``context`` when given."""
         if modality not in self.config.prompts:
             raise KeyError(f"no prompt for modality '{modality}'; config.prompts has {sorted(self.config.prompts)}")
-        return torch.tensor(self.tokenizer(self.config.prompts[modality], add_special_tokens=False).input_ids)
+        text = f"{context} {self.config.prompts[modality]}" if context else self.config.prompts[modality]
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def soft_prompt(self, images: torch.Tensor, modality: str, output_attentions: bool = False):
-        """(prefix embeddings (B, Q + P, H_lm), bridge output): projected queries, then the prompt."""
+    def _contexts(self, modality: str, contexts: list[str] | None, batch: int) -> list[str | None]:
+        """One context per study: required for CT when the model is conditioned, refused otherwise
+        (a model never trained with them would read words it has not seen in that place)."""
+        conditioned = self.config.condition_on_measurements and modality == "ct"
+        if conditioned and contexts is None:
+            raise ValueError("this report model is conditioned on measurements (config.condition_on_measurements): "
+                             "pass contexts, e.g. blip.conditioning.context_from_measurements(...)")
+        if not conditioned and contexts is not None:
+            raise ValueError(f"contexts given, but this model does not condition {modality} reports on measurements")
+        if contexts is not None and len(contexts) != batch:
+            raise ValueError(f"{len(contexts)} contexts for a batch of {batch} images")
+        return list(contexts) if contexts is not None else [None] * batch
+
+    def soft_prompt(self, images: torch.Tensor, modality: str, contexts: list[str] | None = None,
+                    output_attentions: bool = False):
+        """(prefix embeddings (B, L, H_lm), prefix mask (B, L), bridge output): projected queries, then
+        the (context +) prompt, left-padded to the longest prompt of the batch."""
         bridge_out = self.bridge(self.image_tokens(images, modality), output_attentions=output_attentions)
         embed = self.language_model.get_input_embeddings()
         queries = bridge_out.projected.to(embed.weight.dtype)
-        prompt = embed(self.prompt_ids(modality).to(images.device))
-        prefix = torch.cat([queries, prompt.unsqueeze(0).expand(queries.shape[0], -1, -1)], dim=1)
-        return prefix, bridge_out
+        prompts = [self.prompt_ids(modality, c).to(images.device) for c in self._contexts(modality, contexts, len(images))]
+        longest = max(len(p) for p in prompts)
+        batch, num_queries, width = queries.shape
+        prefix = queries.new_zeros(batch, longest + num_queries, width)
+        mask = torch.zeros(batch, longest + num_queries, dtype=torch.long, device=images.device)
+        for i, prompt in enumerate(prompts):
+            pad = longest - len(prompt)
+            prefix[i, pad:pad + num_queries] = queries[i]
+            prefix[i, pad + num_queries:] = embed(prompt)
+            mask[i, pad:] = 1
+        return prefix, mask, bridge_out
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), each (B, T ≤ max_text_len): see :func:`tokenize_reports`."""
@@ -215,20 +242,19 @@ class Blip2ReportModel(nn.Module):
 
     # ------------------------------------------------------------------ training and generation
     def forward(
-        self, images: torch.Tensor, modality: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, images: torch.Tensor, modality: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        contexts: list[str] | None = None,
     ) -> Blip2ReportOutput:
-        """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``."""
-        prefix, _ = self.soft_prompt(images, modality)
-        batch, prefix_len = prefix.shape[:2]
+        """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``;
+        ``contexts``: one measurement sentence per study for a conditioned model."""
+        prefix, prefix_mask, _ = self.soft_prompt(images, modality, contexts)
         report_embeds = self.language_model.get_input_embeddings()(input_ids)
-        attention_mask = attention_mask.to(input_ids.device)
-        ones = torch.ones(batch, prefix_len, dtype=attention_mask.dtype, device=attention_mask.device)
-        labels = torch.cat(
-            [torch.full_like(ones, -100, dtype=torch.long), input_ids.masked_fill(attention_mask == 0, -100)], dim=1
-        )
+        attention_mask = torch.cat([prefix_mask, attention_mask.to(prefix_mask)], dim=1)
+        labels = torch.cat([torch.full_like(prefix_mask, -100), input_ids.masked_fill(attention_mask[:, prefix.shape[1]:] == 0, -100)], dim=1)
         out = self.language_model(
             inputs_embeds=torch.cat([prefix, report_embeds], dim=1),
-            attention_mask=torch.cat([ones, attention_mask], dim=1),
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
             labels=labels,
         )
         return Blip2ReportOutput(loss=out.loss, logits=out.logits, labels=labels)
@@ -238,6 +264,7 @@ class Blip2ReportModel(nn.Module):
         self,
         images: torch.Tensor,
         modality: str,
+        contexts: list[str] | None = None,
         num_beams: int = 3,
         max_new_tokens: int = 100,
         do_sample: bool = False,
@@ -247,12 +274,13 @@ class Blip2ReportModel(nn.Module):
         no_repeat_ngram_size: int = 0,
     ) -> list[str]:
         """One report per image of the batch. Defaults follow R2GenGPT (beam 3, ~100 new tokens);
-        it also uses ``repetition_penalty=2.0, no_repeat_ngram_size=2``."""
-        prefix, _ = self.soft_prompt(images, modality)
+        it also uses ``repetition_penalty=2.0, no_repeat_ngram_size=2``. ``contexts``: one measurement
+        sentence per study for a conditioned model."""
+        prefix, prefix_mask, _ = self.soft_prompt(images, modality, contexts)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         tokens = self.language_model.generate(
             inputs_embeds=prefix,
-            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),
+            attention_mask=prefix_mask,
             num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,

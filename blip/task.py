@@ -108,12 +108,13 @@ class ReportDataset(Dataset):
         row = self.rows[index]
         image = row["image"] if isinstance(row["image"], str) else row["image"][0]
         return {"image": self.transforms[row["modality"]](image), "report": row["report"], "modality": row["modality"],
-                "id": str(row.get("id", index))}
+                "id": str(row.get("id", index)), "context": row.get("context")}
 
 
 class ReportCollator:
     """Items → ``{"image" (B, C, *S), "modality", "input_ids" (B, T), "attention_mask" (B, T),
-    "report", "id"}``; the reports are tokenized here, once per batch."""
+    "report", "id", "contexts"}``; the reports are tokenized here, once per batch. ``contexts`` is the
+    studies' measurement sentences, or None when the items carry none."""
 
     def __init__(self, tokenizer, max_text_len: int) -> None:
         self.tokenizer = tokenizer
@@ -125,6 +126,9 @@ class ReportCollator:
             raise ValueError(f"a batch must hold one modality, found {modalities} (ids {[i['id'] for i in items]})")
         reports = [item["report"] for item in items]
         input_ids, attention_mask = tokenize_reports(self.tokenizer, reports, self.max_text_len)
+        contexts = [item.get("context") for item in items]
+        if any(c is None for c in contexts) and any(c is not None for c in contexts):
+            raise ValueError(f"measurement contexts for some studies only (ids {[i['id'] for i in items]})")
         return {
             "image": torch.stack([item["image"] for item in items]),
             "modality": modalities[0],
@@ -132,14 +136,17 @@ class ReportCollator:
             "attention_mask": attention_mask,
             "report": reports,
             "id": [item["id"] for item in items],
+            "contexts": None if contexts[0] is None else contexts,
         }
 
 
-def batch_loss(model: Blip2ReportModel, batch: Mapping[str, Any]) -> torch.Tensor:
+def batch_loss(model: Blip2ReportModel, batch: Mapping[str, Any], images: torch.Tensor | None = None) -> torch.Tensor:
+    """LM loss of ``batch``; ``images`` replaces the batch's own (see ``ReportTask.validate``)."""
     device = next(model.bridge.parameters()).device
+    images = batch["image"] if images is None else images
     return model(
-        batch["image"].to(device, non_blocking=True), batch["modality"],
-        batch["input_ids"].to(device), batch["attention_mask"].to(device),
+        images.to(device, non_blocking=True), batch["modality"],
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch.get("contexts"),
     ).loss
 
 
@@ -157,7 +164,9 @@ class ReportLoss(nn.Module):
 class ReportTask:
     """Validation: ``val_loss`` is the LM loss (mean over report tokens) averaged over the validation
     studies; it selects the best model. With several modalities, ``val_loss_<modality>`` averages each
-    one's studies too. The first ``num_samples`` validation studies of each modality also get a
+    one's studies too. ``val_image_gain`` is how much worse the loss gets when each study of a batch is
+    given another study's image (batches of two or more): near 0, the reports do not depend on the
+    image, however low the loss. The first ``num_samples`` validation studies of each modality also get a
     generated report, written with their reference to ``samples_path`` (JSON, the latest validation's)
     when one is given."""
 
@@ -185,15 +194,22 @@ class ReportTask:
         model.eval()
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
+        gain_total, gain_count = 0.0, 0
         self.samples = []
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision):
             for batch in loader:
                 modality, size = batch["modality"], len(batch["report"])
-                totals[modality] = totals.get(modality, 0.0) + batch_loss(model, batch).item() * size
+                loss = batch_loss(model, batch).item()
+                totals[modality] = totals.get(modality, 0.0) + loss * size
                 counts[modality] = counts.get(modality, 0) + size
+                if size > 1:
+                    swapped = batch_loss(model, batch, batch["image"].roll(1, dims=0)).item()
+                    gain_total += (swapped - loss) * size
+                    gain_count += size
                 wanted = self.num_samples - sum(s["modality"] == modality for s in self.samples)
                 if wanted > 0:
-                    generated = model.generate(batch["image"][:wanted].to(device), modality, **self.generation)
+                    contexts = batch["contexts"][:wanted] if batch.get("contexts") else None
+                    generated = model.generate(batch["image"][:wanted].to(device), modality, contexts, **self.generation)
                     self.samples += [{"id": i, "modality": modality, "reference": r, "generated": g}
                                      for i, r, g in zip(batch["id"], batch["report"], generated)]
         model.train()
@@ -203,6 +219,8 @@ class ReportTask:
         metrics = {"val_loss": sum(totals.values()) / count if count else float("nan")}
         if len(counts) > 1:
             metrics.update({f"val_loss_{m}": totals[m] / counts[m] for m in sorted(counts)})
+        if gain_count:
+            metrics["val_image_gain"] = gain_total / gain_count
         return metrics
 
     @torch.no_grad()

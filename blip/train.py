@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt_ct", default="Head CT report:")
     g.add_argument("--prompt_xray", default="Chest X-ray report:")
     g.add_argument("--max_text_len", type=int, default=128, help="report tokens kept (end-of-text included)")
+    g.add_argument("--condition_on_measurements", action=bool_flag, default=False,
+                   help="CT prompts start with the study's measurement sentence (blip.conditioning), read from the "
+                        "manifest's volume_ml and side columns in training and from the segmentation in use")
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
@@ -136,22 +139,31 @@ def tower_freezing(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """(train rows, val rows) as ``{"image", "report", "modality", "id"}`` dicts."""
+    """(train rows, val rows) as ``{"image", "report", "modality", "id"}`` dicts, plus ``context`` (the
+    measurement sentence) for CT rows with ``--condition_on_measurements``."""
+    from blip.conditioning import context_from_row
     from blip.data.reports import read_report_manifest
 
+    val_source = args.val_manifest or args.train_manifest
     if args.val_manifest:
         train, val = read_report_manifest(args.train_manifest), read_report_manifest(args.val_manifest)
     else:
         train = read_report_manifest(args.train_manifest, split="train")
         val = read_report_manifest(args.train_manifest, split="val")
-    as_row = lambda r: {"image": r.image, "report": r.report, "modality": r.modality, "id": r.id}
-    return [as_row(r) for r in train], [as_row(r) for r in val]
+
+    def as_row(record, source: str) -> dict:
+        row = {"image": record.image, "report": record.report, "modality": record.modality, "id": record.id}
+        if args.condition_on_measurements and record.modality == "ct":
+            row["context"] = context_from_row(record.extra, f"{source}, line {record.source_row}")
+        return row
+
+    return [as_row(r, args.train_manifest) for r in train], [as_row(r, val_source) for r in val]
 
 
-def build_model(args: argparse.Namespace, modalities: str | Collection[str], train_reports: list[str], ctx):
+def build_model(args: argparse.Namespace, modalities: str | Collection[str], train_texts: list[str], ctx):
     """The report model with a tower for each of ``modalities`` (one name or several) from the flags.
-    Without --lm the tiny GPT-2 is built once (rank 0; the other ranks wait) into output_dir/lm, where
-    a resumed run finds it again."""
+    Without --lm the tiny GPT-2 (its tokenizer trained on ``train_texts``) is built once (rank 0; the
+    other ranks wait) into output_dir/lm, where a resumed run finds it again."""
     from blip.language_model import build_tiny_gpt2
     from blip.model import Blip2ReportConfig, Blip2ReportModel
     from blip.vision import VisionTowerConfig
@@ -162,7 +174,7 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
     if not lm_path:
         lm_path = str(Path(args.output_dir) / LM_FOLDER)
         if ctx.is_main and not (Path(lm_path) / "config.json").is_file():
-            build_tiny_gpt2(train_reports, lm_path, vocab_size=args.lm_vocab_size, n_layer=args.lm_layers,
+            build_tiny_gpt2(train_texts, lm_path, vocab_size=args.lm_vocab_size, n_layer=args.lm_layers,
                             n_embd=args.lm_width, n_positions=args.num_query_tokens + args.max_text_len + 32,
                             seed=args.seed)
         barrier(ctx)
@@ -174,7 +186,7 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
         xray_tower=xray.to_dict() if "xray" in modalities else None,
         bridge=args.bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
-        max_text_len=args.max_text_len,
+        max_text_len=args.max_text_len, condition_on_measurements=args.condition_on_measurements,
     )
     model = Blip2ReportModel(config)
     if args.qformer_checkpoint and not args.resume:  # a resumed run has its trained bridge in the checkpoint
@@ -219,7 +231,9 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     if val_only:
         raise ConfigError(f"{args.val_manifest or args.train_manifest}: validation rows of modality {val_only}, "
                           f"but the training rows of {args.train_manifest} are {modalities} (that tower would not train)")
-    model = build_model(args, modalities, [r["report"] for r in train_rows], ctx)
+    # The tiny LM's tokenizer learns the measurement sentences' words too.
+    texts = [r["report"] for r in train_rows] + sorted({r["context"] for r in train_rows if r.get("context")})
+    model = build_model(args, modalities, texts, ctx)
     for note in model.notes:
         print(note)
     transforms = {m: image_transform(model, m) for m in modalities}
@@ -265,10 +279,12 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                 first = val_ds[val_ds.group_keys.index(modality)]
                 image = first["image"][None].to(device)
                 with torch.no_grad():
-                    generated = model.generate(image, modality, **generation)[0]
+                    contexts = [first["context"]] if first["context"] else None
+                    generated = model.generate(image, modality, contexts, **generation)[0]
                 attention = write_attention_overlays(model, image, modality, [first["id"]], output_dir / "attention")
                 result["samples"].append({"id": first["id"], "modality": modality, "reference": first["report"],
-                                          "generated": generated, "attention_overlay": str(attention[0])})
+                                          "context": first["context"], "generated": generated,
+                                          "attention_overlay": str(attention[0])})
         result["outputs"] = outputs
         return result
     finally:
@@ -290,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for sample in result.get("samples", []):
             findings, impression = split_sections(sample["generated"])
-            print(f"sample {sample['id']} ({sample['modality']})\n  reference: {sample['reference']}\n"
+            context = f"  measurements given: {sample['context']}\n" if sample["context"] else ""
+            print(f"sample {sample['id']} ({sample['modality']})\n{context}  reference: {sample['reference']}\n"
                   f"  generated: {sample['generated']}\n  findings: {findings}\n  impression: {impression}\n"
                   f"  cross-attention: {sample['attention_overlay']}")
         print_outcome(result, "val loss")

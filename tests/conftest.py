@@ -61,7 +61,7 @@ def make_tiny_models(folder: Path) -> tuple[Path, Path]:
         ct_tower=VisionTowerConfig("sam3d", encoder_config=encoder.to_dict(),
                                    preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}).to_dict(),
         bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-        lm_path=str(lm), lm_mode="full", num_query_tokens=4,
+        lm_path=str(lm), lm_mode="full", num_query_tokens=4, condition_on_measurements=True,  # as the demo's
     )
     Blip2ReportModel(config).save_pretrained(folder / "report_model")
     return folder / "seg.pth", folder / "report_model"

@@ -104,7 +104,8 @@ def mixed_data(tmp_path_factory):
             write_head_ct(root / f"{split}_ct{index}.nii.gz", bleed=index % 2 == 0, seed=seed)
             write_film(root / f"{split}_film{index}.png", seed)
             rows += [{"image": f"{split}_ct{index}.nii.gz", "report": REPORTS[index % 2 == 0], "modality": "ct",
-                      "id": f"{split}_ct{index}"},
+                      "id": f"{split}_ct{index}", "volume_ml": 3.0 if index % 2 == 0 else 0.0,
+                      "side": "left" if index % 2 == 0 else "none"},
                      {"image": f"{split}_film{index}.png", "report": XRAY_REPORTS[index % 2], "modality": "xray",
                       "id": f"{split}_film{index}"}]
         manifests[split] = root / f"{split}.jsonl"
@@ -148,9 +149,11 @@ def test_mixed_run_trains_both_towers_and_reloads(mixed_data, tmp_path, capsys):
     xray_start = {k[len(SAM2D_CHECKPOINT_PREFIX):]: v for k, v in torch.load(mixed_data["xray_encoder"]).items()}
     assert changed(ct_start, model.visual_encoder.state_dict())
     assert changed(xray_start, model.visual_encoder_2d.state_dict())
-    for modality, image in (("ct", "val_ct0.nii.gz"), ("xray", "val_film0.png")):
+    # The config conditions CT reports on measurements; X-ray reports take none.
+    for modality, image, contexts in (("ct", "val_ct0.nii.gz", ["Segmentation: left hemorrhage, 3.0 mL."]),
+                                      ("xray", "val_film0.png", None)):
         pixels = image_transform(model, modality)(str(mixed_data["root"] / image))
-        texts = model.generate(pixels[None], modality, num_beams=1, max_new_tokens=5)
+        texts = model.generate(pixels[None], modality, contexts, num_beams=1, max_new_tokens=5)
         assert len(texts) == 1 and isinstance(texts[0], str)
 
 

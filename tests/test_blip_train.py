@@ -52,7 +52,8 @@ def ct_data(tmp_path_factory):
         for index, bleed in enumerate(bleeds):
             image = root / f"{split}_{index}.nii.gz"
             write_head_ct(image, bleed, seed=len(rows) + (10 if split == "val" else 0))
-            rows.append({"image": image.name, "report": REPORTS[bleed], "modality": "ct", "id": f"{split}{index}"})
+            rows.append({"image": image.name, "report": REPORTS[bleed], "modality": "ct", "id": f"{split}{index}",
+                         "volume_ml": 4.2 if bleed else 0.0, "side": "right" if bleed else "none"})
         manifests[split] = root / f"{split}.jsonl"
         manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
     torch.manual_seed(0)
@@ -77,6 +78,9 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     assert (out / "attention" / "val0_attention.png").is_file()
     samples = json.loads((out / "val_samples.json").read_text())
     assert [s["id"] for s in samples] == ["val0"] and isinstance(samples[0]["generated"], str)
+    # configs/blip_tiny_ct.yaml conditions on measurements: the manifest's volume_ml and side columns.
+    assert "Segmentation: right hemorrhage, 4.2 mL." in first
+    assert all(np.isfinite(h["val_image_gain"]) for h in history)  # val batches of 2 swap their images
 
     assert main(argv[:-1] + ["3", "--resume"]) == 0
     resumed = load_checkpoint(out / "latest_model.pth")
@@ -87,7 +91,8 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     # The CT pipeline is rebuilt from the preprocessing saved with the model.
     image = image_transform(model, "ct")(str(ct_data["root"] / "val_0.nii.gz"))
     assert image.shape == (1, 64, 64, 64)
-    texts = model.generate(image[None], "ct", num_beams=2, max_new_tokens=12)
+    assert model.config.condition_on_measurements
+    texts = model.generate(image[None], "ct", ["Segmentation: no hemorrhage."], num_beams=2, max_new_tokens=12)
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
