@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='windows as JSON [[level, width], ...] for --normalization brain_window')
     g.add_argument("--augment", action=bool_flag, default=True, help="random flips, small affine, intensity")
     g.add_argument("--lesion_jitter", type=int, default=8, help="random shift (voxels) of the lesion-centred crop")
+    g.add_argument("--negative_random_crop_prob", type=float, default=0.5,
+                   help="share of crops of hemorrhage-free scans centred anywhere in the head (else on the head)")
+    g.add_argument("--positive_random_crop_prob", type=float, default=0.2,
+                   help="share of crops of scans with a hemorrhage centred anywhere in the head (else on the lesion)")
     g.add_argument("--cache_dir", help="cache preprocessed volumes on disk here (MONAI PersistentDataset)")
     g.add_argument("--validate_data", choices=["full", "paths"], default="full",
                    help="full: read every volume/mask once before training; paths: existence only")
@@ -129,6 +133,8 @@ def preprocessing_config(args: argparse.Namespace, roi_size: int) -> dict[str, A
         "hu_windows": [tuple(w) for w in args.hu_windows],
         "augment": args.augment,
         "lesion_jitter_voxels": args.lesion_jitter,
+        "negative_random_crop_prob": args.negative_random_crop_prob,
+        "positive_random_crop_prob": args.positive_random_crop_prob,
     }
 
 

@@ -96,6 +96,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     encoder.load_state_dict(export["image_encoder_state_dict"])
     encoder, projector, meta = load_exported_encoder(killed_dir / "sam_encoder.pth")
     assert meta["visual_tokens"] == 256 and list(meta["preprocessing"]["target_spacing_mm"]) == [3.0, 3.0, 3.0]
+    assert meta["preprocessing"]["negative_random_crop_prob"] == 0.5  # training-crop settings travel too
     tokens = projector(encoder(torch.zeros(1, 1, 64, 64, 64)))
     assert tokens.shape == (1, 512, 256)
 
