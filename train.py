@@ -20,7 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import ConfigError, check_training_config, parse_with_config
+from engine.config import (
+    ConfigError,
+    add_optimisation_arguments,
+    add_run_arguments,
+    add_tracking_arguments,
+    check_training_config,
+    parse_with_config,
+)
 
 FULL_DEFAULTS_NOTE = "defaults are those of the original training script"
 
@@ -28,13 +35,8 @@ FULL_DEFAULTS_NOTE = "defaults are those of the original training script"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
-    g = p.add_argument_group("run")
-    g.add_argument("--config", help="YAML file of flag values; explicit flags override it")
+    g = add_run_arguments(p, "outputs/sam3d")
     g.add_argument("--test", action="store_true", help="system check with a tiny end-to-end run, then exit")
-    g.add_argument("--output_dir", default="outputs/sam3d")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--resume", action=bool_flag, default=False, help="continue from output_dir/latest_model.pth")
     g = p.add_argument_group("data")
     g.add_argument("--train_csv", help="CSV with columns path,ich,patient_id (extra columns kept)")
     g.add_argument("--val_csv")
@@ -68,26 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_num_clicks", type=int, default=5)
     g.add_argument("--automatic_round", action=bool_flag, default=True,
                    help="also train the prompt-free prediction of hemorrhage scans (automatic mode, no clicks)")
-    g = p.add_argument_group("optimisation (" + FULL_DEFAULTS_NOTE + ")")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch_size", type=int, default=2)
-    g.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate")
+    g = add_optimisation_arguments(
+        p, "optimisation (" + FULL_DEFAULTS_NOTE + ")", epochs=200, batch_size=2, lr=1e-4, weight_decay=1e-4,
+        patience=15, gradient_accumulation_steps=4, scheduler_type="reduce_on_plateau", monitor="validation Dice",
+        lr_help="encoder learning rate",
+    )
     g.add_argument("--decoder_lr_ratio", type=float, default=0.1,
                    help="prompt encoder and mask decoder learn at this x lr (SAM-Med3D: 0.1)")
-    g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--patience", type=int, default=15, help="early stopping on validation Dice")
-    g.add_argument("--use_mixed_precision", action=bool_flag, default=False,
-                   help="bf16 autocast where supported, fp16 + grad scaler otherwise")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=4)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--scheduler_type", choices=["reduce_on_plateau", "cosine", "step"], default="reduce_on_plateau")
-    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap batches per epoch (smoke runs)")
-    g = p.add_argument_group("tracking")
-    g.add_argument("--use_wandb", action=bool_flag, default=False)
-    g.add_argument("--wandb_project", default="sam3d-ich")
-    g.add_argument("--wandb_entity", default=None)
-    g.add_argument("--log_images", action=bool_flag, default=False, help="slice overlays to W&B every --log_freq epochs")
-    g.add_argument("--log_freq", type=int, default=5)
+    add_tracking_arguments(p, "sam3d-ich", "slice overlays")
     return p
 
 

@@ -31,7 +31,14 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, check_training_config, parse_with_config
+from engine.config import (
+    ConfigError,
+    add_optimisation_arguments,
+    add_run_arguments,
+    add_tracking_arguments,
+    check_training_config,
+    parse_with_config,
+)
 
 LM_FOLDER = "lm"
 REPORT_MODEL_FOLDER = "report_model"
@@ -42,12 +49,7 @@ MANIFEST_HINT = (" (`make demo` or scripts/make_synthetic_ich.py write synthetic
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
-    g = p.add_argument_group("run")
-    g.add_argument("--config", help="YAML file of flag values; explicit flags override it")
-    g.add_argument("--output_dir", default="outputs/blip")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--resume", action=bool_flag, default=False, help="continue from output_dir/latest_model.pth")
+    add_run_arguments(p, "outputs/blip")
     g = p.add_argument_group("data")
     g.add_argument("--train_manifest", help="CSV/JSONL with columns image, report (or findings/impression), modality")
     g.add_argument("--val_manifest", help="default: the rows of --train_manifest whose split is 'val'")
@@ -82,30 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT prompts start with the study's measurement sentence (blip.conditioning), read from the "
                         "manifest's volume_ml and side columns in training and from the segmentation in use")
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch_size", type=int, default=4)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--patience", type=int, default=10, help="early stopping on validation loss")
-    g.add_argument("--use_mixed_precision", action=bool_flag, default=False)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--scheduler_type", choices=["reduce_on_plateau", "cosine", "step"], default="cosine")
-    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap batches per epoch (smoke runs)")
+    add_optimisation_arguments(p, "optimisation", epochs=30, batch_size=4, lr=1e-4, weight_decay=0.05, patience=10,
+                               gradient_accumulation_steps=1, scheduler_type="cosine", monitor="validation loss")
     g = p.add_argument_group("generation (validation samples and the final sample)")
     g.add_argument("--num_val_samples", type=int, default=2, help="per modality")
     g.add_argument("--num_beams", type=int, default=3)
     g.add_argument("--max_new_tokens", type=int, default=100)
     g.add_argument("--repetition_penalty", type=float, default=2.0)
     g.add_argument("--no_repeat_ngram_size", type=int, default=2)
-    g = p.add_argument_group("tracking")
-    g.add_argument("--use_wandb", action=bool_flag, default=False)
-    g.add_argument("--wandb_project", default="blip-reports")
-    g.add_argument("--wandb_entity", default=None)
-    g.add_argument("--log_images", action=bool_flag, default=False,
-                   help="Q-Former cross-attention overlays to W&B every --log_freq epochs")
-    g.add_argument("--log_freq", type=int, default=5)
+    add_tracking_arguments(p, "blip-reports", "Q-Former cross-attention overlays")
     return p
 
 
