@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_manifest", help="CSV/JSONL with columns image, report (or findings/impression), modality")
     g.add_argument("--val_manifest", help="default: the rows of --train_manifest whose split is 'val'")
     g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--cache_images", action=bool_flag, default=False,
+                   help="keep preprocessed images in memory after their first epoch (8 MB per 128^3 CT volume)")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", help="CT tower: sam_encoder.pth exported by train.py (architecture and preprocessing inside)")
     g.add_argument("--ct_model_type", default="small", help="CT tower registry name when no --encoder (random weights)")
@@ -224,8 +226,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     for note in model.notes:
         print(note)
     transforms = {m: image_transform(model, m) for m in modalities}
-    train_ds = ReportDataset(train_rows, transforms, args.train_manifest)
-    val_ds = ReportDataset(val_rows, transforms, args.val_manifest or args.train_manifest)
+    train_ds = ReportDataset(train_rows, transforms, args.train_manifest, args.cache_images)
+    val_ds = ReportDataset(val_rows, transforms, args.val_manifest or args.train_manifest, args.cache_images)
 
     generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                   "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}

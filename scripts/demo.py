@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
     p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
-    p.add_argument("--report_epochs", type=int, default=12,
+    p.add_argument("--report_epochs", type=int, default=30,
                    help="fewer than the config's 40 so the whole demo stays under 10 minutes on 2 cores")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")

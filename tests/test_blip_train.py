@@ -169,3 +169,15 @@ def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
     for ours, theirs in (("query_tokens", "query_tokens"), ("ln_vision.weight", "ln_vision.weight"),
                          ("language_projection.weight", "opt_proj.weight")):
         assert torch.equal(state[ours], lavis_sd[theirs]), ours
+
+
+def test_image_cache_preprocesses_each_study_once():
+    calls = []
+    transform = lambda path: calls.append(path) or torch.full((1, 2, 2, 2), float(len(calls)))
+    rows = [{"image": f"{i}.nii.gz", "report": "r", "modality": "ct", "id": str(i)} for i in range(2)]
+    cached, plain = ReportDataset(rows, transform, "m.jsonl", cache=True), ReportDataset(rows, transform, "m.jsonl")
+    first = [cached[i]["image"] for i in (0, 1)]
+    assert [cached[i]["image"] for i in (0, 1)] == first and calls == ["0.nii.gz", "1.nii.gz"]
+    plain[0]
+    plain[0]
+    assert calls[2:] == ["0.nii.gz", "0.nii.gz"]  # without the cache every access runs the pipeline
