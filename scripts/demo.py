@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
     p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
-    p.add_argument("--report_epochs", type=int, default=30,
+    p.add_argument("--report_epochs", type=int, default=36,
                    help="fewer than the config's 40 so the whole demo stays under 10 minutes on 2 cores")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         "--config", args.report_config, "--train_manifest", str(data["reports_train"]), "--val_manifest",
         str(data["reports_val"]), "--encoder", seg["outputs"]["sam_encoder"], "--output_dir", str(out / "blip"),
         "--seed", str(args.seed), "--epochs", str(args.report_epochs),
+        "--num_val_samples", "0",  # no generation in every validation; the held-out step below shows reports
     ])
     reports = blip_train.run_training(report_args)
 
