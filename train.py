@@ -20,14 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import (
-    ConfigError,
-    add_optimisation_arguments,
-    add_run_arguments,
-    add_tracking_arguments,
-    check_training_config,
-    parse_with_config,
-)
+from engine.config import ConfigError, check_training_config, parse_with_config
+from engine.config import add_optimisation_arguments, add_run_arguments, add_tracking_arguments
 
 FULL_DEFAULTS_NOTE = "defaults are those of the original training script"
 

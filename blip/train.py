@@ -31,14 +31,8 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import (
-    ConfigError,
-    add_optimisation_arguments,
-    add_run_arguments,
-    add_tracking_arguments,
-    check_training_config,
-    parse_with_config,
-)
+from engine.config import ConfigError, check_training_config, parse_with_config
+from engine.config import add_optimisation_arguments, add_run_arguments, add_tracking_arguments
 
 LM_FOLDER = "lm"
 REPORT_MODEL_FOLDER = "report_model"
