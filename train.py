@@ -170,13 +170,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     param_groups = [{"params": decoder_params, "lr": args.decoder_lr_ratio * args.lr, "weight_decay": args.weight_decay, "name": "decoder"}]
     if encoder_params:
         param_groups.insert(0, {"params": encoder_params, "lr": args.lr, "weight_decay": args.weight_decay, "name": "encoder"})
-    trainer_cfg = TrainerConfig(
-        output_dir=str(output_dir), epochs=args.epochs, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        use_mixed_precision=args.use_mixed_precision, scheduler_type=args.scheduler_type, patience=args.patience,
-        seed=args.seed, num_workers=args.num_workers, log_freq=args.log_freq, log_images=args.log_images,
-        resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
-    )
+    trainer_cfg = TrainerConfig.from_flags(args, output_dir)
     run_config = {**vars(args), "model_config": config.to_dict()}
     tracker_factory = lambda run_id: Tracker(  # noqa: E731
         args.use_wandb, args.wandb_project, args.wandb_entity, run_config, output_dir, run_id,

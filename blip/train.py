@@ -228,13 +228,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     task = ReportTask(args.num_val_samples, generation, output_dir / "val_samples.json", args.use_mixed_precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "report_model"}]
-    trainer_cfg = TrainerConfig(
-        output_dir=str(output_dir), epochs=args.epochs, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        use_mixed_precision=args.use_mixed_precision, scheduler_type=args.scheduler_type, patience=args.patience,
-        seed=args.seed, num_workers=args.num_workers, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
-        log_images=args.log_images, log_freq=args.log_freq,
-    )
+    trainer_cfg = TrainerConfig.from_flags(args, output_dir)
     run_config = {**vars(args), "report_model_config": model.config.to_dict()}
     if ctx.is_main:
         (output_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")

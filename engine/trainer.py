@@ -88,6 +88,16 @@ class TrainerConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs (system check, tests)
     extra: dict = field(default_factory=dict)  # workflow settings recorded in checkpoints/summary
 
+    # Settings that are command-line flags of both workflows (engine.config adds them, same names).
+    FLAGS = ("epochs", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "use_mixed_precision",
+             "scheduler_type", "patience", "seed", "num_workers", "log_freq", "log_images", "resume",
+             "max_steps_per_epoch")
+
+    @classmethod
+    def from_flags(cls, flags: Any, output_dir: str | Path) -> TrainerConfig:
+        """The engine's settings from a parsed command line (an ``argparse.Namespace``)."""
+        return cls(output_dir=str(output_dir), **{name: getattr(flags, name) for name in cls.FLAGS})
+
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the hardware has it (CPUs, Ampere+ GPUs), fp16 with a grad scaler otherwise."""
