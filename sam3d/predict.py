@@ -129,6 +129,39 @@ def _ellipsoid(radius_mm: float, spacing_mm: Sequence[float], flat_axis: int | N
     return sum((g * s) ** 2 for g, s in zip(grid, spacing_mm)) <= radius_mm**2
 
 
+def _block_any(mask: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Downsample a boolean array by integer ``factors``: a block is True if any voxel in it is."""
+    padded = np.pad(mask, [(0, -n % f) for n, f in zip(mask.shape, factors)])
+    blocks = padded.reshape([x for n, f in zip(padded.shape, factors) for x in (n // f, f)])
+    return blocks.any(axis=(1, 3, 5))
+
+
+def _block_repeat(mask: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`_block_any`'s grid: each coarse voxel becomes its block, cropped to ``shape``."""
+    for axis, f in enumerate(factors):
+        mask = np.repeat(mask, f, axis=axis)
+    return mask[tuple(slice(0, n) for n in shape)]
+
+
+def _seal_skull(bone: np.ndarray, spacing_mm: Sequence[float], axial: int, seal_mm: float) -> np.ndarray:
+    """Bone plus the bridges a 2-D closing by a ``seal_mm`` disc adds across gaps in the ring.
+
+    The closing runs on a grid of about 1 mm in plane, where the disc has a few voxels instead of a few
+    hundred (on 0.45 mm scans it took 3.6 of 5 s). Only blocks free of bone are taken back as bridges,
+    each grown by one block so it meets the full-resolution bone without a leak at its ends; the bone
+    itself stays at full resolution, so the cavity's edge along the inner table is not coarsened.
+    """
+    factors = [1 if axis == axial else max(1, int(1.0 // s)) for axis, s in enumerate(spacing_mm)]
+    coarse = _block_any(bone, factors)
+    coarse_spacing = [s * f for s, f in zip(spacing_mm, factors)]
+    closed = ndimage.binary_closing(coarse, _ellipsoid(seal_mm, coarse_spacing, flat_axis=axial))
+    bridges = _block_repeat(closed & ~coarse, factors, bone.shape)
+    if max(factors) > 1:
+        reach = np.expand_dims(np.ones([2 * f - 1 for a, f in enumerate(factors) if a != axial], dtype=bool), axial)
+        bridges = ndimage.binary_dilation(bridges, reach)
+    return bone | bridges
+
+
 def intracranial_mask(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU, margin_mm: float = INTRACRANIAL_MARGIN_MM,
                       seal_mm: float = SKULL_SEAL_MM) -> np.ndarray:
     """The space inside the skull, found in the scan's own HU values: bool array on the input grid.
@@ -142,7 +175,7 @@ def intracranial_mask(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU, margin
     axial = _axial_axis(volume.affine)
     in_plane = np.expand_dims(np.ones((3, 3), dtype=bool), axial)  # 8-connected within a slice only
     bone = volume.array >= bone_hu
-    sealed = bone | ndimage.binary_closing(bone, _ellipsoid(seal_mm, volume.spacing_mm, flat_axis=axial))
+    sealed = _seal_skull(bone, volume.spacing_mm, axial, seal_mm)
     # With no through-plane neighbours in the structure each fill is 2-D, slice by slice.
     cavity = ndimage.binary_fill_holes(sealed, in_plane) & ~bone
     cavity = ndimage.binary_fill_holes(cavity, in_plane)

@@ -164,3 +164,20 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
     assert seen == {"restrict_intracranial": False, "min_component_ml": 0.0, "bone_hu": 250.0, "margin_mm": 0.5}
     with pytest.raises(SystemExit, match="2"):
         predict_cli.main(base + ["--min_component_ml", "-1"])
+
+
+@pytest.mark.parametrize("gap_mm, sealed", [(5.0, True), (12.0, False)])
+def test_skull_gaps_narrower_than_twice_the_seal_are_bridged_on_thin_slices(gap_mm, sealed):
+    """0.45 mm voxels: the seal runs on a coarser grid, and must still close a 5 mm suture without a leak."""
+    spacing = (0.45, 0.45, 5.0)
+    x, y = np.meshgrid(*(np.arange(220) * 0.45 - 49.5,) * 2, indexing="ij")
+    radius = np.hypot(x, y)
+    slice_hu = np.where(radius < 40, 35.0, -1000.0)
+    slice_hu[(radius >= 40) & (radius < 44) & (np.abs(y) >= gap_mm / 2)] = 1200.0  # the gap opens at +x
+    slice_hu[(radius >= 44) & (radius < 47)] = 20.0  # scalp, so the gap opens onto soft tissue
+    hu = np.repeat(slice_hu[:, :, None], 3, axis=2).astype(np.float32)
+    inside = intracranial_mask(Volume(hu, np.diag([*spacing, 1.0]), spacing, "", True))
+    assert inside[110, 110, 1] == sealed
+    if sealed:
+        brain = radius < 39  # clear of the 0.5 mm margin
+        assert inside[..., 1][brain].mean() > 0.99 and not inside[..., 1][radius >= 44].any()
