@@ -277,6 +277,11 @@ class Blip2ReportModel(nn.Module):
         it also uses ``repetition_penalty=2.0, no_repeat_ngram_size=2``. ``contexts``: one measurement
         sentence per study for a conditioned model."""
         prefix, prefix_mask, _ = self.soft_prompt(images, modality, contexts)
+        # An LM with learned positions (GPT-2's n_positions) cannot write past its last one.
+        lm_config = self.language_model.config
+        positions = getattr(lm_config, "n_positions", None) or getattr(lm_config, "max_position_embeddings", None)
+        if positions:
+            max_new_tokens = max(1, min(max_new_tokens, positions - prefix.shape[1]))
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         tokens = self.language_model.generate(
             inputs_embeds=prefix,

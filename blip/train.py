@@ -12,8 +12,14 @@ CT and X-ray in one run: a manifest may mix modalities. The model then gets both
 from ``--encoder`` / ``--ct_model_type``, the X-ray one from ``--xray_encoder`` / ``--xray_model_type``)
 sharing one Q-Former and LM, each modality with its own prompt; every batch holds one modality, and
 validation covers both (``val_loss`` over all studies, ``val_loss_ct`` / ``val_loss_xray`` per modality).
-``--freeze_vision`` keeps both towers fixed; ``--freeze_ct_tower`` / ``--freeze_xray_tower`` (or their
-``--no-`` forms) decide per tower and override it.
+A tower loaded from a checkpoint (``--encoder``, ``--xray_encoder``) stays fixed and a randomly
+initialised one trains, unless ``--freeze_vision`` / ``--no-freeze_vision`` (both towers) or
+``--freeze_ct_tower`` / ``--freeze_xray_tower`` (or their ``--no-`` forms, per tower) say otherwise. The
+fixed pretrained tower is BLIP-2's recipe, and here it is measured: the report loss alone teaches a
+tower little before it has taught the Q-Former to read it, and trained jointly from the first step the
+SAM-Med3D encoder's hemorrhage features were lost (reports the same with any study's image:
+``val_image_gain`` 0.000), while the frozen exported encoder gave held-out reports that depend on the
+image (see configs/blip_tiny_ct.yaml).
 
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
 (``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
@@ -55,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ct_model_type", default="small", help="CT tower registry name when no --encoder (random weights)")
     g.add_argument("--xray_encoder", help="X-ray tower: segment-anything checkpoint, e.g. sam_vit_b_01ec64.pth")
     g.add_argument("--xray_model_type", default="vit_b", help="X-ray tower: vit_b (sam_vit_b) or tiny")
-    g.add_argument("--freeze_vision", action=bool_flag, default=False, help="keep both vision towers fixed")
+    g.add_argument("--freeze_vision", action=bool_flag, default=None,
+                   help="both vision towers fixed (or trained, --no-freeze_vision); default: a tower loaded from a "
+                        "checkpoint stays fixed, a random one trains")
     g.add_argument("--freeze_ct_tower", action=bool_flag, default=None,
                    help="CT tower fixed or trained (default: --freeze_vision)")
     g.add_argument("--freeze_xray_tower", action=bool_flag, default=None,
@@ -116,9 +124,13 @@ def check_config(args: argparse.Namespace) -> list[str]:
 
 
 def tower_freezing(args: argparse.Namespace) -> dict[str, bool]:
-    """modality → whether its tower stays fixed: the per-tower flag where given, else --freeze_vision."""
+    """modality → whether its tower stays fixed: the per-tower flag where given, else --freeze_vision,
+    else fixed exactly when the tower is loaded from a checkpoint (pretrained)."""
     per_tower = {"ct": args.freeze_ct_tower, "xray": args.freeze_xray_tower}
-    return {m: args.freeze_vision if frozen is None else frozen for m, frozen in per_tower.items()}
+    pretrained = {"ct": bool(args.encoder), "xray": bool(args.xray_encoder)}
+    both = args.freeze_vision
+    return {m: frozen if frozen is not None else both if both is not None else pretrained[m]
+            for m, frozen in per_tower.items()}
 
 
 def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -157,9 +169,11 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
     if not lm_path:
         lm_path = str(Path(args.output_dir) / LM_FOLDER)
         if ctx.is_main and not (Path(lm_path) / "config.json").is_file():
+            # Positions for the queries, the prompt with its measurement sentence (< 64 tokens) and the
+            # longer of a training report and a generated one.
+            positions = args.num_query_tokens + 64 + max(args.max_text_len, args.max_new_tokens)
             build_tiny_gpt2(train_texts, lm_path, vocab_size=args.lm_vocab_size, n_layer=args.lm_layers,
-                            n_embd=args.lm_width, n_positions=args.num_query_tokens + args.max_text_len + 32,
-                            seed=args.seed)
+                            n_embd=args.lm_width, n_positions=positions, seed=args.seed)
         barrier(ctx)
     frozen = tower_freezing(args)
     ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, frozen["ct"])

@@ -132,6 +132,7 @@ def test_mixed_run_trains_both_towers_and_reloads(mixed_data, tmp_path, capsys):
         "--val_manifest", str(mixed_data["val"]), "--encoder", str(mixed_data["encoder"]),
         "--xray_encoder", str(mixed_data["xray_encoder"]), "--xray_model_type", "tiny", "--output_dir", str(out),
         "--epochs", "1", "--batch_size", "2", "--max_new_tokens", "5", "--num_beams", "1", "--log_images", "--log_freq", "1",
+        "--no-freeze_vision",  # loaded towers stay fixed by default
     ]) == 0
     printed = capsys.readouterr().out
     assert "sample val_ct0 (ct)" in printed and "sample val_film0 (xray)" in printed
@@ -165,8 +166,11 @@ def test_per_tower_freezing(mixed_data, tmp_path):
             "--xray_model_type", "tiny", "--lm", str(lm), "--num_query_tokens", "4",
             "--bridge", '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}']
     parse = lambda *flags: build_parser().parse_args(argv + list(flags))
+    assert tower_freezing(parse()) == {"ct": True, "xray": False}  # the exported encoder stays, the random one trains
     assert tower_freezing(parse("--freeze_vision")) == {"ct": True, "xray": True}
-    assert tower_freezing(parse("--freeze_xray_tower")) == {"ct": False, "xray": True}
+    assert tower_freezing(parse("--no-freeze_vision")) == {"ct": False, "xray": False}
+    assert tower_freezing(parse("--no-freeze_ct_tower")) == {"ct": False, "xray": False}
+    assert tower_freezing(parse("--no-freeze_vision", "--freeze_xray_tower")) == {"ct": False, "xray": True}
     model = build_model(parse("--freeze_vision", "--no-freeze_xray_tower"), ["ct", "xray"], [], DistributedContext())
     assert not any(p.requires_grad for p in model.visual_encoder.parameters())
     assert all(p.requires_grad for p in model.visual_encoder_2d.parameters())

@@ -205,3 +205,11 @@ def test_cross_attention_maps_and_overlays(model, tmp_path):
     assert [p.name for p in paths + xray_paths] == ["a_attention.png", "b_attention.png", "film_attention.png"]
     with Image.open(paths[0]) as picture:
         assert picture.size == (64, 64) and picture.mode == "RGB"
+
+
+def test_generation_stops_at_the_language_models_last_position(tmp_path):
+    short_lm = build_tiny_gpt2(REPORTS, tmp_path / "lm", n_embd=32, n_positions=24)
+    model = Blip2ReportModel(tiny_config(short_lm, xray=False)).eval()
+    prefix_length = model.soft_prompt(ct_images(1), "ct")[0].shape[1]
+    texts = model.generate(ct_images(1), "ct", num_beams=2, max_new_tokens=100)  # GPT-2 fails past position 24
+    assert len(model.tokenizer(texts[0]).input_ids) <= 24 - prefix_length
