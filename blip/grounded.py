@@ -43,7 +43,17 @@ def measured_impression(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> s
 
 
 def contradictions(text: str, m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> list[str]:
-    """Statements of ``text`` that the measurements contradict (empty when consistent)."""
+    """Statements of ``text`` that the measurements contradict (empty when consistent). The impression
+    is also read on its own: "IMPRESSION: No acute hemorrhage." after findings that describe one is
+    positive for the whole text, yet it is the sentence a reader acts on."""
+    flags = _contradictions(text, m, min_ml)
+    findings, impression = split_sections(text)
+    if findings and impression:
+        flags += [f"impression: {flag}" for flag in _contradictions(impression, m, min_ml) if flag not in flags]
+    return flags
+
+
+def _contradictions(text: str, m: Measurements, min_ml: float) -> list[str]:
     labels = label_ct_report(text)
     measured = m.total_volume_ml >= min_ml
     flags = []

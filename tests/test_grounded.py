@@ -29,6 +29,9 @@ def test_consistent_report_has_no_flags():
     ("FINDINGS: Acute right subdural hematoma. IMPRESSION: Right SDH.", BLEED, "report says right"),
     ("FINDINGS: Left intraparenchymal hemorrhage of 40 mL. IMPRESSION: Left IPH.", BLEED, "states 40 mL"),
     ("FINDINGS: Acute left subdural hematoma. IMPRESSION: SDH.", NONE, "found none"),
+    # Seen from the demo's model: findings describe the bleed, the impression denies it.
+    ("FINDINGS: Acute left intracranial hemorrhage. IMPRESSION: No acute intracranial hemorrhage.", BLEED,
+     "impression: report does not describe"),
 ])
 def test_contradictions_are_flagged_and_the_impression_corrected(text, measured, expected):
     grounded = ground_report(text, measured)
