@@ -14,8 +14,11 @@ The LM reads ``[projected queries (Q)] [prompt tokens (P)] [report tokens (T)]``
 its own next-token loss on the report only: labels are -100 on the Q + P prefix and on padding
 (BLIP-2 stage 2). With ``condition_on_measurements`` the prompt of each CT study starts with its
 measurement sentence (``blip.conditioning``), so prompts differ in length: the prefix is left-padded
-and position ids follow the attention mask, as Hugging Face generation does for left padding. A batch holds one modality, since the prompt and the tower depend on it; one model
-with both towers serves both modalities (``blip.train`` batches a mixed run by modality).
+and position ids follow the attention mask, as Hugging Face generation does for left padding. With
+``diagnosis_prompt`` a head on the Q-Former output predicts the labeler's observations and the prompt
+also starts with their sentence (``blip.diagnosis``); its binary cross-entropy joins the LM loss. A
+batch holds one modality, since the prompt and the tower depend on it; one model with both towers
+serves both modalities (``blip.train`` batches a mixed run by modality).
 Generated reports follow the training text's "FINDINGS: ... IMPRESSION: ..." format; cut them with
 ``blip.data.reports.split_sections``.
 """
@@ -40,6 +43,8 @@ from torch import nn
 from engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.visualize import lesion_slice_index
 
+from .diagnosis import diagnosis_sentence
+from .labeler import binary_observations
 from .language_model import LM_MODES, load_language_model
 from .qformer import QFormerBridge, QFormerBridgeConfig
 from .vision import VisionTowerConfig, build_vision_tower, encoder_tokens, tower_width
@@ -82,6 +87,8 @@ class Blip2ReportConfig:
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     max_text_len: int = 128
     condition_on_measurements: bool = False  # CT prompts start with a measurement sentence
+    diagnosis_prompt: bool = False  # a findings head; prompts start with its diagnosis sentence
+    diagnosis_loss_weight: float = 1.0  # of the head's binary cross-entropy, added to the LM loss
 
     def __post_init__(self) -> None:
         if self.lm_mode not in LM_MODES:
@@ -106,12 +113,18 @@ class Blip2ReportConfig:
 
 @dataclass
 class Blip2ReportOutput:
-    """``loss``: mean next-token loss over report tokens; ``logits`` (B, Q + P + T, vocab);
-    ``labels`` (B, Q + P + T), -100 where no loss is taken."""
+    """``loss``: what training minimises, ``lm_loss`` (+ ``diagnosis_loss_weight`` x ``diagnosis_loss``
+    for a model with a diagnosis head); ``lm_loss``: mean next-token loss over report tokens;
+    ``logits`` (B, Q + P + T, vocab); ``labels`` (B, Q + P + T), -100 where no loss is taken;
+    ``diagnosis_logits`` (B, observations) and ``diagnosis_loss`` (mean binary cross-entropy against
+    the reference labels) when the model has the head."""
 
     loss: torch.Tensor
+    lm_loss: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
+    diagnosis_logits: torch.Tensor | None = None
+    diagnosis_loss: torch.Tensor | None = None
 
 
 class Blip2ReportModel(nn.Module):
@@ -142,6 +155,11 @@ class Blip2ReportModel(nn.Module):
             **config.bridge, vision_width=vision_width, lm_hidden_size=lm_hidden,
             num_query_tokens=config.num_query_tokens,
         ))
+        # One head per modality: its observations are the labeler's for that modality.
+        self.diagnosis_heads = nn.ModuleDict(
+            {m: nn.Linear(self.bridge.config.hidden_size, len(binary_observations(m))) for m in widths}
+            if config.diagnosis_prompt else {}
+        )
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.config = config
@@ -217,14 +235,40 @@ class Blip2ReportModel(nn.Module):
             raise ValueError(f"{len(contexts)} contexts for a batch of {batch} images")
         return list(contexts) if contexts is not None else [None] * batch
 
+    def _diagnosis_logits(self, bridge_out, modality: str) -> torch.Tensor | None:
+        """(B, observations) logits of the modality's diagnosis head; None for a model without heads."""
+        if not self.config.diagnosis_prompt:
+            return None
+        return self.diagnosis_heads[modality](bridge_out.query_output.mean(dim=1))
+
+    def _diagnosis_sentences(self, logits: torch.Tensor | None, diagnosis: torch.Tensor | None,
+                             modality: str, batch: int) -> list[str | None]:
+        """One "Diagnosis: ..." sentence per study, from ``diagnosis`` (given labels, >= 0.5 present) or
+        else the head's prediction (logit > 0); Nones for a model without heads."""
+        if logits is None:
+            if diagnosis is not None:
+                raise ValueError("diagnosis labels given, but this model has no diagnosis head "
+                                 "(config.diagnosis_prompt is False)")
+            return [None] * batch
+        if diagnosis is not None and tuple(diagnosis.shape) != tuple(logits.shape):
+            raise ValueError(f"diagnosis labels of shape {tuple(diagnosis.shape)}, expected {tuple(logits.shape)}: "
+                             f"one column per observation of {modality} ({', '.join(binary_observations(modality))})")
+        present = logits > 0 if diagnosis is None else diagnosis >= 0.5
+        return [diagnosis_sentence(row, modality) for row in present.tolist()]
+
     def soft_prompt(self, images: torch.Tensor, modality: str, contexts: list[str] | None = None,
-                    output_attentions: bool = False):
-        """(prefix embeddings (B, L, H_lm), prefix mask (B, L), bridge output): projected queries, then
-        the (context +) prompt, left-padded to the longest prompt of the batch."""
+                    diagnosis: torch.Tensor | None = None, output_attentions: bool = False):
+        """(prefix embeddings (B, L, H_lm), prefix mask (B, L), bridge output, diagnosis logits (B, K)
+        or None): projected queries, then the (measurement context +) (diagnosis sentence +) prompt,
+        left-padded to the longest prompt of the batch."""
         bridge_out = self.bridge(self.image_tokens(images, modality), output_attentions=output_attentions)
+        logits = self._diagnosis_logits(bridge_out, modality)
+        sentences = self._diagnosis_sentences(logits, diagnosis, modality, len(images))
+        contexts = self._contexts(modality, contexts, len(images))
+        texts = [" ".join(t for t in (c, d) if t) or None for c, d in zip(contexts, sentences)]
         embed = self.language_model.get_input_embeddings()
         queries = bridge_out.projected.to(embed.weight.dtype)
-        prompts = [self.prompt_ids(modality, c).to(images.device) for c in self._contexts(modality, contexts, len(images))]
+        prompts = [self.prompt_ids(modality, text).to(images.device) for text in texts]
         longest = max(len(p) for p in prompts)
         batch, num_queries, width = queries.shape
         prefix = queries.new_zeros(batch, longest + num_queries, width)
@@ -234,7 +278,7 @@ class Blip2ReportModel(nn.Module):
             prefix[i, pad:pad + num_queries] = queries[i]
             prefix[i, pad + num_queries:] = embed(prompt)
             mask[i, pad:] = 1
-        return prefix, mask, bridge_out
+        return prefix, mask, bridge_out, logits
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), each (B, T ≤ max_text_len): see :func:`tokenize_reports`."""
@@ -243,11 +287,16 @@ class Blip2ReportModel(nn.Module):
     # ------------------------------------------------------------------ training and generation
     def forward(
         self, images: torch.Tensor, modality: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-        contexts: list[str] | None = None,
+        contexts: list[str] | None = None, diagnosis: torch.Tensor | None = None,
     ) -> Blip2ReportOutput:
         """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``;
-        ``contexts``: one measurement sentence per study for a conditioned model."""
-        prefix, prefix_mask, _ = self.soft_prompt(images, modality, contexts)
+        ``contexts``: one measurement sentence per study for a conditioned model; ``diagnosis`` (B, K):
+        the reference labels (``blip.diagnosis.reference_diagnosis``) for a model with a diagnosis head,
+        the head's targets and the sentence the LM reads."""
+        if self.config.diagnosis_prompt and diagnosis is None:
+            raise ValueError("this report model has a diagnosis head (config.diagnosis_prompt): pass the reference "
+                             "labels, blip.diagnosis.reference_diagnosis(report, modality) per study")
+        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(images, modality, contexts, diagnosis)
         report_embeds = self.language_model.get_input_embeddings()(input_ids)
         attention_mask = torch.cat([prefix_mask, attention_mask.to(prefix_mask)], dim=1)
         labels = torch.cat([torch.full_like(prefix_mask, -100), input_ids.masked_fill(attention_mask[:, prefix.shape[1]:] == 0, -100)], dim=1)
@@ -257,7 +306,21 @@ class Blip2ReportModel(nn.Module):
             position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
             labels=labels,
         )
-        return Blip2ReportOutput(loss=out.loss, logits=out.logits, labels=labels)
+        if diagnosis_logits is None:
+            return Blip2ReportOutput(loss=out.loss, lm_loss=out.loss, logits=out.logits, labels=labels)
+        diagnosis_loss = F.binary_cross_entropy_with_logits(diagnosis_logits.float(), diagnosis.float())
+        return Blip2ReportOutput(
+            loss=out.loss + self.config.diagnosis_loss_weight * diagnosis_loss, lm_loss=out.loss, logits=out.logits,
+            labels=labels, diagnosis_logits=diagnosis_logits, diagnosis_loss=diagnosis_loss,
+        )
+
+    @torch.no_grad()
+    def diagnose(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, K) probabilities of ``blip.labeler.binary_observations(modality)`` from the diagnosis head."""
+        if not self.config.diagnosis_prompt:
+            raise ValueError("this report model has no diagnosis head (config.diagnosis_prompt is False)")
+        bridge_out = self.bridge(self.image_tokens(images, modality))
+        return torch.sigmoid(self._diagnosis_logits(bridge_out, modality).float())
 
     @torch.no_grad()
     def generate(
@@ -265,6 +328,7 @@ class Blip2ReportModel(nn.Module):
         images: torch.Tensor,
         modality: str,
         contexts: list[str] | None = None,
+        diagnosis: torch.Tensor | None = None,
         num_beams: int = 3,
         max_new_tokens: int = 100,
         do_sample: bool = False,
@@ -275,8 +339,9 @@ class Blip2ReportModel(nn.Module):
     ) -> list[str]:
         """One report per image of the batch. Defaults follow R2GenGPT (beam 3, ~100 new tokens);
         it also uses ``repetition_penalty=2.0, no_repeat_ngram_size=2``. ``contexts``: one measurement
-        sentence per study for a conditioned model."""
-        prefix, prefix_mask, _ = self.soft_prompt(images, modality, contexts)
+        sentence per study for a conditioned model. A model with a diagnosis head writes after its own
+        predicted diagnosis, or after ``diagnosis`` (B, K) labels when given."""
+        prefix, prefix_mask, _, _ = self.soft_prompt(images, modality, contexts, diagnosis)
         # An LM with learned positions (GPT-2's n_positions) cannot write past its last one.
         lm_config = self.language_model.config
         positions = getattr(lm_config, "n_positions", None) or getattr(lm_config, "max_position_embeddings", None)

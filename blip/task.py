@@ -35,6 +35,7 @@ from sam3d.data.transforms import build_inference_transforms
 from .model import (
     TOWER_OF_MODALITY,
     Blip2ReportModel,
+    Blip2ReportOutput,
     attention_overlays,
     tokenize_reports,
 )
@@ -122,13 +123,14 @@ class ReportDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         return {"image": self.image(index), "report": row["report"], "modality": row["modality"],
-                "id": str(row.get("id", index)), "context": row.get("context")}
+                "id": str(row.get("id", index)), "context": row.get("context"), "diagnosis": row.get("diagnosis")}
 
 
 class ReportCollator:
     """Items → ``{"image" (B, C, *S), "modality", "input_ids" (B, T), "attention_mask" (B, T),
-    "report", "id", "contexts"}``; the reports are tokenized here, once per batch. ``contexts`` is the
-    studies' measurement sentences, or None when the items carry none."""
+    "report", "id", "contexts", "diagnosis"}``; the reports are tokenized here, once per batch.
+    ``contexts`` is the studies' measurement sentences and ``diagnosis`` (B, K) their reference labels
+    (``blip.diagnosis``), each None when the items carry none."""
 
     def __init__(self, tokenizer, max_text_len: int) -> None:
         self.tokenizer = tokenizer
@@ -143,6 +145,9 @@ class ReportCollator:
         contexts = [item.get("context") for item in items]
         if any(c is None for c in contexts) and any(c is not None for c in contexts):
             raise ValueError(f"measurement contexts for some studies only (ids {[i['id'] for i in items]})")
+        diagnosis = [item.get("diagnosis") for item in items]
+        if any(d is None for d in diagnosis) and any(d is not None for d in diagnosis):
+            raise ValueError(f"diagnosis labels for some studies only (ids {[i['id'] for i in items]})")
         return {
             "image": torch.stack([item["image"] for item in items]),
             "modality": modalities[0],
@@ -151,36 +156,45 @@ class ReportCollator:
             "report": reports,
             "id": [item["id"] for item in items],
             "contexts": None if contexts[0] is None else contexts,
+            "diagnosis": None if diagnosis[0] is None else torch.tensor(diagnosis, dtype=torch.float32),
         }
 
 
-def batch_loss(model: Blip2ReportModel, batch: Mapping[str, Any], images: torch.Tensor | None = None) -> torch.Tensor:
-    """LM loss of ``batch``; ``images`` replaces the batch's own (see ``ReportTask.validate``)."""
+def batch_output(model: Blip2ReportModel, batch: Mapping[str, Any], images: torch.Tensor | None = None) -> Blip2ReportOutput:
+    """The model's output on ``batch``; ``images`` replaces the batch's own (see ``ReportTask.validate``)."""
     device = next(model.bridge.parameters()).device
     images = batch["image"] if images is None else images
+    diagnosis = batch.get("diagnosis")
     return model(
         images.to(device, non_blocking=True), batch["modality"],
         batch["input_ids"].to(device), batch["attention_mask"].to(device), batch.get("contexts"),
-    ).loss
+        None if diagnosis is None else diagnosis.to(device),
+    )
 
 
 class ReportLoss(nn.Module):
-    """batch → (LM loss, logs): the module the engine trains (and DDP wraps)."""
+    """batch → (loss, logs): the module the engine trains (and DDP wraps). With a diagnosis head the
+    loss is LM + weighted head loss, and both parts are logged."""
 
     def __init__(self, model: Blip2ReportModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        return batch_loss(self.model, batch), {}
+        out = batch_output(self.model, batch)
+        if out.diagnosis_loss is None:
+            return out.loss, {}
+        return out.loss, {"lm_loss": out.lm_loss.item(), "diagnosis_loss": out.diagnosis_loss.item()}
 
 
 class ReportTask:
-    """Validation: ``val_loss`` is the LM loss (mean over report tokens) averaged over the validation
-    studies; it selects the best model. With several modalities, ``val_loss_<modality>`` averages each
-    one's studies too. ``val_image_gain`` is how much worse the loss gets when each study of a batch is
-    given another study's image (batches of two or more): near 0, the reports do not depend on the
-    image, however low the loss. The first ``num_samples`` validation studies of each modality also get a
+    """Validation: ``val_loss`` is the training objective (the LM loss, mean over report tokens, plus the
+    weighted diagnosis loss for a model with a diagnosis head) averaged over the validation studies; it
+    selects the best model. With several modalities, ``val_loss_<modality>`` averages each one's studies
+    too. ``val_image_gain`` is how much worse the LM loss gets when each study of a batch is given
+    another study's image (batches of two or more): near 0, the reports do not depend on the image,
+    however low the loss. A diagnosis head adds ``val_lm_loss``, ``val_diagnosis_loss`` and
+    ``val_diagnosis_f1`` (micro F1 of its predictions against the reference labels, all observations). The first ``num_samples`` validation studies of each modality also get a
     generated report, written with their reference to ``samples_path`` (JSON, the latest validation's)
     when one is given."""
 
@@ -209,17 +223,25 @@ class ReportTask:
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         gain_total, gain_count = 0.0, 0
+        head: dict[str, float] = {"lm_loss": 0.0, "diagnosis_loss": 0.0, "tp": 0, "fp": 0, "fn": 0}
         self.samples = []
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision):
             for batch in loader:
                 modality, size = batch["modality"], len(batch["report"])
-                loss = batch_loss(model, batch).item()
-                totals[modality] = totals.get(modality, 0.0) + loss * size
+                out = batch_output(model, batch)
+                totals[modality] = totals.get(modality, 0.0) + out.loss.item() * size
                 counts[modality] = counts.get(modality, 0) + size
                 if size > 1:
-                    swapped = batch_loss(model, batch, batch["image"].roll(1, dims=0)).item()
-                    gain_total += (swapped - loss) * size
+                    swapped = batch_output(model, batch, batch["image"].roll(1, dims=0)).lm_loss.item()
+                    gain_total += (swapped - out.lm_loss.item()) * size
                     gain_count += size
+                if out.diagnosis_logits is not None:
+                    predicted, reference = out.diagnosis_logits > 0, batch["diagnosis"].to(device) >= 0.5
+                    head["lm_loss"] += out.lm_loss.item() * size
+                    head["diagnosis_loss"] += out.diagnosis_loss.item() * size
+                    head["tp"] += (predicted & reference).sum().item()
+                    head["fp"] += (predicted & ~reference).sum().item()
+                    head["fn"] += (~predicted & reference).sum().item()
                 wanted = self.num_samples - sum(s["modality"] == modality for s in self.samples)
                 if wanted > 0:
                     contexts = batch["contexts"][:wanted] if batch.get("contexts") else None
@@ -235,6 +257,10 @@ class ReportTask:
             metrics.update({f"val_loss_{m}": totals[m] / counts[m] for m in sorted(counts)})
         if gain_count:
             metrics["val_image_gain"] = gain_total / gain_count
+        if model.config.diagnosis_prompt and count:
+            tp, fp, fn = head["tp"], head["fp"], head["fn"]
+            metrics.update({"val_lm_loss": head["lm_loss"] / count, "val_diagnosis_loss": head["diagnosis_loss"] / count,
+                            "val_diagnosis_f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0})
         return metrics
 
     @torch.no_grad()

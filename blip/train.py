@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--condition_on_measurements", action=bool_flag, default=False,
                    help="CT prompts start with the study's measurement sentence (blip.conditioning), read from the "
                         "manifest's volume_ml and side columns in training and from the segmentation in use")
+    g.add_argument("--diagnosis_prompt", action=bool_flag, default=False,
+                   help="a head on the Q-Former predicts the labeler's findings, and prompts start with them "
+                        "(blip.diagnosis): reference labels in training, the head's prediction in generation")
+    g.add_argument("--diagnosis_loss_weight", type=float, default=1.0,
+                   help="weight of the diagnosis head's binary cross-entropy in the training loss")
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
     add_optimisation_arguments(p, "optimisation", epochs=30, batch_size=4, lr=1e-4, weight_decay=0.05, patience=10,
                                gradient_accumulation_steps=1, scheduler_type="cosine", monitor="validation loss")
@@ -135,9 +140,11 @@ def tower_freezing(args: argparse.Namespace) -> dict[str, bool]:
 
 def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """(train rows, val rows) as ``{"image", "report", "modality", "id"}`` dicts, plus ``context`` (the
-    measurement sentence) for CT rows with ``--condition_on_measurements``."""
+    measurement sentence) for CT rows with ``--condition_on_measurements`` and ``diagnosis`` (the
+    labeler's reference labels) with ``--diagnosis_prompt``."""
     from blip.conditioning import context_from_row
     from blip.data.reports import read_report_manifest
+    from blip.diagnosis import reference_diagnosis
 
     val_source = args.val_manifest or args.train_manifest
     if args.val_manifest:
@@ -150,6 +157,8 @@ def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         row = {"image": record.image, "report": record.report, "modality": record.modality, "id": record.id}
         if args.condition_on_measurements and record.modality == "ct":
             row["context"] = context_from_row(record.extra, f"{source}, line {record.source_row}")
+        if args.diagnosis_prompt:
+            row["diagnosis"] = reference_diagnosis(record.report, record.modality)
         return row
 
     return [as_row(r, args.train_manifest) for r in train], [as_row(r, val_source) for r in val]
@@ -184,6 +193,7 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
         bridge=args.bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
         max_text_len=args.max_text_len, condition_on_measurements=args.condition_on_measurements,
+        diagnosis_prompt=args.diagnosis_prompt, diagnosis_loss_weight=args.diagnosis_loss_weight,
     )
     model = Blip2ReportModel(config)
     if args.qformer_checkpoint and not args.resume:  # a resumed run has its trained bridge in the checkpoint
@@ -200,6 +210,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     modality. Returns the engine's result plus ``outputs`` and ``samples``."""
     import torch
 
+    from blip.diagnosis import diagnosis_sentence
     from blip.model import write_attention_overlays
     from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
     from engine.checkpoint import extract_state_dict, load_checkpoint
@@ -228,8 +239,9 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     if val_only:
         raise ConfigError(f"{args.val_manifest or args.train_manifest}: validation rows of modality {val_only}, "
                           f"but the training rows of {args.train_manifest} are {modalities} (that tower would not train)")
-    # The tiny LM's tokenizer learns the measurement sentences' words too.
+    # The tiny LM's tokenizer learns the measurement and diagnosis sentences' words too.
     texts = [r["report"] for r in train_rows] + sorted({r["context"] for r in train_rows if r.get("context")})
+    texts += sorted({diagnosis_sentence(r["diagnosis"], r["modality"]) for r in train_rows if r.get("diagnosis")})
     model = build_model(args, modalities, texts, ctx)
     for note in model.notes:
         print(note)
@@ -272,9 +284,11 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.no_grad():
                     contexts = [first["context"]] if first["context"] else None
                     generated = model.generate(image, modality, contexts, **generation)[0]
+                    diagnosis = (diagnosis_sentence((model.diagnose(image, modality)[0] >= 0.5).tolist(), modality)
+                                 if args.diagnosis_prompt else None)
                 attention = write_attention_overlays(model, image, modality, [first["id"]], output_dir / "attention")
                 result["samples"].append({"id": first["id"], "modality": modality, "reference": first["report"],
-                                          "context": first["context"], "generated": generated,
+                                          "context": first["context"], "diagnosis": diagnosis, "generated": generated,
                                           "attention_overlay": str(attention[0])})
         result["outputs"] = outputs
         return result
@@ -298,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sample in result.get("samples", []):
             findings, impression = split_sections(sample["generated"])
             context = f"  measurements given: {sample['context']}\n" if sample["context"] else ""
+            context += f"  predicted: {sample['diagnosis']}\n" if sample["diagnosis"] else ""
             print(f"sample {sample['id']} ({sample['modality']})\n{context}  reference: {sample['reference']}\n"
                   f"  generated: {sample['generated']}\n  findings: {findings}\n  impression: {impression}\n"
                   f"  cross-attention: {sample['attention_overlay']}")

@@ -1,0 +1,112 @@
+"""Diagnosis-driven prompts: the labels and their sentence, the head's plumbing through training,
+generation and save/load, and a model whose reports follow the diagnosis it predicts from the image."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from blip.diagnosis import diagnosis_sentence, reference_diagnosis
+from blip.labeler import POSITIVE, binary_observations, label_ct_report
+from blip.language_model import build_tiny_gpt2
+from blip.model import Blip2ReportModel
+from blip.task import ReportCollator
+from tests.test_blip_model import REPORTS, ct_images, tiny_config
+
+SDH = ("FINDINGS: Acute left subdural hematoma with mass effect. "
+       "IMPRESSION: Left subdural hematoma with mass effect.")
+NORMAL = "FINDINGS: No intracranial hemorrhage. IMPRESSION: Normal head CT."
+
+
+def test_reference_labels_and_their_sentence():
+    sdh = reference_diagnosis(SDH, "ct")
+    assert len(sdh) == len(binary_observations("ct"))
+    assert diagnosis_sentence(sdh, "ct") == "Diagnosis: hemorrhage, subdural, mass effect."
+    assert diagnosis_sentence(reference_diagnosis(NORMAL, "ct"), "ct") == "Diagnosis: no hemorrhage."
+    # Uncertain counts as present, as in clinical efficacy.
+    assert diagnosis_sentence(reference_diagnosis("Possible small subarachnoid hemorrhage.", "ct"), "ct") == \
+        "Diagnosis: hemorrhage, subarachnoid."
+    xray = reference_diagnosis("The heart is enlarged. Small left pleural effusion.", "xray")
+    assert diagnosis_sentence(xray, "xray") == "Diagnosis: cardiomegaly, pleural effusion."
+    assert diagnosis_sentence(reference_diagnosis("The lungs are clear.", "xray"), "xray") == "Diagnosis: no finding."
+    with pytest.raises(ValueError, match=r"3 diagnosis labels for ct, expected 8 \(hemorrhage, IPH"):
+        diagnosis_sentence([1, 0, 0], "ct")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    texts = REPORTS + [SDH, NORMAL, diagnosis_sentence(reference_diagnosis(SDH, "ct"), "ct"), "Diagnosis: no hemorrhage."]
+    return build_tiny_gpt2(texts, tmp_path_factory.mktemp("lm"), n_embd=32)
+
+
+def diagnosed(lm, **changes) -> Blip2ReportModel:
+    torch.manual_seed(0)
+    return Blip2ReportModel(dataclasses.replace(tiny_config(lm), diagnosis_prompt=True, **changes))
+
+
+def test_the_head_joins_the_loss_and_the_prompt(lm, tmp_path):
+    model = diagnosed(lm, diagnosis_loss_weight=0.5)
+    assert {m: head.out_features for m, head in model.diagnosis_heads.items()} == {"ct": 8, "xray": 14}
+    ids, mask = model.tokenize_reports([SDH, NORMAL])
+    labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")])
+    with pytest.raises(ValueError, match="pass the reference labels"):
+        model(ct_images(), "ct", ids, mask)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\), expected \(2, 8\)"):
+        model(ct_images(), "ct", ids, mask, diagnosis=labels[:, :3])
+    out = model(ct_images(), "ct", ids, mask, diagnosis=labels)
+    assert out.diagnosis_logits.shape == (2, 8)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.diagnosis_logits, labels)
+    torch.testing.assert_close(out.diagnosis_loss, expected)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * expected)
+    # The LM reads the sentence of the labels it is given: the prefix grows by its tokens.
+    prefix_sdh = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[:1])[0].shape[1]
+    prefix_normal = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[1:])[0].shape[1]
+    sentence = diagnosis_sentence(labels[0].tolist(), "ct")
+    assert prefix_sdh == 4 + len(model.prompt_ids("ct", sentence))
+    assert prefix_sdh > prefix_normal
+    # Labels only mean something to a model with a head.
+    plain = Blip2ReportModel(tiny_config(lm))
+    with pytest.raises(ValueError, match="no diagnosis head"):
+        plain.generate(ct_images(1), "ct", diagnosis=labels[:1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no diagnosis head"):
+        plain.diagnose(ct_images(1), "ct")
+    # The heads travel with save_pretrained.
+    model.save_pretrained(tmp_path / "m")
+    loaded = Blip2ReportModel.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded.diagnose(ct_images(1), "ct"), model.eval().diagnose(ct_images(1), "ct"))
+
+
+def test_collation_stacks_the_labels_of_every_study_or_none(lm):
+    from transformers import AutoTokenizer
+
+    collate = ReportCollator(AutoTokenizer.from_pretrained(lm), 8)
+    item = {"image": torch.zeros(1, 4, 4, 4), "report": SDH, "modality": "ct", "id": "a", "context": None}
+    batch = collate([{**item, "diagnosis": [1.0] * 8}, {**item, "id": "b", "diagnosis": [0.0] * 8}])
+    assert batch["diagnosis"].shape == (2, 8) and batch["diagnosis"][0].sum() == 8
+    assert collate([{**item, "diagnosis": None}])["diagnosis"] is None
+    with pytest.raises(ValueError, match=r"diagnosis labels for some studies only \(ids \['a', 'b'\]\)"):
+        collate([{**item, "diagnosis": [1.0] * 8}, {**item, "id": "b", "diagnosis": None}])
+
+
+def test_reports_follow_the_diagnosis_the_head_reads_from_the_image(lm):
+    """Two scans, one report each: trained, the head tells the scans apart and each generated report
+    follows its own predicted diagnosis (no labels given at generation)."""
+    model = diagnosed(lm)
+    images = ct_images(2, seed=3)
+    ids, mask = model.tokenize_reports([SDH, NORMAL])
+    labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        loss = model(images, "ct", ids, mask, diagnosis=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert torch.equal(model.diagnose(images, "ct") >= 0.5, labels.bool())
+    sdh, normal = model.generate(images, "ct", num_beams=1, max_new_tokens=40)
+    assert label_ct_report(sdh)["SDH"] == POSITIVE and label_ct_report(sdh)["side"] == "left", sdh
+    assert label_ct_report(normal)["hemorrhage"] != POSITIVE, normal
+    # Given labels override the head: the first scan with the normal diagnosis gets the normal report.
+    assert model.generate(images[:1], "ct", diagnosis=labels[1:], num_beams=1, max_new_tokens=40) == [normal]
