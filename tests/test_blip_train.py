@@ -96,6 +96,29 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
+def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
+    """--diagnosis_prompt on top of the config's measurement conditioning: both sentences lead the
+    prompt, the head's loss and F1 are logged, and the saved model predicts with its head."""
+    os.environ["WANDB_MODE"] = "disabled"
+    out = tmp_path / "run"
+    assert main(["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(ct_data["train"]),
+                 "--val_manifest", str(ct_data["val"]), "--encoder", str(ct_data["encoder"]), "--output_dir", str(out),
+                 "--max_new_tokens", "4", "--epochs", "1", "--diagnosis_prompt", "--diagnosis_loss_weight", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted: Diagnosis: " in printed
+    history = load_checkpoint(out / "latest_model.pth")["history"]
+    assert {"train_diagnosis_loss", "val_diagnosis_loss", "val_diagnosis_f1", "val_lm_loss"} <= set(history[0])
+    torch.testing.assert_close(history[0]["val_loss"], history[0]["val_lm_loss"] + 2 * history[0]["val_diagnosis_loss"],
+                               rtol=1e-4, atol=1e-4)
+    model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
+    assert model.config.diagnosis_prompt and model.config.condition_on_measurements
+    image = image_transform(model, "ct")(str(ct_data["root"] / "val_0.nii.gz"))[None]
+    assert model.diagnose(image, "ct").shape == (1, 8)
+    prompt = model.soft_prompt(image, "ct", ["Segmentation: no hemorrhage."], torch.zeros(1, 8))[0]
+    both = "Segmentation: no hemorrhage. Diagnosis: no hemorrhage."
+    assert prompt.shape[1] == model.config.num_query_tokens + len(model.prompt_ids("ct", both))
+
+
 def test_xray_pipeline_and_one_modality_batches(tmp_path):
     from PIL import Image
 
