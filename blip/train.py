@@ -19,7 +19,9 @@ fixed pretrained tower is BLIP-2's recipe, and here it is measured: the report l
 tower little before it has taught the Q-Former to read it, and trained jointly from the first step the
 SAM-Med3D encoder's hemorrhage features were lost (reports the same with any study's image:
 ``val_image_gain`` 0.000), while the frozen exported encoder gave held-out reports that depend on the
-image (see configs/blip_tiny_ct.yaml).
+image (see configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings head on the Q-Former whose
+labels lead each prompt (``blip.diagnosis``); it is what made held-out CT reports name a hemorrhage
+when there is one (README, "Report generation").
 
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
 (``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
