@@ -317,7 +317,7 @@ def is_positive(label: int | None, uncertain_as_positive: bool = True) -> bool:
     return label == POSITIVE or (uncertain_as_positive and label == UNCERTAIN)
 
 
-def _prf(tp: int, fp: int, fn: int) -> dict:
+def precision_recall_f1(tp: int, fp: int, fn: int) -> dict:
     """Precision, recall, F1 with 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -357,8 +357,8 @@ def clinical_efficacy_from_labels(references: list[dict], generated: list[dict],
         tp = sum(r and g for r, g in zip(ref, gen))
         fp = sum(g and not r for r, g in zip(ref, gen))
         fn = sum(r and not g for r, g in zip(ref, gen))
-        per_observation[name] = {**_prf(tp, fp, fn), "n_reference_positive": sum(ref)}
-    micro = _prf(*(sum(o[k] for o in per_observation.values()) for k in ("tp", "fp", "fn")))
+        per_observation[name] = {**precision_recall_f1(tp, fp, fn), "n_reference_positive": sum(ref)}
+    micro = precision_recall_f1(*(sum(o[k] for o in per_observation.values()) for k in ("tp", "fp", "fn")))
     macro = {k: sum(o[k] for o in per_observation.values()) / len(per_observation) for k in ("precision", "recall", "f1")}
     result = {"per_observation": per_observation, "micro": micro, "macro": macro, "n": len(references),
               "uncertain_as_positive": uncertain_as_positive}

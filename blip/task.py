@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from engine.trainer import autocast_dtype
 from sam3d.data.transforms import build_inference_transforms
 
+from .labeler import precision_recall_f1
 from .model import (
     TOWER_OF_MODALITY,
     Blip2ReportModel,
@@ -194,9 +195,9 @@ class ReportTask:
     too. ``val_image_gain`` is how much worse the LM loss gets when each study of a batch is given
     another study's image (batches of two or more): near 0, the reports do not depend on the image,
     however low the loss. A diagnosis head adds ``val_lm_loss``, ``val_diagnosis_loss`` and
-    ``val_diagnosis_f1`` (micro F1 of its predictions against the reference labels, all observations). The first ``num_samples`` validation studies of each modality also get a
-    generated report, written with their reference to ``samples_path`` (JSON, the latest validation's)
-    when one is given."""
+    ``val_diagnosis_f1`` (micro F1 of its predictions against the reference labels, all observations).
+    The first ``num_samples`` validation studies of each modality also get a generated report, written
+    with their reference to ``samples_path`` (JSON, the latest validation's) when one is given."""
 
     monitor = "val_loss"
     monitor_mode = "min"
@@ -258,9 +259,8 @@ class ReportTask:
         if gain_count:
             metrics["val_image_gain"] = gain_total / gain_count
         if model.config.diagnosis_prompt and count:
-            tp, fp, fn = head["tp"], head["fp"], head["fn"]
             metrics.update({"val_lm_loss": head["lm_loss"] / count, "val_diagnosis_loss": head["diagnosis_loss"] / count,
-                            "val_diagnosis_f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0})
+                            "val_diagnosis_f1": precision_recall_f1(head["tp"], head["fp"], head["fn"])["f1"]})
         return metrics
 
     @torch.no_grad()
