@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=2)
     g = p.add_argument_group("model")
     g.add_argument("--model_type", default="vit_b_ori", help="registry name: vit_b_ori, tiny, small")
+    g.add_argument("--img_size", type=int,
+                   help="input cube edge in voxels (default: the registry model's; SAM-Med3D's --img_size)")
     g.add_argument("--checkpoint", help="initial weights, e.g. the official sam_med3d_turbo.pth")
     g.add_argument("--freeze_encoder", action=bool_flag, default=False)
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
@@ -93,6 +95,13 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--resume: {Path(cfg['output_dir']) / 'latest_model.pth'} does not exist")
     if cfg["num_clicks"] < 1 or cfg["val_num_clicks"] < 1:
         raise ConfigError("num_clicks and val_num_clicks must be >= 1")
+    if cfg["img_size"] is not None:
+        from sam3d.modeling import model_config
+
+        patch = model_config(cfg["model_type"]).patch_size
+        if cfg["img_size"] < patch or cfg["img_size"] % patch:
+            raise ConfigError(f"--img_size {cfg['img_size']} must be a positive multiple of {cfg['model_type']}'s "
+                              f"patch size {patch}")
     if cfg["visual_tokens"] < 1:
         raise ConfigError(f"visual_tokens must be >= 1, got {cfg['visual_tokens']}")
     if any(s <= 0 for s in cfg["target_spacing"]):
@@ -140,7 +149,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    config = model_config(args.model_type)
+    config = model_config(args.model_type, **({"img_size": args.img_size} if args.img_size else {}))
     if args.normalization == "brain_window":
         config.in_chans = len(args.hu_windows)
     model = build_sam3d(config)

@@ -51,6 +51,8 @@ def test_missing_inputs_and_bad_config_are_named(tmp_path, data):
     assert result.returncode == 2 and "learning_rate" in result.stderr and "bad.yaml" in result.stderr
     result = _run(_argv(data, tmp_path / "out", "--mask_dir", str(tmp_path / "nowhere")))
     assert result.returncode == 2 and "nowhere" in result.stderr
+    result = _run(_argv(data, tmp_path / "out", "--img_size", "36"))
+    assert result.returncode == 2 and "--img_size 36 must be a positive multiple of small's patch size 8" in result.stderr
 
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
@@ -110,6 +112,22 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["cases"] == len(val_rows) - 1 and 0.0 <= summary["dice"]["mean"] <= 1.0
     assert summary["spacing_mm"] == [3.0, 3.0, 3.0]
+
+
+def test_img_size_travels_from_training_to_the_report_tower(tmp_path, data):
+    result = _run(_argv(data, tmp_path / "run", "--epochs", "1", "--patience", "1", "--img_size", "32"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    encoder, projector, meta = load_exported_encoder(tmp_path / "run" / "sam_encoder.pth")
+    assert meta["model_config"]["img_size"] == 32 and tuple(meta["preprocessing"]["roi_size"]) == (32, 32, 32)
+    assert projector(encoder(torch.zeros(1, 1, 32, 32, 32))).shape == (1, 64, 256)  # (32 / 8)^3 tokens
+
+    from blip.task import ct_image_transform
+    from blip.vision import VisionTowerConfig, build_vision_tower
+
+    tower = build_vision_tower(VisionTowerConfig("sam3d", checkpoint=str(tmp_path / "run" / "sam_encoder.pth")))
+    volume = Path(data["val_csv"]).parent / Path(data["val_csv"]).read_text().splitlines()[1].split(",")[0]
+    image = ct_image_transform(tower.config.preprocessing, tower.encoder.img_size)(str(volume))
+    assert image.shape == (1, 32, 32, 32)
 
 
 def test_torchrun_two_cpu_processes(tmp_path, data):
