@@ -204,13 +204,18 @@ class Blip2ReportModel(nn.Module):
             raise ValueError(f"this model has no {modality} tower (config.{'ct' if modality == 'ct' else 'xray'}_tower is None)")
         return tower
 
-    def image_tokens(self, images: torch.Tensor, modality: str) -> torch.Tensor:
-        """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge; a frozen tower runs without
+    def tower_tokens(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, C, *spatial) → (B, N, tower width): the modality's tower alone; a frozen tower runs without
         autograd, which saves its activations."""
         tower = self.tower(modality)
         trainable = any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            tokens = encoder_tokens(tower, images)
+            return encoder_tokens(tower, images)
+
+    def image_tokens(self, images: torch.Tensor, modality: str, tower_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge. ``tower_tokens``: the tower's
+        output for ``images`` when already at hand (a frozen tower's, cached by ``blip.task``)."""
+        tokens = self.tower_tokens(images, modality) if tower_tokens is None else tower_tokens
         if modality in self.vision_adapters:
             tokens = self.vision_adapters[modality](tokens)
         return tokens
@@ -257,11 +262,12 @@ class Blip2ReportModel(nn.Module):
         return [diagnosis_sentence(row, modality) for row in present.tolist()]
 
     def soft_prompt(self, images: torch.Tensor, modality: str, contexts: list[str] | None = None,
-                    diagnosis: torch.Tensor | None = None, output_attentions: bool = False):
+                    diagnosis: torch.Tensor | None = None, output_attentions: bool = False,
+                    tower_tokens: torch.Tensor | None = None):
         """(prefix embeddings (B, L, H_lm), prefix mask (B, L), bridge output, diagnosis logits (B, K)
         or None): projected queries, then the (measurement context +) (diagnosis sentence +) prompt,
         left-padded to the longest prompt of the batch."""
-        bridge_out = self.bridge(self.image_tokens(images, modality), output_attentions=output_attentions)
+        bridge_out = self.bridge(self.image_tokens(images, modality, tower_tokens), output_attentions=output_attentions)
         logits = self._diagnosis_logits(bridge_out, modality)
         sentences = self._diagnosis_sentences(logits, diagnosis, modality, len(images))
         contexts = self._contexts(modality, contexts, len(images))
@@ -288,15 +294,17 @@ class Blip2ReportModel(nn.Module):
     def forward(
         self, images: torch.Tensor, modality: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         contexts: list[str] | None = None, diagnosis: torch.Tensor | None = None,
+        tower_tokens: torch.Tensor | None = None,
     ) -> Blip2ReportOutput:
         """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``;
         ``contexts``: one measurement sentence per study for a conditioned model; ``diagnosis`` (B, K):
         the reference labels (``blip.diagnosis.reference_diagnosis``) for a model with a diagnosis head,
-        the head's targets and the sentence the LM reads."""
+        the head's targets and the sentence the LM reads; ``tower_tokens``: see ``image_tokens``."""
         if self.config.diagnosis_prompt and diagnosis is None:
             raise ValueError("this report model has a diagnosis head (config.diagnosis_prompt): pass the reference "
                              "labels, blip.diagnosis.reference_diagnosis(report, modality) per study")
-        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(images, modality, contexts, diagnosis)
+        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(images, modality, contexts, diagnosis,
+                                                                     tower_tokens=tower_tokens)
         report_embeds = self.language_model.get_input_embeddings()(input_ids)
         attention_mask = torch.cat([prefix_mask, attention_mask.to(prefix_mask)], dim=1)
         labels = torch.cat([torch.full_like(prefix_mask, -100), input_ids.masked_fill(attention_mask[:, prefix.shape[1]:] == 0, -100)], dim=1)

@@ -96,6 +96,30 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
+def test_token_cache_changes_the_speed_not_the_results(ct_data, tmp_path, monkeypatch):
+    """A frozen tower's tokens cached per image give the run of the uncached model: same losses and
+    image gain (validation's swapped images become swapped cached tokens), with far fewer tower passes."""
+    os.environ["WANDB_MODE"] = "disabled"
+    passes: list[int] = []
+    tower_tokens = Blip2ReportModel.tower_tokens
+    monkeypatch.setattr(Blip2ReportModel, "tower_tokens",
+                        lambda self, images, modality: passes.append(len(images)) or tower_tokens(self, images, modality))
+    runs = {}
+    for flag in ("--cache_tokens", "--no-cache_tokens"):
+        passes.clear()
+        out = tmp_path / flag
+        assert main(["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(ct_data["train"]),
+                     "--val_manifest", str(ct_data["val"]), "--encoder", str(ct_data["encoder"]), "--output_dir", str(out),
+                     "--max_new_tokens", "2", "--epochs", "3", "--num_val_samples", "0", flag]) == 0
+        runs[flag] = (load_checkpoint(out / "latest_model.pth")["history"], sum(passes))
+    (cached, cached_passes), (plain, plain_passes) = runs["--cache_tokens"], runs["--no-cache_tokens"]
+    print(f"tower passes (images): cached {cached_passes}, uncached {plain_passes}")
+    for key in ("train_loss", "val_loss", "val_image_gain"):
+        assert [h[key] for h in cached] == pytest.approx([h[key] for h in plain], rel=1e-4, abs=1e-6), key
+    # 4 training + 2 validation images once, plus the end-of-run sample; uncached: every step, every epoch.
+    assert cached_passes <= 6 + 2 and plain_passes >= 3 * (4 + 2 + 2)
+
+
 def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
     """--diagnosis_prompt on top of the config's measurement conditioning: both sentences lead the
     prompt, the head's loss and F1 are logged, and the saved model predicts with its head."""
