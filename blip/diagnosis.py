@@ -1,18 +1,28 @@
 """Diagnosis-driven prompts: the report model names its findings before it writes about them.
 
-A report model built with ``diagnosis_prompt`` has a classification head on the Q-Former output (mean
-of the query tokens) that predicts the labeler's present/absent observations of the modality
-(``blip.labeler.binary_observations``: hemorrhage, its subtypes, midline shift and mass effect for head
-CT; the 14 CheXpert observations for chest X-rays). The positive ones become a sentence in front of
-the prompt — ``[queries] "Diagnosis: hemorrhage, subdural, mass effect. Head CT report:" [report]`` —
-which is PromptMRG's idea (Jin et al., AAAI 2024) with the labels spelled as words, so any causal LM
-reads them without new tokens.
+A report model built with ``diagnosis_prompt`` has a classification head per modality that predicts
+the labeler's present/absent observations of the modality (``blip.labeler.binary_observations``:
+hemorrhage, its subtypes, midline shift and mass effect for head CT; the 14 CheXpert observations for
+chest X-rays). The positive ones become a sentence in front of the prompt —
+``[queries] "Diagnosis: hemorrhage, subdural, mass effect. Head CT report:" [report]`` — which is
+PromptMRG's idea (Jin et al., AAAI 2024) with the labels spelled as words, so any causal LM reads them
+without new tokens.
 
 Why: the language-model loss spreads the image's signal over every report token, and a small LM fits
-the training text's prior ("There is ...") before it learns to read the queries. Measured on synthetic
-CT with a fixed segmentation-trained encoder, the Q-Former output of a stage-2 model separated
-hemorrhage / no hemorrhage (linear probe 0.85 on held-out scans) while its greedy reports said
-"hematoma" for every scan. The head's binary cross-entropy is a direct signal for that decision.
+the training text's prior ("There is ...") before it learns to read the queries. The head's binary
+cross-entropy is a direct signal for that decision.
+
+The head reads the vision tower's tokens, not the Q-Former's queries: a finding is present when some
+region shows it, and a small bleed fills one or two of 512 tokens, which any mean over the image
+dilutes. So each token gets a score per observation and the scores are pooled by log-mean-exp, a smooth
+maximum (multiple-instance learning, as slice-level ICH detectors do). Measured with ``blip.train``
+(configs/blip_tiny_ct.yaml without the measurement sentence, 60 training scans, 80 epochs, fixed
+``small`` encoders fine-tuned at 2 mm) on two synthetic sets of 40 held-out scans: generated reports
+right about hemorrhage on 32/40 and 27/40 (majority class 24/40 and 23/40; normals 16/16 and 12/17,
+subdurals 9/10 and 9/9, intraparenchymal / intraventricular 7/14 and 8/14). A head on the mean
+Q-Former query instead got 23/40 and 33/40 after 20 epochs, and fell to 21/40 on the first set after
+80, where it had overfitted the 60 scans. The pooled head needs the longer run: 25/40 on the first set
+after 20 epochs, too few steps for a linear head trained in batches of 4.
 
 Training: the head is trained on labels read from each training report by ``blip.labeler`` (uncertain
 counts as present, as in clinical efficacy; not mentioned as absent), and the LM reads the sentence made
@@ -22,7 +32,11 @@ prediction (probability >= 0.5), or from labels the caller passes (a radiologist
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+import torch
+from torch import nn
 
 from .labeler import binary_observations, is_positive, label_report
 
@@ -50,3 +64,17 @@ def diagnosis_sentence(present: Sequence[bool], modality: str) -> str:
     words = [OBSERVATION_WORDS.get(name, name.lower()) for name, on in zip(names, present)
              if on and name != "No Finding"]
     return f"Diagnosis: {', '.join(words) if words else NOTHING_PRESENT[modality]}."
+
+
+class DiagnosisHead(nn.Module):
+    """(B, N, width) vision tokens → (B, K) observation logits: per-token scores, log-mean-exp pooled
+    (a smooth maximum over the image; see the module docstring)."""
+
+    def __init__(self, width: int, num_observations: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.score = nn.Linear(width, num_observations)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        scores = self.score(self.norm(tokens))
+        return torch.logsumexp(scores, dim=1) - math.log(scores.shape[1])

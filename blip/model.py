@@ -15,7 +15,7 @@ its own next-token loss on the report only: labels are -100 on the Q + P prefix 
 (BLIP-2 stage 2). With ``condition_on_measurements`` the prompt of each CT study starts with its
 measurement sentence (``blip.conditioning``), so prompts differ in length: the prefix is left-padded
 and position ids follow the attention mask, as Hugging Face generation does for left padding. With
-``diagnosis_prompt`` a head on the Q-Former output predicts the labeler's observations and the prompt
+``diagnosis_prompt`` a head on the tower's tokens predicts the labeler's observations and the prompt
 also starts with their sentence (``blip.diagnosis``); its binary cross-entropy joins the LM loss. A
 batch holds one modality, since the prompt and the tower depend on it; one model with both towers
 serves both modalities (``blip.train`` batches a mixed run by modality).
@@ -43,7 +43,7 @@ from torch import nn
 from engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.visualize import lesion_slice_index
 
-from .diagnosis import diagnosis_sentence
+from .diagnosis import DiagnosisHead, diagnosis_sentence
 from .labeler import binary_observations
 from .language_model import LM_MODES, load_language_model
 from .qformer import QFormerBridge, QFormerBridgeConfig
@@ -155,9 +155,9 @@ class Blip2ReportModel(nn.Module):
             **config.bridge, vision_width=vision_width, lm_hidden_size=lm_hidden,
             num_query_tokens=config.num_query_tokens,
         ))
-        # One head per modality: its observations are the labeler's for that modality.
+        # One head per modality on the tower's tokens: its observations are the labeler's for that modality.
         self.diagnosis_heads = nn.ModuleDict(
-            {m: nn.Linear(self.bridge.config.hidden_size, len(binary_observations(m))) for m in widths}
+            {m: DiagnosisHead(vision_width, len(binary_observations(m))) for m in widths}
             if config.diagnosis_prompt else {}
         )
         self.language_model = language_model
@@ -240,11 +240,11 @@ class Blip2ReportModel(nn.Module):
             raise ValueError(f"{len(contexts)} contexts for a batch of {batch} images")
         return list(contexts) if contexts is not None else [None] * batch
 
-    def _diagnosis_logits(self, bridge_out, modality: str) -> torch.Tensor | None:
+    def _diagnosis_logits(self, tokens: torch.Tensor, modality: str) -> torch.Tensor | None:
         """(B, observations) logits of the modality's diagnosis head; None for a model without heads."""
         if not self.config.diagnosis_prompt:
             return None
-        return self.diagnosis_heads[modality](bridge_out.query_output.mean(dim=1))
+        return self.diagnosis_heads[modality](tokens)
 
     def _diagnosis_sentences(self, logits: torch.Tensor | None, diagnosis: torch.Tensor | None,
                              modality: str, batch: int) -> list[str | None]:
@@ -267,8 +267,9 @@ class Blip2ReportModel(nn.Module):
         """(prefix embeddings (B, L, H_lm), prefix mask (B, L), bridge output, diagnosis logits (B, K)
         or None): projected queries, then the (measurement context +) (diagnosis sentence +) prompt,
         left-padded to the longest prompt of the batch."""
-        bridge_out = self.bridge(self.image_tokens(images, modality, tower_tokens), output_attentions=output_attentions)
-        logits = self._diagnosis_logits(bridge_out, modality)
+        tokens = self.image_tokens(images, modality, tower_tokens)
+        bridge_out = self.bridge(tokens, output_attentions=output_attentions)
+        logits = self._diagnosis_logits(tokens, modality)
         sentences = self._diagnosis_sentences(logits, diagnosis, modality, len(images))
         contexts = self._contexts(modality, contexts, len(images))
         texts = [" ".join(t for t in (c, d) if t) or None for c, d in zip(contexts, sentences)]
@@ -327,8 +328,7 @@ class Blip2ReportModel(nn.Module):
         """(B, K) probabilities of ``blip.labeler.binary_observations(modality)`` from the diagnosis head."""
         if not self.config.diagnosis_prompt:
             raise ValueError("this report model has no diagnosis head (config.diagnosis_prompt is False)")
-        bridge_out = self.bridge(self.image_tokens(images, modality))
-        return torch.sigmoid(self._diagnosis_logits(bridge_out, modality).float())
+        return torch.sigmoid(self._diagnosis_logits(self.image_tokens(images, modality), modality).float())
 
     @torch.no_grad()
     def generate(

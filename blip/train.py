@@ -19,7 +19,7 @@ fixed pretrained tower is BLIP-2's recipe, and here it is measured: the report l
 tower little before it has taught the Q-Former to read it, and trained jointly from the first step the
 SAM-Med3D encoder's hemorrhage features were lost (reports the same with any study's image:
 ``val_image_gain`` 0.000), while the frozen exported encoder gave held-out reports that depend on the
-image (see configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings head on the Q-Former whose
+image (see configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
 labels lead each prompt (``blip.diagnosis``); it is what made held-out CT reports name a hemorrhage
 when there is one (README, "Report generation").
 
@@ -93,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT prompts start with the study's measurement sentence (blip.conditioning), read from the "
                         "manifest's volume_ml and side columns in training and from the segmentation in use")
     g.add_argument("--diagnosis_prompt", action=bool_flag, default=False,
-                   help="a head on the Q-Former predicts the labeler's findings, and prompts start with them "
+                   help="a head on the tower's tokens predicts the labeler's findings, and prompts start with them "
                         "(blip.diagnosis): reference labels in training, the head's prediction in generation")
     g.add_argument("--diagnosis_loss_weight", type=float, default=1.0,
                    help="weight of the diagnosis head's binary cross-entropy in the training loss")
+    g.add_argument("--diagnosis_lr_ratio", type=float, default=10.0,
+                   help="the diagnosis heads learn at this x lr: a linear head on fixed features converges in as "
+                        "many steps as the report model needs only at a higher rate")
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
     add_optimisation_arguments(p, "optimisation", epochs=30, batch_size=4, lr=1e-4, weight_decay=0.05, patience=10,
                                gradient_accumulation_steps=1, scheduler_type="cosine", monitor="validation loss")
@@ -126,6 +129,8 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--resume: {Path(args.output_dir) / 'latest_model.pth'} does not exist")
     if args.num_query_tokens < 1 or args.max_text_len < 2:
         raise ConfigError("num_query_tokens must be >= 1 and max_text_len >= 2")
+    if args.diagnosis_lr_ratio <= 0:
+        raise ConfigError(f"--diagnosis_lr_ratio must be > 0, got {args.diagnosis_lr_ratio}")
     if args.log_images and not args.use_wandb:
         warns.append("--log_images needs --use_wandb; the overlays are computed but not logged")
     if args.cache_tokens and not any(tower_freezing(args).values()):
@@ -260,8 +265,12 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                   "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
     task = ReportTask(args.num_val_samples, generation, output_dir / "val_samples.json", args.use_mixed_precision,
                       args.cache_tokens)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    heads = {id(p) for p in model.diagnosis_heads.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
     param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "report_model"}]
+    if heads:
+        param_groups.append({"params": list(model.diagnosis_heads.parameters()), "lr": args.diagnosis_lr_ratio * args.lr,
+                             "weight_decay": args.weight_decay, "name": "diagnosis_heads"})
     trainer_cfg = TrainerConfig.from_flags(args, output_dir)
     run_config = {**vars(args), "report_model_config": model.config.to_dict()}
     if ctx.is_main:

@@ -127,10 +127,14 @@ def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(ct_data["train"]),
                  "--val_manifest", str(ct_data["val"]), "--encoder", str(ct_data["encoder"]), "--output_dir", str(out),
-                 "--max_new_tokens", "4", "--epochs", "1", "--diagnosis_prompt", "--diagnosis_loss_weight", "2"]) == 0
+                 "--max_new_tokens", "4", "--epochs", "1", "--diagnosis_prompt", "--diagnosis_loss_weight", "2",
+                 "--lr", "1e-3", "--diagnosis_lr_ratio", "4"]) == 0
     printed = capsys.readouterr().out
     assert "predicted: Diagnosis: " in printed
-    history = load_checkpoint(out / "latest_model.pth")["history"]
+    checkpoint = load_checkpoint(out / "latest_model.pth")
+    groups = {g["name"]: g["initial_lr"] for g in checkpoint["optimizer_state_dict"]["param_groups"]}
+    assert groups == pytest.approx({"report_model": 1e-3, "diagnosis_heads": 4e-3})
+    history = checkpoint["history"]
     assert {"train_diagnosis_loss", "val_diagnosis_loss", "val_diagnosis_f1", "val_lm_loss"} <= set(history[0])
     torch.testing.assert_close(history[0]["val_loss"], history[0]["val_lm_loss"] + 2 * history[0]["val_diagnosis_loss"],
                                rtol=1e-4, atol=1e-4)

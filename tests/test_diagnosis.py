@@ -4,11 +4,12 @@ generation and save/load, and a model whose reports follow the diagnosis it pred
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
-from blip.diagnosis import diagnosis_sentence, reference_diagnosis
+from blip.diagnosis import DiagnosisHead, diagnosis_sentence, reference_diagnosis
 from blip.labeler import POSITIVE, binary_observations, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
@@ -48,7 +49,7 @@ def diagnosed(lm, **changes) -> Blip2ReportModel:
 
 def test_the_head_joins_the_loss_and_the_prompt(lm, tmp_path):
     model = diagnosed(lm, diagnosis_loss_weight=0.5)
-    assert {m: head.out_features for m, head in model.diagnosis_heads.items()} == {"ct": 8, "xray": 14}
+    assert {m: head.score.out_features for m, head in model.diagnosis_heads.items()} == {"ct": 8, "xray": 14}
     ids, mask = model.tokenize_reports([SDH, NORMAL])
     labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")])
     with pytest.raises(ValueError, match="pass the reference labels"):
@@ -76,6 +77,22 @@ def test_the_head_joins_the_loss_and_the_prompt(lm, tmp_path):
     model.save_pretrained(tmp_path / "m")
     loaded = Blip2ReportModel.from_pretrained(tmp_path / "m").eval()
     torch.testing.assert_close(loaded.diagnose(ct_images(1), "ct"), model.eval().diagnose(ct_images(1), "ct"))
+
+
+def test_one_region_showing_a_finding_is_enough_for_the_head():
+    """Log-mean-exp pooling: one token of 512 with score 14.1 lifts the logit to 7.9, where a mean over
+    the image would give 0.03."""
+    head = DiagnosisHead(4, 1)
+    with torch.no_grad():
+        head.norm.weight.fill_(1.0), head.norm.bias.zero_()
+        head.score.weight.copy_(torch.tensor([[5.0, -5.0, 0.0, 0.0]])), head.score.bias.zero_()
+    background = torch.zeros(1, 512, 4)  # layer-normed to 0: score 0 everywhere
+    lesion = background.clone()
+    lesion[0, 77] = torch.tensor([1.0, -1.0, 0.0, 0.0])  # normed to (1.41, -1.41, 0, 0): score 14.1
+    score = 10 * math.sqrt(2)
+    assert head(background).item() == pytest.approx(0.0, abs=1e-6)
+    assert head(lesion).item() == pytest.approx(math.log((511 + math.exp(score)) / 512), rel=1e-4)
+    assert head(lesion).item() > 7 > score / 512
 
 
 def test_collation_stacks_the_labels_of_every_study_or_none(lm):
