@@ -111,20 +111,22 @@ class ReportDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def path(self, index: int) -> str:
+        """The row's image file (the first of several views)."""
+        image = self.rows[index]["image"]
+        return image if isinstance(image, str) else image[0]
+
     def image(self, index: int) -> torch.Tensor:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        row = self.rows[index]
-        path = row["image"] if isinstance(row["image"], str) else row["image"][0]
-        image = self.transforms[row["modality"]](path)
+        image = self.transforms[self.rows[index]["modality"]](self.path(index))
         if self.cache is not None:
             self.cache[index] = image
         return image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        path = row["image"] if isinstance(row["image"], str) else row["image"][0]
-        return {"image": self.image(index), "path": path, "report": row["report"], "modality": row["modality"],
+        return {"image": self.image(index), "path": self.path(index), "report": row["report"], "modality": row["modality"],
                 "id": str(row.get("id", index)), "context": row.get("context"), "diagnosis": row.get("diagnosis")}
 
 
