@@ -6,10 +6,19 @@ from typing import Mapping
 
 import torch
 from monai.losses import DiceCELoss
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from .clicks import run_click_rounds
 from .modeling.sam3d import Sam3D
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ``image`` and float ``label`` as plain tensors on ``device``. The pipelines hand out
+    MetaTensors (affine tracking, needed up to the crop); inside the model that bookkeeping runs on every
+    op, ~11% of a ``small`` 64^3 training step on CPU, and nothing reads it there."""
+    image, label = (convert_to_tensor(batch[key], track_meta=False) for key in ("image", "label"))
+    return image.to(device, non_blocking=True), label.to(device, non_blocking=True).float()
 
 
 def dice_ce_loss() -> DiceCELoss:
@@ -38,8 +47,7 @@ class InteractiveSegmentationLoss(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.model.parameters()).device
-        images = batch["image"].to(device, non_blocking=True)
-        targets = batch["label"].to(device, non_blocking=True).float()
+        images, targets = model_inputs(batch, device)
         embeddings = self.model.image_encoder(images)
         positive = targets.flatten(1).amax(1) > 0.5
         # Click positions come from the (per-epoch seeded) global RNG so resumed runs repeat them.

@@ -11,7 +11,7 @@ from torch import nn
 from engine.trainer import autocast_dtype
 
 from .clicks import run_click_rounds
-from .loss import InteractiveSegmentationLoss, dice_ce_loss
+from .loss import InteractiveSegmentationLoss, dice_ce_loss, model_inputs
 from .metrics import dice_score, surface_metrics
 from .modeling.sam3d import Sam3D
 from .visualize import lesion_slice_index, overlay_slice
@@ -56,8 +56,8 @@ class SegmentationTask:
         """Logits (B, 1, *S) of a batch: ``first`` and ``last`` after the first and the last simulated
         click (hemorrhage-free scans get the prompt-free prediction there), and ``automatic``, the
         prompt-free prediction of every scan. Also ``targets`` (bool) and ``positive`` (B,)."""
-        images = batch["image"].to(device)
-        targets = batch["label"].to(device) > 0.5
+        images, labels = model_inputs(batch, device)
+        targets = labels > 0.5
         with self._autocast(device):
             embeddings = model.image_encoder(images)
         embeddings = embeddings.float()
