@@ -26,7 +26,8 @@ after 20 epochs, too few steps for a linear head trained in batches of 4.
 
 Training: the head is trained on labels read from each training report by ``blip.labeler`` (uncertain
 counts as present, as in clinical efficacy; not mentioned as absent), and the LM reads the sentence made
-from those reference labels (teacher forcing). Generation: the sentence is made from the head's own
+from those reference labels (teacher forcing), each present one left out with probability
+``diagnosis_dropout`` (``drop_observations``). Generation: the sentence is made from the head's own
 prediction (probability >= 0.5), or from labels the caller passes (a radiologist's, another classifier's).
 """
 
@@ -64,6 +65,22 @@ def diagnosis_sentence(present: Sequence[bool], modality: str) -> str:
     words = [OBSERVATION_WORDS.get(name, name.lower()) for name, on in zip(names, present)
              if on and name != "No Finding"]
     return f"Diagnosis: {', '.join(words) if words else NOTHING_PRESENT[modality]}."
+
+
+def drop_observations(present: torch.Tensor, rate: float) -> torch.Tensor:
+    """Training-time observation dropout on (B, K) labels (1 = present): each present observation is left
+    out of the study's sentence with probability ``rate`` (global torch RNG, so seeded runs repeat), except
+    that a study never loses all of them — an empty list reads "no hemorrhage" / "no finding", another
+    statement. Why: the head predicts observations one by one, so in generation it writes combinations
+    the reference labels never form, e.g. "Diagnosis: hemorrhage." without a subtype, and an LM that has
+    seen only complete combinations may then ignore the sentence. Measured (module docstring's setting, two
+    encoders, 40 held-out scans): without dropout 9 of the 10 reports written after "Diagnosis: hemorrhage."
+    said no hemorrhage (25/40 right where the head was 33/40; 31/40 vs 34/40 with the other encoder); with
+    rate 0.3 the reports agreed with the head on every scan (34/40 both)."""
+    present = present >= 0.5
+    kept = present & (torch.rand(present.shape, device=present.device) >= rate)
+    emptied = present.any(1) & ~kept.any(1)
+    return torch.where(emptied[:, None], present, kept).float()
 
 
 class DiagnosisHead(nn.Module):

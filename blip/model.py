@@ -43,7 +43,7 @@ from torch import nn
 from engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.visualize import lesion_slice_index
 
-from .diagnosis import DiagnosisHead, diagnosis_sentence
+from .diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations
 from .labeler import binary_observations
 from .language_model import LM_MODES, load_language_model
 from .qformer import QFormerBridge, QFormerBridgeConfig
@@ -89,6 +89,7 @@ class Blip2ReportConfig:
     condition_on_measurements: bool = False  # CT prompts start with a measurement sentence
     diagnosis_prompt: bool = False  # a findings head; prompts start with its diagnosis sentence
     diagnosis_loss_weight: float = 1.0  # of the head's binary cross-entropy, added to the LM loss
+    diagnosis_dropout: float = 0.3  # training: share of present observations left out of the sentence
 
     def __post_init__(self) -> None:
         if self.lm_mode not in LM_MODES:
@@ -98,6 +99,8 @@ class Blip2ReportConfig:
         fixed = sorted({"vision_width", "lm_hidden_size", "num_query_tokens"} & set(self.bridge))
         if fixed:
             raise ValueError(f"bridge overrides {fixed} are set by the towers, the LM and num_query_tokens")
+        if not 0.0 <= self.diagnosis_dropout < 1.0:
+            raise ValueError(f"diagnosis_dropout must be in [0, 1), got {self.diagnosis_dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,7 +307,10 @@ class Blip2ReportModel(nn.Module):
         if self.config.diagnosis_prompt and diagnosis is None:
             raise ValueError("this report model has a diagnosis head (config.diagnosis_prompt): pass the reference "
                              "labels, blip.diagnosis.reference_diagnosis(report, modality) per study")
-        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(images, modality, contexts, diagnosis,
+        sentence_labels = diagnosis
+        if diagnosis is not None and self.training and self.config.diagnosis_dropout > 0:
+            sentence_labels = drop_observations(diagnosis, self.config.diagnosis_dropout)
+        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(images, modality, contexts, sentence_labels,
                                                                      tower_tokens=tower_tokens)
         report_embeds = self.language_model.get_input_embeddings()(input_ids)
         attention_mask = torch.cat([prefix_mask, attention_mask.to(prefix_mask)], dim=1)

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(blip.diagnosis): reference labels in training, the head's prediction in generation")
     g.add_argument("--diagnosis_loss_weight", type=float, default=1.0,
                    help="weight of the diagnosis head's binary cross-entropy in the training loss")
+    g.add_argument("--diagnosis_dropout", type=float, default=0.3,
+                   help="training: each present observation is left out of the study's diagnosis sentence with this "
+                        "probability (never all), so the LM also follows the partial lists the head writes")
     g.add_argument("--diagnosis_lr_ratio", type=float, default=10.0,
                    help="the diagnosis heads learn at this x lr: a linear head on fixed features converges in as "
                         "many steps as the report model needs only at a higher rate")
@@ -129,6 +132,8 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--resume: {Path(args.output_dir) / 'latest_model.pth'} does not exist")
     if args.num_query_tokens < 1 or args.max_text_len < 2:
         raise ConfigError("num_query_tokens must be >= 1 and max_text_len >= 2")
+    if not 0.0 <= args.diagnosis_dropout < 1.0:
+        raise ConfigError(f"--diagnosis_dropout must be in [0, 1), got {args.diagnosis_dropout}")
     if args.diagnosis_lr_ratio <= 0:
         raise ConfigError(f"--diagnosis_lr_ratio must be > 0, got {args.diagnosis_lr_ratio}")
     if args.log_images and not args.use_wandb:
@@ -206,6 +211,7 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
         num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
         max_text_len=args.max_text_len, condition_on_measurements=args.condition_on_measurements,
         diagnosis_prompt=args.diagnosis_prompt, diagnosis_loss_weight=args.diagnosis_loss_weight,
+        diagnosis_dropout=args.diagnosis_dropout,
     )
     model = Blip2ReportModel(config)
     if args.qformer_checkpoint and not args.resume:  # a resumed run has its trained bridge in the checkpoint

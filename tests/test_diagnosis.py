@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from blip.diagnosis import DiagnosisHead, diagnosis_sentence, reference_diagnosis
+from blip.diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations, reference_diagnosis
 from blip.labeler import POSITIVE, binary_observations, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
@@ -79,6 +79,34 @@ def test_the_head_joins_the_loss_and_the_prompt(lm, tmp_path):
     torch.testing.assert_close(loaded.diagnose(ct_images(1), "ct"), model.eval().diagnose(ct_images(1), "ct"))
 
 
+def test_observation_dropout_thins_sentences_but_never_empties_them(lm):
+    labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")] * 500)
+    torch.manual_seed(0)
+    dropped = drop_observations(labels, 0.5)
+    sdh = labels[0].bool()
+    assert not dropped[1::2].any()  # nothing is added
+    assert not dropped[0::2][:, ~sdh].any()
+    kept = dropped[0::2][:, sdh]  # hemorrhage, SDH, mass effect
+    assert kept.any(1).all()  # a study with findings keeps at least one: an empty list says "no hemorrhage"
+    # Each present observation goes with probability 0.5, and the 1/8 of studies that would lose all three
+    # keep them: kept with probability 0.5 + 1/8 (500 draws: standard error 0.022).
+    assert kept.float().mean(0).tolist() == pytest.approx([0.625] * 3, abs=0.07)
+    assert diagnosis_sentence(dropped[0].tolist(), "ct").startswith("Diagnosis: ")
+    torch.testing.assert_close(drop_observations(labels, 0.0), labels)
+    # In training the LM reads the thinned sentence while the head still learns every label; eval reads all.
+    model = diagnosed(lm, diagnosis_dropout=0.5)
+    ids, mask = model.tokenize_reports([SDH])
+    full = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[:1])[0].shape[1]
+    torch.manual_seed(0)
+    out = model.train()(ct_images(1), "ct", ids, mask, diagnosis=labels[:1])
+    torch.testing.assert_close(out.diagnosis_loss, torch.nn.functional.binary_cross_entropy_with_logits(
+        out.diagnosis_logits, labels[:1]))
+    assert out.logits.shape[1] < full + ids.shape[1]
+    assert model.eval()(ct_images(1), "ct", ids, mask, diagnosis=labels[:1]).logits.shape[1] == full + ids.shape[1]
+    with pytest.raises(ValueError, match=r"diagnosis_dropout must be in \[0, 1\), got 1.0"):
+        diagnosed(lm, diagnosis_dropout=1.0)
+
+
 def test_one_region_showing_a_finding_is_enough_for_the_head():
     """Log-mean-exp pooling: one token of 512 with score 14.1 lifts the logit to 7.9, where a mean over
     the image would give 0.03."""
@@ -109,8 +137,10 @@ def test_collation_stacks_the_labels_of_every_study_or_none(lm):
 
 def test_reports_follow_the_diagnosis_the_head_reads_from_the_image(lm):
     """Two scans, one report each: trained, the head tells the scans apart and each generated report
-    follows its own predicted diagnosis (no labels given at generation)."""
-    model = diagnosed(lm)
+    follows its own predicted diagnosis (no labels given at generation). Without observation dropout: with
+    two studies the queries tell them apart as well as the sentence, and a thinned SDH sentence tips the
+    LM towards the queries, which the override below would then not move."""
+    model = diagnosed(lm, diagnosis_dropout=0.0)
     images = ct_images(2, seed=3)
     ids, mask = model.tokenize_reports([SDH, NORMAL])
     labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")])
