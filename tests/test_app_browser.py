@@ -97,6 +97,11 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
                 report_text = page.locator("#report textarea").input_value()
                 assert report_text.strip() and report_text.startswith("FINDINGS:")
                 expect(page.locator("#viewer img")).to_be_visible()
+                # Gradio maps a click to pixels through the loaded image's natural size; a click on an image
+                # still loading is dropped (seen once on a loaded host: no status change in 60 s).
+                page.wait_for_function("() => { const img = document.querySelector('#viewer img');"
+                                       " return img !== null && img.complete && img.naturalWidth > 0; }",
+                                       timeout=TIMEOUT_MS)
                 page.locator("#viewer img").click()  # a refinement click in the middle of the slice
                 expect(page.locator("#status")).to_contain_text("with 1 click(s)", timeout=TIMEOUT_MS)
                 expect(page.locator("#clicks")).to_contain_text("+(")
