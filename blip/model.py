@@ -184,10 +184,9 @@ class Blip2ReportModel(nn.Module):
         super().train(mode)
         if self.config.lm_mode == "frozen":
             self.language_model.eval()
-        for name in TOWER_OF_MODALITY.values():
-            tower = getattr(self, name)
-            if tower is not None and not any(p.requires_grad for p in tower.parameters()):
-                tower.eval()
+        for modality, name in TOWER_OF_MODALITY.items():
+            if getattr(self, name) is not None and not self.tower_trains(modality):
+                getattr(self, name).eval()
         return self
 
     def enable_gradient_checkpointing(self) -> None:
@@ -207,13 +206,15 @@ class Blip2ReportModel(nn.Module):
             raise ValueError(f"this model has no {modality} tower (config.{'ct' if modality == 'ct' else 'xray'}_tower is None)")
         return tower
 
+    def tower_trains(self, modality: str) -> bool:
+        """Whether the modality's tower has trainable weights (else it is frozen)."""
+        return any(p.requires_grad for p in self.tower(modality).parameters())
+
     def tower_tokens(self, images: torch.Tensor, modality: str) -> torch.Tensor:
         """(B, C, *spatial) → (B, N, tower width): the modality's tower alone; a frozen tower runs without
         autograd, which saves its activations."""
-        tower = self.tower(modality)
-        trainable = any(p.requires_grad for p in tower.parameters())
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            return encoder_tokens(tower, images)
+        with torch.set_grad_enabled(self.tower_trains(modality) and torch.is_grad_enabled()):
+            return encoder_tokens(self.tower(modality), images)
 
     def image_tokens(self, images: torch.Tensor, modality: str, tower_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge. ``tower_tokens``: the tower's

@@ -180,7 +180,7 @@ class TowerTokenCache:
     def __call__(self, model: Blip2ReportModel, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor | None:
         """(B, N, width) tower tokens of ``batch`` on ``device``, or None when its tower trains."""
         modality = batch["modality"]
-        if any(p.requires_grad for p in model.tower(modality).parameters()):
+        if model.tower_trains(modality):
             return None
         keys = [(modality, path) for path in batch["path"]]
         missing = [i for i, key in enumerate(keys) if key not in self.tokens]
