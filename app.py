@@ -4,10 +4,12 @@
     python app.py                                   # the demo's models (outputs/demo/...)
     python app.py --segmentation_checkpoint best_model.pth --report_model report_model/ --port 7860
 
-CT (NIfTI, NRRD, MHA/MHD or a zipped DICOM series): the scan is segmented, measured and reported
-through the same path as ``scripts/report.py`` (the report is checked against the measurements and
-contradictions are flagged). The page shows the axial slices with the mask in red under brain,
-subdural or bone windows, the measurements, the report, and downloads for the mask and the report.
+CT (NIfTI, NRRD, MHA/MHD, a DICOM file or a zipped DICOM series): the scan is segmented, measured and
+reported through the same path as ``scripts/report.py`` (the report is checked against the measurements
+and contradictions are flagged). The page shows the axial slices in the radiological convention
+(anterior up, the patient's right on the left, lettered edges) with the mask in red under brain,
+subdural or bone windows, the measurements, how the scan's geometry was read (series, gantry tilt,
+slice steps), the report, and downloads for the mask (NIfTI, and DICOM SEG for DICOM input) and the report.
 Clicking the slice adds a refinement click (positive or negative) in that slice's voxel space and
 re-runs the segmentation; the report is re-grounded on the new measurements (and rewritten from them
 when the report model is conditioned on measurements).
@@ -29,19 +31,19 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
-import SimpleITK as sitk
 from PIL import Image
 
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
 from blip.grounded import ScanReporter, ground_report
-from sam3d.data.io import VolumeReadError, load_volume, strip_volume_extension
+from sam3d.data.dicom import choose_series, find_series, is_dicom_file
+from sam3d.data.geometry import Geometry
+from sam3d.data.io import VolumeReadError, is_volume_file, load_volume, strip_volume_extension
 from sam3d.predict import Click, Measurements
-from sam3d.visualize import lesion_slice_index
+from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_SEGMENTATION_CHECKPOINT = REPO / "outputs" / "demo" / "sam3d" / "best_model.pth"
 DEFAULT_REPORT_MODEL = REPO / "outputs" / "demo" / "blip" / "report_model"
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # Level / width in HU; the radio label is what the user sees.
 WINDOWS = {"brain (40/80)": (40.0, 80.0), "subdural (75/215)": (75.0, 215.0), "bone (600/2800)": (600.0, 2800.0)}
 MAX_ZIP_BYTES = 4 << 30  # uncompressed; a larger "DICOM series" is more likely a zip bomb than a head CT
@@ -78,17 +80,20 @@ def extract_zip(archive: Path, destination: Path) -> None:
         raise UploadError(f"{archive.name}: not a valid zip file ({e})") from e
 
 
-def find_dicom_series(root: Path, archive_name: str) -> Path:
-    """The folder holding the largest DICOM series under ``root`` (a zip may nest it in folders)."""
-    best, best_count = None, 0
-    for folder in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ():
-            count = len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
-            if count > best_count:
-                best, best_count = folder, count
-    if best is None:
-        raise UploadError(f"{archive_name}: the zip holds no DICOM series")
-    return best
+def find_dicom_series(root: Path, archive_name: str, series: str | None) -> tuple[Path, str, list[dict]]:
+    """The folder and UID of the series to read among all series under ``root`` (a zip may nest
+    them in folders), chosen as for a DICOM folder; also the series left out."""
+    try:
+        found, _ = find_series(root, recursive=True)
+        if not found:
+            raise UploadError(f"{archive_name}: the zip holds no DICOM series")
+        chosen, left_out = choose_series(found, archive_name, series)
+    except VolumeReadError as e:
+        raise UploadError(str(e).replace(str(root), archive_name)) from e
+    folders = {Path(f.path).parent for f in chosen.frames}
+    if len(folders) > 1:
+        raise UploadError(f"{archive_name}: series {chosen.uid} is spread over {len(folders)} folders")
+    return folders.pop(), chosen.uid, left_out
 
 
 def zoom_factor(slice_shape: tuple[int, int]) -> int:
@@ -96,34 +101,32 @@ def zoom_factor(slice_shape: tuple[int, int]) -> int:
     return max(1, VIEWER_PIXELS // max(slice_shape))
 
 
-def window_overlay(slice_hu: np.ndarray, mask: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Axial slice (I, J) in HU + mask → the viewer's RGB uint8 picture, mask in red.
+def window_overlay(picture_hu: np.ndarray, mask: np.ndarray, level: float, width: float, view: SliceView) -> np.ndarray:
+    """Axial slice in HU and its mask, both already in screen orientation (``view.picture``) → the
+    viewer's RGB uint8 picture, mask in red, enlarged by :func:`zoom_factor`, edges lettered.
 
     The window is the radiologist's (level/width), not a percentile stretch, so brain, subdural and
-    bone views differ as they do at a workstation. Same screen orientation as
-    ``sam3d.visualize.overlay_slice`` (first axis left→right, superior up), enlarged by
-    :func:`zoom_factor`.
+    bone views differ as they do at a workstation.
     """
-    grey = np.clip((slice_hu.astype(np.float32) - (level - width / 2)) / width, 0.0, 1.0)
+    grey = np.clip((picture_hu.astype(np.float32) - (level - width / 2)) / width, 0.0, 1.0)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     red = mask.astype(bool)
     rgb[red] = (1 - MASK_ALPHA) * rgb[red] + MASK_ALPHA * np.array([1.0, 0.0, 0.0])
-    picture = (np.rot90(rgb, k=1) * 255).round().astype(np.uint8)
-    zoom = zoom_factor(slice_hu.shape)
-    return picture.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    zoom = zoom_factor(picture_hu.shape)
+    picture = (rgb * 255).round().astype(np.uint8).repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return label_edges(picture, view)
 
 
-def display_to_voxel(x: int, y: int, slice_index: int, axial_axis: int, slice_shape: tuple[int, int]) -> tuple[int, int, int]:
-    """Pixel (x, y) of the viewer's picture (:func:`window_overlay`, enlarged) → voxel index of the volume.
+def display_to_voxel(x: int, y: int, slice_index: int, view: SliceView, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Pixel (x, y) of the viewer's picture (:func:`window_overlay`) → voxel index of a volume of ``shape``."""
+    rows, columns = shape[view.down], shape[view.across]
+    zoom = zoom_factor((rows, columns))
+    return view.voxel(min(y // zoom, rows - 1), min(x // zoom, columns - 1), slice_index, shape)
 
-    ``np.rot90(a)[y, x] == a[x, J - 1 - y]`` for a slice of shape (I, J).
-    """
-    zoom = zoom_factor(slice_shape)
-    x, y = min(x // zoom, slice_shape[0] - 1), min(y // zoom, slice_shape[1] - 1)
-    in_plane = (x, slice_shape[1] - 1 - y)
-    voxel = list(in_plane)
-    voxel.insert(axial_axis, slice_index)
-    return tuple(int(v) for v in voxel)
+
+def geometry_markdown(geometry: Geometry) -> str:
+    """How the scan's grid was read, with every note a user must know (tilt, steps, series left out)."""
+    return f"**Scan geometry:** {geometry.summary()}" + "".join(f"\n- {note}" for note in geometry.notes)
 
 
 def measurements_markdown(m: Measurements) -> str:
@@ -160,28 +163,35 @@ class ReportSession:
         return Path(tempfile.mkdtemp(dir=self.work_dir))
 
     def resolve_upload(self, upload: Path, name: str) -> tuple[Path, str]:
-        """The path to analyse and its modality; a zip becomes its extracted DICOM series folder."""
+        """The path to analyse and its modality; a zip is unpacked (its series is chosen in analyse_ct)."""
         lower = name.lower()
         if lower.endswith(".zip"):
             unpacked = self._new_dir() / "dicom"
             extract_zip(upload, unpacked)
-            return find_dicom_series(unpacked, name), "ct"
+            return unpacked, "ct"
         if lower.endswith(IMAGE_2D_SUFFIXES):
             return upload, "xray"
-        if lower.endswith(VOLUME_SUFFIXES):
+        if is_volume_file(name) or is_dicom_file(upload):
             return upload, "ct"
-        raise UploadError(f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, "
-                          f"a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})")
+        raise UploadError(f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, a DICOM "
+                          f"file, a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})")
 
-    def analyse_ct(self, path: Path, name: str) -> dict[str, Any]:
+    def analyse_ct(self, path: Path, name: str, series: str | None = None) -> dict[str, Any]:
+        left_out: list[dict] = []
         try:
-            volume = load_volume(path)  # reads before the models do, so a bad file gets io's clear message
+            if path.is_dir():  # an unpacked zip
+                path, series, left_out = find_dicom_series(path, name, series)
+            volume = load_volume(path, series=series)  # before the models, so a bad file gets io's clear message
         except VolumeReadError as e:
             raise UploadError(str(e).replace(str(path), name)) from e
+        if left_out:  # the zip's series were chosen among all its folders, not within one
+            volume.geometry.series_left_out = left_out
+            volume.geometry.notes.append(f"{name}: left out " + "; ".join(
+                f"{s['uid']} '{s['description']}' ({s['why']})" for s in left_out))
         # An unconditioned model's text does not depend on the segmentation: written once, re-grounded after clicks.
-        generated = None if self.reporter.conditioned else self.reporter.generate(str(path), "ct")
-        case = {"modality": "ct", "path": str(path), "name": name, "volume": volume.array.astype(np.float32),
-                "axial_axis": int(np.argmax(np.abs(volume.affine[2, :3]))), "generated": generated, "clicks": []}
+        generated = None if self.reporter.conditioned else self.reporter.generate(volume, "ct")
+        case = {"modality": "ct", "scan": volume, "name": name, "volume": volume.array.astype(np.float32),
+                "view": SliceView.from_affine(volume.affine), "generated": generated, "clicks": []}
         return self.segment_and_report(case)
 
     def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
@@ -190,9 +200,9 @@ class ReportSession:
         clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
         segmenter = self.reporter.segmenter
         out = self._new_dir()
-        segmentation = segmenter.save(segmenter.predict(case["path"], clicks or None), out)
+        segmentation = segmenter.save(segmenter.predict(case["scan"], clicks or None), out)
         if self.reporter.conditioned:
-            case = {**case, "generated": self.reporter.generate(case["path"], "ct", segmentation.measurements)}
+            case = {**case, "generated": self.reporter.generate(case["scan"], "ct", segmentation.measurements)}
         grounded = ground_report(case["generated"], segmentation.measurements, self.reporter.correct)
         findings, impression = split_sections(grounded.report)
         name = case["name"]
@@ -204,7 +214,8 @@ class ReportSession:
         report_txt.write_text(grounded.report + "\n")
         return {**case, "mask": segmentation.mask, "measurements": segmentation.measurements,
                 "report": grounded.report, "flags": grounded.flags, "corrected": grounded.corrected,
-                "downloads": [segmentation.files["mask"], str(report_txt), str(report_json)]}
+                "downloads": [segmentation.files["mask"], *([segmentation.files["dicom_seg"]] if "dicom_seg" in
+                                                            segmentation.files else []), str(report_txt), str(report_json)]}
 
     def analyse_xray(self, path: Path, name: str) -> dict[str, Any]:
         try:
@@ -236,31 +247,33 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
             return None
         if case["modality"] == "xray":
             return case["film"]
-        axis, k = case["axial_axis"], int(slice_index)
+        view, k = case["view"], int(slice_index)
         level, width = WINDOWS[window]
-        return window_overlay(np.take(case["volume"], k, axis=axis), np.take(case["mask"], k, axis=axis), level, width)
+        return window_overlay(view.picture(case["volume"], k), view.picture(case["mask"], k), level, width, view)
 
     def show(case: dict[str, Any], status: str, slice_index: int | None, window: str) -> tuple:
         if case["modality"] == "xray":
             return (status, case, render(case, 0, window), gr.Slider(visible=False), gr.Radio(visible=False),
                     "", case["report"], "", case["downloads"], "")
-        axis = case["axial_axis"]
+        axis = case["view"].axis
         if slice_index is None:  # open on the slice with the most hemorrhage, else the middle one
             slice_index = lesion_slice_index(case["mask"], axis)
         slider = gr.Slider(minimum=0, maximum=case["volume"].shape[axis] - 1, step=1, value=slice_index, visible=True)
         clicks = ", ".join(f"{'+' if c[3] else '−'}({c[0]}, {c[1]}, {c[2]})" for c in case["clicks"])
         return (status, case, render(case, slice_index, window), slider, gr.Radio(visible=True),
-                measurements_markdown(case["measurements"]), case["report"],
+                measurements_markdown(case["measurements"]) + "\n\n" + geometry_markdown(case["scan"].geometry),
+                case["report"],
                 flags_markdown(case["flags"], case["corrected"]), case["downloads"],
                 f"Refinement clicks (voxel): {clicks}" if clicks else "")
 
-    def analyse(upload: str | None, window: str) -> tuple:
+    def analyse(upload: str | None, window: str, series: str) -> tuple:
         if not upload:
             return _error_outputs("no file received")
         name = Path(upload).name
         try:
             path, modality = session.resolve_upload(Path(upload), name)
-            case = session.analyse_ct(path, name) if modality == "ct" else session.analyse_xray(path, name)
+            case = (session.analyse_ct(path, name, series.strip() or None) if modality == "ct"
+                    else session.analyse_xray(path, name))
         except UploadError as e:
             return _error_outputs(str(e))
         except Exception as e:  # the page gets one line; the server log keeps the traceback
@@ -271,10 +284,9 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
     def refine(case: dict | None, slice_index: float, window: str, polarity: str, evt: gr.SelectData) -> tuple:
         if case is None or case["modality"] != "ct":
             raise gr.Error("Upload a CT scan first; clicks refine its hemorrhage mask.")
-        axis, k = case["axial_axis"], int(slice_index)
-        slice_shape = tuple(s for i, s in enumerate(case["volume"].shape) if i != axis)
         x, y = evt.index
-        voxel = display_to_voxel(int(x), int(y), k, axis, slice_shape)
+        k = int(slice_index)
+        voxel = display_to_voxel(int(x), int(y), k, case["view"], case["volume"].shape)
         case = {**case, "clicks": [*case["clicks"], [*voxel, polarity == "positive"]]}
         try:
             case = session.segment_and_report(case)
@@ -291,11 +303,14 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
 
     with gr.Blocks(title="Head CT hemorrhage report") as app:
         gr.Markdown("## Head CT → hemorrhage mask → measurements → report\n"
-                    "Upload a head CT (NIfTI, NRRD, MHA, or a zipped DICOM series) or a chest X-ray (PNG/JPEG). "
+                    "Upload a head CT (NIfTI, NRRD, MHA, a DICOM file or a zipped DICOM series) or a chest X-ray "
+                    "(PNG/JPEG). Slices are shown anterior up, the patient's right on the left. "
                     "Automated output for research use, not for diagnosis.")
         case_state = gr.State(None)
         with gr.Row():
             upload = gr.UploadButton("Upload scan", file_count="single", elem_id="upload")
+            series_box = gr.Textbox(label="DICOM series (UID or part of its description; empty: automatic)",
+                                    elem_id="series")
             status = gr.Markdown("", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
@@ -315,7 +330,7 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
                 downloads = gr.File(label="Downloads (mask, report)", file_count="multiple", interactive=False,
                                     elem_id="downloads")
         outputs = [status, case_state, viewer, slice_slider, window, measurements, report, flags, downloads, clicks_md]
-        upload.upload(analyse, [upload, window], outputs)
+        upload.upload(analyse, [upload, window, series_box], outputs)
         slice_slider.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
         window.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
         viewer.select(refine, [case_state, slice_slider, window, polarity], outputs)

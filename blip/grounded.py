@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sam3d.data.io import Volume, load_volume
 from sam3d.predict import Click, HemorrhageSegmenter, Measurements
 
 from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements
@@ -111,12 +112,12 @@ class ScanReporter:
     def conditioned(self) -> bool:
         return self.model.config.condition_on_measurements
 
-    def generate(self, path: str, modality: str, measurements: Measurements | None = None) -> str:
-        """The model's report for one image; ``measurements`` are required by (and only given to) a
-        conditioned model's CT reports."""
+    def generate(self, scan: str | os.PathLike | Volume, modality: str, measurements: Measurements | None = None) -> str:
+        """The model's report for one image (a path, or a CT Volume already read); ``measurements``
+        are required by (and only given to) a conditioned model's CT reports."""
         from .task import image_transform
 
-        image = image_transform(self.model, modality)(str(path))[None].to(self.device)
+        image = image_transform(self.model, modality)(scan if isinstance(scan, Volume) else str(scan))[None].to(self.device)
         contexts = None
         if self.conditioned and modality == "ct":
             if measurements is None:
@@ -124,18 +125,21 @@ class ScanReporter:
             contexts = [context_from_measurements(measurements)]
         return self.model.generate(image, modality, contexts, **self.generation)[0]
 
-    def run(self, path: str | os.PathLike, modality: str = "ct", clicks: list[Click] | None = None,
+    def run(self, scan: str | os.PathLike | Volume, modality: str = "ct", clicks: list[Click] | None = None,
             output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = {"source": str(path), "modality": modality}
+        """Report one scan: a path, or for CT a Volume already read (so it is read once, with its
+        DICOM series choice)."""
+        result: dict[str, Any] = {"source": scan.source if isinstance(scan, Volume) else str(scan), "modality": modality}
         if modality != "ct" or self.segmenter is None:
-            text = self.generate(str(path), modality)
+            text = self.generate(scan, modality)
             findings, impression = split_sections(text)
             result.update(report=text, findings=findings, impression=impression)
             return result
-        segmentation = self.segmenter.predict(path, clicks)
+        volume = scan if isinstance(scan, Volume) else load_volume(scan)
+        segmentation = self.segmenter.predict(volume, clicks)
         if output_dir is not None:
             segmentation = self.segmenter.save(segmentation, output_dir)
-        text = self.generate(str(path), modality, segmentation.measurements)
+        text = self.generate(volume, modality, segmentation.measurements)
         grounded = ground_report(text, segmentation.measurements, self.correct)
         findings, impression = split_sections(grounded.report)
         result.update(segmentation=segmentation.to_json(), findings=findings, impression=impression, **asdict(grounded))

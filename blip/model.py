@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.checkpoint import CheckpointError, load_state_dict_strict
-from sam3d.visualize import lesion_slice_index
+from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
 from .diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations
 from .labeler import binary_observations
@@ -430,8 +430,8 @@ class Blip2ReportModel(nn.Module):
 
 def attention_overlays(model: Blip2ReportModel, images: torch.Tensor, modality: str, alpha: float = 0.5) -> list[np.ndarray]:
     """One RGB uint8 (H, W, 3) picture per image: the cross-attention map (``jet`` colours) over the
-    image in grey. CT: the axial slice that receives the most attention, displayed like
-    ``sam3d.visualize.overlay_slice`` (first axis left→right, superior up); X-ray: the film."""
+    image in grey. CT: the axial slice that receives the most attention, in the radiological
+    convention (the tower's input grid is RAS); X-ray: the film."""
     from matplotlib import colormaps
 
     maps = model.cross_attention_map(images, modality).cpu().numpy()
@@ -439,7 +439,7 @@ def attention_overlays(model: Blip2ReportModel, images: torch.Tensor, modality: 
     for image, attention in zip(images[:, 0].float().cpu().numpy(), maps):
         if attention.ndim == 3:
             z = lesion_slice_index(attention, axis=-1)
-            image, attention = np.rot90(image[..., z]), np.rot90(attention[..., z])
+            image, attention = RAS_VIEW.picture(image, z), RAS_VIEW.picture(attention, z)
         lo, hi = np.percentile(image, [1, 99])
         grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0)[..., None]
         heat = (attention - attention.min()) / max(float(attention.max() - attention.min()), 1e-12)

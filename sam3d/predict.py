@@ -27,12 +27,16 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from .data.io import Volume, load_volume, save_nifti
+from engine.checkpoint import atomic_write
+
+from . import __version__
+from .data.dicom_seg import mask_on_frames, write_hemorrhage_seg
+from .data.geometry import axial_axis
+from .data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from .data.transforms import DEFAULT_TRANSFORM_CONFIG, build_inference_transforms
-from .metrics import volume_ml
 from .modeling import load_trained_sam3d
 from .modeling.sam3d import Sam3D
-from .visualize import overlay_slice
+from .visualize import SliceView, axial_overlay
 
 HEAD_THRESHOLD_HU = -500.0
 BONE_THRESHOLD_HU = 300.0  # above acute blood (<= ~100 HU), below diploe and cortical bone
@@ -69,28 +73,38 @@ class Measurements:
 
 @dataclass
 class SegmentationResult:
-    """What the CLI writes: the mask (input shape and affine), its measurements and where files went."""
+    """What the CLI writes: the mask (input shape and affine), its measurements and where files went.
+
+    ``volume`` is the scan as read (array, affine, geometry record, DICOM series) so writing the
+    outputs reads nothing again.
+    """
 
     source: str
     mask: np.ndarray = field(repr=False)
-    affine: np.ndarray = field(repr=False)
-    spacing_mm: tuple[float, float, float]
+    volume: Volume = field(repr=False)
     measurements: Measurements
     mode: str
     postprocessing: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def affine(self) -> np.ndarray:
+        return self.volume.affine
+
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "mode": self.mode, "shape": list(self.mask.shape),
-                "spacing_mm": list(self.spacing_mm), "measurements": asdict(self.measurements),
+                "spacing_mm": list(self.volume.spacing_mm), "voxel_volume_ml": self.volume.voxel_volume_ml,
+                "geometry": self.volume.geometry.to_json(), "geometry_summary": self.volume.geometry.summary(),
+                "measurements": asdict(self.measurements),
                 "postprocessing": self.postprocessing, "files": self.files}
 
 
 def measure(mask: np.ndarray, volume: Volume, head_midline_x_mm: float | None = None) -> Measurements:
-    """Radiologist's numbers for a binary mask on the input grid (spacing and affine from ``volume``)."""
+    """Radiologist's numbers for a binary mask on the input grid, in world space through ``volume``'s
+    affine: a voxel's volume is |det(affine)|, side and extents come from world positions."""
     mask = mask.astype(bool)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    voxel_ml = volume.voxel_volume_ml
     sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1)) if count else []
     component_ml = sorted((round(float(s) * voxel_ml, 2) for s in sizes), reverse=True)
     if count == 0:
@@ -103,23 +117,19 @@ def measure(mask: np.ndarray, volume: Volume, head_midline_x_mm: float | None = 
     # RAS+: world x grows toward the patient's right. A side holding < 10% of the blood is noise.
     right = float((world[:, 0] > head_midline_x_mm).mean())
     side = "bilateral" if 0.1 <= right <= 0.9 else ("right" if right > 0.9 else "left")
-    axial_axis = _axial_axis(volume.affine)
-    slices = idx[:, axial_axis]
+    axial = axial_axis(volume.affine)
+    slices = idx[:, axial]
     return Measurements(
-        total_volume_ml=round(volume_ml(mask, volume.spacing_mm), 2),
+        total_volume_ml=round(float(mask.sum()) * voxel_ml, 2),
         num_components=int(count),
         component_volumes_ml=component_ml,
         side=side,
         slice_extent=[int(slices.min()), int(slices.max())],
-        craniocaudal_extent_mm=round(float(world[:, 2].max() - world[:, 2].min() + volume.spacing_mm[axial_axis]), 1),
+        # One slice's own superior-inferior reach added: the centres span one step less than the voxels.
+        craniocaudal_extent_mm=round(float(world[:, 2].max() - world[:, 2].min() + abs(volume.affine[2, axial])), 1),
         centroid_voxel=[round(float(v), 1) for v in idx.mean(0)],
         centroid_mm=[round(float(v), 1) for v in world.mean(0)],
     )
-
-
-def _axial_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to superior."""
-    return int(np.argmax(np.abs(affine[2, :3])))
 
 
 def _ellipsoid(radius_mm: float, spacing_mm: Sequence[float], flat_axis: int | None = None) -> np.ndarray:
@@ -172,7 +182,7 @@ def intracranial_mask(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU, margin
     Axial slices whose skull is not a closed ring even after sealing (foramen magnum, a field of view
     cutting the skull, a craniectomy) get no cavity, so a hemorrhage there is only kept by a click.
     """
-    axial = _axial_axis(volume.affine)
+    axial = axial_axis(volume.affine)
     in_plane = np.expand_dims(np.ones((3, 3), dtype=bool), axial)  # 8-connected within a slice only
     bone = volume.array >= bone_hu
     sealed = _seal_skull(bone, volume.spacing_mm, axial, seal_mm)
@@ -195,7 +205,7 @@ def postprocess_mask(mask: np.ndarray, volume: Volume, keep_points: Sequence[Seq
     26-connected, as in :func:`measure`. Returns the new uint8 mask and a record of what ran.
     """
     mask = mask.astype(bool)
-    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    voxel_ml = volume.voxel_volume_ml
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     shape = np.array(mask.shape)
     clicked = {int(labels[tuple(p)]) for p in np.round(np.asarray(keep_points, dtype=float).reshape(-1, 3)).astype(int)
@@ -274,8 +284,8 @@ class HemorrhageSegmenter:
         self.postprocessing = {"restrict_intracranial": restrict_intracranial, "min_component_ml": min_component_ml,
                                "bone_hu": bone_hu, "margin_mm": margin_mm}
 
-    def _preprocess(self, path: str) -> tuple[torch.Tensor, np.ndarray]:
-        item = self.transform({"image": str(path)})
+    def _preprocess(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
+        item = self.transform({"image": volume})
         image = item["image"]
         return image.as_tensor()[None].float().to(self.device), np.asarray(image.affine, dtype=np.float64)
 
@@ -313,10 +323,12 @@ class HemorrhageSegmenter:
         probabilities[crop] = window_probs[tuple(slice(0, int(b - a)) for a, b in zip(start, stop))]
         return probabilities
 
-    def predict(self, path: str | os.PathLike, clicks: Sequence[Click] | None = None,
+    def predict(self, scan: str | os.PathLike | Volume, clicks: Sequence[Click] | None = None,
                 threshold: float = 0.5) -> SegmentationResult:
-        volume = load_volume(path)
-        image, model_affine = self._preprocess(str(path))
+        """Segment ``scan``: a path (any format :func:`load_volume` reads) or a Volume already read
+        (read it yourself to choose a DICOM series or accept gaps)."""
+        volume = scan if isinstance(scan, Volume) else load_volume(scan)
+        image, model_affine = self._preprocess(volume)
         if clicks:
             probabilities = self._interactive(image, model_affine, volume, clicks)
         else:
@@ -324,14 +336,14 @@ class HemorrhageSegmenter:
         on_input = to_input_grid(probabilities.float().cpu().numpy(), model_affine, volume, order=1)
         keep_points = [(np.linalg.inv(volume.affine) @ _click_world(c, volume))[:3] for c in clicks or [] if c.positive]
         mask, record = postprocess_mask(on_input > threshold, volume, keep_points, **self.postprocessing)
-        return SegmentationResult(str(path), mask, volume.affine, volume.spacing_mm, measure(mask, volume),
+        return SegmentationResult(volume.source, mask, volume, measure(mask, volume),
                                   "interactive" if clicks else "automatic", record)
 
     def save(self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3) -> SegmentationResult:
-        """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json`` and axial PNG overlays."""
+        """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json``, axial PNG overlays (radiological
+        convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
+        slices as DICOM SEG referencing them. Every file is written atomically."""
         from PIL import Image
-
-        from .data.io import strip_volume_extension
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -339,16 +351,21 @@ class HemorrhageSegmenter:
         mask_path = out / f"{stem}_mask.nii.gz"
         save_nifti(mask_path, result.mask, result.affine)
         result.files["mask"] = str(mask_path)
-        volume = load_volume(result.source)
-        axial = _axial_axis(result.affine)
-        counts = result.mask.sum(axis=tuple(i for i in range(3) if i != axial))
-        chosen = np.argsort(counts)[::-1][:max_overlays] if counts.max() > 0 else [result.mask.shape[axial] // 2]
+        volume = result.volume
+        if volume.dicom is not None:
+            seg_path = write_hemorrhage_seg(out / f"{stem}_seg.dcm", mask_on_frames(result.mask, volume.affine, volume.dicom),
+                                            volume.dicom, __version__)
+            result.files["dicom_seg"] = str(seg_path)
+        view = SliceView.from_affine(result.affine)
+        counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
+        chosen = np.argsort(counts)[::-1][:max_overlays] if counts.max() > 0 else [result.mask.shape[view.axis] // 2]
         for k in sorted(int(c) for c in chosen):
-            picture = overlay_slice(np.take(volume.array, k, axis=axial), np.take(result.mask, k, axis=axial))
+            picture = axial_overlay(volume.array, k, view, result.mask)
             png = out / f"{stem}_slice{k:03d}.png"
-            Image.fromarray(picture).save(png)
+            atomic_write(png, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
             result.files.setdefault("overlays", []).append(str(png))
         json_path = out / f"{stem}_measurements.json"
         result.files["measurements"] = str(json_path)
-        json_path.write_text(json.dumps(result.to_json(), indent=2))
+        text = json.dumps(result.to_json(), indent=2)
+        atomic_write(json_path, lambda tmp: tmp.write_text(text))
         return result

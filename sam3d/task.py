@@ -14,7 +14,7 @@ from .clicks import run_click_rounds
 from .loss import InteractiveSegmentationLoss, dice_ce_loss, model_inputs
 from .metrics import dice_score, surface_metrics
 from .modeling.sam3d import Sam3D
-from .visualize import lesion_slice_index, overlay_slice
+from .visualize import RAS_VIEW, axial_overlay, lesion_slice_index
 
 
 class SegmentationTask:
@@ -126,7 +126,7 @@ class SegmentationTask:
                 prediction = (last[b, 0] > 0).cpu().numpy()
                 z = lesion_slice_index(target, axis=-1)
                 name = str(batch.get("patient_id", [f"case{len(images)}"])[b])
-                images[f"val/{name}"] = overlay_slice(volume[..., z], prediction[..., z], target[..., z])
+                images[f"val/{name}"] = axial_overlay(volume, z, RAS_VIEW, prediction, target)  # model grid is RAS
             if len(images) >= max_cases:
                 break
         model.train()

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         true_ml = 0.0
         if row.mask_path is not None:
             mask = load_volume(row.mask_path)
-            true_ml = volume_ml(mask.array > 0, mask.spacing_mm)
+            true_ml = float((mask.array > 0).sum()) * mask.voxel_volume_ml  # |det| of the file's affine
         pred_ml = volume_ml(prediction.cpu(), spacing)
         crop_ml = volume_ml(target.cpu(), spacing)
         surface = surface_metrics(prediction[0], target[0], spacing, args.nsd_tolerance_mm)

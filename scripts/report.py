@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip.data.reports import infer_modality  # noqa: E402
 from blip.grounded import ScanReporter  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from sam3d.data.io import strip_volume_extension  # noqa: E402
-from scripts.predict import _clicks, _inputs  # noqa: E402
+from sam3d.cli import add_scan_arguments, parse_clicks, plain_warnings, read_scan  # noqa: E402
+from sam3d.data.io import scan_inputs, strip_volume_extension  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--no_repeat_ngram_size", type=int, default=0)
+    add_scan_arguments(p)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
@@ -51,16 +52,18 @@ def main(argv=None) -> int:
                             correct=not args.no_correct, generation=generation)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clicks = _clicks(args.click, args.click_space)
-    for path in _inputs(args.input):
+    clicks = parse_clicks(args.click, args.click_space)
+    for path in scan_inputs(args.input):
         modality = infer_modality(path) if args.modality == "auto" else args.modality
         if modality == "ct" and reporter.segmenter is None:
             raise SystemExit(f"{path}: CT needs --segmentation_checkpoint (the report is checked against the mask)")
-        result = reporter.run(path, modality, clicks, out)
+        result = reporter.run(read_scan(path, args) if modality == "ct" else path, modality, clicks, out)
         stem = strip_volume_extension(Path(path).name)
         (out / f"{stem}_report.json").write_text(json.dumps(result, indent=2, default=str))
         (out / f"{stem}_report.txt").write_text(result["report"] + "\n")
         print(f"== {path} ({modality})")
+        if "segmentation" in result:
+            print(f"geometry: {result['segmentation']['geometry_summary']}")
         print(result["report"])
         for flag in result.get("flags", []):
             print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
@@ -68,4 +71,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with plain_warnings():
+        sys.exit(main())

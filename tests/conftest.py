@@ -65,3 +65,37 @@ def make_tiny_models(folder: Path) -> tuple[Path, Path]:
     )
     Blip2ReportModel(config).save_pretrained(folder / "report_model")
     return folder / "seg.pth", folder / "report_model"
+
+
+# An analytic head in LPS mm for DICOM geometry tests: skull shell, brain with a smooth HU pattern (so a
+# misplaced slice shows as an HU error) and an ellipsoid bleed in the patient's left hemisphere (LPS +x).
+BLEED_CENTRE_LPS = (30.0, -10.0, 10.0)
+BLEED_SEMI_AXES_MM = (18.0, 15.0, 22.0)
+BLEED_HU = 75.0
+
+
+def in_bleed(points_lps):
+    import numpy as np
+
+    p = (np.asarray(points_lps, dtype=float) - BLEED_CENTRE_LPS) / BLEED_SEMI_AXES_MM
+    return (p**2).sum(axis=-1) < 1.0
+
+
+def bleed_volume_ml() -> float:
+    import math
+
+    return 4.0 / 3.0 * math.pi * math.prod(BLEED_SEMI_AXES_MM) / 1000.0
+
+
+def head_phantom_hu(points_lps):
+    """HU at (N, 3) LPS positions."""
+    import numpy as np
+
+    x, y, z = np.asarray(points_lps, dtype=float).T
+    r = np.sqrt((x / 75) ** 2 + (y / 90) ** 2 + (z / 70) ** 2)
+    hu = np.full(len(x), -1000.0)
+    hu[r < 1.0] = 1000.0
+    brain = r < 0.92
+    hu[brain] = (35 + 15 * np.sin(x / 9) * np.cos(y / 11) + 0.2 * z)[brain]
+    hu[in_bleed(points_lps)] = BLEED_HU
+    return hu

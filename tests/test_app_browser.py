@@ -32,14 +32,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_display_to_voxel_inverts_the_viewer_orientation():
-    """A click on a pixel must land on the voxel drawn there, whatever the axial axis is."""
-    volume = np.zeros((5, 7, 3), dtype=np.float32)
-    volume[1, 2, 0] = 1000.0
-    picture = window_overlay(volume[:, :, 0], np.zeros((5, 7)), 40.0, 80.0)
-    y, x = np.argwhere(picture[..., 0] == 255)[0]
-    assert display_to_voxel(int(x), int(y), 0, 2, (5, 7)) == (1, 2, 0)
-    assert display_to_voxel(int(x), int(y), 4, 0, (5, 7)) == (4, 1, 2)
+@pytest.mark.parametrize("affine", [np.diag([0.9, 0.9, 5.0, 1.0]), np.diag([-0.9, -0.9, 5.0, 1.0]),
+                                    np.array([[0, 0, 5.0, 0], [0.9, 0, 0, 0], [0, -0.9, 0, 0], [0, 0, 0, 1]])],
+                         ids=["RAS", "LPS", "slices-first"])
+def test_display_to_voxel_inverts_the_viewer_orientation(affine):
+    """A click on a pixel must land on the voxel drawn there, whatever the storage order is."""
+    from sam3d.visualize import SliceView
+
+    view = SliceView.from_affine(affine)
+    shape = [5, 7, 3]
+    shape.insert(view.axis, shape.pop(2))  # the slice axis holds 3 slices
+    volume = np.zeros(shape, dtype=np.float32)
+    voxel = [1, 2]
+    voxel.insert(view.axis, 1)
+    volume[tuple(voxel)] = 1000.0
+    picture = window_overlay(view.picture(volume, 1), view.picture(np.zeros(shape), 1), 40.0, 80.0, view)
+    bright = np.argwhere((picture[..., 0] == 255) & (picture[..., 2] == 255))  # white, not the yellow letters
+    y, x = bright[len(bright) // 2]
+    assert display_to_voxel(int(x), int(y), 1, view, tuple(shape)) == tuple(voxel)
 
 
 def test_zip_with_path_traversal_is_refused(tmp_path):

@@ -2,8 +2,11 @@
 
 Every reader returns a :class:`Volume` in one convention, nibabel's: ``array`` is indexed by voxel
 axes (i, j, k) and ``affine`` maps ``(i, j, k, 1)`` to RAS+ world millimetres. Formats read through
-SimpleITK (NRRD, MHA/MHD, DICOM) are converted from ITK's (z, y, x) arrays and LPS geometry, the same
+SimpleITK (NRRD, MHA/MHD) are converted from ITK's (z, y, x) arrays and LPS geometry, the same
 conversion MONAI's ``ITKReader`` does, so one scan gives the same array and affine in every format.
+DICOM series are stacked from every slice's own position (:mod:`sam3d.data.dicom`), so gantry tilt
+and uneven steps keep their true geometry; the affine may then be sheared. ``Volume.geometry``
+records how the grid was obtained.
 
 Anything wrong with a file raises :class:`VolumeReadError` with the file's path and the reason, so a
 data problem in a folder of thousands of scans can be found without a debugger.
@@ -12,17 +15,23 @@ data problem in a folder of thousands of scans can be found without a debugger.
 from __future__ import annotations
 
 import collections
+import csv
 import io
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from engine.checkpoint import atomic_write
+
+from .dicom import Series, is_dicom_file, read_dicom_folder
+from .errors import VolumeReadError
+from .geometry import Geometry, corner_distance_mm, slice_tilt_deg, voxel_volume_ml
 
 __all__ = [
     "ARRAY_PICKLE_GLOBALS",
@@ -30,8 +39,11 @@ __all__ = [
     "Volume",
     "VolumeReadError",
     "align_mask_to_volume",
+    "is_dicom_file",
+    "is_volume_file",
     "load_volume",
     "save_nifti",
+    "scan_inputs",
     "strip_volume_extension",
 ]
 
@@ -41,11 +53,7 @@ _NPZ_KEYS = ("image", "array", "arr_0", "data")
 _PICKLE_ARRAY_KEYS = ("image", "array", "data", "volume", "img")
 # Longest first so ".nii.gz" is stripped whole.
 _FILE_EXTS = _NIFTI_EXTS + _ITK_EXTS + (".npy", ".npz", ".pkl", ".pickle")
-SUPPORTED_FORMATS = ", ".join(_FILE_EXTS) + ", or a folder holding a DICOM series"
-
-
-class VolumeReadError(ValueError):
-    """A volume or mask file could not be used; the message names the file and what was wrong."""
+SUPPORTED_FORMATS = ", ".join(_FILE_EXTS) + ", a DICOM file (any name) or a folder holding a DICOM series"
 
 
 @dataclass
@@ -58,9 +66,15 @@ class Volume:
         affine: 4x4 float64, voxel index (i, j, k, 1) -> RAS+ world position in mm.
         spacing_mm: voxel size along i, j, k in mm (the affine's column norms).
         source: the path the volume was read from.
+            For a sheared grid (gantry tilt) these are not the voxel's extents: use
+            :attr:`voxel_volume_ml` for volumes.
+        source: the path the volume was read from.
         geometry_known: False when the file carried no geometry (``.npy``, ``.npz``, a bare pickled
             array): spacing is then assumed 1 mm and the affine the identity, which silently changes
             the physical size after resampling, so callers should warn.
+        geometry: how the grid was obtained (format, tilt, steps, resampling, DICOM series chosen).
+        dicom: the DICOM series read (frames with their files and positions), for results written
+            back onto the original slices (DICOM SEG); None for other formats.
     """
 
     array: np.ndarray
@@ -68,6 +82,52 @@ class Volume:
     spacing_mm: tuple[float, float, float]
     source: str
     geometry_known: bool = True
+    geometry: Geometry = field(default_factory=lambda: Geometry("array"))
+    dicom: Series | None = field(default=None, repr=False)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return voxel_volume_ml(self.affine)
+
+
+def is_volume_file(path: str | os.PathLike) -> bool:
+    """A file whose name says it is a volume this module reads (DICOM files are known by content)."""
+    return Path(path).name.lower().endswith(_FILE_EXTS)
+
+
+def scan_inputs(spec: str | os.PathLike) -> list[str]:
+    """The scans a CLI's ``--input`` names, each one input for :func:`load_volume`.
+
+    - a CSV: its ``path`` column (relative paths from the CSV's folder);
+    - a folder holding DICOM files (any names, extensions or none): that folder, one series input,
+      plus any volume files beside them;
+    - a folder of volumes and/or DICOM series folders: each of them;
+    - anything else: itself.
+
+    Raises VolumeReadError naming the path when nothing usable is found.
+    """
+    path = Path(spec)
+    if not path.exists():
+        raise VolumeReadError(f"{path}: not found")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "path" not in rows[0]:
+            raise VolumeReadError(f"{path}: expected a CSV with a 'path' column and at least one row")
+        return [str(p if Path(p).is_absolute() else path.parent / p) for p in (row["path"] for row in rows)]
+    if not path.is_dir():
+        return [str(path)]
+    entries = sorted(path.iterdir())
+    files = [p for p in entries if p.is_file()]
+    found = [str(p) for p in files if is_volume_file(p)]
+    if any(is_dicom_file(p) for p in files if not is_volume_file(p)):
+        found.insert(0, str(path))
+    found += [str(p) for p in entries if p.is_dir() and any(is_dicom_file(f) or is_volume_file(f)
+                                                            for f in p.iterdir() if f.is_file())]
+    if not found:
+        raise VolumeReadError(f"{path}: no volumes ({', '.join(_FILE_EXTS)}), DICOM files or DICOM series "
+                              "folders inside")
+    return found
 
 
 def strip_volume_extension(name: str) -> str:
@@ -79,11 +139,13 @@ def strip_volume_extension(name: str) -> str:
     return name
 
 
-def load_volume(path: str | os.PathLike) -> Volume:
+def load_volume(path: str | os.PathLike, series: str | None = None, allow_gaps: bool = False) -> Volume:
     """Read a 3-D volume from NIfTI, NRRD, MHA/MHD, a DICOM series folder, NPY, NPZ or pickle.
 
     Size-1 axes beyond the three spatial ones (a 4-D NIfTI with one channel) are dropped; arrays
-    without geometry drop every size-1 axis (a saved ``(1, X, Y, Z)`` tensor).
+    without geometry drop every size-1 axis (a saved ``(1, X, Y, Z)`` tensor). For a DICOM folder,
+    ``series`` picks a SeriesInstanceUID or a SeriesDescription match and ``allow_gaps`` accepts
+    missing slices (interpolated) and duplicate positions (first kept); see :mod:`sam3d.data.dicom`.
 
     Raises:
         VolumeReadError: missing, unreadable or unsupported file, refused pickle content, a shape that
@@ -94,9 +156,9 @@ def load_volume(path: str | os.PathLike) -> Volume:
     if not p.exists():
         raise VolumeReadError(f"{source}: file does not exist")
     lower = p.name.lower()
-    if p.is_dir():
-        reader = _read_dicom_series
-    elif lower.endswith(_NIFTI_EXTS):
+    if p.is_dir() or is_dicom_file(p):
+        return _read_dicom(p, series, allow_gaps)
+    if lower.endswith(_NIFTI_EXTS):
         reader = _read_nifti
     elif lower.endswith(_ITK_EXTS):
         reader = _read_itk_file
@@ -109,12 +171,28 @@ def load_volume(path: str | os.PathLike) -> Volume:
     else:
         raise VolumeReadError(f"{source}: unsupported file type; supported: {SUPPORTED_FORMATS}")
     try:
-        array, affine = reader(p)
+        array, affine, geometry = reader(p)
     except VolumeReadError:
         raise
     except Exception as e:  # any reader failure on a corrupt or truncated file
         raise VolumeReadError(f"{source}: cannot read ({type(e).__name__}: {e})") from e
-    return _validated(array, affine, source)
+    return _validated(array, affine, source, geometry)
+
+
+def _read_dicom(path: Path, series: str | None, allow_gaps: bool) -> Volume:
+    """A series folder, or one DICOM file standing for the series it belongs to (read from its folder)."""
+    try:
+        if not path.is_dir() and series is None:
+            series = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                         .SeriesInstanceUID)
+        array, affine, geometry, chosen = read_dicom_folder(path if path.is_dir() else path.parent, series, allow_gaps)
+    except VolumeReadError:
+        raise
+    except Exception as e:  # pydicom/GDCM failures on corrupt files
+        raise VolumeReadError(f"{path}: cannot read the DICOM series ({type(e).__name__}: {e})") from e
+    volume = _validated(array, affine, str(path), geometry)
+    volume.dicom = chosen
+    return volume
 
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
@@ -179,30 +257,31 @@ def align_mask_to_volume(volume: Volume, mask: Volume, atol_mm: float = 1e-3) ->
 # Readers: each returns (array, affine or None) in (i, j, k) / RAS convention; None = no geometry.
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+SFORM_QFORM_TOLERANCE_MM = 1.0
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """nibabel's choice of affine (sform, else qform), with a warning when the two disagree.
+
+    dcm2niix writes a tilted scan's shear into the sform only (a qform cannot hold a shear), so the
+    two differ there by design; which one a tool uses decides where every voxel is.
+    """
     image = nib.load(str(path), mmap=False)  # no file handle left open behind the array
+    sform, sform_code = image.header.get_sform(coded=True)
+    qform, qform_code = image.header.get_qform(coded=True)
+    used = "sform" if sform_code else "qform" if qform_code else "pixdim (no sform or qform code)"
+    geometry = Geometry("nifti", used)
+    if sform_code and qform_code:
+        gap = corner_distance_mm(sform, qform, image.shape)
+        if gap > SFORM_QFORM_TOLERANCE_MM:
+            geometry.warn(f"{path}: sform and qform place the grid up to {gap:.1f} mm apart; the sform "
+                          f"(code {int(sform_code)}) is used, as nibabel and dcm2niix do")
     # asanyarray applies the scaling slope/intercept; unscaled integer data stays integer.
-    return np.asanyarray(image.dataobj), image.affine
+    return np.asanyarray(image.dataobj), image.affine, geometry
 
 
-def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    return _from_sitk(sitk.ReadImage(str(path)), path)
-
-
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read the series with the most files in ``folder`` (sub-folders are not searched)."""
-    if not any(folder.iterdir()):
-        raise VolumeReadError(f"{folder}: DICOM folder is empty")
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        n_files = sum(1 for f in folder.iterdir() if f.is_file())
-        raise VolumeReadError(f"{folder}: no DICOM series found among its {n_files} file(s)")
-    files = max(
-        (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len
-    )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    return _from_sitk(reader.Execute(), folder)  # applies RescaleSlope/Intercept, so CT comes out in HU
+def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    return (*_from_sitk(sitk.ReadImage(str(path)), path), Geometry("itk", "origin, spacing and direction"))
 
 
 def _from_sitk(image: sitk.Image, source: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -222,11 +301,11 @@ def _from_sitk(image: sitk.Image, source: Path) -> tuple[np.ndarray, np.ndarray]
     return array, affine
 
 
-def _read_npy(path: Path) -> tuple[np.ndarray, None]:
-    return np.load(path, allow_pickle=False), None
+def _read_npy(path: Path) -> tuple[np.ndarray, None, Geometry]:
+    return np.load(path, allow_pickle=False), None, Geometry("array")
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, None]:
+def _read_npz(path: Path) -> tuple[np.ndarray, None, Geometry]:
     with np.load(path, allow_pickle=False) as archive:
         keys = list(archive.files)
         key = next((k for k in _NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
@@ -235,15 +314,15 @@ def _read_npz(path: Path) -> tuple[np.ndarray, None]:
                 f"{path}: cannot tell which array is the volume; expected one of {list(_NPZ_KEYS)} "
                 f"or a single array, found keys {keys}"
             )
-        return archive[key], None
+        return archive[key], None, Geometry("array")
 
 
-def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """A pickled ndarray, or a dict with the array and optional ``spacing`` (3) / ``affine`` (4x4)."""
     with open(path, "rb") as f:
         obj = _ArrayOnlyUnpickler(f, str(path)).load()
     if isinstance(obj, np.ndarray):
-        return obj, None
+        return obj, None, Geometry("array")
     if not isinstance(obj, dict):
         raise VolumeReadError(f"{path}: pickle holds a {type(obj).__name__}, expected a numpy array or dict")
     key = next((k for k in _PICKLE_ARRAY_KEYS if k in obj), None)
@@ -268,7 +347,8 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 f"{path}: 'spacing' {spacing.tolist()} disagrees with the affine's voxel size "
                 f"{list(_spacing(affine))}"
             )
-    return array, affine
+    return array, affine, Geometry("array", "pickled affine" if obj.get("affine") is not None else
+                                   "pickled spacing" if obj.get("spacing") is not None else "")
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -329,7 +409,7 @@ ARRAY_PICKLE_GLOBALS = _allowed_globals()
 # Validation shared by all formats.
 
 
-def _validated(array: np.ndarray, affine: np.ndarray | None, source: str) -> Volume:
+def _validated(array: np.ndarray, affine: np.ndarray | None, source: str, geometry: Geometry) -> Volume:
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8)
@@ -353,7 +433,9 @@ def _validated(array: np.ndarray, affine: np.ndarray | None, source: str) -> Vol
         )
     geometry_known = affine is not None
     affine = np.asarray(affine, dtype=np.float64) if geometry_known else np.eye(4)
-    return Volume(array, affine, _spacing(affine), source, geometry_known)
+    if geometry_known and geometry.format != "dicom":
+        geometry.tilt_deg = round(slice_tilt_deg(affine), 2)  # a sheared NIfTI (dcm2niix's tilted output)
+    return Volume(array, affine, _spacing(affine), source, geometry_known, geometry)
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
@@ -366,4 +448,4 @@ def _format_affine(affine: np.ndarray) -> str:
 
 
 def _with_affine(volume: Volume, affine: np.ndarray) -> Volume:
-    return Volume(volume.array, affine.copy(), _spacing(affine), volume.source, True)
+    return Volume(volume.array, affine.copy(), _spacing(affine), volume.source, True, volume.geometry, volume.dicom)

@@ -90,7 +90,8 @@ DEFAULT_TRANSFORM_CONFIG: dict = {
 class LoadVolumed(MapTransform):
     """Load ``keys`` with :func:`sam3d.data.io.load_volume` into channel-first MetaTensors.
 
-    The first key is the image; later keys are its masks. A mask entry that is ``None`` (an
+    The first key is the image; later keys are its masks. An entry is a path or a
+    :class:`~sam3d.data.io.Volume` already read (read once, e.g. with a DICOM series chosen). A mask entry that is ``None`` (an
     ``ich=0`` scan without a mask file) becomes an all-zero volume on the image's grid. A mask must
     match the image's shape and affine; if only one of the two files carries geometry (e.g. a bare
     ``.pkl`` array with a NIfTI mask) the other one inherits it.
@@ -106,7 +107,7 @@ class LoadVolumed(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         image_key, *mask_keys = self.keys
-        image = load_volume(d[image_key])
+        image = _volume(d[image_key])
         masks: dict[Hashable, Volume] = {}
         for key in mask_keys:
             if key not in d:
@@ -116,13 +117,17 @@ class LoadVolumed(MapTransform):
                 empty = np.zeros(image.array.shape, dtype=np.uint8)
                 masks[key] = Volume(empty, image.affine, image.spacing_mm, "", image.geometry_known)
             else:
-                image, masks[key] = align_mask_to_volume(image, load_volume(d[key]))
+                image, masks[key] = align_mask_to_volume(image, _volume(d[key]))
         d[image_key] = _to_meta_tensor(image)
         for key, mask in masks.items():
             # The image's exact affine (masks agree within 1e-3 mm): Spacingd sizes its output grid
             # from the affine, so a rounding difference could give image and mask different shapes.
             d[key] = _to_meta_tensor(mask, image.affine)
         return d
+
+
+def _volume(entry: object) -> Volume:
+    return entry if isinstance(entry, Volume) else load_volume(entry)
 
 
 def _to_meta_tensor(volume: Volume, affine: np.ndarray | None = None) -> MetaTensor:

@@ -1,0 +1,88 @@
+"""A hemorrhage mask back on the scanner's own slices, written as DICOM SEG (highdicom).
+
+The mask lives on the volume's grid, which for uneven steps is a resampled one; viewers (OHIF,
+3D Slicer, a PACS) overlay a SEG on the acquired images, so each acquired frame gets the mask
+sampled at the true world position of each of its pixels, and the SEG references that frame's
+SOP instance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from scipy import ndimage
+
+from engine.checkpoint import atomic_write
+
+from .dicom import Series
+
+__all__ = ["mask_on_frames", "write_hemorrhage_seg"]
+
+
+def mask_on_frames(mask: np.ndarray, affine: np.ndarray, series: Series) -> np.ndarray:
+    """bool (frames, rows, columns): ``mask`` (on the grid of RAS ``affine``) at every acquired pixel.
+
+    Linear interpolation of the 0/1 mask, kept where >= 0.5: on a frame that is a grid slice this is
+    the mask itself; between grid slices it is the nearer slice's mask, blended at its edge.
+    """
+    world_to_voxel = np.linalg.inv(affine)
+    values = mask.astype(np.float32)
+    planes = []
+    for frame in series.frames:
+        col_dir, row_dir = np.asarray(frame.orientation[:3]), np.asarray(frame.orientation[3:])
+        rows, cols = np.mgrid[0:series.rows, 0:series.columns]
+        lps = (np.asarray(frame.position) + cols[..., None] * frame.pixel_spacing[1] * col_dir
+               + rows[..., None] * frame.pixel_spacing[0] * row_dir).reshape(-1, 3)
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        voxel = ras @ world_to_voxel[:3, :3].T + world_to_voxel[:3, 3]
+        sampled = ndimage.map_coordinates(values, voxel.T, order=1, mode="constant", cval=0.0)
+        planes.append(sampled.reshape(series.rows, series.columns) >= 0.5)
+    return np.stack(planes)
+
+
+def write_hemorrhage_seg(path: str | Path, frames_mask: np.ndarray, series: Series, software_version: str,
+                         algorithm: str = "SAM-Med3D ICH") -> Path:
+    """Write a binary SEG of one segment, "Hemorrhage", referencing ``series``' instances frame by frame.
+
+    ``frames_mask`` is (frames, rows, columns) in ``series.frames`` order (:func:`mask_on_frames`).
+    Frames without hemorrhage are left out (highdicom's default); a mask with none at all still
+    gets a SEG with one empty frame, so a viewer shows "no finding" rather than a missing file.
+    """
+    path = Path(path)
+    # One dataset per file, in frame order: single-frame files each hold one frame, a multi-frame
+    # file holds them all in series.frames' order.
+    sources: dict[str, pydicom.Dataset] = {}
+    for frame in series.frames:
+        if frame.path not in sources:
+            sources[frame.path] = pydicom.dcmread(frame.path, stop_before_pixels=True)
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Hemorrhage",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Hemorrhage,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm, version=software_version, family=codes.cid7162.ArtificialIntelligence),
+    )
+    seg = hd.seg.Segmentation(
+        source_images=list(sources.values()),
+        pixel_array=frames_mask.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="sam3d-ich",
+        manufacturer_model_name=algorithm,
+        software_versions=software_version,
+        device_serial_number="0",
+        series_description="Hemorrhage (automated)",
+        omit_empty_frames=bool(frames_mask.any()),
+    )
+    atomic_write(path, lambda tmp: seg.save_as(tmp))
+    return path

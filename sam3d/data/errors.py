@@ -1,0 +1,5 @@
+"""The error every reader raises for a file it cannot use (one place, so io and dicom share it)."""
+
+
+class VolumeReadError(ValueError):
+    """A volume or mask file could not be used; the message names the file and what was wrong."""
