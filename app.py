@@ -184,6 +184,8 @@ class ReportSession:
             volume = load_volume(path, series=series)  # before the models, so a bad file gets io's clear message
         except VolumeReadError as e:
             raise UploadError(str(e).replace(str(path), name)) from e
+        # The page names the upload, not the server's work folder.
+        volume.geometry.notes = [note.replace(str(path), name) for note in volume.geometry.notes]
         if left_out:  # the zip's series were chosen among all its folders, not within one
             volume.geometry.series_left_out = left_out
             volume.geometry.notes.append(f"{name}: left out " + "; ".join(

@@ -73,6 +73,40 @@ def tiny_models(tmp_path_factory):
     return make_tiny_models(tmp_path_factory.mktemp("app_models"))
 
 
+def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tmp_path):
+    """A zip as PACS exports it: series in sub-folders, files without extensions, a localizer beside the
+    axial series. The axial one is read, the localizer named, and the downloads hold a DICOM SEG."""
+    from app import ReportSession
+    from blip.grounded import ScanReporter
+    from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
+    from tests.conftest import head_phantom_hu
+
+    positions, orientation = table_positions([5.0] * 11, 12.0, origin_xy_mm=(-96.0, -110.0))
+    axial = SeriesSpec(positions, orientation, rows=72, columns=64, pixel_spacing=(3.0, 3.0), gantry_tilt_deg=12.0,
+                       description="HEAD 5mm")
+    scout = SeriesSpec(np.array([[0.0, -120.0, 100.0]]), (0, 1, 0, 0, 0, -1), description="SCOUT",
+                       image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    write_ct_series(tmp_path / "study" / "S2", axial, head_phantom_hu, extension="")
+    write_ct_series(tmp_path / "study" / "S1", scout, head_phantom_hu, extension="")
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted((tmp_path / "study").rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(tmp_path))
+    seg_checkpoint, report_model = tiny_models
+    reporter = ScanReporter(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
+    session = ReportSession(reporter, tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    path, modality = session.resolve_upload(archive, archive.name)
+    case = session.analyse_ct(path, archive.name)
+    geometry = case["scan"].geometry
+    assert geometry.series["description"] == "HEAD 5mm" and geometry.tilt_deg == pytest.approx(12.0, abs=0.05)
+    assert any("SCOUT" in note and "localizer" in note for note in geometry.notes)
+    assert any(d.endswith("_seg.dcm") for d in case["downloads"])
+    with pytest.raises(UploadError, match="study.zip: no series matches series 'bone'"):
+        session.analyse_ct(session.resolve_upload(archive, archive.name)[0], archive.name, "bone")
+
+
 def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
@@ -104,6 +138,7 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
                 volume_cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
                 shown = float(re.search(r"[\d.]+", volume_cell.inner_text()).group())
                 assert shown == pytest.approx(expected_ml, abs=0.005)
+                expect(page.locator("#measurements")).to_contain_text("Scan geometry: nifti (sform)")
                 report_text = page.locator("#report textarea").input_value()
                 assert report_text.strip() and report_text.startswith("FINDINGS:")
                 expect(page.locator("#viewer img")).to_be_visible()

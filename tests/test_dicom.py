@@ -20,7 +20,8 @@ from scipy import ndimage
 from sam3d.data.dicom_seg import mask_on_frames, write_hemorrhage_seg
 from sam3d.data.geometry import GeometryWarning
 from sam3d.data.io import VolumeReadError, load_volume, scan_inputs
-from sam3d.data.synthetic_dicom import SeriesSpec, pixel_positions, table_positions, write_ct_series, write_enhanced_ct
+from sam3d.data.dicom import pixel_positions
+from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series, write_enhanced_ct
 from sam3d.predict import measure
 from sam3d.visualize import SliceView, axial_overlay
 from tests.conftest import bleed_volume_ml, head_phantom_hu, in_bleed
@@ -272,11 +273,12 @@ def test_scan_inputs_take_dicom_folders_as_users_have_them(tmp_path):
         scan_inputs(tmp_path / "study" / "notes")
 
 
-def test_predict_cli_on_a_tilted_uneven_series_writes_mask_seg_and_geometry(tmp_path):
+def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_geometry(tmp_path, capsys):
     from scripts.predict import main
+    from scripts.report import main as report_main
     from tests.conftest import make_tiny_models
 
-    checkpoint, _ = make_tiny_models(tmp_path / "models")
+    checkpoint, report_model = make_tiny_models(tmp_path / "models")
     spec = _spec([4.0] * 8 + [7.0] * 8, 18.5)
     paths = write_ct_series(tmp_path / "ct", spec, head_phantom_hu, extension="")
     with warnings.catch_warnings():
@@ -298,3 +300,13 @@ def test_predict_cli_on_a_tilted_uneven_series_writes_mask_seg_and_geometry(tmp_
                   for f in seg.PerFrameFunctionalGroupsSequence}
     assert referenced <= {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
     assert record["measurements"]["total_volume_ml"] == pytest.approx(mask.array.sum() * volume.voxel_volume_ml, abs=0.01)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeometryWarning)
+        assert report_main(["--segmentation_checkpoint", str(checkpoint), "--report_model", str(report_model),
+                            "--input", str(paths[3]), "--output_dir", str(tmp_path / "report"), "--device", "cpu",
+                            "--max_new_tokens", "4", "--num_beams", "1"]) == 0  # one file stands for its series
+    printed = capsys.readouterr().out
+    assert "geometry: DICOM series" in printed and "gantry tilt 18.5°" in printed
+    report = json.loads((tmp_path / "report" / "IM0004_report.json").read_text())
+    assert report["segmentation"]["geometry"]["series"]["files"] == len(paths)

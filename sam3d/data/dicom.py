@@ -33,11 +33,13 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
+from scipy import ndimage
 
 from .errors import VolumeReadError
 from .geometry import Geometry
 
-__all__ = ["Frame", "Series", "choose_series", "find_series", "is_dicom_file", "read_dicom_folder"]
+__all__ = ["Frame", "Series", "choose_series", "find_series", "frame_hu", "is_dicom_file", "pixel_positions",
+           "read_dicom_folder", "sample_frames"]
 
 POSITION_TOLERANCE_MM = 0.1  # slice positions this close to a uniform grid need no resampling
 MISSING_STEP_RATIO = 1.5  # a step this much larger than both neighbours means a slice is missing
@@ -101,6 +103,29 @@ class Series:
     def describe(self) -> dict[str, Any]:
         return {"uid": self.uid, "description": self.description, "number": self.number,
                 "files": self.files, "frames": len(self.frames)}
+
+
+def pixel_positions(position, orientation, rows: int, columns: int, pixel_spacing) -> np.ndarray:
+    """LPS mm of every pixel of one image plane, shape (rows, columns, 3) (DICOM PS3.3 C.7.6.2.1.1)."""
+    col_dir, row_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    r = np.arange(rows)[:, None, None] * float(pixel_spacing[0])
+    c = np.arange(columns)[None, :, None] * float(pixel_spacing[1])
+    return np.asarray(position, float) + c * col_dir + r * row_dir
+
+
+def sample_frames(array: np.ndarray, affine: np.ndarray, series: Series, order: int = 1) -> np.ndarray:
+    """``array`` (on the grid of RAS ``affine``) looked up at every acquired pixel of ``series``:
+    float32 (frames, rows, columns) in ``series.frames`` order; outside the grid gives 0."""
+    world_to_voxel = np.linalg.inv(affine)
+    values = array.astype(np.float32, copy=False)
+    planes = []
+    for frame in series.frames:
+        ras = pixel_positions(frame.position, frame.orientation, series.rows, series.columns,
+                              frame.pixel_spacing).reshape(-1, 3) * np.array([-1.0, -1.0, 1.0])
+        voxel = ras @ world_to_voxel[:3, :3].T + world_to_voxel[:3, 3]
+        planes.append(ndimage.map_coordinates(values, voxel.T, order=order, mode="constant", cval=0.0)
+                      .reshape(series.rows, series.columns))
+    return np.stack(planes)
 
 
 def _normal(orientation) -> np.ndarray:
@@ -236,7 +261,7 @@ def choose_series(candidates: list[Series], source: str, selector: str | None = 
     return chosen, left_out
 
 
-def _pixels(frames: list[Frame]) -> list[np.ndarray]:
+def frame_hu(frames: list[Frame]) -> list[np.ndarray]:
     """HU of each frame (rows, columns) float32, the rescale of its own frame applied."""
     cache: dict[str, np.ndarray] = {}
     out = []
@@ -337,7 +362,7 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
                                   f"{np.median(steps):.2f} mm; pass --allow_gaps to interpolate across them")
         geometry.interpolated_gaps_mm = [[round(float(distance[i]), 2), round(float(distance[i + 1]), 2)] for i in gaps]
 
-    slices = np.stack([plane.T for plane in _pixels(frames)], axis=-1)  # (columns, rows, slices)
+    slices = np.stack([plane.T for plane in frame_hu(frames)], axis=-1)  # (columns, rows, slices)
     uniform = np.linspace(distance[0], distance[-1], len(frames))
     if gaps.size or np.max(np.abs(distance - uniform)) > POSITION_TOLERANCE_MM:
         count = int(round((distance[-1] - distance[0]) / steps.min())) + 1

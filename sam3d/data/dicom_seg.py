@@ -14,11 +14,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from scipy import ndimage
 
 from engine.checkpoint import atomic_write
 
-from .dicom import Series
+from .dicom import Series, sample_frames
 
 __all__ = ["mask_on_frames", "write_hemorrhage_seg"]
 
@@ -29,19 +28,7 @@ def mask_on_frames(mask: np.ndarray, affine: np.ndarray, series: Series) -> np.n
     Linear interpolation of the 0/1 mask, kept where >= 0.5: on a frame that is a grid slice this is
     the mask itself; between grid slices it is the nearer slice's mask, blended at its edge.
     """
-    world_to_voxel = np.linalg.inv(affine)
-    values = mask.astype(np.float32)
-    planes = []
-    for frame in series.frames:
-        col_dir, row_dir = np.asarray(frame.orientation[:3]), np.asarray(frame.orientation[3:])
-        rows, cols = np.mgrid[0:series.rows, 0:series.columns]
-        lps = (np.asarray(frame.position) + cols[..., None] * frame.pixel_spacing[1] * col_dir
-               + rows[..., None] * frame.pixel_spacing[0] * row_dir).reshape(-1, 3)
-        ras = lps * np.array([-1.0, -1.0, 1.0])
-        voxel = ras @ world_to_voxel[:3, :3].T + world_to_voxel[:3, 3]
-        sampled = ndimage.map_coordinates(values, voxel.T, order=1, mode="constant", cval=0.0)
-        planes.append(sampled.reshape(series.rows, series.columns) >= 0.5)
-    return np.stack(planes)
+    return sample_frames(mask, affine, series, order=1) >= 0.5
 
 
 def write_hemorrhage_seg(path: str | Path, frames_mask: np.ndarray, series: Series, software_version: str,

@@ -17,6 +17,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from .dicom import pixel_positions
+
 __all__ = ["SeriesSpec", "table_positions", "write_ct_series", "write_enhanced_ct"]
 
 HUFunction = Callable[[np.ndarray], np.ndarray]  # (N, 3) LPS mm -> (N,) HU
@@ -58,15 +60,6 @@ class SeriesSpec:
 
     def per_slice(self, values: Sequence[float] | float) -> np.ndarray:
         return np.broadcast_to(np.asarray(values, dtype=np.float64), (len(self.positions),))
-
-
-def pixel_positions(position: np.ndarray, orientation: Sequence[float], rows: int, columns: int,
-                    pixel_spacing: Sequence[float]) -> np.ndarray:
-    """LPS mm of every pixel of one slice, shape (rows, columns, 3) (DICOM PS3.3 C.7.6.2.1.1)."""
-    col_dir, row_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    r = np.arange(rows)[:, None, None] * pixel_spacing[0]
-    c = np.arange(columns)[None, :, None] * pixel_spacing[1]
-    return np.asarray(position, float) + c * col_dir + r * row_dir
 
 
 def _stored(hu: np.ndarray, slope: float, intercept: float) -> np.ndarray:
