@@ -1,22 +1,24 @@
 """The same ViT in 2-D reproduces segment-anything's image encoder (the X-ray tower of report generation)."""
 
+import pytest
 import torch
 
 from sam3d.modeling.image_encoder import ImageEncoderViT
 from tests.conftest import fixture_fill
 
 
-def _encoder(cfg: dict, in_chans: int = 3) -> ImageEncoderViT:
+def _encoder(cfg: dict, in_chans: int = 3, window_attention: str = "padding_free") -> ImageEncoderViT:
     return ImageEncoderViT(
         spatial_dims=2, img_size=cfg["img"], patch_size=cfg["ps"], in_chans=in_chans, embed_dim=cfg["emb"],
         depth=cfg["depth"], num_heads=cfg["heads"], out_chans=cfg["out"], window_size=cfg["win"],
-        global_attn_indexes=tuple(cfg["glob"]),
+        global_attn_indexes=tuple(cfg["glob"]), window_attention=window_attention,
     ).eval()
 
 
-def test_small_case_matches_segment_anything(sam2d_fixture):
+@pytest.mark.parametrize("window_attention", ["padding_free", "reference"])
+def test_small_case_matches_segment_anything(sam2d_fixture, window_attention):
     case = sam2d_fixture["small"]
-    encoder = _encoder(case["config"])
+    encoder = _encoder(case["config"], window_attention=window_attention)
     prefix = "image_encoder."
     assert [(prefix + k, tuple(v.shape)) for k, v in encoder.state_dict().items()] == [
         (k, tuple(s)) for k, s in case["keys"]

@@ -9,8 +9,8 @@ from tests.conftest import fixture_fill
 TOL = 1e-4
 
 
-def _build_filled(case: dict, model_type: str):
-    config = model_config(model_type)
+def _build_filled(case: dict, model_type: str, window_attention: str = "padding_free"):
+    config = model_config(model_type, window_attention=window_attention)
     if model_type == "tiny":
         ref = case["config"]
         assert (config.img_size, config.patch_size, config.encoder_embed_dim) == (ref["img"], ref["ps"], ref["emb"])
@@ -23,11 +23,14 @@ def _build_filled(case: dict, model_type: str):
     return model
 
 
-# The fused kernel and the explicit softmax path both must match; vit_b_ori runs once (the slow case).
-@pytest.mark.parametrize("model_type, use_sdpa", [("tiny", True), ("tiny", False), ("vit_b_ori", True)])
-def test_reproduces_official_outputs(sam3d_fixture, model_type, use_sdpa):
+# The fused kernel and the explicit softmax path, the padding-free (default) and the official padded
+# window attention all must match; vit_b_ori runs the default only (the slow case).
+@pytest.mark.parametrize("model_type, use_sdpa, window_attention", [
+    ("tiny", True, "padding_free"), ("tiny", False, "padding_free"), ("tiny", True, "reference"),
+    ("tiny", False, "reference"), ("vit_b_ori", True, "padding_free")])
+def test_reproduces_official_outputs(sam3d_fixture, model_type, use_sdpa, window_attention):
     case = sam3d_fixture[model_type]
-    model = _build_filled(case, model_type)
+    model = _build_filled(case, model_type, window_attention)
     for module in model.image_encoder.modules():
         if hasattr(module, "use_sdpa"):
             module.use_sdpa = use_sdpa

@@ -47,6 +47,8 @@ class Sam3DConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     use_sdpa: bool = field(default=True, metadata={"help": "fused attention kernel (same outputs)"})
+    window_attention: str = field(default="padding_free", metadata={
+        "help": "'padding_free' (same outputs, real tokens only) or 'reference' (the official padded windows)"})
 
     def __post_init__(self) -> None:
         self.global_attn_indexes = tuple(int(i) for i in self.global_attn_indexes)
@@ -93,6 +95,7 @@ def build_image_encoder(config: Sam3DConfig) -> ImageEncoderViT:
         window_size=config.window_size,
         global_attn_indexes=config.global_attn_indexes,
         use_sdpa=config.use_sdpa,
+        window_attention=config.window_attention,
     )
 
 

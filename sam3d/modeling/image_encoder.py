@@ -4,10 +4,21 @@ One implementation serves both: ``spatial_dims=3`` reproduces SAM-Med3D's ``Imag
 (keys ``rel_pos_d/h/w``), ``spatial_dims=2`` segment-anything's ``ImageEncoderViT`` (``rel_pos_h/w``).
 Tokens are kept channels-last, (B, *grid, C), as in the official code, so that the absolute position
 embedding (1, *grid, C) and the window partition index the same way.
+
+Window attention. The official code zero-pads the grid (after norm1) to whole windows and attends
+the padded tokens too; the released weights were trained that way (SAM-Med3D's 8^3 grid becomes one
+14^3 window, 2232 of its 2744 tokens padding). ``window_attention="padding_free"`` (the default)
+computes the same function on the real tokens only: a padded token is zero after norm1, so its key
+is the qkv bias b_k and its value b_v, and all padded keys of a window act on a real query through
+one number, the log of the summed exp(score) over the padded positions. The decomposed relative
+position bias is a sum of per-axis terms, so that sum factorises into one-axis sums (whole window
+minus the real box), computed in log space. Each real query then attends its real keys plus one
+virtual key (value b_v, additive bias = that log mass). ``"reference"`` runs the padded computation.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -19,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .common import LayerNormNd, MLPBlock, conv_nd
 
 REL_POS_AXES = {2: ("h", "w"), 3: ("d", "h", "w")}
+WINDOW_ATTENTION = ("padding_free", "reference")
 
 
 class PatchEmbed(nn.Module):
@@ -74,8 +86,58 @@ def decomposed_rel_pos_bias(
     return bias.reshape(batch, math.prod(q_size), math.prod(k_size))
 
 
+def _window_rel_pos(tables: Sequence[torch.Tensor], window: int) -> list[torch.Tensor]:
+    return [get_rel_pos(window, window, table) for table in tables]
+
+
+def padded_window_bias(
+    q: torch.Tensor, tables: Sequence[torch.Tensor], real: Sequence[int], window: int, pad_q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relative-position bias of a zero-padded window, for its real tokens only.
+
+    q: (B*heads, N, C) queries of the real box ``real`` (N = prod(real)) at the start of a window of
+    ``window`` per axis; pad_q: (B*heads, C), the query of a padded token (the qkv bias).
+
+    Returns (bias (B*heads, N, N) between real tokens, log_mass (B*heads, N)): ``log_mass`` is
+    log sum over the window's padded key positions of exp(bias), the relative-position part of the
+    virtual key's logit. Shapes follow :func:`decomposed_rel_pos_bias`, including SAM-Med3D's 3-D
+    broadcasting: its height and width terms read q at grid positions named by the key's depth and
+    height index, which lie in the padding for keys past the real box, so those read ``pad_q``.
+    """
+    rel = _window_rel_pos(tables, window)  # each (window, window, C): [query coordinate, key coordinate]
+    batch, tokens, dim = q.shape
+    r_q = q.reshape(batch, *real, dim)
+    if len(real) == 2:
+        r0, r1 = real
+        t0 = torch.einsum("bxyc,xkc->bxyk", r_q, rel[0][:r0])  # varies with the key's first index
+        t1 = torch.einsum("bxyc,ykc->bxyk", r_q, rel[1][:r1])  # and with its second
+        bias = t0[..., :r0, None] + t1[..., None, :r1]
+        whole = t0.logsumexp(-1) + t1.logsumexp(-1)
+        box = t0[..., :r0].logsumexp(-1) + t1[..., :r1].logsumexp(-1)
+    else:
+        r0, r1, r2 = real
+        # q at (x, y, c) for every c of the window: real for c < r2, the padded query beyond.
+        q_ext = torch.cat([r_q, pad_q[:, None, None, None, :].expand(batch, r0, r1, window - r2, dim)], dim=3)
+        t0 = torch.einsum("bxyzc,xkc->bxyzk", r_q, rel[0][:r0])  # (x, y, query z; key k)
+        t1 = torch.einsum("bxyzc,ykc->bxyzk", q_ext, rel[1][:r1])  # (x, y; key's first index, key k)
+        t2 = torch.einsum("bxyzc,zkc->bxyzk", q_ext, rel[2])  # (x, y; key's second index, key k)
+        bias = (t0[:, :, :, :, None, None, :r2] + t1[:, :, :, None, :r0, None, :r2]
+                + t2[:, :, :, None, None, :r1, :r2])
+        # For each key k the sum over the other two key axes is a product of two one-axis sums.
+        whole = (t0 + (t1.logsumexp(3) + t2.logsumexp(3))[:, :, :, None, :]).logsumexp(-1)
+        box = (t0[..., :r2] + (t1[:, :, :, :r0, :r2].logsumexp(3)
+                              + t2[:, :, :, :r1, :r2].logsumexp(3))[:, :, :, None, :]).logsumexp(-1)
+    # log(e^whole - e^box) without cancellation: box < whole whenever the window has padding.
+    log_mass = whole + torch.log(-torch.expm1(box - whole))
+    return bias.reshape(batch, tokens, tokens), log_mass.reshape(batch, tokens)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with optional decomposed relative position bias."""
+    """Multi-head self-attention with optional decomposed relative position bias.
+
+    ``forward(x, window_size)`` with x the real box at the start of a zero-padded window attends as
+    if the padding were there (see the module docstring), on the real tokens only.
+    """
 
     def __init__(
         self,
@@ -102,13 +164,15 @@ class Attention(nn.Module):
                 self.register_parameter(f"rel_pos_{name}", nn.Parameter(torch.zeros(2 * size - 1, head_dim)))
             self.rel_pos_names = tuple(f"rel_pos_{name}" for name in axes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         batch, *grid, _ = x.shape
         tokens = math.prod(grid)
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, batch * self.num_heads, tokens, -1).unbind(0)
         bias = None
-        if self.use_rel_pos:
+        if window_size and any(s < window_size for s in grid):
+            bias, k, v = self._with_padding_key(q, k, v, grid, window_size, batch)
+        elif self.use_rel_pos:
             tables = [getattr(self, name) for name in self.rel_pos_names]
             bias = decomposed_rel_pos_bias(q, tables, grid, grid)
         if self.use_sdpa:
@@ -124,45 +188,101 @@ class Attention(nn.Module):
         out = out.view(batch, self.num_heads, *grid, -1).movedim(1, -2).reshape(batch, *grid, -1)
         return self.proj(out)
 
+    def _with_padding_key(self, q, k, v, real, window, batch):
+        """Bias (B*heads, N, N + 1), keys and values with one virtual key appended: a window's padded
+        tokens folded into a zero key with value b_v whose logit is the log of their summed exp(score)."""
+        head_dim = q.shape[-1]
+        if self.qkv.bias is not None:
+            pad_q, pad_k, pad_v = (b.reshape(self.num_heads, head_dim).repeat(batch, 1)
+                                   for b in self.qkv.bias.reshape(3, -1))
+        else:
+            pad_q = pad_k = pad_v = q.new_zeros(q.shape[0], head_dim)
+        # At least float32, under autocast too: the padded mass is summed in exp space.
+        work = torch.promote_types(self.qkv.weight.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            q_work = q.to(work)
+            if self.use_rel_pos:
+                tables = [getattr(self, name).to(work) for name in self.rel_pos_names]
+                bias, log_mass = padded_window_bias(q_work, tables, real, window, pad_q.to(work))
+            else:
+                bias = q_work.new_zeros(q.shape[0], q.shape[1], q.shape[1])
+                log_mass = q_work.new_full(q.shape[:2], math.log(window ** len(real) - math.prod(real)))
+            column = self.scale * (q_work @ pad_k.to(work)[:, :, None]) + log_mass[..., None]
+            bias = torch.cat([bias, column], dim=-1)
+        k = torch.cat([k, k.new_zeros(k.shape[0], 1, head_dim)], dim=1)
+        v = torch.cat([v, pad_v.to(v.dtype)[:, None, :]], dim=1)
+        return bias, k, v
+
+
+def _split_windows(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """(B, *grid, C) with grid a multiple of ``sizes`` → windows (B*n, *sizes, C), row-major."""
+    batch, *grid, channels = x.shape
+    n = len(grid)
+    view = [batch]
+    for g, s in zip(grid, sizes):
+        view += [g // s, s]
+    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [1 + 2 * n]
+    return x.view(*view, channels).permute(*order).reshape(-1, *sizes, channels)
+
+
+def _merge_windows(windows: torch.Tensor, grid: Sequence[int], batch: int) -> torch.Tensor:
+    """Inverse of :func:`_split_windows`: (B*n, *sizes, C) → (B, *grid, C)."""
+    sizes = windows.shape[1:-1]
+    n = len(grid)
+    counts = [g // s for g, s in zip(grid, sizes)]
+    x = windows.reshape(batch, *counts, *sizes, -1)
+    order = [0]
+    for i in range(n):
+        order += [1 + i, 1 + n + i]
+    order.append(1 + 2 * n)
+    return x.permute(*order).reshape(batch, *grid, -1)
+
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Zero-pad (B, *grid, C) to multiples of window_size and split into windows (B*n, *window, C).
 
-    The padded tokens take part in attention, exactly as in the official code: with SAM-Med3D's
-    8^3 grid and window 14 the whole grid becomes one 14^3 window of which 2232 tokens are padding.
+    This is the official computation (``window_attention="reference"``): the padded tokens take
+    part in attention.
     """
-    batch, *grid, channels = x.shape
-    n = len(grid)
+    grid = x.shape[1:-1]
     pads = [(window_size - s % window_size) % window_size for s in grid]
     if any(pads):
         pad_arg: list[int] = [0, 0]
         for p in reversed(pads):
             pad_arg += [0, p]
         x = F.pad(x, pad_arg)
-    padded = [s + p for s, p in zip(grid, pads)]
-    view = [batch]
-    for s in padded:
-        view += [s // window_size, window_size]
-    x = x.view(*view, channels)
-    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [1 + 2 * n]
-    windows = x.permute(*order).contiguous().view(-1, *([window_size] * n), channels)
-    return windows, tuple(padded)
+    padded = tuple(s + p for s, p in zip(grid, pads))
+    return _split_windows(x, [window_size] * len(grid)), padded
 
 
 def window_unpartition(
     windows: torch.Tensor, window_size: int, padded: Sequence[int], grid: Sequence[int]
 ) -> torch.Tensor:
     """Inverse of :func:`window_partition`, dropping the padding: (B*n, *window, C) → (B, *grid, C)."""
-    n = len(grid)
     counts = [s // window_size for s in padded]
-    batch = windows.shape[0] // math.prod(counts)
-    x = windows.view(batch, *counts, *([window_size] * n), -1)
-    order = [0]
-    for i in range(n):
-        order += [1 + i, 1 + n + i]
-    order.append(1 + 2 * n)
-    x = x.permute(*order).contiguous().view(batch, *padded, -1)
+    x = _merge_windows(windows, padded, windows.shape[0] // math.prod(counts))
     return x[(slice(None),) + tuple(slice(0, s) for s in grid)].contiguous()
+
+
+def padding_free_window_attention(attn: Attention, x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """What ``window_partition`` → ``attn`` → ``window_unpartition`` computes, on real tokens only.
+
+    Along each axis the grid splits into whole windows and, when it is not a multiple of the window,
+    one last partial window whose real tokens sit at its start. Windows of the same real extent are
+    attended together: one group for SAM-Med3D's 8^3 grid, up to 2^dims in general.
+    """
+    batch, *grid, _ = x.shape
+    if all(g <= window_size for g in grid):
+        return attn(x, window_size)
+    spans = [[(0, g - g % window_size, window_size)] * (g >= window_size)
+             + [(g - g % window_size, g, g % window_size)] * (g % window_size > 0) for g in grid]
+    out = torch.empty_like(x)
+    for group in itertools.product(*spans):
+        box = (slice(None), *(slice(start, stop) for start, stop, _ in group))
+        part = x[box]
+        windows = _split_windows(part, [size for _, _, size in group])
+        out[box] = _merge_windows(attn(windows, window_size), part.shape[1:-1], batch)
+    return out
 
 
 class Block(nn.Module):
@@ -179,8 +299,12 @@ class Block(nn.Module):
         window_size: int,
         input_size: Sequence[int],
         use_sdpa: bool = True,
+        window_attention: str = "padding_free",
     ) -> None:
         super().__init__()
+        if window_attention not in WINDOW_ATTENTION:
+            raise ValueError(f"window_attention must be one of {WINDOW_ATTENTION}, got {window_attention!r}")
+        self.window_attention = window_attention
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         attn_size = [window_size] * len(input_size) if window_size > 0 else list(input_size)
         self.attn = Attention(dim, num_heads, qkv_bias, use_rel_pos, attn_size, use_sdpa)
@@ -191,7 +315,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
+        if self.window_size > 0 and self.window_attention == "padding_free":
+            x = padding_free_window_attention(self.attn, x, self.window_size)
+        elif self.window_size > 0:
             grid = x.shape[1:-1]
             x, padded = window_partition(x, self.window_size)
             x = window_unpartition(self.attn(x), self.window_size, padded, grid)
@@ -225,6 +351,7 @@ class ImageEncoderViT(nn.Module):
         window_size: int = 14,
         global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
         use_sdpa: bool = True,
+        window_attention: str = "padding_free",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -248,6 +375,7 @@ class ImageEncoderViT(nn.Module):
                 0 if i in global_attn_indexes else window_size,
                 self.grid_size,
                 use_sdpa,
+                window_attention,
             )
             for i in range(depth)
         )
