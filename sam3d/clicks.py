@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from .modeling.sam3d import Sam3D
 
@@ -56,12 +57,15 @@ def run_click_rounds(
     labels = torch.zeros((batch, 0), dtype=torch.long, device=target.device)
     logits = None
     for i in range(num_clicks):
-        new_points, new_labels = sample_next_clicks(prediction, target, generator)
+        with record_function("sam3d.click_sampling"):  # ranges read by scripts/bench.py
+            new_points, new_labels = sample_next_clicks(prediction, target, generator)
         points = torch.cat([points, new_points], dim=1)
         labels = torch.cat([labels, new_labels], dim=1)
         # The mask prompt is an input, as in the official loop: no gradient flows into earlier rounds.
-        low_res, _ = model.decode(image_embeddings, points, labels, low_res.detach())
-        logits = model.upsample_logits(low_res)
+        with record_function("sam3d.decoder"):
+            low_res, _ = model.decode(image_embeddings, points, labels, low_res.detach())
+        with record_function("sam3d.upsample"):
+            logits = model.upsample_logits(low_res)
         prediction = logits.detach() > 0
         if on_round is not None:
             on_round(i, logits)

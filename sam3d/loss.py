@@ -8,6 +8,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.utils import convert_to_tensor
 from torch import nn
+from torch.profiler import record_function
 
 from .clicks import run_click_rounds
 from .modeling.sam3d import Sam3D
@@ -48,7 +49,9 @@ class InteractiveSegmentationLoss(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.model.parameters()).device
         images, targets = model_inputs(batch, device)
-        embeddings = self.model.image_encoder(images)
+        # Named ranges (sam3d.*) let scripts/bench.py say where a training step's time goes.
+        with record_function("sam3d.encoder"):
+            embeddings = self.model.image_encoder(images)
         positive = targets.flatten(1).amax(1) > 0.5
         # Click positions come from the (per-epoch seeded) global RNG so resumed runs repeat them.
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
@@ -64,7 +67,7 @@ class InteractiveSegmentationLoss(nn.Module):
                 pos_target,
                 self.num_clicks,
                 generator,
-                on_round=lambda i, logits: round_losses.append(self.criterion(logits.float(), pos_target)),
+                on_round=lambda i, logits: round_losses.append(self._loss(logits, pos_target)),
             )
             pos_loss = torch.stack(round_losses).mean()
             loss = loss + pos_loss * positive.sum() / batch_size
@@ -73,8 +76,15 @@ class InteractiveSegmentationLoss(nn.Module):
         for name, selected in (("loss_negative", ~positive), ("loss_automatic", positive)):
             if not selected.any() or (name == "loss_automatic" and not self.automatic_round):
                 continue
-            low_res, _ = self.model.decode(embeddings[selected])
-            prompt_free_loss = self.criterion(self.model.upsample_logits(low_res).float(), targets[selected])
+            with record_function("sam3d.decoder"):
+                low_res, _ = self.model.decode(embeddings[selected])
+            with record_function("sam3d.upsample"):
+                logits = self.model.upsample_logits(low_res)
+            prompt_free_loss = self._loss(logits, targets[selected])
             loss = loss + prompt_free_loss * selected.sum() / batch_size
             logs[name] = prompt_free_loss.item()
         return loss, logs
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with record_function("sam3d.loss"):
+            return self.criterion(logits.float(), target)

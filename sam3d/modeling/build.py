@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from engine.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_strict
+from engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D
@@ -128,8 +128,8 @@ MODEL_CONFIGS: dict[str, Callable[[], Sam3DConfig]] = {
         img_size=64, encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
         global_attn_indexes=(1, 3), prompt_embed_dim=48,
     ),
-    # Patch 8 keeps an 8^3 token grid at 64^3 input, the released model's grid, at CPU cost; window 0
-    # (all global) avoids padding 512 tokens to a 2744-token window.
+    # Patch 8 keeps an 8^3 token grid at 64^3 input, the released model's grid, at CPU cost; window 0:
+    # every block attends globally (the demo's and the tests' models were trained so).
     "small": lambda: Sam3DConfig(
         img_size=64, patch_size=8, encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
         window_size=0, global_attn_indexes=(), prompt_embed_dim=96, decoder_mlp_dim=256,
@@ -171,6 +171,10 @@ def load_trained_sam3d(
     (``model_type`` names the architecture, default ``vit_b_ori``). Returns (model, checkpoint
     metadata such as ``preprocessing``; empty for official checkpoints)."""
     payload = load_checkpoint(checkpoint)
+    if isinstance(payload, Mapping) and "image_encoder_state_dict" in payload:
+        raise CheckpointError(f"{checkpoint}: an exported encoder (sam_encoder.pth: image encoder and visual "
+                              "projection only); segmentation needs the training checkpoint (best_model.pth) or an "
+                              "official SAM-Med3D checkpoint")
     own = isinstance(payload, Mapping) and "model_config" in payload and model_type is None
     config = Sam3DConfig.from_dict(payload["model_config"]) if own else model_config(model_type or "vit_b_ori")
     model = build_from_config(config)
