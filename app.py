@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
+from engine.cli import run_main
+from engine.config import CommandLineParser, ConfigError
 from blip.grounded import ScanReporter, ground_report
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.geometry import Geometry
@@ -341,7 +343,7 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--segmentation_checkpoint", default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
                    help="SAM-Med3D checkpoint (default: the one `make demo` writes)")
     p.add_argument("--report_model", default=str(DEFAULT_REPORT_MODEL),
@@ -355,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"{flag} {path}" for flag, path in (("--segmentation_checkpoint", args.segmentation_checkpoint),
                                                    ("--report_model", args.report_model)) if not Path(path).exists()]
     if missing:
-        raise SystemExit("missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
-                         "or pass --segmentation_checkpoint/--report_model.")
+        raise ConfigError("missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
+                          "or pass --segmentation_checkpoint/--report_model.")
     from engine.distributed import resolve_device
 
     logging.basicConfig(level=logging.INFO)
@@ -367,4 +369,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

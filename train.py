@@ -20,14 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import ConfigError, check_training_config, parse_with_config
+from engine.config import CommandLineParser, ConfigError, check_resume, check_training_config, parse_with_config
 from engine.config import add_optimisation_arguments, add_run_arguments, add_tracking_arguments
 
 FULL_DEFAULTS_NOTE = "defaults are those of the original training script"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     bool_flag = argparse.BooleanOptionalAction
     g = add_run_arguments(p, "outputs/sam3d")
     g.add_argument("--test", action="store_true", help="system check with a tiny end-to-end run, then exit")
@@ -95,9 +95,17 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--resume: {Path(cfg['output_dir']) / 'latest_model.pth'} does not exist")
     if cfg["num_clicks"] < 1 or cfg["val_num_clicks"] < 1:
         raise ConfigError("num_clicks and val_num_clicks must be >= 1")
-    if cfg["img_size"] is not None:
-        from sam3d.modeling import model_config
+    from sam3d.data.transforms import check_transform_config
+    from sam3d.modeling import MODEL_CONFIGS, model_config
 
+    if cfg["model_type"] not in MODEL_CONFIGS:
+        raise ConfigError(f"--model_type {cfg['model_type']!r}: unknown; choose one of {sorted(MODEL_CONFIGS)}")
+    try:
+        check_transform_config({"hu_windows": cfg["hu_windows"]})  # before preprocessing_config reads them as pairs
+        check_transform_config(preprocessing_config(args, cfg["img_size"] or model_config(cfg["model_type"]).img_size))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"preprocessing: {err}") from None
+    if cfg["img_size"] is not None:
         patch = model_config(cfg["model_type"]).patch_size
         if cfg["img_size"] < patch or cfg["img_size"] % patch:
             raise ConfigError(f"--img_size {cfg['img_size']} must be a positive multiple of {cfg['model_type']}'s "
@@ -133,7 +141,13 @@ def preprocessing_config(args: argparse.Namespace, roi_size: int) -> dict[str, A
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune, then export the best encoder. Returns the engine's result plus output paths."""
+    from engine.checkpoint import lock_output_dir
 
+    with lock_output_dir(args.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _run_training(args)
+
+
+def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
     from engine.tracking import Tracker
     from engine.trainer import Trainer, TrainerConfig
@@ -260,18 +274,19 @@ def system_check_run(output_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Configuration errors end as one line (exit 2) through ``engine.cli.run_main``, before any data is read."""
     parser = build_parser()
-    try:
-        args = parse_with_config(parser, argv)
-        if args.test:
-            from engine.system_check import run_checks
+    args = parse_with_config(parser, argv)
+    if args.test:
+        from engine.system_check import run_checks
 
-            output_dir = Path(args.output_dir)
-            return 1 if run_checks(output_dir, [("end-to-end tiny training", lambda: system_check_run(output_dir))]) else 0
-        for message in check_config(args):
-            print(f"WARNING: {message}", file=sys.stderr)
-    except ConfigError as err:
-        parser.error(str(err))
+        output_dir = Path(args.output_dir)
+        return 1 if run_checks(output_dir, [("end-to-end tiny training", lambda: system_check_run(output_dir))]) else 0
+    for message in check_config(args):
+        print(f"WARNING: {message}", file=sys.stderr)
+    args.resume_changes = check_resume(args)  # config.json records what this run changed
+    for change in args.resume_changes:
+        print(f"resuming with a changed flag: {change}", file=sys.stderr)
     result = run_training(args)
     if int(os.environ.get("RANK", "0")) == 0:
         from engine.trainer import print_outcome
@@ -281,4 +296,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -44,6 +44,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
+from engine.cli import run_main
+from engine.config import CommandLineParser
 from engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -179,8 +181,8 @@ def load_lavis_into_bridge(bridge: QFormerBridge, checkpoint_path: str | os.Path
     return notes
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = CommandLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lavis", required=True, help="LAVIS BLIP-2 checkpoint (.pth)")
     parser.add_argument(
         "--output", required=True, help="bridge.pth (torch file: model, config, notes) or a save_pretrained folder"
@@ -202,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     for note in notes:
         print(note)
     print(f"wrote {args.output}")
-    return notes
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

@@ -39,7 +39,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, check_training_config, parse_with_config
+from engine.config import CommandLineParser, ConfigError, check_resume, check_training_config, parse_with_config
 from engine.config import add_optimisation_arguments, add_run_arguments, add_tracking_arguments
 
 LM_FOLDER = "lm"
@@ -49,7 +49,7 @@ MANIFEST_HINT = (" (`make demo` or scripts/make_synthetic_ich.py write synthetic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     bool_flag = argparse.BooleanOptionalAction
     add_run_arguments(p, "outputs/blip")
     g = p.add_argument_group("data")
@@ -226,6 +226,13 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     """Train, save the best model with ``save_pretrained`` and generate one sample per validation
     modality. Returns the engine's result plus ``outputs`` and ``samples``."""
+    from engine.checkpoint import lock_output_dir
+
+    with lock_output_dir(args.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _run_training(args)
+
+
+def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from blip.diagnosis import diagnosis_sentence
@@ -320,13 +327,14 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Configuration errors end as one line (exit 2) through ``engine.cli.run_main``, before any data is read."""
     parser = build_parser()
-    try:
-        args = parse_with_config(parser, argv)
-        for message in check_config(args):
-            print(f"WARNING: {message}", file=sys.stderr)
-    except ConfigError as err:
-        parser.error(str(err))
+    args = parse_with_config(parser, argv)
+    for message in check_config(args):
+        print(f"WARNING: {message}", file=sys.stderr)
+    args.resume_changes = check_resume(args)  # config.json records what this run changed
+    for change in args.resume_changes:
+        print(f"resuming with a changed flag: {change}", file=sys.stderr)
     result = run_training(args)
     if int(os.environ.get("RANK", "0")) == 0:
         from blip.data.reports import split_sections
@@ -344,4 +352,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -10,17 +10,24 @@ else (arbitrary classes, functions) is refused with the offending names, never e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import pickle
+import socket
 import tempfile
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
+from .errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
 
 
@@ -44,6 +51,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes), e.g. a copy that did not finish")
     # Only add what is not registered yet: leaving the context removes what it added, and other
     # modules (the MONAI cache loader) register some of the same numpy globals process-wide.
     registered = set(torch.serialization.get_safe_globals())
@@ -60,14 +69,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         detail = f"it references {refused}, which are not on the allow-list" if refused else str(err).splitlines()[0]
         raise CheckpointError(f"refusing to load {path}: {detail}") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason} (truncated or not a torch checkpoint?)") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` on a hidden temp file in ``path``'s folder, then rename it over ``path``.
 
     Temp names end in ``.tmp`` (what a restarted run cleans up), or ``.tmp.nii[.gz]`` for NIfTI,
-    whose writer picks the format from the name. A crash leaves the old file in place.
+    whose writer picks the format from the name. A crash leaves the old file in place. The file
+    gets the permissions the umask gives new files, as a plain ``open`` would.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,10 +88,49 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600; the result gets the mode any new file would (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def lock_output_dir(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Hold ``path/.lock`` for a run: a second run on the same folder is refused (ConfigError) with the
+    first one's PID and start time, instead of both writing a mixture of checkpoints and summaries.
+
+    The lock is an ``flock`` on the open file, so it ends with the process however it ends (a
+    SIGKILLed run leaves no stale lock); ``enabled=False`` (DDP ranks other than 0) does nothing.
+    """
+    from .config import ConfigError
+
+    if not enabled:
+        yield
+        return
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"--output_dir {folder}: in use by {holder}; wait for that run or choose another "
+                          "--output_dir") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"PID {os.getpid()} on {socket.gethostname()}, started {datetime.now().isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

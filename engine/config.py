@@ -7,15 +7,32 @@ config file and a command line say the same thing the same way.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key (and file) at fault."""
+
+    exit_code = 2
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a :class:`ConfigError` (one line through ``engine.cli.run_main``,
+    exit 2) instead of the usage block, and whose help uses the module docstring as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 # The flags every workflow on the engine shares (segmentation: train.py; reports: blip/train.py), so
@@ -31,6 +48,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> argpa
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from output_dir/latest_model.pth")
+    g.add_argument("--allow_changed", nargs="+", default=[], metavar="FLAG",
+                   help="with --resume: flags whose value may differ from the run being resumed")
     return g
 
 
@@ -77,11 +96,52 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -
         raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values, found {type(values).__name__}")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {unknown}; every key must be a flag name of this command")
-    return values
+    return {key: _yaml_value(path, key, value, actions[key]) for key, value in values.items()}
+
+
+def _yaml_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    """A YAML value checked as the flag's parser would check it on the command line: list or single
+    value (``nargs``), the flag's ``type``, its ``choices``; flags without a type keep YAML's value."""
+    where = f"--config {path}: key '{key}'"
+    if value is None:
+        return value
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} expects true or false, found {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} expects a list" + (f" of {action.nargs} values" if isinstance(action.nargs, int)
+                                                           else "") + f", found {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise ConfigError(f"{where} expects {action.nargs} values, found {len(value)}: {value!r}")
+        if action.nargs == "+" and not value:
+            raise ConfigError(f"{where} expects at least one value, found an empty list")
+        items = value
+    else:
+        if isinstance(value, (list, dict)) and action.type not in (None, json.loads):
+            raise ConfigError(f"{where} expects a single value, found {value!r}")
+        items = [value]
+    converted = []
+    for item in items:
+        # json.loads flags (e.g. --hu_windows) take YAML's structure as it is.
+        if action.type not in (None, json.loads) and not isinstance(item, bool):
+            try:
+                item = action.type(item)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where} expects {getattr(action.type, '__name__', 'a value')} values, "
+                                  f"found {item!r}") from None
+        elif isinstance(item, bool) and action.type in (int, float):
+            raise ConfigError(f"{where} expects a number, found {item!r}")
+        if action.choices is not None and item not in action.choices:
+            raise ConfigError(f"{where} must be one of {list(action.choices)}, found {item!r}")
+        converted.append(item)
+    return converted if many else converted[0]
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -92,6 +152,42 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return parser.parse_args(argv)
 
 
+# Resuming may always change these: they say how long, where and how the run is watched, not what it learns.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "allow_changed", "resume_changes", "config", "test", "epochs", "patience", "output_dir", "device",
+    "num_workers", "cache_dir", "validate_data", "skip_invalid", "use_wandb", "wandb_project", "wandb_entity",
+    "log_images", "log_freq", "max_steps_per_epoch", "cache_images", "cache_tokens",
+})
+# Restored from the checkpoint on resume, so a new value would be recorded but not used.
+RESUME_RESTORED = frozenset({"lr", "weight_decay", "decoder_lr_ratio", "diagnosis_lr_ratio", "scheduler_type",
+                             "scheduler_gamma", "scheduler_patience", "min_lr", "seed", "model_type", "img_size"})
+
+
+def check_resume(args: argparse.Namespace) -> list[str]:
+    """On --resume, the flags that differ from ``output_dir/config.json`` (the run being resumed).
+
+    A difference is refused unless --allow_changed names it, and refused always for what the
+    checkpoint restores (optimiser, scheduler, seed, architecture). Returns "flag: old -> new" lines,
+    which the new config.json records as ``resume_changes``.
+    """
+    saved_path = Path(args.output_dir) / "config.json"
+    if not args.resume or not saved_path.is_file():
+        return []
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(json.dumps(vars(args), default=str))
+    changed = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE}
+    restored = sorted(k for k in changed if k in RESUME_RESTORED)
+    if restored:
+        raise ConfigError(f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in restored)} "
+                          f"cannot change on resume (the checkpoint restores them); start a new --output_dir instead")
+    refused = sorted(k for k in changed if k not in set(args.allow_changed))
+    if refused:
+        raise ConfigError(f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in refused)} "
+                          f"differ from the run being resumed ({saved_path}); pass --allow_changed "
+                          f"{' '.join(refused)} to resume with them, or start a new --output_dir")
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())]
+
+
 def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
     """Errors raise ConfigError; returns warnings for settings that run but probably are not meant."""
     positive = ("epochs", "batch_size", "gradient_accumulation_steps", "patience", "log_freq")
@@ -100,6 +196,12 @@ def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
             raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if cfg.get("lr", 1.0) <= 0:
         raise ConfigError(f"lr must be > 0, got {cfg['lr']}")
+    if cfg.get("max_steps_per_epoch") is not None and cfg["max_steps_per_epoch"] < 1:
+        raise ConfigError(f"max_steps_per_epoch must be >= 1 (or left out for whole epochs), got {cfg['max_steps_per_epoch']}")
+    if "device" in cfg:
+        from .distributed import resolve_device
+
+        resolve_device(cfg["device"])  # --device cuda on a machine without CUDA fails here, not after loading data
     for key in ("weight_decay", "max_grad_norm", "num_workers"):
         if key in cfg and cfg[key] is not None and cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -41,10 +43,14 @@ def resolve_device(requested: str | None, ctx_local_rank: int | None = None) -> 
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ctx_local_rank is None else ctx_local_rank
     if requested in (None, "", "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested} requested but CUDA is not available (torch {torch.__version__})")
+            raise ConfigError(f"--device {requested}: CUDA is not available here (torch {torch.__version__}); "
+                              "use --device cpu or auto")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device

@@ -364,6 +364,10 @@ class Trainer:
         except KeyboardInterrupt:
             stop_reason = f"interrupted during epoch {self.state['epoch'] + 1}; resume with --resume"
             raise
+        except BaseException as err:  # the summary must not say "completed" for a run that crashed
+            stop_reason = (f"failed during epoch {self.state['epoch'] + 1} ({type(err).__name__}: {err}); the last "
+                           f"finished epoch is {self.state['epoch']}, resume with --resume")
+            raise
         finally:
             if self.ctx.is_main:
                 self._write_summary(summary_path, stop_reason, summary_extra)

@@ -1,17 +1,20 @@
-"""What the scan-reading command lines share (predict, report): input flags, clicks, warnings."""
+"""What the scan-reading command lines share (predict, report): input flags, clicks, batches."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from .data.io import Volume, load_volume
+from engine.config import ConfigError
+from engine.errors import UserError
+
+from .data.io import Volume, load_volume, strip_volume_extension
 from .predict import Click
 
-__all__ = ["add_scan_arguments", "parse_clicks", "plain_warnings", "read_scan"]
+__all__ = ["add_scan_arguments", "output_stems", "parse_clicks", "read_scan", "run_batch"]
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +23,8 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DICOM folders holding several series: the SeriesInstanceUID, or part of the "
                              "SeriesDescription, of the one to read (default: the axial, non-localizer series "
                              "with the most slices)")
+    parser.add_argument("--fail_fast", action="store_true",
+                        help="stop at the first scan that fails (default: record it, go on, exit 1 at the end)")
     parser.add_argument("--allow_gaps", action="store_true",
                         help="DICOM: accept missing slices (interpolated) and duplicate positions (first kept) "
                              "instead of stopping; both are recorded in the geometry")
@@ -30,26 +35,45 @@ def read_scan(path: str, args: argparse.Namespace) -> Volume:
 
 
 def parse_clicks(raw: list[list[str]] | None, space: str) -> list[Click]:
-    """``--click X Y Z [pos|neg]`` values → clicks; a malformed one exits with the flag's usage."""
+    """``--click X Y Z [pos|neg]`` values → clicks; a malformed one is a ConfigError naming it."""
     clicks = []
     for values in raw or []:
         if len(values) not in (3, 4) or (len(values) == 4 and values[3] not in ("pos", "neg")):
-            raise SystemExit(f"--click {' '.join(values)}: expected X Y Z [pos|neg]")
+            raise ConfigError(f"--click {' '.join(values)}: expected X Y Z [pos|neg]")
         try:
             position = tuple(float(v) for v in values[:3])
         except ValueError:
-            raise SystemExit(f"--click {' '.join(values)}: X Y Z must be numbers") from None
+            raise ConfigError(f"--click {' '.join(values)}: X Y Z must be numbers") from None
         clicks.append(Click(position, positive=len(values) == 3 or values[3] == "pos", space=space))
     return clicks
 
 
-@contextlib.contextmanager
-def plain_warnings() -> Iterator[None]:
-    """Within it, each warning is one line, ``warning: <message>``, on stderr: these are for the user
-    (gantry tilt, uneven steps, series left out), not for a developer's file and line."""
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=file or sys.stderr)
+def output_stems(inputs: Sequence[str]) -> dict[str, str]:
+    """Each input's output name stem; two inputs with one stem (``scan.nii.gz`` and ``scan.nrrd``)
+    would overwrite each other's outputs, so that is refused before any work."""
+    stems: dict[str, str] = {}
+    for path in inputs:
+        stems[path] = strip_volume_extension(Path(path).name)
+    seen: dict[str, str] = {}
+    for path, stem in stems.items():
+        if stem in seen:
+            raise ConfigError(f"--input: {seen[stem]} and {path} would both write outputs named '{stem}_*'; "
+                              "rename one or run them into separate --output_dir")
+        seen[stem] = path
+    return stems
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
+
+def run_batch(inputs: Sequence[str], process: Callable[[str], dict[str, Any]], fail_fast: bool) -> list[dict[str, Any]]:
+    """``process`` each input; a scan that fails is recorded as ``{"source", "error"}`` and the batch
+    goes on (``fail_fast``: the error ends the batch instead). Returns the records in input order."""
+    records = []
+    for path in inputs:
+        try:
+            records.append(process(path))
+        except Exception as err:
+            if fail_fast:
+                raise
+            reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            print(f"error: {path}: {reason}" if path not in reason else f"error: {reason}", file=sys.stderr)
+            records.append({"source": path, "error": reason})
+    return records

@@ -28,11 +28,12 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from engine.checkpoint import atomic_write
+from engine.config import ConfigError
 
 from . import __version__
 from .data.dicom_seg import mask_on_frames, write_hemorrhage_seg
 from .data.geometry import axial_axis
-from .data.io import Volume, load_volume, save_nifti, strip_volume_extension
+from .data.io import Volume, VolumeReadError, load_volume, save_nifti, strip_volume_extension
 from .data.transforms import DEFAULT_TRANSFORM_CONFIG, build_inference_transforms
 from .modeling import load_trained_sam3d
 from .modeling.sam3d import Sam3D
@@ -255,6 +256,49 @@ def _click_world(click: Click, volume: Volume) -> np.ndarray:
     return volume.affine @ position if click.space == "voxel" else position
 
 
+MIN_HEAD_EXTENT_MM = 60.0  # a head is ~150 mm across; less than this on two axes holds no head
+
+
+def check_head_ct(volume: Volume) -> None:
+    """A blank or constant scan is refused (a clean "no hemorrhage" would be a lie); one that does not
+    look like a head CT (no air, no bone, values outside the HU range, too small to hold a head)
+    gets a warning recorded with its geometry, shown wherever the result is."""
+    sample = volume.array[::2, ::2, ::2].astype(np.float32)
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if hi - lo < 1.0:
+        raise VolumeReadError(f"{volume.source}: the scan is constant ({lo:g} everywhere): there is nothing to segment")
+    problems = []
+    if lo < -3100 or hi > 40000:
+        problems.append(f"values {lo:g}..{hi:g} lie outside the CT range in HU (about -1024..3071)")
+    if float(np.percentile(sample, 1)) > -500:
+        problems.append(f"no air (1st percentile {np.percentile(sample, 1):.0f}, air is about -1000 HU): not in HU, "
+                        "or not a CT")
+    if float(np.percentile(sample, 99.9)) < 300:
+        problems.append("no bone (99.9th percentile below 300 HU)")
+    shape = np.array(volume.array.shape)
+    extent_mm = shape * np.array(volume.spacing_mm)
+    if np.sort(extent_mm)[1] < MIN_HEAD_EXTENT_MM:
+        problems.append(f"a field of view of {np.round(extent_mm).astype(int).tolist()} mm is too small to hold a head")
+    for problem in problems:
+        volume.geometry.warn(f"{volume.source}: does not look like a head CT: {problem}; read the result with care")
+
+
+def check_clicks_inside(clicks: Sequence[Click], volume: Volume) -> None:
+    """A click outside the scan is a mistake, not a prompt: ConfigError with the scan's bounds."""
+    shape = np.array(volume.array.shape)
+    to_voxel = np.linalg.inv(volume.affine)
+    for click in clicks:
+        voxel = (to_voxel @ _click_world(click, volume))[:3]
+        if np.all(voxel >= -0.5) and np.all(voxel <= shape - 0.5):
+            continue
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+        world = volume.affine[:3, :3] @ corners + volume.affine[:3, 3:]
+        bounds = (f"voxel indices 0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1}" if click.space == "voxel"
+                  else "RAS mm " + ", ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(world.min(1), world.max(1))))
+        raise ConfigError(f"--click {' '.join(f'{v:g}' for v in click.position)} ({click.space}): outside "
+                          f"{volume.source}, which spans {bounds}")
+
+
 class HemorrhageSegmenter:
     """Load once, predict many: ``HemorrhageSegmenter("best_model.pth").predict("scan.nii.gz")``.
 
@@ -328,6 +372,8 @@ class HemorrhageSegmenter:
         """Segment ``scan``: a path (any format :func:`load_volume` reads) or a Volume already read
         (read it yourself to choose a DICOM series or accept gaps)."""
         volume = scan if isinstance(scan, Volume) else load_volume(scan)
+        check_clicks_inside(clicks or [], volume)
+        check_head_ct(volume)
         image, model_affine = self._preprocess(volume)
         if clicks:
             probabilities = self._interactive(image, model_affine, volume, clicks)
@@ -339,7 +385,8 @@ class HemorrhageSegmenter:
         return SegmentationResult(volume.source, mask, volume, measure(mask, volume),
                                   "interactive" if clicks else "automatic", record)
 
-    def save(self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3) -> SegmentationResult:
+    def save(self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3,
+             stem: str | None = None) -> SegmentationResult:
         """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json``, axial PNG overlays (radiological
         convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
         slices as DICOM SEG referencing them. Every file is written atomically."""
@@ -347,7 +394,7 @@ class HemorrhageSegmenter:
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = strip_volume_extension(Path(result.source).name)
+        stem = stem or strip_volume_extension(Path(result.source).name)
         mask_path = out / f"{stem}_mask.nii.gz"
         save_nifti(mask_path, result.mask, result.affine)
         result.files["mask"] = str(mask_path)

@@ -21,12 +21,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam3d.cli import add_scan_arguments, plain_warnings, read_scan  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser, ConfigError# noqa: E402
+from sam3d.cli import add_scan_arguments, read_scan  # noqa: E402
 from sam3d.data.dicom import frame_hu, sample_frames  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--input", required=True, help="a DICOM series folder or one of its files")
     p.add_argument("--head_hu", type=float, default=-500.0, help="pixels above this HU are compared")
     p.add_argument("--output", help="write the figures as JSON here")
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     volume = read_scan(args.input, args)
     if volume.dicom is None:
-        raise SystemExit(f"--input {args.input}: not a DICOM series")
+        raise ConfigError(f"--input {args.input}: not a DICOM series (it read as {volume.geometry.format})")
     written = np.stack(frame_hu(volume.dicom.frames))
     looked_up = sample_frames(volume.array, volume.affine, volume.dicom)
     head = written > args.head_hu
@@ -58,5 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    with plain_warnings():
-        sys.exit(main())
+    sys.exit(run_main(main))

@@ -21,12 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from engine.config import parse_with_config  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser, parse_with_config# noqa: E402
 from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--num_cases", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
@@ -111,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -29,6 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser  # noqa: E402
+
 from blip.data import normalize_for_metrics, split_sections  # noqa: E402
 from blip.data.reports import ReportManifestError, table_rows  # noqa: E402
 from blip.labeler import (MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive,  # noqa: E402
@@ -100,7 +103,7 @@ def evaluate(samples: list[dict], tokenize: str | None, meteor: bool) -> tuple[l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--input", required=True, help="CSV or JSONL with id, reference, generated[, modality]")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--modality", choices=MODALITIES, default=None, help="for rows without a modality column")
@@ -131,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -30,6 +30,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser  # noqa: E402
+
 from engine.distributed import resolve_device  # noqa: E402
 from sam3d.data.dataset import build_segmentation_dataset, read_manifest  # noqa: E402
 from sam3d.data.io import load_volume  # noqa: E402
@@ -66,7 +69,7 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--csv", required=True, help="path,ich,patient_id CSV (as for training)")
     p.add_argument("--mask_dir", required=True)
@@ -138,4 +141,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

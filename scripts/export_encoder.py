@@ -16,13 +16,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser  # noqa: E402
+
 from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG  # noqa: E402
 from sam3d.export import export_encoder  # noqa: E402
 from sam3d.modeling import load_trained_sam3d  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--model_type", default=None, help="registry name when the checkpoint has no model_config")
@@ -41,4 +44,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,6 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser  # noqa: E402
+
 from blip.labeler import is_positive, label_chest_report  # noqa: E402
 
 # observation -> (MeSH heading, required qualifier or None). Choices, and why:
@@ -111,7 +114,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--reports", required=True, help="indiana_reports.csv")
     p.add_argument("--output", required=True, help="JSON path; the Markdown table goes beside it (.md)")
     args = p.parse_args(argv)
@@ -126,4 +129,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser, ConfigError  # noqa: E402
 from sam3d.data.synthetic import (  # noqa: E402  (needs the sys.path line above)
     DEFAULT_FOV_MM,
     DEFAULT_SPACING_MM,
@@ -24,7 +26,7 @@ from sam3d.data.synthetic import (  # noqa: E402  (needs the sys.path line above
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/synthetic", help="dataset folder to (over)write")
     parser.add_argument("--num_cases", type=int, default=24, help="number of scans (>= 2)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; case k depends only on (seed, k)")
@@ -59,7 +61,7 @@ def main(argv=None) -> dict:
             fov_mm=tuple(args.fov),
         )
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise ConfigError(str(err)) from None
     for key, path in paths.items():
         if path is not None:
             print(f"{key}: {path}")
@@ -67,4 +69,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(lambda argv: main(argv) and 0))

@@ -31,7 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.distributed import resolve_device  # noqa: E402
-from sam3d.cli import add_scan_arguments, parse_clicks, plain_warnings, read_scan  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser  # noqa: E402
+from engine.checkpoint import atomic_write  # noqa: E402
+from sam3d.cli import add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
 from sam3d.data.io import scan_inputs  # noqa: E402
 from sam3d.predict import (  # noqa: E402
     BONE_THRESHOLD_HU,
@@ -42,7 +45,7 @@ from sam3d.predict import (  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True,
                    help="a volume, a DICOM file or series folder (files with or without extensions), a folder of "
@@ -65,26 +68,40 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.min_component_ml < 0 or args.intracranial_margin_mm < 0:
         p.error("--min_component_ml and --intracranial_margin_mm must be >= 0")
+    if not 0.0 < args.threshold < 1.0:
+        p.error(f"--threshold {args.threshold:g}: a probability strictly between 0 and 1 is expected")
+    if not 0.0 <= args.overlap < 1.0:
+        p.error(f"--overlap {args.overlap:g}: expected 0 <= overlap < 1")
+    if not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint}: file not found")
+    device = resolve_device(args.device)
+    clicks = parse_clicks(args.click, args.click_space)
+    inputs = scan_inputs(args.input)  # every input named, and output names checked, before the model loads
+    stems = output_stems(inputs)
 
     segmenter = HemorrhageSegmenter(
-        args.checkpoint, resolve_device(args.device), args.model_type, args.overlap,
+        args.checkpoint, device, args.model_type, args.overlap,
         restrict_intracranial=args.intracranial_mask, min_component_ml=args.min_component_ml,
         bone_hu=args.bone_hu, margin_mm=args.intracranial_margin_mm,
     )
-    clicks = parse_clicks(args.click, args.click_space)
-    results = []
-    for path in scan_inputs(args.input):
+    out = Path(args.output_dir)
+
+    def predict(path: str) -> dict:
         volume = read_scan(path, args)
-        result = segmenter.save(segmenter.predict(volume, clicks, args.threshold), args.output_dir)
+        result = segmenter.save(segmenter.predict(volume, clicks, args.threshold), out, stem=stems[path])
         m = result.measurements
         print(f"{path}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side} "
               f"-> {result.files['mask']}" + (f", {result.files['dicom_seg']}" if "dicom_seg" in result.files else ""))
         print(f"  geometry: {volume.geometry.summary()}")
-        results.append(result.to_json())
-    (Path(args.output_dir) / "predictions.json").write_text(json.dumps(results, indent=2))
-    return 0
+        return result.to_json()
 
+    records = run_batch(inputs, predict, args.fail_fast)
+    text = json.dumps(records, indent=2)
+    atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(text))
+    failed = [r for r in records if "error" in r]
+    if failed:
+        print(f"{len(failed)} of {len(records)} scan(s) failed; see {out / 'predictions.json'}", file=sys.stderr)
+    return 1 if failed else 0
 
 if __name__ == "__main__":
-    with plain_warnings():
-        sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,12 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip.data.reports import infer_modality  # noqa: E402
 from blip.grounded import ScanReporter  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from sam3d.cli import add_scan_arguments, parse_clicks, plain_warnings, read_scan  # noqa: E402
-from sam3d.data.io import scan_inputs, strip_volume_extension  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser, ConfigError# noqa: E402
+from engine.checkpoint import atomic_write  # noqa: E402
+from sam3d.cli import add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
+from sam3d.data.io import scan_inputs  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(description=__doc__)
     p.add_argument("--report_model", required=True, help="folder written by `python -m blip.train` (report_model/)")
     p.add_argument("--segmentation_checkpoint", help="SAM-Med3D checkpoint for CT (omit for X-ray only)")
     p.add_argument("--input", required=True, help="a scan, a DICOM folder, an X-ray image, a folder or a CSV")
@@ -46,30 +49,39 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
+    clicks = parse_clicks(args.click, args.click_space)
+    inputs = scan_inputs(args.input)  # every input named, and output names checked, before the models load
+    stems = output_stems(inputs)
     generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                   "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
     reporter = ScanReporter(args.segmentation_checkpoint, args.report_model, str(resolve_device(args.device)),
                             correct=not args.no_correct, generation=generation)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clicks = parse_clicks(args.click, args.click_space)
-    for path in scan_inputs(args.input):
+
+    def report(path: str) -> dict:
         modality = infer_modality(path) if args.modality == "auto" else args.modality
         if modality == "ct" and reporter.segmenter is None:
-            raise SystemExit(f"{path}: CT needs --segmentation_checkpoint (the report is checked against the mask)")
+            raise ConfigError(f"{path}: CT needs --segmentation_checkpoint (the report is checked against the mask)")
         result = reporter.run(read_scan(path, args) if modality == "ct" else path, modality, clicks, out)
-        stem = strip_volume_extension(Path(path).name)
-        (out / f"{stem}_report.json").write_text(json.dumps(result, indent=2, default=str))
-        (out / f"{stem}_report.txt").write_text(result["report"] + "\n")
+        text = json.dumps(result, indent=2, default=str)
+        atomic_write(out / f"{stems[path]}_report.json", lambda tmp: tmp.write_text(text))
+        atomic_write(out / f"{stems[path]}_report.txt", lambda tmp: tmp.write_text(result["report"] + "\n"))
         print(f"== {path} ({modality})")
         if "segmentation" in result:
             print(f"geometry: {result['segmentation']['geometry_summary']}")
         print(result["report"])
         for flag in result.get("flags", []):
             print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
-    return 0
+        return {"source": path, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
 
+    records = run_batch(inputs, report, args.fail_fast)
+    text = json.dumps(records, indent=2)
+    atomic_write(out / "reports.json", lambda tmp: tmp.write_text(text))
+    failed = [r for r in records if "error" in r]
+    if failed:
+        print(f"{len(failed)} of {len(records)} scan(s) failed; see {out / 'reports.json'}", file=sys.stderr)
+    return 1 if failed else 0
 
 if __name__ == "__main__":
-    with plain_warnings():
-        sys.exit(main())
+    sys.exit(run_main(main))

@@ -189,9 +189,12 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
     model = Blip2ReportModel.from_pretrained(out / "report_model")
     assert model.visual_encoder is None and model.visual_encoder_2d is not None and model.config.lm_mode == "lora"
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv[:4] + ["--train_manifest", str(tmp_path / "missing.jsonl")])
-    assert exit_info.value.code == 2 and "missing.jsonl: file not found" in capsys.readouterr().err
+    from engine.cli import run_main
+
+    capsys.readouterr()
+    assert run_main(main, argv[:4] + ["--train_manifest", str(tmp_path / "missing.jsonl")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "missing.jsonl: file not found" in error[0]
 
 
 def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):

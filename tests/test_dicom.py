@@ -284,7 +284,7 @@ def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_ge
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeometryWarning)
         assert main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "ct"), "--output_dir",
-                     str(tmp_path / "out"), "--device", "cpu", "--no-intracranial_mask", "--threshold", "0.0"]) == 0
+                     str(tmp_path / "out"), "--device", "cpu", "--no-intracranial_mask", "--threshold", "0.001"]) == 0
     record = json.loads((tmp_path / "out" / "ct_measurements.json").read_text())
     geometry = record["geometry"]
     assert geometry["tilt_deg"] == pytest.approx(18.5, abs=0.05) and geometry["resampled"]
@@ -294,7 +294,7 @@ def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_ge
     np.testing.assert_allclose(mask.affine, volume.affine, atol=1e-4)
     seg = hd.seg.segread(record["files"]["dicom_seg"])
     on_slices = mask_on_frames(mask.array, volume.affine, volume.dicom)
-    assert on_slices.any()  # threshold 0 marks nearly everything: a SEG with content
+    assert on_slices.any()  # a threshold near 0 marks nearly everything: a SEG with content
     assert int(seg.NumberOfFrames) == int(on_slices.any(axis=(1, 2)).sum())
     referenced = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
                   for f in seg.PerFrameFunctionalGroupsSequence}

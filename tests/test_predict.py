@@ -154,7 +154,8 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
         raise Built
 
     monkeypatch.setattr(predict_cli, "HemorrhageSegmenter", recorder)
-    base = ["--checkpoint", "m.pth", "--input", str(root / "scan.nii.gz"), "--output_dir", str(tmp_path), "--device", "cpu"]
+    (tmp_path / "m.pth").write_bytes(b"checkpoint")  # the CLI checks that it exists; the recorder never reads it
+    base = ["--checkpoint", str(tmp_path / "m.pth"), "--input", str(root / "scan.nii.gz"), "--output_dir", str(tmp_path), "--device", "cpu"]
     with pytest.raises(Built):
         predict_cli.main(base)
     assert seen["restrict_intracranial"] is True and seen["min_component_ml"] > 0

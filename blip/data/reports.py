@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.checkpoint import atomic_write
+from engine.errors import UserError
 from sam3d.data.io import strip_volume_extension
 
 __all__ = [
@@ -60,7 +61,7 @@ DEID_TOKEN = "[REDACTED]"
 _RECORD_FIELDS = ("image", "report", "findings", "impression", "modality", "split", "id")
 
 
-class ReportManifestError(ValueError):
+class ReportManifestError(UserError, ValueError):
     """A report manifest (or one of its rows) is unusable; the message names the file and the row."""
 
 

@@ -29,6 +29,7 @@ from monai.data.utils import pickle_hashing
 from monai.utils import TraceKeys
 from tqdm import tqdm
 
+from engine.errors import UserError
 from sam3d.data.io import (
     ARRAY_PICKLE_GLOBALS,
     VolumeReadError,
@@ -58,7 +59,7 @@ torch.serialization.add_safe_globals(
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest row (or the whole CSV) is unusable; the message names the CSV, the row and the path."""
 
 

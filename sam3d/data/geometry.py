@@ -78,7 +78,10 @@ class Geometry:
     notes: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
-        """Record ``message`` and raise it as a :class:`GeometryWarning` (what a user must know)."""
+        """Record ``message`` and raise it as a :class:`GeometryWarning` (what a user must know); a
+        message already recorded (the same scan segmented again) is not repeated."""
+        if message in self.notes:
+            return
         self.notes.append(message)
         warnings.warn(message, GeometryWarning, stacklevel=3)
 

@@ -270,6 +270,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
     sform, sform_code = image.header.get_sform(coded=True)
     qform, qform_code = image.header.get_qform(coded=True)
     used = "sform" if sform_code else "qform" if qform_code else "pixdim (no sform or qform code)"
+    # nibabel's header check turns a zero voxel size into 1 mm when loading: read the stored one.
+    with nib.openers.ImageOpener(str(path)) as handle:
+        stored = type(image.header).from_fileobj(handle, check=False)
+    pixdim = [float(v) for v in stored["pixdim"][1:4]]
+    if not sform_code and any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        raise VolumeReadError(f"{path}: voxel size unknown: pixdim {pixdim} has a zero or negative entry and "
+                              "there is no sform to place the grid")
     geometry = Geometry("nifti", used)
     if sform_code and qform_code:
         gap = corner_distance_mm(sform, qform, image.shape)
@@ -433,9 +440,28 @@ def _validated(array: np.ndarray, affine: np.ndarray | None, source: str, geomet
         )
     geometry_known = affine is not None
     affine = np.asarray(affine, dtype=np.float64) if geometry_known else np.eye(4)
+    if geometry_known:
+        _check_plausible_grid(affine, array.shape, source)
     if geometry_known and geometry.format != "dicom":
         geometry.tilt_deg = round(slice_tilt_deg(affine), 2)  # a sheared NIfTI (dcm2niix's tilted output)
     return Volume(array, affine, _spacing(affine), source, geometry_known, geometry)
+
+
+MIN_VOXEL_MM, MAX_VOXEL_MM, MAX_EXTENT_MM = 0.01, 50.0, 2000.0
+
+
+def _check_plausible_grid(affine: np.ndarray, shape: tuple[int, ...], source: str) -> None:
+    """A voxel grid no scanner writes (singular, sub-micron or half-decimetre voxels, a field of view
+    past 2 m) is an error here, before resampling tries to allocate it."""
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < MIN_VOXEL_MM**3:
+        raise VolumeReadError(f"{source}: the affine is singular or not finite ({_format_affine(affine)}); "
+                              "the voxel size is unknown")
+    spacing = _spacing(affine)
+    extent = [n * s for n, s in zip(shape, spacing)]
+    if min(spacing) < MIN_VOXEL_MM or max(spacing) > MAX_VOXEL_MM or max(extent) > MAX_EXTENT_MM:
+        raise VolumeReadError(f"{source}: implausible grid: voxel size {[round(v, 4) for v in spacing]} mm, field "
+                              f"of view {[round(v) for v in extent]} mm (expected voxels of {MIN_VOXEL_MM:g}-"
+                              f"{MAX_VOXEL_MM:g} mm and at most {MAX_EXTENT_MM:g} mm per axis)")
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:

@@ -64,6 +64,7 @@ __all__ = [
     "ZNormalizeForegroundd",
     "build_inference_transforms",
     "build_transforms",
+    "check_transform_config",
     "num_input_channels",
 ]
 
@@ -410,6 +411,11 @@ def _normalization(c: dict) -> MapTransform:
     return BrainWindowd("image", windows=c["hu_windows"])
 
 
+def check_transform_config(cfg: Mapping | None) -> None:
+    """Raise ValueError (naming the key) for a preprocessing config the pipelines would refuse."""
+    _resolved_config(cfg)
+
+
 def _resolved_config(cfg: Mapping | None) -> dict:
     """Defaults filled in, values checked, so a bad config fails before any data is read."""
     given = {k: v for k, v in (cfg or {}).items() if k in DEFAULT_TRANSFORM_CONFIG}
@@ -427,6 +433,11 @@ def _resolved_config(cfg: Mapping | None) -> dict:
     for key in ("negative_random_crop_prob", "positive_random_crop_prob"):
         if not 0.0 <= float(c[key]) <= 1.0:
             raise ValueError(f"{key} must be in [0, 1], got {c[key]}")
+    windows = c["hu_windows"]
+    if (not isinstance(windows, (list, tuple)) or not windows
+            or any(not isinstance(w, (list, tuple)) or len(w) != 2 or not all(isinstance(v, (int, float)) for v in w)
+                   or w[1] <= 0 for w in windows)):
+        raise ValueError(f"hu_windows must be a list of [level, width] pairs in HU with width > 0, got {windows!r}")
     if any(axis not in (0, 1, 2) for axis in c["flip_axes"]):
         raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2, got {c['flip_axes']}")
     return c

@@ -1,0 +1,58 @@
+"""How every command line ends: a user's mistake is one line and an exit code, a bug a traceback.
+
+``run_main(main)`` runs ``main(argv)``; a :class:`~engine.errors.UserError` (config, file, row,
+checkpoint) prints ``error: <message>`` on stderr and returns its exit code (2 usage, 1 data), so
+does a full disk (naming the path) and an out-of-memory error. ``--debug`` anywhere on the command
+line shows the traceback instead. Warnings print as ``warning: <message>``, one line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+from .errors import UserError
+
+__all__ = ["plain_warnings", "run_main"]
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Within it, each warning is one line, ``warning: <message>``, on stderr: these are for the user
+    (gantry tilt, uneven steps, series left out), not for a developer's file and line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    with plain_warnings():
+        try:
+            return main(argv)
+        except UserError as err:
+            if debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        except OSError as err:
+            if debug or err.errno != errno.ENOSPC:
+                raise
+            print(f"error: no space left on the device writing {err.filename or 'an output file'}", file=sys.stderr)
+            return 1
+        except torch.OutOfMemoryError as err:
+            if debug:
+                raise
+            print(f"error: out of memory ({str(err).splitlines()[0]}); lower --batch_size, or use "
+                  "--use_gradient_checkpointing / --use_mixed_precision", file=sys.stderr)
+            return 1

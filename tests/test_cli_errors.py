@@ -1,0 +1,233 @@
+"""A user's mistakes end as one line naming the flag, key, file or row, before any heavy work; nothing is lost.
+
+Issue classes: readable errors with exit codes (2 usage, 1 data), clicks outside the scan, records
+that say what ran (crash summaries, resume with changed flags), safe outputs (lock, umask, name
+clashes), and a batch that survives one bad scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import train
+from engine.checkpoint import atomic_save, atomic_write, lock_output_dir
+from engine.cli import run_main
+from engine.config import ConfigError, check_resume
+from engine.trainer import Trainer, TrainerConfig
+from sam3d.data.synthetic import synthesize_case
+from sam3d.modeling import build_sam3d, model_config
+from sam3d.predict import Click, HemorrhageSegmenter
+from sam3d.task import SegmentationTask
+from scripts.predict import main as predict_main
+from tests.conftest import make_tiny_models
+from tests.test_engine import VolumeDataset
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def train_inputs(tmp_path):
+    """Files that exist, so the checks reach the flag under test (none of them is read)."""
+    (tmp_path / "train.csv").write_text("path,ich,patient_id\n")
+    (tmp_path / "val.csv").write_text("path,ich,patient_id\n")
+    (tmp_path / "masks").mkdir()
+    return ["--train_csv", str(tmp_path / "train.csv"), "--val_csv", str(tmp_path / "val.csv"),
+            "--mask_dir", str(tmp_path / "masks"), "--output_dir", str(tmp_path / "run"), "--epochs", "3",
+            "--patience", "2"]
+
+
+def _one_line_error(capsys, code, expected_rc, pattern):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == expected_rc, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert pattern in err[0], err[0]
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--model_type", "vit_huge"], "--model_type 'vit_huge': unknown; choose one of"),
+    (["--negative_random_crop_prob", "1.5"], "negative_random_crop_prob must be in [0, 1]"),
+    (["--hu_windows", "[40]"], "hu_windows must be a list of [level, width] pairs"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--max_steps_per_epoch", "-1"], "max_steps_per_epoch must be >= 1"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+], ids=["model_type", "crop_prob", "hu_windows", "device", "max_steps", "argparse"])
+def test_train_flags_fail_in_one_line_before_any_work(train_inputs, capsys, flags, pattern):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _one_line_error(capsys, run_main(train.main, train_inputs + flags), 2, pattern)
+
+
+def test_yaml_values_are_checked_like_flags(train_inputs, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("target_spacing: 1.5\n")
+    _one_line_error(capsys, run_main(train.main, train_inputs + ["--config", str(config)]), 2,
+                    f"--config {config}: key 'target_spacing' expects a list of 3 values, found 1.5")
+    config.write_text("scheduler_type: linear\n")
+    _one_line_error(capsys, run_main(train.main, train_inputs + ["--config", str(config)]), 2,
+                    "key 'scheduler_type' must be one of ['reduce_on_plateau', 'cosine', 'step'], found 'linear'")
+    config.write_text("use_mixed_precision: 'yes'\n")
+    _one_line_error(capsys, run_main(train.main, train_inputs + ["--config", str(config)]), 2,
+                    "key 'use_mixed_precision' expects true or false, found 'yes'")
+
+
+def test_debug_shows_the_traceback(train_inputs):
+    with pytest.raises(ConfigError, match="unknown; choose one of"):
+        run_main(train.main, train_inputs + ["--model_type", "vit_huge", "--debug"])
+
+
+@pytest.fixture
+def scan(tmp_path):
+    case = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
+    path = tmp_path / "scans" / "scan.nii.gz"
+    path.parent.mkdir()
+    nib.save(nib.Nifti1Image(case.image_hu, case.affine), path)
+    return path
+
+
+@pytest.mark.parametrize("flags, rc, pattern", [
+    (["--threshold", "2"], 2, "--threshold 2: a probability strictly between 0 and 1"),
+    (["--click", "10", "x", "3"], 2, "--click 10 x 3: X Y Z must be numbers"),
+], ids=["threshold", "click"])
+def test_predict_flags_fail_in_one_line(models, scan, tmp_path, capsys, flags, rc, pattern):
+    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan),
+                                   "--output_dir", str(tmp_path / "out"), *flags])
+    _one_line_error(capsys, code, rc, pattern)
+
+
+def test_wrong_or_empty_checkpoints_are_named(models, scan, tmp_path, capsys):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    code = run_main(predict_main, ["--checkpoint", str(empty), "--input", str(scan), "--output_dir", str(tmp_path)])
+    _one_line_error(capsys, code, 1, "the checkpoint file is empty (0 bytes)")
+    export = tmp_path / "sam_encoder.pth"
+    atomic_save({"image_encoder_state_dict": {"w": torch.zeros(1)}, "model_config": {}}, export)
+    code = run_main(predict_main, ["--checkpoint", str(export), "--input", str(scan), "--output_dir", str(tmp_path)])
+    _one_line_error(capsys, code, 1, "an exported encoder (sam_encoder.pth")
+
+
+def test_clicks_outside_the_scan_are_refused_with_its_bounds(models, scan):
+    segmenter = HemorrhageSegmenter(models[0])
+    with pytest.raises(ConfigError, match=r"--click 500 10 3 \(voxel\): outside .*voxel indices 0\.\.\d+, 0\.\.\d+"):
+        segmenter.predict(scan, [Click((500.0, 10.0, 3.0))])
+    with pytest.raises(ConfigError, match=r"\(mm\): outside .*RAS mm -?\d"):
+        segmenter.predict(scan, [Click((0.0, 0.0, 900.0), space="mm")])
+
+
+def test_a_batch_records_a_bad_scan_and_goes_on(models, scan, tmp_path, capsys):
+    (scan.parent / "broken.nii.gz").write_bytes(b"not a nifti")
+    out = tmp_path / "out"
+    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan.parent),
+                                   "--output_dir", str(out), "--device", "cpu"])
+    assert code == 1
+    records = json.loads((out / "predictions.json").read_text())
+    assert [("error" in r) for r in records] == [True, False]  # broken.nii.gz first, then scan.nii.gz
+    assert "broken.nii.gz: cannot read" in records[0]["error"] and (out / "scan_mask.nii.gz").is_file()
+    assert "1 of 2 scan(s) failed" in capsys.readouterr().err
+    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan.parent),
+                                   "--output_dir", str(tmp_path / "fast"), "--fail_fast"])
+    assert code == 1 and not (tmp_path / "fast" / "scan_mask.nii.gz").exists()
+
+
+def test_inputs_that_would_share_output_names_are_refused(models, scan, tmp_path, capsys):
+    (scan.parent / "scan.nrrd").write_bytes(b"")
+    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan.parent),
+                                   "--output_dir", str(tmp_path / "out")])
+    _one_line_error(capsys, code, 2, "would both write outputs named 'scan_*'")
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def test_a_second_run_on_one_output_dir_is_refused(tmp_path):
+    with lock_output_dir(tmp_path):
+        with pytest.raises(ConfigError, match=rf"--output_dir {tmp_path}: in use by PID {os.getpid()} on .*started"):
+            with lock_output_dir(tmp_path):
+                pass
+    with lock_output_dir(tmp_path):  # released at the end of the first run
+        pass
+
+
+class FailingTask(SegmentationTask):
+    def validate(self, model, loader, device):
+        if getattr(self, "_calls", 0) == 1:
+            raise RuntimeError("disk went away")
+        self._calls = getattr(self, "_calls", 0) + 1
+        return super().validate(model, loader, device)
+
+
+def test_a_crashed_run_says_so_in_its_summary(tmp_path):
+    torch.manual_seed(0)
+    model = build_sam3d(model_config("small", img_size=32))
+    config = TrainerConfig(output_dir=str(tmp_path), epochs=3, batch_size=2, seed=3, patience=10)
+    trainer = Trainer(config, FailingTask(num_clicks=1, val_num_clicks=1, seed=0), model,
+                      [{"params": list(model.parameters()), "lr": 1e-3}], torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="disk went away"):
+        trainer.fit(VolumeDataset(4), VolumeDataset(2, seed=1))
+    summary = json.loads(next(tmp_path.glob("training_summary_*.json")).read_text())
+    assert summary["stop_reason"].startswith("failed during epoch 2 (RuntimeError: disk went away)")
+    assert summary["epochs_trained"] == 1
+
+
+def test_resume_with_changed_flags_is_refused_unless_allowed(tmp_path, train_inputs):
+    parser = train.build_parser()
+    first = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps(vars(first), default=str))
+    changed = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path), "--resume", "--epochs", "9",
+                                                "--normalization", "brain_window"])
+    with pytest.raises(ConfigError, match=r"--normalization 'zscore' -> 'brain_window' differ .*--allow_changed normalization"):
+        check_resume(changed)
+    changed.allow_changed = ["normalization"]
+    assert check_resume(changed) == ["normalization: 'zscore' -> 'brain_window'"]  # epochs may always grow
+    lr = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path), "--resume", "--lr", "3e-4",
+                                           "--allow_changed", "lr"])
+    with pytest.raises(ConfigError, match=r"--lr 0\.0001 -> 0\.0003 cannot change on resume"):
+        check_resume(lr)
+
+
+def test_unknown_or_implausible_geometry_is_an_error_naming_the_file(tmp_path):
+    from sam3d.data.io import VolumeReadError, load_volume
+
+    # As other tools write it: qform code 1, no sform, pixdim 0 (nibabel itself refuses to write one).
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / "pixdim0.nii")
+    raw = bytearray((tmp_path / "pixdim0.nii").read_bytes())
+    raw[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)  # pixdim[1..3]
+    raw[252:256] = struct.pack("<2h", 1, 0)  # qform_code, sform_code
+    (tmp_path / "pixdim0.nii").write_bytes(bytes(raw))
+    with pytest.raises(VolumeReadError, match=r"pixdim0\.nii: voxel size unknown: pixdim \[0\.0, 0\.0, 0\.0\]"):
+        load_volume(tmp_path / "pixdim0.nii")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.diag([400.0, 400.0, 400.0, 1.0])), tmp_path / "huge.nii")
+    with pytest.raises(VolumeReadError, match=r"huge\.nii: implausible grid: voxel size \[400\.0, 400\.0, 400\.0\] mm"):
+        load_volume(tmp_path / "huge.nii")
+
+
+def test_scans_that_are_no_head_ct_are_refused_or_flagged(models, tmp_path):
+    from sam3d.data.geometry import GeometryWarning
+    from sam3d.data.io import VolumeReadError
+
+    segmenter = HemorrhageSegmenter(models[0])
+    affine = np.diag([3.0, 3.0, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(np.full((40, 40, 24), -1000, np.int16), affine), tmp_path / "blank.nii.gz")
+    with pytest.raises(VolumeReadError, match=r"blank\.nii\.gz: the scan is constant \(-1000 everywhere\)"):
+        segmenter.predict(tmp_path / "blank.nii.gz")
+    mri_like = np.random.default_rng(0).uniform(0, 255, (40, 40, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(mri_like, affine), tmp_path / "mri.nii.gz")
+    with pytest.warns(GeometryWarning, match="does not look like a head CT: no air"):
+        result = segmenter.predict(tmp_path / "mri.nii.gz")
+    assert any("no bone" in note for note in result.to_json()["geometry"]["notes"])
