@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +50,8 @@ DEFAULT_SEGMENTATION_CHECKPOINT = REPO / "outputs" / "demo" / "sam3d" / "best_mo
 DEFAULT_REPORT_MODEL = REPO / "outputs" / "demo" / "blip" / "report_model"
 # Level / width in HU; the radio label is what the user sees.
 WINDOWS = {"brain (40/80)": (40.0, 80.0), "subdural (75/215)": (75.0, 215.0), "bone (600/2800)": (600.0, 2800.0)}
+KEEP_UPLOADS_S = 3600.0  # a visitor's uploads and results (patient data) are deleted after this much idle time
+MAX_UPLOAD_MB = 2048
 MAX_ZIP_BYTES = 4 << 30  # uncompressed; a larger "DICOM series" is more likely a zip bomb than a head CT
 MASK_ALPHA = 0.45
 VIEWER_PIXELS = 512  # small slices are enlarged by a whole factor (nearest) so voxels stay sharp and clickable
@@ -155,20 +159,39 @@ def flags_markdown(flags: list[str], corrected: bool) -> str:
 
 
 class ReportSession:
-    """The models, loaded once per app, and the work one upload needs (no Gradio types here)."""
+    """The models, loaded once per app, and the work one upload needs (no Gradio types here).
 
-    def __init__(self, reporter: ScanReporter, work_dir: Path) -> None:
+    Every visitor's files (unpacked zips, masks, SEG, reports: patient data) live under
+    ``work_dir/<visitor>/``; :meth:`end_visit` deletes them when the page is closed, and any
+    visitor's folder untouched for ``keep_s`` seconds is deleted when a new folder is made.
+    """
+
+    def __init__(self, reporter: ScanReporter, work_dir: Path, keep_s: float = KEEP_UPLOADS_S) -> None:
         self.reporter = reporter
         self.work_dir = work_dir
+        self.keep_s = keep_s
 
-    def _new_dir(self) -> Path:
-        return Path(tempfile.mkdtemp(dir=self.work_dir))
+    def _new_dir(self, visitor: str) -> Path:
+        self.purge_stale()
+        folder = self.work_dir / _safe_name(visitor)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # marks the visitor as active
+        return Path(tempfile.mkdtemp(dir=folder))
 
-    def resolve_upload(self, upload: Path, name: str) -> tuple[Path, str]:
+    def end_visit(self, visitor: str) -> None:
+        shutil.rmtree(self.work_dir / _safe_name(visitor), ignore_errors=True)
+
+    def purge_stale(self) -> None:
+        cutoff = time.time() - self.keep_s
+        for folder in self.work_dir.iterdir():
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def resolve_upload(self, upload: Path, name: str, visitor: str = "local") -> tuple[Path, str]:
         """The path to analyse and its modality; a zip is unpacked (its series is chosen in analyse_ct)."""
         lower = name.lower()
         if lower.endswith(".zip"):
-            unpacked = self._new_dir() / "dicom"
+            unpacked = self._new_dir(visitor) / "dicom"
             extract_zip(upload, unpacked)
             return unpacked, "ct"
         if lower.endswith(IMAGE_2D_SUFFIXES):
@@ -178,7 +201,7 @@ class ReportSession:
         raise UploadError(f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, a DICOM "
                           f"file, a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})")
 
-    def analyse_ct(self, path: Path, name: str, series: str | None = None) -> dict[str, Any]:
+    def analyse_ct(self, path: Path, name: str, series: str | None = None, visitor: str = "local") -> dict[str, Any]:
         left_out: list[dict] = []
         try:
             if path.is_dir():  # an unpacked zip
@@ -195,7 +218,7 @@ class ReportSession:
         # An unconditioned model's text does not depend on the segmentation: written once, re-grounded after clicks.
         generated = None if self.reporter.conditioned else self.reporter.generate(volume, "ct")
         case = {"modality": "ct", "scan": volume, "name": name, "volume": volume.array.astype(np.float32),
-                "view": SliceView.from_affine(volume.affine), "generated": generated, "clicks": []}
+                "view": SliceView.from_affine(volume.affine), "generated": generated, "clicks": [], "visitor": visitor}
         return self.segment_and_report(case)
 
     def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +226,7 @@ class ReportSession:
         measurements by a conditioned model, kept otherwise), write the downloads."""
         clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
         segmenter = self.reporter.segmenter
-        out = self._new_dir()
+        out = self._new_dir(case["visitor"])
         segmentation = segmenter.save(segmenter.predict(case["scan"], clicks or None), out)
         if self.reporter.conditioned:
             case = {**case, "generated": self.reporter.generate(case["scan"], "ct", segmentation.measurements)}
@@ -221,18 +244,22 @@ class ReportSession:
                 "downloads": [segmentation.files["mask"], *([segmentation.files["dicom_seg"]] if "dicom_seg" in
                                                             segmentation.files else []), str(report_txt), str(report_json)]}
 
-    def analyse_xray(self, path: Path, name: str) -> dict[str, Any]:
+    def analyse_xray(self, path: Path, name: str, visitor: str = "local") -> dict[str, Any]:
         try:
             with Image.open(path) as image:
                 film = np.asarray(image.convert("RGB"))
         except OSError as e:
             raise UploadError(f"{name}: cannot read the image ({e})") from e
         result = self.reporter.run(path, "xray")
-        out = self._new_dir()
+        out = self._new_dir(visitor)
         report_txt = out / f"{Path(name).stem}_report.txt"
         report_txt.write_text(result["report"] + "\n")
         return {"modality": "xray", "name": name, "film": film, "report": result["report"],
                 "downloads": [str(report_txt)]}
+
+
+def _safe_name(visitor: str) -> str:
+    return "".join(c for c in visitor if c.isalnum() or c in "-_") or "anonymous"
 
 
 def _error_outputs(message: str) -> tuple:
@@ -241,10 +268,12 @@ def _error_outputs(message: str) -> tuple:
 
 
 def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, device: str = "cpu",
-              generation: dict | None = None) -> gr.Blocks:
-    """The whole page; the models are loaded here, once, and shared by every visitor."""
+              generation: dict | None = None, keep_s: float = KEEP_UPLOADS_S) -> gr.Blocks:
+    """The whole page; the models are loaded here, once, and shared by every visitor. Requests
+    queue and run one at a time (one model in memory, never several passes in parallel); each
+    visitor's state and files are their own and are deleted when the page closes or after ``keep_s``."""
     reporter = ScanReporter(segmentation_checkpoint, report_model, device, generation=generation)
-    session = ReportSession(reporter, Path(tempfile.mkdtemp(prefix="sam3d_app_")))
+    session = ReportSession(reporter, Path(tempfile.mkdtemp(prefix="sam3d_app_")), keep_s)
 
     def render(case: dict | None, slice_index: float, window: str) -> np.ndarray | None:
         if case is None:
@@ -270,14 +299,15 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
                 flags_markdown(case["flags"], case["corrected"]), case["downloads"],
                 f"Refinement clicks (voxel): {clicks}" if clicks else "")
 
-    def analyse(upload: str | None, window: str, series: str) -> tuple:
+    def analyse(upload: str | None, window: str, series: str, request: gr.Request) -> tuple:
         if not upload:
             return _error_outputs("no file received")
         name = Path(upload).name
+        visitor = request.session_hash or "anonymous"
         try:
-            path, modality = session.resolve_upload(Path(upload), name)
-            case = (session.analyse_ct(path, name, series.strip() or None) if modality == "ct"
-                    else session.analyse_xray(path, name))
+            path, modality = session.resolve_upload(Path(upload), name, visitor)
+            case = (session.analyse_ct(path, name, series.strip() or None, visitor) if modality == "ct"
+                    else session.analyse_xray(path, name, visitor))
         except UploadError as e:
             return _error_outputs(str(e))
         except Exception as e:  # the page gets one line; the server log keeps the traceback
@@ -305,7 +335,11 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
         case = session.segment_and_report({**case, "clicks": []})
         return show(case, f"Automatic segmentation of **{case['name']}** restored.", int(slice_index), window)
 
-    with gr.Blocks(title="Head CT hemorrhage report") as app:
+    def end_visit(request: gr.Request) -> None:  # the page was closed: its patient data goes
+        session.end_visit(request.session_hash or "anonymous")
+
+    # Gradio's own upload cache is swept on the same clock as the work folders.
+    with gr.Blocks(title="Head CT hemorrhage report", delete_cache=(max(60, int(keep_s) // 4), int(keep_s))) as app:
         gr.Markdown("## Head CT → hemorrhage mask → measurements → report\n"
                     "Upload a head CT (NIfTI, NRRD, MHA, a DICOM file or a zipped DICOM series) or a chest X-ray "
                     "(PNG/JPEG). Slices are shown anterior up, the patient's right on the left. "
@@ -339,7 +373,8 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
         window.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
         viewer.select(refine, [case_state, slice_slider, window, polarity], outputs)
         clear.click(clear_clicks, [case_state, slice_slider, window], outputs)
-    return app
+        app.unload(end_visit)
+    return app.queue(default_concurrency_limit=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--num_beams", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--keep_minutes", type=float, default=KEEP_UPLOADS_S / 60,
+                   help="delete a visitor's uploads and results after this many idle minutes (and when the page closes)")
+    p.add_argument("--max_upload_mb", type=int, default=MAX_UPLOAD_MB, help="larger uploads are refused")
     args = p.parse_args(argv)
+    if args.keep_minutes <= 0 or args.max_upload_mb <= 0:
+        p.error("--keep_minutes and --max_upload_mb must be > 0")
     missing = [f"{flag} {path}" for flag, path in (("--segmentation_checkpoint", args.segmentation_checkpoint),
                                                    ("--report_model", args.report_model)) if not Path(path).exists()]
     if missing:
@@ -363,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO)
     app = build_app(args.segmentation_checkpoint, args.report_model, str(resolve_device(args.device)),
-                    {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens})
-    app.launch(server_name=args.host, server_port=args.port)
+                    {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}, args.keep_minutes * 60)
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb")
     return 0
 
 

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", help="cache preprocessed volumes on disk here (MONAI PersistentDataset)")
     g.add_argument("--validate_data", choices=["full", "paths"], default="full",
                    help="full: read every volume/mask once before training; paths: existence only")
+    g.add_argument("--allow_patient_overlap", action="store_true",
+                   help="let --train_csv and --val_csv share patients (leakage: validation then overstates)")
     g.add_argument("--skip_invalid", action=bool_flag, default=False,
                    help="skip bad rows (listed in the run summary) instead of stopping")
     g.add_argument("--num_workers", type=int, default=2)
@@ -178,6 +180,11 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
                                               skip_invalid=args.skip_invalid)
     val_rows, val_skipped = read_manifest(args.val_csv, args.mask_dir, validate=args.validate_data,
                                           skip_invalid=args.skip_invalid)
+    shared = sorted({r.patient_id for r in train_rows} & {r.patient_id for r in val_rows})
+    if shared and not args.allow_patient_overlap:
+        raise ConfigError(f"--train_csv {args.train_csv} and --val_csv {args.val_csv} share {len(shared)} patient_id(s) "
+                          f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): validation would score scans of "
+                          "patients it trained on; split by patient, or pass --allow_patient_overlap")
     cache = lambda split: None if not args.cache_dir else str(Path(args.cache_dir) / split)  # noqa: E731
     train_ds = build_segmentation_dataset(train_rows, build_transforms(preprocessing, train=True), cache("train"))
     val_ds = build_segmentation_dataset(val_rows, build_transforms(preprocessing, train=False), cache("val"))

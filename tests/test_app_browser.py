@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import zipfile
 from pathlib import Path
 
@@ -158,6 +159,67 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
                 expect(page.locator("#status")).to_contain_text("Error", timeout=TIMEOUT_MS)
                 expect(page.locator("#status")).to_contain_text("corrupt.nii.gz: cannot read")
                 assert "Traceback" not in page.content()
+            finally:
+                browser.close()
+    finally:
+        app.close()
+
+
+def test_a_visitors_files_go_when_the_page_closes_or_sits_idle(tiny_models, tmp_path):
+    from app import ReportSession
+    from blip.grounded import ScanReporter
+
+    seg_checkpoint, report_model = tiny_models
+    session = ReportSession(ScanReporter(seg_checkpoint, report_model, "cpu"), tmp_path, keep_s=600)
+    a, b = session._new_dir("visitor-a"), session._new_dir("visitor-b")
+    (a / "scan_mask.nii.gz").write_bytes(b"patient data")
+    session.end_visit("visitor-a")
+    assert not (tmp_path / "visitor-a").exists() and b.exists()
+    old = time.time() - 3600
+    os.utime(tmp_path / "visitor-b", (old, old))
+    session._new_dir("visitor-c")  # any new work sweeps folders idle for longer than keep_s
+    assert not (tmp_path / "visitor-b").exists() and (tmp_path / "visitor-c").exists()
+
+
+def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
+    """Four browser sessions upload four different scans at the same moment: requests queue, and every
+    page shows its own scan's volume and name, never another's."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    seg_checkpoint, report_model = tiny_models
+    segmenter = HemorrhageSegmenter(seg_checkpoint)
+    scans, expected = [], []
+    for index, kind in enumerate(["subdural", "intraparenchymal", "intraventricular", "none"]):
+        case = synthesize_case(index + 2, seed=3, spacing_mm=(3.0, 3.0, 5.0), ich_type=kind, head_scale=0.5)
+        path = tmp_path / f"visitor{index}.nii.gz"
+        nib.save(nib.Nifti1Image(case.image_hu, case.affine), path)
+        scans.append(path)
+        expected.append(segmenter.predict(path).measurements.total_volume_ml)
+    assert len(set(expected)) == len(expected)  # four different answers, so a mix-up shows
+
+    app = build_app(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            try:
+                pages = []
+                for _ in scans:
+                    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                    page.goto(f"http://127.0.0.1:{port}/", timeout=TIMEOUT_MS)
+                    pages.append(page)
+                for page, scan in zip(pages, scans):  # all four in flight before any result is read
+                    upload(page, scan)
+                for page, scan, volume_ml in zip(pages, scans, expected):
+                    expect(page.locator("#status")).to_contain_text(f"Analysed {scan.name}", timeout=4 * TIMEOUT_MS)
+                    cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
+                    assert float(re.search(r"[\d.]+", cell.inner_text()).group()) == pytest.approx(volume_ml, abs=0.005)
+                    assert "Error" not in page.locator("#status").inner_text()
             finally:
                 browser.close()
     finally:

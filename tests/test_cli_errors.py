@@ -231,3 +231,62 @@ def test_scans_that_are_no_head_ct_are_refused_or_flagged(models, tmp_path):
     with pytest.warns(GeometryWarning, match="does not look like a head CT: no air"):
         result = segmenter.predict(tmp_path / "mri.nii.gz")
     assert any("no bone" in note for note in result.to_json()["geometry"]["notes"])
+
+
+def _scan_and_mask(folder, name, mask_value=1):
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.full((8, 8, 8), 40, np.int16)
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[2:4, 2:4, 2:4] = mask_value
+    nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"{name}.nii.gz")
+    return folder / f"{name}.nii.gz", mask
+
+
+def test_masks_matched_by_stem_across_sites_are_refused_and_a_mask_column_works(tmp_path):
+    from sam3d.data.dataset import ManifestError, read_manifest
+
+    a, mask = _scan_and_mask(tmp_path / "site1", "scan")
+    b, _ = _scan_and_mask(tmp_path / "site2", "scan")
+    (tmp_path / "masks").mkdir()
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "masks" / "scan.nii.gz")
+    (tmp_path / "train.csv").write_text(f"path,ich,patient_id\n{a},1,P1\n{b},1,P2\n")
+    with pytest.raises(ManifestError, match=r"row 3 .*takes the same mask .*masks/scan\.nii\.gz as row 2"):
+        read_manifest(tmp_path / "train.csv", tmp_path / "masks")
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "site1" / "scan_mask.nii.gz")
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "site2" / "scan_mask.nii.gz")
+    (tmp_path / "train.csv").write_text(f"path,ich,patient_id,mask\n{a},1,P1,site1/scan_mask.nii.gz\n"
+                                        f"{b},1,P2,site2/scan_mask.nii.gz\n")
+    rows, _ = read_manifest(tmp_path / "train.csv", tmp_path / "masks")
+    assert [r.mask_path for r in rows] == [str(tmp_path / "site1" / "scan_mask.nii.gz"),
+                                            str(tmp_path / "site2" / "scan_mask.nii.gz")]
+    (tmp_path / "dup.csv").write_text(f"path,ich,patient_id,mask\n{a},1,P1,site1/scan_mask.nii.gz\n"
+                                      f"{a},1,P1,site1/scan_mask.nii.gz\n")
+    with pytest.raises(ManifestError, match=r"row 3 .*duplicate of row 2"):
+        read_manifest(tmp_path / "dup.csv", None)
+
+
+def test_mask_values_are_checked_when_a_mask_is_read_even_without_full_validation(tmp_path):
+    from sam3d.data.dataset import read_manifest
+    from sam3d.data.io import VolumeReadError
+    from sam3d.data.transforms import LoadVolumed
+
+    scan, mask = _scan_and_mask(tmp_path / "scans", "s1", mask_value=2)
+    (tmp_path / "masks").mkdir()
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "masks" / "s1.nii.gz")
+    (tmp_path / "train.csv").write_text(f"path,ich,patient_id\n{scan},1,P1\n")
+    rows, _ = read_manifest(tmp_path / "train.csv", tmp_path / "masks", validate="paths")
+    with pytest.raises(VolumeReadError, match=r"s1\.nii\.gz: a mask must hold only 0 and 1, found values \[0, 2\]"):
+        LoadVolumed()({"image": rows[0].path, "label": rows[0].mask_path})
+
+
+def test_patients_shared_by_train_and_val_are_refused(tmp_path, capsys):
+    from sam3d.data.synthetic import make_synthetic_ich
+
+    data = make_synthetic_ich(tmp_path / "data", num_cases=3, seed=0, val_fraction=0.34, spacing_mm=(3.0, 3.0, 5.0),
+                              head_scale=0.5, progress=False)
+    code = run_main(train.main, ["--train_csv", str(data["train_csv"]), "--val_csv", str(data["train_csv"]),
+                                 "--mask_dir", str(data["mask_dir"]), "--output_dir", str(tmp_path / "run"),
+                                 "--model_type", "small", "--epochs", "2", "--patience", "1", "--num_workers", "0"])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]  # after progress bars
+    assert len(errors) == 1 and "share 2 patient_id(s)" in errors[0] and "--allow_patient_overlap" in errors[0]

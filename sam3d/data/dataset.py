@@ -139,6 +139,7 @@ def read_manifest(
             checks.append(_parse_row(line, record, csv_path.parent, mask_dir))
         except _RowProblem as problem:
             reject(line, path, str(problem))
+    checks = _without_duplicates(checks, reject)
 
     if validate == "paths":
         rows = checks
@@ -161,6 +162,29 @@ def read_manifest(
     if not rows:
         raise ManifestError(f"{csv_path}: no usable rows left; all {len(skipped)} were skipped: {skipped}")
     return rows, skipped
+
+
+def _without_duplicates(rows: list[ManifestRow], reject) -> list[ManifestRow]:
+    """A scan listed twice, or two scans taking one mask file (``site1/scan.nii.gz`` and
+    ``site2/scan.nii.gz`` both matched to ``masks/scan.nii.gz`` by stem), would train on the wrong
+    thing without a word: the later row is rejected, naming the earlier one."""
+    kept: list[ManifestRow] = []
+    by_path: dict[str, ManifestRow] = {}
+    by_mask: dict[str, ManifestRow] = {}
+    for row in rows:
+        if row.path in by_path:
+            reject(row.row, row.path, f"duplicate of row {by_path[row.path].row} (the same scan listed twice)")
+            continue
+        first = by_mask.get(row.mask_path) if row.mask_path else None
+        if first is not None:
+            reject(row.row, row.path, f"takes the same mask {row.mask_path} as row {first.row} ({first.path}); scans "
+                                      "in different folders with one file name need a 'mask' column naming each mask")
+            continue
+        by_path[row.path] = row
+        if row.mask_path:
+            by_mask[row.mask_path] = row
+        kept.append(row)
+    return kept
 
 
 def _read_csv(csv_path: Path) -> list[tuple[int, dict]]:
@@ -212,14 +236,20 @@ def _parse_row(line: int, record: dict, csv_dir: Path, mask_dir: Path | None) ->
         raise _RowProblem(f"volume file not found: {path}")
     mask_path = None
     tried = []
-    if mask_dir is not None:
+    if record.get("mask"):  # an explicit mask per row: the clean design for multi-site data
+        explicit = Path(record["mask"]).expanduser()
+        explicit = explicit if explicit.is_absolute() else csv_dir / explicit
+        if not explicit.is_file():
+            raise _RowProblem(f"mask file not found: {explicit} (the row's 'mask' column)")
+        mask_path = str(explicit)
+    elif mask_dir is not None:
         stem = strip_volume_extension(path.name)
         tried = [mask_dir / f"{stem}{ext}" for ext in MASK_EXTENSIONS]
         mask_path = next((str(p) for p in tried if p.is_file()), None)
     if ich == 1 and mask_path is None:
         names = ", ".join(p.name for p in tried) if tried else "no mask_dir given"
         raise _RowProblem(f"ich=1 but no mask found in {mask_dir} (tried {names})")
-    extra = {k: v for k, v in record.items() if k not in REQUIRED_COLUMNS}
+    extra = {k: v for k, v in record.items() if k not in (*REQUIRED_COLUMNS, "mask")}
     return ManifestRow(line, str(path), int(ich), record["patient_id"], mask_path, extra)
 
 

@@ -53,7 +53,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from sam3d.data.io import Volume, align_mask_to_volume, load_volume
+from sam3d.data.io import Volume, VolumeReadError, align_mask_to_volume, load_volume
 
 __all__ = [
     "DEFAULT_TRANSFORM_CONFIG",
@@ -119,6 +119,10 @@ class LoadVolumed(MapTransform):
                 masks[key] = Volume(empty, image.affine, image.spacing_mm, "", image.geometry_known)
             else:
                 image, masks[key] = align_mask_to_volume(image, _volume(d[key]))
+                values = masks[key].array
+                if not np.all((values == 0) | (values == 1)):  # also when --validate_data paths skipped the read
+                    raise VolumeReadError(f"{masks[key].source}: a mask must hold only 0 and 1, found values "
+                                          f"{np.unique(values)[:10].tolist()}")
         d[image_key] = _to_meta_tensor(image)
         for key, mask in masks.items():
             # The image's exact affine (masks agree within 1e-3 mm): Spacingd sizes its output grid
