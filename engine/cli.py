@@ -50,6 +50,11 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
                 raise
             print(f"error: no space left on the device writing {err.filename or 'an output file'}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("error: interrupted (a training run resumes with --resume)", file=sys.stderr)
+            return 130
         except torch.OutOfMemoryError as err:
             if debug:
                 raise

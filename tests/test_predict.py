@@ -9,6 +9,7 @@ from monai.transforms import Compose
 from scipy import ndimage
 
 from engine.checkpoint import atomic_save
+from engine.config import ConfigError
 from sam3d.data.io import Volume, load_volume
 from sam3d.data.synthetic import synthesize_case
 from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, _resampling_steps
@@ -163,7 +164,7 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
         predict_cli.main(base + ["--no-intracranial_mask", "--min_component_ml", "0", "--bone_hu", "250",
                                  "--intracranial_margin_mm", "0.5"])
     assert seen == {"restrict_intracranial": False, "min_component_ml": 0.0, "bone_hu": 250.0, "margin_mm": 0.5}
-    with pytest.raises(SystemExit, match="2"):
+    with pytest.raises(ConfigError, match="--min_component_ml and --intracranial_margin_mm must be >= 0"):
         predict_cli.main(base + ["--min_component_ml", "-1"])
 
 
