@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engine.config import ConfigError
 from sam3d.data.io import Volume, load_volume
 from sam3d.predict import Click, HemorrhageSegmenter, Measurements
 
@@ -103,7 +104,7 @@ class ScanReporter:
         self.segmenter = HemorrhageSegmenter(segmentation_checkpoint, device) if segmentation_checkpoint else None
         self.model = Blip2ReportModel.from_pretrained(report_model).to(device).eval()
         if self.model.config.condition_on_measurements and self.segmenter is None:
-            raise ValueError(f"{report_model} is conditioned on measurements: it needs a segmentation checkpoint")
+            raise ConfigError(f"{report_model} is conditioned on measurements: it needs --segmentation_checkpoint")
         self.device = device
         self.correct = correct
         self.generation = dict(generation or {})

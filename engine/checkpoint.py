@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         refused = [name for name in unsafe if name not in allowed]
         detail = f"it references {refused}, which are not on the allow-list" if refused else str(err).splitlines()[0]
         raise CheckpointError(f"refusing to load {path}: {detail}") from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # torch.load on a truncated or foreign file fails in many ways (struct.error...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason} (truncated or not a torch checkpoint?)") from None
 

@@ -112,11 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java and ~20 s to start)")
     args = p.parse_args(argv)
 
-    try:
-        samples = read_generations(Path(args.input), args.modality)
-    except ReportManifestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not Path(args.input).is_file():
+        p.error(f"--input {args.input}: file not found")
+    samples = read_generations(Path(args.input), args.modality)  # a bad row: one line through run_main
     per_sample, summary = evaluate(samples, args.tokenize, meteor=not args.no_meteor)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

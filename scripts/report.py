@@ -49,6 +49,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
+    if not (Path(args.report_model) / "config.json").is_file():
+        p.error(f"--report_model {args.report_model}: not a report model folder (no config.json; "
+                "`python -m blip.train` writes one as output_dir/report_model)")
+    if args.segmentation_checkpoint and not Path(args.segmentation_checkpoint).is_file():
+        p.error(f"--segmentation_checkpoint {args.segmentation_checkpoint}: file not found")
     clicks = parse_clicks(args.click, args.click_space)
     inputs = scan_inputs(args.input)  # every input named, and output names checked, before the models load
     stems = output_stems(inputs)
