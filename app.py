@@ -18,7 +18,6 @@ X-ray (PNG/JPEG): the film and its report. A file that cannot be used gives a me
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

@@ -34,7 +34,6 @@ CLI: ``python -m blip.convert_lavis --lavis ckpt.pth --output bridge.pth [--visi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint import atomic_write
 from engine.config import ConfigError
 from engine.errors import UserError
 
@@ -63,9 +65,11 @@ def output_stems(inputs: Sequence[str]) -> dict[str, str]:
     return stems
 
 
-def run_batch(inputs: Sequence[str], process: Callable[[str], dict[str, Any]], fail_fast: bool) -> list[dict[str, Any]]:
-    """``process`` each input; a scan that fails is recorded as ``{"source", "error"}`` and the batch
-    goes on (``fail_fast``: the error ends the batch instead). Returns the records in input order."""
+def run_batch(inputs: Sequence[str], process: Callable[[str], dict[str, Any]], fail_fast: bool,
+              record_path: Path) -> int:
+    """``process`` each input and write the records to ``record_path`` (JSON list, atomically); a scan
+    that fails is recorded as ``{"source", "error"}`` and the batch goes on (``fail_fast``: the error
+    ends the batch instead). Returns the exit code: 1 if any scan failed."""
     records = []
     for path in inputs:
         try:
@@ -76,4 +80,9 @@ def run_batch(inputs: Sequence[str], process: Callable[[str], dict[str, Any]], f
             reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             print(f"error: {path}: {reason}" if path not in reason else f"error: {reason}", file=sys.stderr)
             records.append({"source": path, "error": reason})
-    return records
+    text = json.dumps(records, indent=2)
+    atomic_write(record_path, lambda tmp: tmp.write_text(text))
+    failed = sum("error" in r for r in records)
+    if failed:
+        print(f"{failed} of {len(records)} scan(s) failed; see {record_path}", file=sys.stderr)
+    return 1 if failed else 0

@@ -20,7 +20,6 @@ whose peak stays under that many GB is searched (padding_free). Writes every fig
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import resource

@@ -12,7 +12,6 @@ record, the error per slice and overall (median, 90th percentile), and writes JS
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

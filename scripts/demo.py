@@ -8,7 +8,6 @@ scans. Runs on 2 CPU cores in under 10 minutes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

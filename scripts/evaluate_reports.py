@@ -21,7 +21,6 @@ Writes to --output_dir:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys

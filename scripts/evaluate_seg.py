@@ -17,7 +17,6 @@ Writes ``per_case.csv`` and ``summary.json`` to --output_dir.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math

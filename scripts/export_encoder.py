@@ -10,7 +10,6 @@ Checkpoints written by train.py carry their model config and preprocessing; offi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

@@ -16,7 +16,6 @@ writes it as ``.md`` beside the JSON.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys

@@ -24,7 +24,6 @@ always kept whole. Use --no-intracranial_mask for skull-stripped scans or after 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.distributed import resolve_device  # noqa: E402
 from engine.cli import run_main  # noqa: E402
 from engine.config import CommandLineParser  # noqa: E402
-from engine.checkpoint import atomic_write  # noqa: E402
 from sam3d.cli import add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
 from sam3d.data.io import scan_inputs  # noqa: E402
 from sam3d.predict import (  # noqa: E402
@@ -95,13 +93,7 @@ def main(argv=None) -> int:
         print(f"  geometry: {volume.geometry.summary()}")
         return result.to_json()
 
-    records = run_batch(inputs, predict, args.fail_fast)
-    text = json.dumps(records, indent=2)
-    atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(text))
-    failed = [r for r in records if "error" in r]
-    if failed:
-        print(f"{len(failed)} of {len(records)} scan(s) failed; see {out / 'predictions.json'}", file=sys.stderr)
-    return 1 if failed else 0
+    return run_batch(inputs, predict, args.fail_fast, out / "predictions.json")
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

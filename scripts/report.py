@@ -14,7 +14,6 @@ contradictions are listed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -80,13 +79,7 @@ def main(argv=None) -> int:
             print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
         return {"source": path, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
 
-    records = run_batch(inputs, report, args.fail_fast)
-    text = json.dumps(records, indent=2)
-    atomic_write(out / "reports.json", lambda tmp: tmp.write_text(text))
-    failed = [r for r in records if "error" in r]
-    if failed:
-        print(f"{len(failed)} of {len(records)} scan(s) failed; see {out / 'reports.json'}", file=sys.stderr)
-    return 1 if failed else 0
+    return run_batch(inputs, report, args.fail_fast, out / "reports.json")
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -3,6 +3,7 @@ then upload a corrupt file and see the error message (Debian Chromium driven by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -62,6 +63,30 @@ def test_zip_with_path_traversal_is_refused(tmp_path):
     assert not (tmp_path / "outside.dcm").exists()
 
 
+@contextlib.contextmanager
+def served_app(tiny_models):
+    """The app on a free local port with Debian's Chromium to drive it: yields (browser, url)."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    seg_checkpoint, report_model = tiny_models
+    app = build_app(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            try:
+                yield browser, f"http://127.0.0.1:{port}/"
+            finally:
+                browser.close()
+    finally:
+        app.close()
+
+
 def upload(page, path: Path) -> None:
     """As a user does: click the upload button and pick the file in the chooser."""
     with page.expect_file_chooser() as chooser:
@@ -109,14 +134,9 @@ def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tm
 
 
 def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
-    if not CHROMIUM.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run installs Debian's chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-
-    seg_checkpoint, report_model = tiny_models
+    seg_checkpoint, _ = tiny_models
     case = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(case.image_hu, case.affine), scan)
@@ -124,45 +144,35 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     expected_ml = HemorrhageSegmenter(seg_checkpoint).predict(scan).measurements.total_volume_ml
 
-    app = build_app(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/", timeout=TIMEOUT_MS)
-                upload(page, scan)
-                expect(page.locator("#status")).to_contain_text("Analysed", timeout=TIMEOUT_MS)
+    with served_app(tiny_models) as (browser, url):
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, timeout=TIMEOUT_MS)
+        upload(page, scan)
+        expect(page.locator("#status")).to_contain_text("Analysed", timeout=TIMEOUT_MS)
 
-                volume_cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
-                shown = float(re.search(r"[\d.]+", volume_cell.inner_text()).group())
-                assert shown == pytest.approx(expected_ml, abs=0.005)
-                expect(page.locator("#measurements")).to_contain_text("Scan geometry: nifti (sform)")
-                report_text = page.locator("#report textarea").input_value()
-                assert report_text.strip() and report_text.startswith("FINDINGS:")
-                expect(page.locator("#viewer img")).to_be_visible()
-                # Gradio maps a click to pixels through the loaded image's natural size; a click on an image
-                # still loading is dropped (seen once on a loaded host: no status change in 60 s).
-                page.wait_for_function("() => { const img = document.querySelector('#viewer img');"
-                                       " return img !== null && img.complete && img.naturalWidth > 0; }",
-                                       timeout=TIMEOUT_MS)
-                page.locator("#viewer img").click()  # a refinement click in the middle of the slice
-                expect(page.locator("#status")).to_contain_text("with 1 click(s)", timeout=TIMEOUT_MS)
-                expect(page.locator("#clicks")).to_contain_text("+(")
-                if os.environ.get("APP_SCREENSHOT"):
-                    (REPO / "outputs").mkdir(exist_ok=True)
-                    page.screenshot(path=str(REPO / "outputs" / "app_screenshot.png"), full_page=True)
+        volume_cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
+        shown = float(re.search(r"[\d.]+", volume_cell.inner_text()).group())
+        assert shown == pytest.approx(expected_ml, abs=0.005)
+        expect(page.locator("#measurements")).to_contain_text("Scan geometry: nifti (sform)")
+        report_text = page.locator("#report textarea").input_value()
+        assert report_text.strip() and report_text.startswith("FINDINGS:")
+        expect(page.locator("#viewer img")).to_be_visible()
+        # Gradio maps a click to pixels through the loaded image's natural size; a click on an image
+        # still loading is dropped (seen once on a loaded host: no status change in 60 s).
+        page.wait_for_function("() => { const img = document.querySelector('#viewer img');"
+                               " return img !== null && img.complete && img.naturalWidth > 0; }",
+                               timeout=TIMEOUT_MS)
+        page.locator("#viewer img").click()  # a refinement click in the middle of the slice
+        expect(page.locator("#status")).to_contain_text("with 1 click(s)", timeout=TIMEOUT_MS)
+        expect(page.locator("#clicks")).to_contain_text("+(")
+        if os.environ.get("APP_SCREENSHOT"):
+            (REPO / "outputs").mkdir(exist_ok=True)
+            page.screenshot(path=str(REPO / "outputs" / "app_screenshot.png"), full_page=True)
 
-                upload(page, corrupt)
-                expect(page.locator("#status")).to_contain_text("Error", timeout=TIMEOUT_MS)
-                expect(page.locator("#status")).to_contain_text("corrupt.nii.gz: cannot read")
-                assert "Traceback" not in page.content()
-            finally:
-                browser.close()
-    finally:
-        app.close()
+        upload(page, corrupt)
+        expect(page.locator("#status")).to_contain_text("Error", timeout=TIMEOUT_MS)
+        expect(page.locator("#status")).to_contain_text("corrupt.nii.gz: cannot read")
+        assert "Traceback" not in page.content()
 
 
 def test_a_visitors_files_go_when_the_page_closes_or_sits_idle(tiny_models, tmp_path):
@@ -184,13 +194,9 @@ def test_a_visitors_files_go_when_the_page_closes_or_sits_idle(tiny_models, tmp_
 def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
     """Four browser sessions upload four different scans at the same moment: requests queue, and every
     page shows its own scan's volume and name, never another's."""
-    if not CHROMIUM.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run installs Debian's chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    seg_checkpoint, report_model = tiny_models
+    seg_checkpoint, _ = tiny_models
     segmenter = HemorrhageSegmenter(seg_checkpoint)
     scans, expected = [], []
     for index, kind in enumerate(["subdural", "intraparenchymal", "intraventricular", "none"]):
@@ -201,26 +207,16 @@ def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
         expected.append(segmenter.predict(path).measurements.total_volume_ml)
     assert len(set(expected)) == len(expected)  # four different answers, so a mix-up shows
 
-    app = build_app(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            try:
-                pages = []
-                for _ in scans:
-                    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-                    page.goto(f"http://127.0.0.1:{port}/", timeout=TIMEOUT_MS)
-                    pages.append(page)
-                for page, scan in zip(pages, scans):  # all four in flight before any result is read
-                    upload(page, scan)
-                for page, scan, volume_ml in zip(pages, scans, expected):
-                    expect(page.locator("#status")).to_contain_text(f"Analysed {scan.name}", timeout=4 * TIMEOUT_MS)
-                    cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
-                    assert float(re.search(r"[\d.]+", cell.inner_text()).group()) == pytest.approx(volume_ml, abs=0.005)
-                    assert "Error" not in page.locator("#status").inner_text()
-            finally:
-                browser.close()
-    finally:
-        app.close()
+    with served_app(tiny_models) as (browser, url):
+        pages = []
+        for _ in scans:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(url, timeout=TIMEOUT_MS)
+            pages.append(page)
+        for page, scan in zip(pages, scans):  # all four in flight before any result is read
+            upload(page, scan)
+        for page, scan, volume_ml in zip(pages, scans, expected):
+            expect(page.locator("#status")).to_contain_text(f"Analysed {scan.name}", timeout=4 * TIMEOUT_MS)
+            cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
+            assert float(re.search(r"[\d.]+", cell.inner_text()).group()) == pytest.approx(volume_ml, abs=0.005)
+            assert "Error" not in page.locator("#status").inner_text()
