@@ -140,14 +140,18 @@ def test_evaluate_reports_script(tmp_path):
 def test_evaluate_reports_errors(tmp_path, capsys):
     missing = tmp_path / "missing.csv"
     _write_csv(missing, [{"id": "a", "reference": "No effusion."}], ["id", "reference"])
-    assert evaluate_reports.main(["--input", str(missing), "--output_dir", str(tmp_path / "o"),
-                                  "--modality", "xray", "--no_meteor"]) == 2
+    from engine.cli import run_main
+
+    # A bad row is a data error: one line, exit 1 (usage errors exit 2).
+    assert run_main(evaluate_reports.main, ["--input", str(missing), "--output_dir", str(tmp_path / "o"),
+                                            "--modality", "xray", "--no_meteor"]) == 1
     err = capsys.readouterr().err
     assert str(missing) in err and "line 2" in err and "generated" in err
 
     jsonl = tmp_path / "no_modality.jsonl"
     jsonl.write_text(json.dumps({"id": "a", "reference": "No effusion.", "generated": "No effusion."}) + "\n")
-    assert evaluate_reports.main(["--input", str(jsonl), "--output_dir", str(tmp_path / "o"), "--no_meteor"]) == 2
+    assert run_main(evaluate_reports.main, ["--input", str(jsonl), "--output_dir", str(tmp_path / "o"),
+                                            "--no_meteor"]) == 1
     err = capsys.readouterr().err
     assert "line 1" in err and "modality" in err
 
