@@ -32,7 +32,7 @@ from engine.config import ConfigError
 
 from . import __version__
 from .data.dicom_seg import mask_on_frames, write_hemorrhage_seg
-from .data.geometry import axial_axis
+from .data.geometry import axial_axis, grid_corners
 from .data.io import Volume, VolumeReadError, load_volume, save_nifti, strip_volume_extension
 from .data.transforms import DEFAULT_TRANSFORM_CONFIG, build_inference_transforms
 from .modeling import load_trained_sam3d
@@ -291,8 +291,7 @@ def check_clicks_inside(clicks: Sequence[Click], volume: Volume) -> None:
         voxel = (to_voxel @ _click_world(click, volume))[:3]
         if np.all(voxel >= -0.5) and np.all(voxel <= shape - 0.5):
             continue
-        corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
-        world = volume.affine[:3, :3] @ corners + volume.affine[:3, 3:]
+        world = volume.affine[:3, :3] @ grid_corners(volume.array.shape) + volume.affine[:3, 3:]
         bounds = (f"voxel indices 0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1}" if click.space == "voxel"
                   else "RAS mm " + ", ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(world.min(1), world.max(1))))
         raise ConfigError(f"--click {' '.join(f'{v:g}' for v in click.position)} ({click.space}): outside "

@@ -405,7 +405,9 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
     if chosen.photometric == "MONOCHROME1":
         geometry.notes.append("MONOCHROME1: inverted for display only; HU come from the rescale as for MONOCHROME2")
 
-    if not geometry.resampled and not geometry.rescale_varies and np.all(np.mod(slices, 1) == 0) \
+    # Raw CT (slope 1, whole intercept) stays integer HU, as ITK returned it: known from the tags, no pass.
+    integral = frames[0].slope == 1.0 and float(frames[0].intercept).is_integer()
+    if not geometry.resampled and not geometry.rescale_varies and integral \
             and slices.min() >= -32768 and slices.max() <= 32767:
-        slices = slices.astype(np.int16)  # raw CT stays integer HU, as ITK returned it
+        slices = slices.astype(np.int16)
     return slices, affine, geometry, chosen

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Geometry", "GeometryWarning", "axial_axis", "corner_distance_mm", "slice_tilt_deg",
+__all__ = ["Geometry", "GeometryWarning", "axial_axis", "corner_distance_mm", "grid_corners", "slice_tilt_deg",
            "voxel_volume_ml"]
 
 
@@ -44,9 +44,14 @@ def slice_tilt_deg(affine: np.ndarray, axis: int | None = None) -> float:
     return float(np.degrees(np.arccos(min(1.0, cosine))))
 
 
+def grid_corners(shape: tuple[int, ...]) -> np.ndarray:
+    """Voxel indices (3, 8) of the first and last voxel along each of the grid's three axes."""
+    return np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij"), dtype=np.float64).reshape(3, -1)
+
+
 def corner_distance_mm(first: np.ndarray, second: np.ndarray, shape: tuple[int, ...]) -> float:
     """Largest distance between the world positions the two affines give the grid's 8 corners."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
+    corners = grid_corners(shape)
     corners = np.vstack([corners, np.ones(corners.shape[1])])
     return float(np.max(np.linalg.norm((first @ corners - second @ corners)[:3], axis=0)))
 
