@@ -8,9 +8,11 @@ hub name. Training modes, as BLIP-2 and R2GenGPT use them:
 - ``full``: every LM weight trains (small LMs).
 - ``lora``: low-rank adapters (peft) on the attention projections; the base weights stay frozen.
 
-``build_tiny_gpt2`` is the offline default: a byte-level BPE tokenizer trained on the training
-reports and a 2-layer GPT-2, saved to a folder and reloaded from it, so the rest of the code only
-ever sees the ``from_pretrained`` path.
+``build_tiny_gpt2`` is the offline default: a tokenizer trained on the training reports and a small
+GPT-2, saved to a folder and reloaded from it, so the rest of the code only ever sees the
+``from_pretrained`` path. Its tokenizer is byte-level BPE (any text) or word-level (``"word"``):
+a word-level model can only write whole words it has seen, never a fragment such as
+"ventricleerdense", at the price of an unknown-word token for words outside its vocabulary.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from transformers import (
     GPT2TokenizerFast,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 LM_MODES = ("frozen", "full", "lora")
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
+UNKNOWN = "<|unk|>"
+TOKENIZER_KINDS = ("bpe", "word")
 
 # Attention projections that carry LoRA adapters, by the module names of each architecture family.
 LORA_TARGETS = (
@@ -101,6 +106,34 @@ def load_language_model(
     return model, tokenizer
 
 
+def train_word_tokenizer(texts: list[str], min_frequency: int = 1) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of ``texts``: words (with a leading-space marker), each punctuation mark
+    and each digit are tokens, so any number can be written and decoding gives back the exact text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(prepend_scheme="always"),
+        pre_tokenizers.Split(Regex(r"[^\w▁]"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="always")
+    digits = [str(d) for d in range(10)]  # every number is writable even if a digit is rare in ``texts``
+    tokenizer.train_from_iterator(list(texts) + digits, trainers.WordLevelTrainer(
+        special_tokens=[END_OF_TEXT, PAD, UNKNOWN], min_frequency=min_frequency, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=PAD, unk_token=UNKNOWN)
+
+
+def _train_bpe_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> PreTrainedTokenizerBase:
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[END_OF_TEXT, PAD],
+                            show_progress=False)
+    bpe.save_model(str(folder))
+    return GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=PAD)
+
+
 def build_tiny_gpt2(
     reports: list[str],
     folder: str | os.PathLike,
@@ -110,32 +143,32 @@ def build_tiny_gpt2(
     n_head: int = 2,
     n_positions: int = 256,
     seed: int = 0,
+    tokenizer: str = "bpe",
 ) -> Path:
-    """Train a byte-level BPE tokenizer on ``reports``, create a small GPT-2 with that vocabulary and
-    write both to ``folder`` with ``save_pretrained``; returns the folder for ``load_language_model``.
+    """Train a tokenizer (``tokenizer``: "bpe" or "word", see the module) on ``reports``, create a small
+    GPT-2 with that vocabulary and write both to ``folder`` with ``save_pretrained``; returns the
+    folder for ``load_language_model``.
 
-    ``vocab_size`` is an upper bound: a few reports yield fewer merges. ``<|endoftext|>`` ends every
-    report (and starts nothing: the soft prompt comes first); ``<|pad|>`` pads.
+    ``vocab_size`` bounds the BPE vocabulary (a few reports yield fewer merges); a word-level
+    vocabulary holds every word of ``reports``. ``<|endoftext|>`` ends every report (and starts
+    nothing: the soft prompt comes first); ``<|pad|>`` pads.
     """
-    from tokenizers import ByteLevelBPETokenizer
-
+    if tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {tokenizer!r}")
     texts = [r for r in reports if r and r.strip()]
     if not texts:
         raise ValueError("build_tiny_gpt2 needs at least one non-empty report to train its tokenizer")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[END_OF_TEXT, PAD],
-                            show_progress=False)
-    bpe.save_model(str(folder))
-    tokenizer = GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=PAD)
+    text_tokenizer = train_word_tokenizer(texts) if tokenizer == "word" else _train_bpe_tokenizer(texts, vocab_size, folder)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the same reports and seed give the same initial LM
     model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(text_tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+        bos_token_id=text_tokenizer.eos_token_id, eos_token_id=text_tokenizer.eos_token_id,
+        pad_token_id=text_tokenizer.pad_token_id,
     ))
     torch.random.set_rng_state(generator_state)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    text_tokenizer.save_pretrained(folder)
     return folder

@@ -57,6 +57,12 @@ TOWER_OF_MODALITY = {"ct": "visual_encoder", "xray": "visual_encoder_2d"}
 LM_PREFIX = "language_model."
 
 
+def prompt_text(prompt: str, context: str | None = None) -> str:
+    """The text the LM reads after the soft prompt: ``context`` (measurement / diagnosis sentences),
+    then the modality's prompt. Text-only LM pretraining (``blip.lm_pretraining``) writes the same."""
+    return f"{context} {prompt}" if context else prompt
+
+
 def tokenize_reports(tokenizer, reports: list[str], max_text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), each (B, T ≤ max_text_len): each report + end-of-text (so the LM
     learns to stop), right-padded; no BOS, since the soft prompt starts the sequence."""
@@ -228,7 +234,7 @@ class Blip2ReportModel(nn.Module):
         """(P,) token ids of the modality's prompt text, preceded by ``context`` when given."""
         if modality not in self.config.prompts:
             raise KeyError(f"no prompt for modality '{modality}'; config.prompts has {sorted(self.config.prompts)}")
-        text = f"{context} {self.config.prompts[modality]}" if context else self.config.prompts[modality]
+        text = prompt_text(self.config.prompts[modality], context)
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def _contexts(self, modality: str, contexts: list[str] | None, batch: int) -> list[str | None]:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from engine.checkpoint import (
     CheckpointError,
@@ -49,6 +50,10 @@ class QFormerBridgeConfig:
     layer_norm_eps: float = 1e-12
     vision_layer_norm_eps: float = 1e-5
     lm_hidden_size: int = 768
+    # > 0: the Q-Former also reads text (BLIP-2 stage 1: ITC, ITM, ITG): word embeddings of this many
+    # ids and each layer's text feed-forward, as LAVIS's BERT-based Q-Former has. 0: queries only.
+    text_vocab_size: int = 0
+    max_text_positions: int = 512
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,6 +78,10 @@ class QFormerBridgeConfig:
             cross_attention_frequency=self.cross_attention_frequency,
             layer_norm_eps=self.layer_norm_eps,
             encoder_hidden_size=self.vision_width,
+            use_qformer_text_input=self.text_vocab_size > 0,
+            vocab_size=max(self.text_vocab_size, 1),
+            max_position_embeddings=self.max_text_positions,
+            pad_token_id=None,
             attn_implementation="eager",
         )
 
@@ -101,7 +110,56 @@ class QFormerBridge(nn.Module):
         self.query_tokens = nn.Parameter(torch.empty(1, self.config.num_query_tokens, self.config.hidden_size))
         nn.init.normal_(self.query_tokens, mean=0.0, std=qformer_config.initializer_range)  # as LAVIS
         self.qformer = Blip2QFormerModel(qformer_config)
+        self.text_embeddings = Blip2TextEmbeddings(qformer_config) if self.config.text_vocab_size > 0 else None
         self.language_projection = nn.Linear(self.config.hidden_size, self.config.lm_hidden_size)
+
+    def queries(self, image_embeds: torch.Tensor, image_attention_mask: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """The Q-Former over ``ln_vision(image_embeds)`` with the queries alone (transformers output)."""
+        if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.config.vision_width:
+            raise ValueError(
+                f"image_embeds must be (B, N, {self.config.vision_width}), found {tuple(image_embeds.shape)}"
+            )
+        image_embeds = self.ln_vision(image_embeds)
+        return self.qformer(
+            query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_attention_mask,
+            output_attentions=output_attentions,
+        )
+
+    def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, hidden) for text alone (ITC's text side): no queries, no image."""
+        self._require_text()
+        return self.qformer(query_embeds=self.text_embeddings(input_ids), query_length=0,
+                            attention_mask=attention_mask).last_hidden_state
+
+    def image_grounded_text(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            causal: bool) -> torch.Tensor:
+        """(B, Q + T, hidden): queries and text in one pass, the queries reading the image. ``causal``
+        False (ITM): every position sees every other. True (ITG): queries see only queries, text sees the
+        queries and the text before it, so the text is generated from what the queries took from the image."""
+        self._require_text()
+        image_embeds = self.ln_vision(image_embeds)
+        batch, num_queries = image_embeds.shape[0], self.config.num_query_tokens
+        queries = self.query_tokens.expand(batch, -1, -1)
+        embeds = self.text_embeddings(input_ids, query_embeds=queries)
+        keys = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1).bool()
+        length = num_queries + input_ids.shape[1]
+        allowed = keys[:, None, :].expand(batch, length, length).clone()
+        if causal:
+            allowed[:, :num_queries, num_queries:] = False
+            allowed[:, num_queries:, num_queries:] &= torch.tril(torch.ones(length - num_queries, length - num_queries,
+                                                                            dtype=torch.bool, device=keys.device))
+        additive = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        additive = additive.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        return self.qformer(query_embeds=embeds, query_length=num_queries, attention_mask=additive,
+                            encoder_hidden_states=image_embeds).last_hidden_state
+
+    def _require_text(self) -> None:
+        if self.text_embeddings is None:
+            raise ValueError("this Q-Former reads no text (QFormerBridgeConfig.text_vocab_size is 0): "
+                             "stage-1 objectives need a bridge built with text_vocab_size > 0")
 
     def forward(
         self,
@@ -111,18 +169,7 @@ class QFormerBridge(nn.Module):
     ) -> QFormerBridgeOutput:
         """``image_embeds`` (B, N, vision_width), e.g. the SAM-Med3D neck output flattened to (B, 512, 384);
         ``image_attention_mask`` (B, N), 1 for tokens to read and 0 for padding (all read when None)."""
-        if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.config.vision_width:
-            raise ValueError(
-                f"image_embeds must be (B, N, {self.config.vision_width}), found {tuple(image_embeds.shape)}"
-            )
-        image_embeds = self.ln_vision(image_embeds)
-        query_embeds = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        outputs = self.qformer(
-            query_embeds=query_embeds,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_attention_mask,
-            output_attentions=output_attentions,
-        )
+        outputs = self.queries(image_embeds, image_attention_mask, output_attentions)
         query_output = outputs.last_hidden_state
         return QFormerBridgeOutput(
             query_output=query_output,

@@ -23,6 +23,11 @@ image (see configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings he
 labels lead each prompt (``blip.diagnosis``); it is what made held-out CT reports name a hemorrhage
 when there is one (README, "Report generation").
 
+BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.stage1``;
+no language model runs); ``--stage 2 --init_from <stage-1 output_dir>/report_model`` starts the bridge
+from it and trains it behind the LM (the default, ``--stage 2`` without ``--init_from``, starts from a
+fresh bridge).
+
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
 (``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
 latest validation), attention/<id>_attention.png (Q-Former cross-attention over the image of the first
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT tower fixed or trained (default: --freeze_vision)")
     g.add_argument("--freeze_xray_tower", action=bool_flag, default=None,
                    help="X-ray tower fixed or trained (default: --freeze_vision)")
+    g.add_argument("--stage", type=int, choices=[1, 2], default=2,
+                   help="1: Q-Former pre-training (ITC, ITM, ITG); 2: report generation behind the LM")
+    g.add_argument("--init_from", help="stage 2: a stage-1 report_model folder whose bridge starts this run")
     g.add_argument("--num_query_tokens", type=int, default=32)
     g.add_argument("--qformer_checkpoint",
                    help="LAVIS BLIP-2 checkpoint that initialises the Q-Former bridge (blip.convert_lavis; "
@@ -126,6 +134,10 @@ def check_config(args: argparse.Namespace) -> list[str]:
         if value and not Path(value).is_file():
             hint = {"train_manifest": MANIFEST_HINT, "val_manifest": MANIFEST_HINT}.get(key, "")
             raise ConfigError(f"--{key} {value}: file not found{hint}")
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        raise ConfigError(f"--init_from {args.init_from}: not a report_model folder (no config.json)")
+    if args.init_from and args.qformer_checkpoint:
+        raise ConfigError("--init_from and --qformer_checkpoint both initialise the bridge: give one")
     if args.lm and not (Path(args.lm) / "config.json").is_file():
         raise ConfigError(f"--lm {args.lm}: not a Hugging Face model folder (no config.json)")
     if args.resume and not (Path(args.output_dir) / "latest_model.pth").is_file():
@@ -201,13 +213,22 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
             build_tiny_gpt2(train_texts, lm_path, vocab_size=args.lm_vocab_size, n_layer=args.lm_layers,
                             n_embd=args.lm_width, n_positions=positions, seed=args.seed)
         barrier(ctx)
+    bridge = dict(args.bridge)
+    if args.init_from:  # the bridge continues with the stage-1 shape, text path included
+        bridge = json.loads((Path(args.init_from) / "config.json").read_text())["bridge"]
+    elif args.stage == 1:
+        from transformers import AutoTokenizer
+
+        from blip.stage1 import SPECIAL_TEXT_TOKENS
+
+        bridge["text_vocab_size"] = len(AutoTokenizer.from_pretrained(lm_path, local_files_only=True)) + len(SPECIAL_TEXT_TOKENS)
     frozen = tower_freezing(args)
     ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, frozen["ct"])
     xray = VisionTowerConfig("sam2d", args.xray_model_type, args.xray_encoder, frozen["xray"])
     config = Blip2ReportConfig(
         ct_tower=ct.to_dict() if "ct" in modalities else None,
         xray_tower=xray.to_dict() if "xray" in modalities else None,
-        bridge=args.bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        bridge=bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
         max_text_len=args.max_text_len, condition_on_measurements=args.condition_on_measurements,
         diagnosis_prompt=args.diagnosis_prompt, diagnosis_loss_weight=args.diagnosis_loss_weight,
@@ -218,6 +239,16 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
         from blip.convert_lavis import load_lavis_into_bridge
 
         model.notes += load_lavis_into_bridge(model.bridge, args.qformer_checkpoint)
+    if args.init_from and not args.resume:
+        from safetensors.torch import load_file
+
+        from blip.model import WEIGHTS_NAME
+        from engine.checkpoint import load_state_dict_strict
+
+        weights = Path(args.init_from) / WEIGHTS_NAME
+        state = {k.removeprefix("bridge."): v for k, v in load_file(str(weights)).items() if k.startswith("bridge.")}
+        load_state_dict_strict(model.bridge, state, str(weights))
+        model.notes.append(f"bridge initialised from {weights} (stage 1)")
     if args.use_gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
@@ -276,16 +307,29 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
 
     generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                   "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
-    task = ReportTask(args.num_val_samples, generation, output_dir / "val_samples.json", args.use_mixed_precision,
-                      args.cache_tokens)
-    heads = {id(p) for p in model.diagnosis_heads.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
-    param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "report_model"}]
-    if heads:
+    report_model = model
+    if args.stage == 1:
+        from blip.stage1 import QFormerPretraining, QFormerPretrainingTask
+        from blip.task import TowerTokenCache
+
+        model = QFormerPretraining(report_model, token_cache=TowerTokenCache() if args.cache_tokens else None)
+        task = QFormerPretrainingTask()
+        # The LM and the projection into it take no part in stage 1.
+        unused = {id(p) for p in report_model.language_model.parameters()}
+        unused |= {id(p) for p in report_model.bridge.language_projection.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in unused]
+        param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "qformer"}]
+    else:
+        task = ReportTask(args.num_val_samples, generation, output_dir / "val_samples.json", args.use_mixed_precision,
+                          args.cache_tokens)
+        heads = {id(p) for p in model.diagnosis_heads.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
+        param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "report_model"}]
+    if args.stage == 2 and heads:
         param_groups.append({"params": list(model.diagnosis_heads.parameters()), "lr": args.diagnosis_lr_ratio * args.lr,
                              "weight_decay": args.weight_decay, "name": "diagnosis_heads"})
     trainer_cfg = TrainerConfig.from_flags(args, output_dir)
-    run_config = {**vars(args), "report_model_config": model.config.to_dict()}
+    run_config = {**vars(args), "report_model_config": report_model.config.to_dict()}
     if ctx.is_main:
         (output_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     tracker_factory = lambda run_id: Tracker(
@@ -293,8 +337,8 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     )
     trainer = Trainer(
         trainer_cfg, task, model, param_groups, device, ctx, tracker_factory,
-        collate_fn=ReportCollator(model.tokenizer, args.max_text_len),
-        checkpoint_extras={"report_model_config": model.config.to_dict()},
+        collate_fn=ReportCollator(report_model.tokenizer, args.max_text_len),
+        checkpoint_extras={"report_model_config": report_model.config.to_dict(), "stage": args.stage},
     )
     summary_extra = {"data": {"train_studies": len(train_rows), "val_studies": len(val_rows), "modalities": modalities},
                      "trainable_parameters": sum(p.numel() for p in trainable)}
@@ -304,8 +348,9 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         if ctx.is_main and (output_dir / BEST_CHECKPOINT).exists():
             best = output_dir / BEST_CHECKPOINT
             model.load_state_dict(extract_state_dict(load_checkpoint(best, map_location=device), best))
-            model.save_pretrained(output_dir / REPORT_MODEL_FOLDER)
+            report_model.save_pretrained(output_dir / REPORT_MODEL_FOLDER)
             outputs["report_model"] = str(output_dir / REPORT_MODEL_FOLDER)
+        if ctx.is_main and (output_dir / BEST_CHECKPOINT).exists() and args.stage == 2:
             model.eval()
             result["samples"] = []
             for modality in val_ds.modalities:

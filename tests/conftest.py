@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 sys.path.insert(0, str(REPO))
+
+from sam3d.data.io import save_nifti  # noqa: E402
+from sam3d.export import export_encoder  # noqa: E402
+from sam3d.modeling.build import build_sam3d, model_config  # noqa: E402
 
 
 def fixture_fill(key: str, shape) -> torch.Tensor:
@@ -48,7 +54,6 @@ def make_tiny_models(folder: Path) -> tuple[Path, Path]:
     from blip.model import Blip2ReportConfig, Blip2ReportModel
     from blip.vision import VisionTowerConfig
     from engine.checkpoint import atomic_save
-    from sam3d.modeling import build_sam3d, model_config
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -99,3 +104,42 @@ def head_phantom_hu(points_lps):
     hu[brain] = (35 + 15 * np.sin(x / 9) * np.cos(y / 11) + 0.2 * z)[brain]
     hu[in_bleed(points_lps)] = BLEED_HU
     return hu
+
+
+CT_REPORTS = {  # the two reports of the tiny report-model tests: a bleed, none
+    True: "FINDINGS: Hyperdense hemorrhage in the right basal ganglia. IMPRESSION: Acute intracranial hemorrhage.",
+    False: "FINDINGS: No hemorrhage or mass effect. IMPRESSION: Normal head CT.",
+}
+TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())
+TINY_CT_PREPROCESSING = {"target_spacing_mm": (3.0, 3.0, 3.0), "roi_size": (64, 64, 64), "hu_clamp": (-1000.0, 1000.0),
+                 "normalization": "zscore"}
+
+
+def write_head_ct(path, bleed: bool, seed: int) -> None:
+    """A 40x40x16 volume at 3x3x5 mm: air, a water-density 'brain' ball, a 60 HU spot when bleeding."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in (40, 40, 16)), indexing="ij")
+    volume = np.where(x**2 + y**2 + z**2 < 0.8, 30.0, -1000.0) + rng.normal(0, 5, (40, 40, 16))
+    if bleed:
+        volume[(x - 0.3) ** 2 + y**2 + z**2 < 0.05] = 60.0
+    save_nifti(path, volume.astype(np.float32), np.diag([3.0, 3.0, 5.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def ct_data(tmp_path_factory):
+    """Six tiny CT volumes with report manifests (4 train, 2 val) and an exported tiny encoder."""
+    root = tmp_path_factory.mktemp("ct_reports")
+    manifests = {}
+    for split, bleeds in (("train", [True, False, True, False]), ("val", [True, False])):
+        rows = []
+        for index, bleed in enumerate(bleeds):
+            image = root / f"{split}_{index}.nii.gz"
+            write_head_ct(image, bleed, seed=len(rows) + (10 if split == "val" else 0))
+            rows.append({"image": image.name, "report": CT_REPORTS[bleed], "modality": "ct", "id": f"{split}{index}",
+                         "volume_ml": 4.2 if bleed else 0.0, "side": "right" if bleed else "none"})
+        manifests[split] = root / f"{split}.jsonl"
+        manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    torch.manual_seed(0)
+    encoder = root / "sam_encoder.pth"
+    export_encoder(build_sam3d(TINY_CT), encoder, TINY_CT, visual_tokens=16, preprocessing=TINY_CT_PREPROCESSING)
+    return {"root": root, "encoder": encoder, **manifests}

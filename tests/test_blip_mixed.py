@@ -20,7 +20,9 @@ from engine.distributed import DistributedContext
 from engine.samplers import GroupedBatchSampler
 from sam3d.export import export_encoder
 from sam3d.modeling.build import build_sam3d
-from tests.test_blip_train import PREPROCESSING, REPORTS, TINY_CT, write_head_ct
+from tests.conftest import CT_REPORTS as REPORTS
+from tests.conftest import TINY_CT, write_head_ct
+from tests.conftest import TINY_CT_PREPROCESSING as PREPROCESSING
 
 XRAY_REPORTS = ["FINDINGS: Clear lungs. IMPRESSION: Normal chest.",
                 "FINDINGS: Right pleural effusion. IMPRESSION: Effusion."]

@@ -20,47 +20,7 @@ from blip.task import (
 )
 from blip.train import main
 from engine.checkpoint import load_checkpoint
-from sam3d.data.io import save_nifti
-from sam3d.export import export_encoder
-from sam3d.modeling.build import build_sam3d, model_config
-
-REPORTS = {
-    True: "FINDINGS: Hyperdense hemorrhage in the right basal ganglia. IMPRESSION: Acute intracranial hemorrhage.",
-    False: "FINDINGS: No hemorrhage or mass effect. IMPRESSION: Normal head CT.",
-}
-TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())
-PREPROCESSING = {"target_spacing_mm": (3.0, 3.0, 3.0), "roi_size": (64, 64, 64), "hu_clamp": (-1000.0, 1000.0),
-                 "normalization": "zscore"}
-
-
-def write_head_ct(path, bleed: bool, seed: int) -> None:
-    """A 40x40x16 volume at 3x3x5 mm: air, a water-density 'brain' ball, a 60 HU spot when bleeding."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in (40, 40, 16)), indexing="ij")
-    volume = np.where(x**2 + y**2 + z**2 < 0.8, 30.0, -1000.0) + rng.normal(0, 5, (40, 40, 16))
-    if bleed:
-        volume[(x - 0.3) ** 2 + y**2 + z**2 < 0.05] = 60.0
-    save_nifti(path, volume.astype(np.float32), np.diag([3.0, 3.0, 5.0, 1.0]))
-
-
-@pytest.fixture(scope="module")
-def ct_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ct_reports")
-    manifests = {}
-    for split, bleeds in (("train", [True, False, True, False]), ("val", [True, False])):
-        rows = []
-        for index, bleed in enumerate(bleeds):
-            image = root / f"{split}_{index}.nii.gz"
-            write_head_ct(image, bleed, seed=len(rows) + (10 if split == "val" else 0))
-            rows.append({"image": image.name, "report": REPORTS[bleed], "modality": "ct", "id": f"{split}{index}",
-                         "volume_ml": 4.2 if bleed else 0.0, "side": "right" if bleed else "none"})
-        manifests[split] = root / f"{split}.jsonl"
-        manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
-    torch.manual_seed(0)
-    encoder = root / "sam_encoder.pth"
-    export_encoder(build_sam3d(TINY_CT), encoder, TINY_CT, visual_tokens=16, preprocessing=PREPROCESSING)
-    return {"root": root, "encoder": encoder, **manifests}
-
+from tests.conftest import CT_REPORTS
 
 def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     os.environ["WANDB_MODE"] = "disabled"
@@ -210,7 +170,7 @@ def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
     lavis_sd = {key: fixture_fill(key, shape) for key, shape in lavis["keys"]}
     checkpoint = tmp_path / "blip2_opt.pth"
     torch.save({"model": lavis_sd}, checkpoint)
-    lm = build_tiny_gpt2(list(REPORTS.values()), tmp_path / "lm", n_embd=c["lm_hidden"])
+    lm = build_tiny_gpt2(list(CT_REPORTS.values()), tmp_path / "lm", n_embd=c["lm_hidden"])
     bridge = {"hidden_size": c["hidden"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
               "intermediate_size": c["inter"], "cross_attention_frequency": c["freq"]}
     args = build_parser().parse_args([

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["REPORT_MANIFEST_LABELS", "report_manifest_row", "write_ct_report"]
+__all__ = ["REPORT_MANIFEST_LABELS", "report_corpus", "report_manifest_row", "write_ct_report"]
 
 # Label columns of cases.json copied into each report-manifest row, so report metrics and the
 # labeler can be checked against ground truth without re-reading cases.json.
@@ -225,3 +225,25 @@ def report_manifest_row(case: dict) -> dict:
            "impression": case["impression"], "modality": "ct", "split": case["split"], "id": case["case_id"]}
     row.update({key: case[key] for key in REPORT_MANIFEST_LABELS if key in case})
     return row
+
+
+def report_corpus(cases: list[dict], variants: int, seed: int) -> list[dict]:
+    """Text-only training data for a report language model: ``variants`` reports per case of
+    ``cases`` (``cases.json`` entries), each with fresh phrasings and the case's sizes scaled by a
+    random factor (volume 0.25-4x, shift and thickness 0.5-2x), so that a model learns to write any
+    size it is given rather than the few it saw. Returns ``{'report', 'volume_ml', 'side', 'ich_type'}``
+    rows; ``volume_ml`` is the report's own (0 for a negative study)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case in cases:
+        for _ in range(variants):
+            metadata = dict(case)
+            if case["ich_type"] != "none":
+                metadata["volume_ml"] = round(max(0.5, float(case["volume_ml"]) * 4.0 ** rng.uniform(-1, 1)), 1)
+                for key in ("midline_shift_mm", "max_thickness_mm"):
+                    if metadata.get(key):
+                        metadata[key] = round(float(case[key]) * 2.0 ** rng.uniform(-1, 1), 1)
+            report = write_ct_report(metadata, rng)["report"]
+            rows.append({"report": report, "volume_ml": metadata["volume_ml"] if case["ich_type"] != "none" else 0.0,
+                         "side": case["side"] if case["ich_type"] != "none" else "none", "ich_type": case["ich_type"]})
+    return rows

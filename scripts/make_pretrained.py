@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Make the embedded default's pretrained stand-ins, the way users start from released weights:
+
+- ``sam3d``: the stand-in for ``sam_med3d_turbo.pth``: the ``small`` SAM-Med3D trained from scratch by
+  this project's ``train.py`` on synthetic head CTs of a seed no demo uses, saved in fp16 in the
+  official checkpoint layout (``model_state_dict``) plus its config and preprocessing contract.
+- ``lm``: the stand-in for a pretrained causal LM: a small GPT-2 with a word-level tokenizer, trained
+  text-only on a large corpus of synthetic reports (they cost nothing to write), saved as a Hugging
+  Face folder.
+
+Both land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.
+
+    python scripts/make_pretrained.py --part sam3d   # ~30 min on 2 CPU cores
+    python scripts/make_pretrained.py --part lm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from engine.checkpoint import atomic_write, load_checkpoint  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser, parse_with_config  # noqa: E402
+from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
+
+PRETRAINED = REPO / "sam3d" / "pretrained"
+SAM3D_WEIGHTS = "sam_med3d_small_ich.pth"
+REPORT_LM = "report_lm"
+PRETRAIN_SEED = 1000  # the demo's seeds are small integers: its scans are never these
+
+
+def pretraining_data(work: Path, num_cases: int, seed: int) -> dict:
+    """The pre-training phantoms (16 of them for validation), rendered once per (cases, seed)."""
+    folder = work / f"data_{num_cases}_seed{seed}"
+    if (folder / "cases.json").is_file():  # written last by make_synthetic_ich
+        names = ("train_csv", "val_csv", "mask_dir", "cases_json")
+        return dict(zip(names, (str(folder / n) for n in ("train.csv", "val.csv", "masks", "cases.json"))))
+    return make_synthetic_ich(folder, num_cases=num_cases, seed=seed, val_fraction=16 / num_cases)
+
+
+def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: Path) -> Path:
+    started = time.time()
+    data = pretraining_data(work, num_cases, seed)
+    flags = ["--config", str(REPO / "configs" / "sam3d_small_pretrain.yaml"), "--train_csv", data["train_csv"],
+             "--val_csv", data["val_csv"], "--mask_dir", data["mask_dir"], "--output_dir", str(work / "sam3d"),
+             "--cache_dir", str(work / "cache"), "--seed", str(seed)]
+    if epochs is not None:
+        flags += ["--epochs", str(epochs)]
+    args = parse_with_config(train.build_parser(), flags)
+    result = train.run_training(args)
+    best = load_checkpoint(result["outputs"]["best_model"])
+    payload = {
+        "model_state_dict": {k: v.half() if v.is_floating_point() else v for k, v in best["model_state_dict"].items()},
+        "model_type": best["model_type"], "model_config": best["model_config"], "preprocessing": best["preprocessing"],
+        "recipe": {"command": "python scripts/make_pretrained.py --part sam3d", "num_cases": num_cases, "seed": seed,
+                   "epochs": args.epochs, "best_epoch": result["best_epoch"],
+                   "best_val_dice": round(float(result["best_metric"]), 4),
+                   "minutes": round((time.time() - started) / 60, 1)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / SAM3D_WEIGHTS, lambda tmp: torch.save(payload, tmp))
+    print(json.dumps(payload["recipe"]))
+    return out / SAM3D_WEIGHTS
+
+
+def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | None, out: Path) -> Path:
+    """Reports for the metadata of the pre-training phantoms (no image is rendered for the extra
+    variants): ``variants`` per case, the last 16 cases' for validation."""
+    from blip.lm_pretraining import pretrain_report_lm
+    from sam3d.data.synthetic_reports import report_corpus
+
+    data = pretraining_data(work, num_cases, seed)
+    cases = json.loads(Path(data["cases_json"]).read_text())
+    train_rows = report_corpus([c for c in cases if c["split"] == "train"], variants, seed)
+    val_rows = report_corpus([c for c in cases if c["split"] == "val"], 4, seed + 1)
+    result = pretrain_report_lm(train_rows, val_rows, out / REPORT_LM, work / "lm", epochs=epochs or 3, seed=seed)
+    recipe = {"command": "python scripts/make_pretrained.py --part lm", "num_cases": num_cases, "seed": seed,
+              "reports": len(train_rows), "best_epoch": result["best_epoch"],
+              "best_val_loss": round(float(result["best_metric"]), 4)}
+    (out / REPORT_LM / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    print(json.dumps(recipe))
+    return out / REPORT_LM
+
+
+def main(argv=None) -> int:
+    p = CommandLineParser(description=__doc__)
+    p.add_argument("--part", choices=["sam3d", "lm"], required=True)
+    p.add_argument("--work_dir", default="outputs/pretrain", help="phantoms, training runs")
+    p.add_argument("--output_dir", default=str(PRETRAINED), help="where the weights go (the package's by default)")
+    p.add_argument("--num_cases", type=int, default=240)
+    p.add_argument("--seed", type=int, default=PRETRAIN_SEED)
+    p.add_argument("--epochs", type=int, help="override the config's epochs (sam3d) or the default 3 (lm)")
+    p.add_argument("--variants", type=int, default=100, help="lm: reports per pre-training case")
+    args = p.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    work = Path(args.work_dir)
+    if args.part == "sam3d":
+        print(make_sam3d(work, args.num_cases, args.seed, args.epochs, Path(args.output_dir)))
+    else:
+        print(make_lm(work, args.num_cases, args.seed, args.variants, args.epochs, Path(args.output_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
