@@ -8,16 +8,45 @@ image alone. The same sentence is made from two sources, which keeps training an
 - training: the ``volume_ml`` and ``side`` columns of a report manifest (``make_synthetic_ich`` writes
   them from the ground-truth mask; for real data, measure the reference masks or the segmenter's output);
 - use: the :class:`sam3d.predict.Measurements` of the segmentation of the scan being reported.
+
+The volume itself is never left to the language model to copy: in the reports a conditioned model
+learns from, the measured volume is written as the slot ``<|volume|>`` (:func:`volume_slot_text`),
+and the slot of a generated report is filled with the measurement (:func:`fill_volume_slot`), so a
+report cannot state a volume other than the one measured.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 MIN_HEMORRHAGE_ML = 0.5  # smaller segmentations are treated as noise, not as a bleed
 SIDES = ("left", "right", "bilateral")
+VOLUME_SLOT = "<|volume|>"
+_VOLUME_MENTION = re.compile(r"(\d+(?:\.\d+)?)(\s*)(mL|ml|cc)\b")
+
+
+def format_volume(volume_ml: float) -> str:
+    """As radiologists write it: whole millilitres from 10 mL up, one decimal below."""
+    return f"{volume_ml:.0f}" if volume_ml >= 10 else f"{volume_ml:.1f}".removesuffix(".0")
+
+
+def volume_slot_text(report: str, volume_ml: float) -> str:
+    """``report`` with each stated volume that is the measured one (within rounding: 0.5 mL or 5%)
+    written as :data:`VOLUME_SLOT`; other numbers stay."""
+    def slot(match: re.Match) -> str:
+        value = float(match.group(1))
+        same = abs(value - volume_ml) <= max(0.5, 0.05 * volume_ml)
+        return f"{VOLUME_SLOT}{match.group(2)}{match.group(3)}" if same else match.group(0)
+
+    return _VOLUME_MENTION.sub(slot, report)
+
+
+def fill_volume_slot(text: str, volume_ml: float) -> str:
+    """A generated report with its volume slots written as the measured volume."""
+    return text.replace(VOLUME_SLOT, format_volume(volume_ml))
 
 
 def measurement_context(volume_ml: float, side: str, min_ml: float = MIN_HEMORRHAGE_ML) -> str:

@@ -18,7 +18,7 @@ from engine.config import ConfigError
 from sam3d.data.io import Volume, load_volume
 from sam3d.predict import Click, HemorrhageSegmenter, Measurements
 
-from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements
+from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
 from .data.reports import join_sections, split_sections
 from .labeler import NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
 
@@ -115,16 +115,16 @@ class ScanReporter:
 
     def generate(self, scan: str | os.PathLike | Volume, modality: str, measurements: Measurements | None = None) -> str:
         """The model's report for one image (a path, or a CT Volume already read); ``measurements``
-        are required by (and only given to) a conditioned model's CT reports."""
+        are required by (and only given to) a conditioned model's CT reports, whose volume slot they fill."""
         from .task import image_transform
 
         image = image_transform(self.model, modality)(scan if isinstance(scan, Volume) else str(scan))[None].to(self.device)
-        contexts = None
-        if self.conditioned and modality == "ct":
-            if measurements is None:
-                raise ValueError("this report model is conditioned on measurements: segment the scan first")
-            contexts = [context_from_measurements(measurements)]
-        return self.model.generate(image, modality, contexts, **self.generation)[0]
+        if not (self.conditioned and modality == "ct"):
+            return self.model.generate(image, modality, None, **self.generation)[0]
+        if measurements is None:
+            raise ValueError("this report model is conditioned on measurements: segment the scan first")
+        text = self.model.generate(image, modality, [context_from_measurements(measurements)], **self.generation)[0]
+        return fill_volume_slot(text, measurements.total_volume_ml)
 
     def run(self, scan: str | os.PathLike | Volume, modality: str = "ct", clicks: list[Click] | None = None,
             output_dir: str | os.PathLike | None = None) -> dict[str, Any]:

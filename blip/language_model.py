@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -109,7 +110,7 @@ def load_language_model(
 def train_word_tokenizer(texts: list[str], min_frequency: int = 1) -> PreTrainedTokenizerFast:
     """A word-level tokenizer of ``texts``: words (with a leading-space marker), each punctuation mark
     and each digit are tokens, so any number can be written and decoding gives back the exact text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -121,6 +122,9 @@ def train_word_tokenizer(texts: list[str], min_frequency: int = 1) -> PreTrained
     digits = [str(d) for d in range(10)]  # every number is writable even if a digit is rare in ``texts``
     tokenizer.train_from_iterator(list(texts) + digits, trainers.WordLevelTrainer(
         special_tokens=[END_OF_TEXT, PAD, UNKNOWN], min_frequency=min_frequency, show_progress=False))
+    # Slots such as blip.conditioning's "<|volume|>" are one token, and decoding keeps them.
+    slots = sorted({m for text in texts for m in re.findall(r"<\|[a-z_]+\|>", text)} - {END_OF_TEXT, PAD, UNKNOWN})
+    tokenizer.add_tokens([AddedToken(slot, special=False, normalized=False) for slot in slots])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=PAD, unk_token=UNKNOWN)
 
 

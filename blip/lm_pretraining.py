@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from engine.checkpoint import load_checkpoint
 from engine.trainer import BEST_CHECKPOINT, Trainer, TrainerConfig
 
-from .conditioning import measurement_context
+from .conditioning import VOLUME_SLOT, measurement_context, volume_slot_text
 from .language_model import build_tiny_gpt2, load_language_model
 from .model import DEFAULT_PROMPTS, prompt_text
 
@@ -32,7 +32,8 @@ __all__ = ["LanguageModelTask", "PromptedReports", "pretrain_report_lm"]
 
 
 class PromptedReports(Dataset):
-    """Rows ``{'report', 'volume_ml', 'side'}`` → ``input_ids`` / ``labels`` (prompt tokens -100)."""
+    """Rows ``{'report', 'volume_ml', 'side'}`` → ``input_ids`` / ``labels`` (prompt tokens -100). A
+    row given the measurement sentence has its volume as the slot, as conditioned report models see it."""
 
     def __init__(self, rows: list[Mapping[str, Any]], tokenizer, max_len: int, conditioned_share: float, seed: int):
         rng = np.random.default_rng(seed)
@@ -40,7 +41,8 @@ class PromptedReports(Dataset):
         for row in rows:
             context = measurement_context(float(row["volume_ml"]), row["side"]) if rng.random() < conditioned_share else None
             prompt = tokenizer(prompt_text(DEFAULT_PROMPTS["ct"], context), add_special_tokens=False).input_ids
-            report = tokenizer(row["report"].strip() + tokenizer.eos_token, add_special_tokens=False).input_ids
+            text = volume_slot_text(row["report"], float(row["volume_ml"])) if context else row["report"]
+            report = tokenizer(text.strip() + tokenizer.eos_token, add_special_tokens=False).input_ids
             ids = (prompt + report)[:max_len]
             labels = ([-100] * len(prompt) + report)[:max_len]
             self.items.append((torch.tensor(ids), torch.tensor(labels)))
@@ -107,7 +109,7 @@ def pretrain_report_lm(train_rows: list[Mapping[str, Any]], val_rows: list[Mappi
     (resumable checkpoints, summary) and write the best epoch's LM to ``folder`` (a Hugging Face
     folder for ``--lm``). Returns the engine's result."""
     prompts = [prompt_text(DEFAULT_PROMPTS["ct"], measurement_context(float(r["volume_ml"]), r["side"]))
-               for r in train_rows]
+               for r in train_rows] + [VOLUME_SLOT]
     folder = Path(folder)
     build_tiny_gpt2([r["report"] for r in train_rows] + prompts, folder, n_layer=n_layer, n_embd=n_embd,
                     n_head=n_head, n_positions=n_positions, seed=seed, tokenizer="word")

@@ -15,20 +15,26 @@ Reports are tokenised with the report model's LM tokenizer; three ids past its v
 the labeler reads the same (same findings, side and subtype) count as a match for ITC and are never drawn
 as each other's ITM negative: with templated reports, two normal studies are not a mismatch.
 
-The trained bridge (Q-Former, queries, ``ln_vision``, text path) is saved inside a report-model folder;
-``blip.train --init_from`` starts stage 2 from it.
+The trained bridge (Q-Former, queries, ``ln_vision``, text path) is saved with
+``QFormerBridge.save_pretrained`` and the heads beside it (``save_pretrained``); ``blip.train
+--init_from`` starts stage 2 (or more stage 1) from that folder.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from engine.checkpoint import load_state_dict_strict
 
 from .labeler import label_report
 from .model import Blip2ReportModel
@@ -37,6 +43,8 @@ from .task import TowerTokenCache
 __all__ = ["QFormerPretraining", "QFormerPretrainingTask", "SPECIAL_TEXT_TOKENS", "findings_key"]
 
 SPECIAL_TEXT_TOKENS = ("[CLS]", "[ENC]", "[DEC]")
+HEADS_NAME = "stage1_heads.safetensors"
+HEADS = ("vision_proj", "text_proj", "itm_head", "itg_head", "temp")
 
 
 @lru_cache(maxsize=65536)
@@ -68,6 +76,23 @@ class QFormerPretraining(nn.Module):
                                       nn.Linear(hidden, bridge.text_vocab_size))
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.token_cache = token_cache
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in HEADS}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """The bridge (``QFormerBridge.save_pretrained``) and the stage-1 heads beside it."""
+        self.report_model.bridge.save_pretrained(folder)
+        save_file({k: v.detach().contiguous() for k, v in self.heads_state_dict().items()}, str(Path(folder) / HEADS_NAME))
+
+    def load_heads(self, folder: str | os.PathLike) -> None:
+        """The heads of a ``save_pretrained`` folder, to continue stage 1 (the bridge is loaded by the caller)."""
+        path = Path(folder) / HEADS_NAME
+        heads = nn.Module()
+        for name in HEADS[:-1]:
+            heads.add_module(name, getattr(self, name))
+        heads.register_parameter("temp", self.temp)
+        load_state_dict_strict(heads, load_file(str(path)), str(path))
 
     def _text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, special: str) -> tuple[torch.Tensor, torch.Tensor]:
         first = torch.full_like(input_ids[:, :1], self.vocab + SPECIAL_TEXT_TOKENS.index(special))

@@ -24,12 +24,13 @@ labels lead each prompt (``blip.diagnosis``); it is what made held-out CT report
 when there is one (README, "Report generation").
 
 BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.stage1``;
-no language model runs); ``--stage 2 --init_from <stage-1 output_dir>/report_model`` starts the bridge
-from it and trains it behind the LM (the default, ``--stage 2`` without ``--init_from``, starts from a
-fresh bridge).
+no language model runs) and writes the bridge to ``output_dir/qformer`` (``QFormerBridge.save_pretrained``
+plus the stage-1 heads); ``--init_from <that folder>`` starts a run's bridge from it: stage 2 behind the
+LM, or more stage 1 on other data (heads included). ``--stage 2`` without ``--init_from`` starts from a
+fresh bridge.
 
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
-(``Blip2ReportModel.save_pretrained`` of the best model), val_samples.json (generated reports of the
+(``Blip2ReportModel.save_pretrained`` of the best model; stage 1: qformer/, the bridge and heads), val_samples.json (generated reports of the
 latest validation), attention/<id>_attention.png (Q-Former cross-attention over the image of the first
 validation study of each modality), config.json, training_summary_<timestamp>.json.
 """
@@ -49,6 +50,7 @@ from engine.config import add_optimisation_arguments, add_run_arguments, add_tra
 
 LM_FOLDER = "lm"
 REPORT_MODEL_FOLDER = "report_model"
+QFORMER_FOLDER = "qformer"
 MANIFEST_HINT = (" (`make demo` or scripts/make_synthetic_ich.py write synthetic head-CT report manifests, "
                  "reports_train.jsonl and reports_val.jsonl)")
 
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X-ray tower fixed or trained (default: --freeze_vision)")
     g.add_argument("--stage", type=int, choices=[1, 2], default=2,
                    help="1: Q-Former pre-training (ITC, ITM, ITG); 2: report generation behind the LM")
-    g.add_argument("--init_from", help="stage 2: a stage-1 report_model folder whose bridge starts this run")
+    g.add_argument("--init_from", help="a stage-1 run's qformer folder (bridge + stage-1 heads) that starts this run")
     g.add_argument("--num_query_tokens", type=int, default=32)
     g.add_argument("--qformer_checkpoint",
                    help="LAVIS BLIP-2 checkpoint that initialises the Q-Former bridge (blip.convert_lavis; "
@@ -135,7 +137,7 @@ def check_config(args: argparse.Namespace) -> list[str]:
             hint = {"train_manifest": MANIFEST_HINT, "val_manifest": MANIFEST_HINT}.get(key, "")
             raise ConfigError(f"--{key} {value}: file not found{hint}")
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
-        raise ConfigError(f"--init_from {args.init_from}: not a report_model folder (no config.json)")
+        raise ConfigError(f"--init_from {args.init_from}: not a qformer folder of a stage-1 run (no config.json)")
     if args.init_from and args.qformer_checkpoint:
         raise ConfigError("--init_from and --qformer_checkpoint both initialise the bridge: give one")
     if args.lm and not (Path(args.lm) / "config.json").is_file():
@@ -171,7 +173,7 @@ def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """(train rows, val rows) as ``{"image", "report", "modality", "id"}`` dicts, plus ``context`` (the
     measurement sentence) for CT rows with ``--condition_on_measurements`` and ``diagnosis`` (the
     labeler's reference labels) with ``--diagnosis_prompt``."""
-    from blip.conditioning import context_from_row
+    from blip.conditioning import context_from_row, volume_slot_text
     from blip.data.reports import read_report_manifest
     from blip.diagnosis import reference_diagnosis
 
@@ -186,6 +188,7 @@ def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         row = {"image": record.image, "report": record.report, "modality": record.modality, "id": record.id}
         if args.condition_on_measurements and record.modality == "ct":
             row["context"] = context_from_row(record.extra, f"{source}, line {record.source_row}")
+            row["report"] = volume_slot_text(record.report, float(record.extra["volume_ml"]))
         if args.diagnosis_prompt:
             row["diagnosis"] = reference_diagnosis(record.report, record.modality)
         return row
@@ -215,7 +218,11 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
         barrier(ctx)
     bridge = dict(args.bridge)
     if args.init_from:  # the bridge continues with the stage-1 shape, text path included
-        bridge = json.loads((Path(args.init_from) / "config.json").read_text())["bridge"]
+        saved = json.loads((Path(args.init_from) / "config.json").read_text())
+        if saved.get("num_query_tokens") != args.num_query_tokens:
+            raise ConfigError(f"--init_from {args.init_from} has {saved.get('num_query_tokens')} query tokens, "
+                              f"--num_query_tokens is {args.num_query_tokens}")
+        bridge = {k: v for k, v in saved.items() if k not in ("vision_width", "lm_hidden_size", "num_query_tokens")}
     elif args.stage == 1:
         from transformers import AutoTokenizer
 
@@ -240,15 +247,10 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
 
         model.notes += load_lavis_into_bridge(model.bridge, args.qformer_checkpoint)
     if args.init_from and not args.resume:
-        from safetensors.torch import load_file
+        from blip.qformer import QFormerBridge
 
-        from blip.model import WEIGHTS_NAME
-        from engine.checkpoint import load_state_dict_strict
-
-        weights = Path(args.init_from) / WEIGHTS_NAME
-        state = {k.removeprefix("bridge."): v for k, v in load_file(str(weights)).items() if k.startswith("bridge.")}
-        load_state_dict_strict(model.bridge, state, str(weights))
-        model.notes.append(f"bridge initialised from {weights} (stage 1)")
+        model.bridge.load_state_dict(QFormerBridge.from_pretrained(args.init_from).state_dict())
+        model.notes.append(f"bridge initialised from {args.init_from} (stage 1)")
     if args.use_gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
@@ -313,6 +315,8 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         from blip.task import TowerTokenCache
 
         model = QFormerPretraining(report_model, token_cache=TowerTokenCache() if args.cache_tokens else None)
+        if args.init_from and not args.resume:
+            model.load_heads(args.init_from)
         task = QFormerPretrainingTask()
         # The LM and the projection into it take no part in stage 1.
         unused = {id(p) for p in report_model.language_model.parameters()}
@@ -348,8 +352,12 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         if ctx.is_main and (output_dir / BEST_CHECKPOINT).exists():
             best = output_dir / BEST_CHECKPOINT
             model.load_state_dict(extract_state_dict(load_checkpoint(best, map_location=device), best))
-            report_model.save_pretrained(output_dir / REPORT_MODEL_FOLDER)
-            outputs["report_model"] = str(output_dir / REPORT_MODEL_FOLDER)
+            if args.stage == 1:
+                model.save_pretrained(output_dir / QFORMER_FOLDER)
+                outputs["qformer"] = str(output_dir / QFORMER_FOLDER)
+            else:
+                report_model.save_pretrained(output_dir / REPORT_MODEL_FOLDER)
+                outputs["report_model"] = str(output_dir / REPORT_MODEL_FOLDER)
         if ctx.is_main and (output_dir / BEST_CHECKPOINT).exists() and args.stage == 2:
             model.eval()
             result["samples"] = []

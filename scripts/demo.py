@@ -1,112 +1,253 @@
 #!/usr/bin/env python
-"""The main job on the embedded default (`make demo`): synthetic head CTs → fine-tuned SAM-Med3D →
-exported encoder → BLIP-2 report model → mask, measurements and a grounded report for held-out
-scans. Runs on 2 CPU cores in under 10 minutes.
+"""The main job on the embedded default (`make demo`), the way real work runs: synthetic head CTs →
+fine-tune the pretrained SAM-Med3D stand-in → export its encoder → BLIP-2 stage 1 (Q-Former) and
+stage 2 (behind the pretrained LM stand-in) → mask, measurements and report for held-out scans →
+``<output_dir>/summary.json``. Runs on 2 CPU cores in under 10 minutes.
 
-    python scripts/demo.py --output_dir outputs/demo
+    python scripts/demo.py --output_dir outputs/demo [--seed 1] [--image_only]
+
+The stand-ins for released weights (``sam3d/pretrained/``: SAM-Med3D, the report LM, the stage-1
+Q-Former) were made by ``scripts/make_pretrained.py`` on phantoms of seed 1000, which no demo seed renders. ``--image_only`` also trains a report model that reads no
+measurements and records its reports' figures beside the conditioned one's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
+import numpy as np
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from engine.checkpoint import atomic_write  # noqa: E402
 from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, parse_with_config# noqa: E402
+from engine.config import CommandLineParser, parse_with_config  # noqa: E402
+from sam3d.data.io import load_volume  # noqa: E402
 from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
+
+PRETRAINED = REPO / "sam3d" / "pretrained"
+SUBTYPE_WORDS = {"intraparenchymal": "IPH", "subdural": "SDH", "intraventricular": "IVH", "none": "none"}
+GOALS = {"automatic_dice": (">=", 0.75), "median_volume_error": ("<=", 0.20), "max_normal_ml": ("<=", 1.0),
+         "side_correct": (">=", 1.0), "report_presence": (">=", 0.95), "report_side": (">=", 0.90),
+         "report_subtype": (">=", 0.80), "minutes_total": ("<=", 10.0)}
+
+
+def report_labels(text: str) -> dict:
+    """The labeler's reading of a report in the summary's terms: presence, side, subtype."""
+    from blip.labeler import CT_SUBTYPES, POSITIVE, label_ct_report
+
+    labels = label_ct_report(text)
+    present = labels["hemorrhage"] == POSITIVE
+    subtypes = [s for s in CT_SUBTYPES if labels[s] == POSITIVE]
+    subtype = "none" if not present else "+".join(subtypes) if subtypes else "unspecified"
+    return {"presence": present, "side": labels["side"] if present else "none", "subtype": subtype}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z]+", text))
+
+
+def train_report_model(args, data: dict, encoder: str, out: Path, stage: int, conditioned: bool,
+                       init_from: str | None = None) -> dict:
+    from blip import train as blip_train
+
+    flags = ["--config", args.report_config, "--train_manifest", str(data["reports_train"]), "--val_manifest",
+             str(data["reports_val"]), "--encoder", encoder, "--output_dir", str(out), "--seed", str(args.seed),
+             "--lm", str(PRETRAINED / "report_lm"), "--stage", str(stage),
+             "--condition_on_measurements" if conditioned else "--no-condition_on_measurements",
+             "--num_val_samples", "0"]  # no generation in every validation; the held-out step shows reports
+    flags += ["--epochs", str(args.stage1_epochs), "--lr", str(args.stage1_lr)] if stage == 1 else []
+    flags += ["--init_from", init_from] if init_from else []
+    report_args = parse_with_config(blip_train.build_parser(), flags)
+    result = blip_train.run_training(report_args)
+    result["generation"] = {"num_beams": report_args.num_beams, "max_new_tokens": report_args.max_new_tokens}
+    return result
+
+
+def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabulary: set[str]) -> list[dict]:
+    """One summary record per held-out scan: truth, automatic segmentation (Dice on the scan's own grid),
+    the generated report and the labeler's reading of it."""
+    from blip.grounded import MIN_HEMORRHAGE_ML, contradictions
+    from sam3d.predict import Measurements
+
+    records = []
+    for case in tqdm(cases, desc="reporting", unit="scan"):
+        result = reporter.run(load_volume(root / case["path"]), "ct", output_dir=out)
+        m = result["segmentation"]["measurements"]
+        predicted = load_volume(result["segmentation"]["files"]["mask"]).array > 0
+        truth = load_volume(root / case["mask_path"]).array > 0
+        total = predicted.sum() + truth.sum()
+        positive = case["ich_type"] != "none"
+        records.append({
+            "case": case["case_id"], "true_ml": case["volume_ml"], "measured_ml": m["total_volume_ml"],
+            "true_side": case["side"] if positive else "none",
+            "measured_side": m["side"] if m["total_volume_ml"] >= MIN_HEMORRHAGE_ML else "none",
+            "true_subtype": SUBTYPE_WORDS[case["ich_type"]],
+            "dice": round(float(2 * (predicted & truth).sum() / total), 4) if positive else None,
+            "report": result["generated"], "report_labels": report_labels(result["generated"]),
+            "grounded_report": result["report"],
+            "contradictions": contradictions(result["generated"], Measurements(**m)),
+            "words_outside_vocabulary": sorted(_words(result["generated"]) - vocabulary),
+        })
+    return records
+
+
+def figures(records: list[dict]) -> dict:
+    """The goal figures of the held-out records (see GOALS)."""
+    positives = [r for r in records if r["true_subtype"] != "none"]
+    one_sided = [r for r in positives if r["true_side"] in ("left", "right")]
+    normals = [r for r in records if r["true_subtype"] == "none"]
+    agree = {key: float(np.mean([r["report_labels"][key] == truth(r, key) for r in records]))
+             for key in ("presence", "side", "subtype")}
+    return {
+        "automatic_dice": round(float(np.mean([r["dice"] for r in positives])), 4) if positives else None,
+        "median_volume_error": round(median(abs(r["measured_ml"] - r["true_ml"]) / r["true_ml"] for r in positives), 4)
+        if positives else None,
+        "max_normal_ml": max((r["measured_ml"] for r in normals), default=None),
+        "side_correct": round(float(np.mean([r["measured_side"] == r["true_side"] for r in one_sided])), 4)
+        if one_sided else None,
+        **{f"report_{key}": round(value, 4) for key, value in agree.items()},
+        "reports_with_unknown_words": sum(bool(r["words_outside_vocabulary"]) for r in records),
+        "reports_contradicting_measurements": sum(bool(r["contradictions"]) for r in records),
+    }
+
+
+def truth(record: dict, key: str):
+    return {"presence": record["true_subtype"] != "none", "side": record["true_side"],
+            "subtype": record["true_subtype"]}[key]
+
+
+def goals(measured: dict) -> dict:
+    def met(name: str) -> bool | None:
+        value = measured.get(name)
+        if value is None:
+            return None
+        op, target = GOALS[name]
+        return value >= target if op == ">=" else value <= target
+
+    return {name: {"goal": f"{op} {target:g}", "measured": measured.get(name), "met": met(name)}
+            for name, (op, target) in GOALS.items()}
 
 
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
     p.add_argument("--output_dir", default="outputs/demo")
-    p.add_argument("--num_cases", type=int, default=24)
+    p.add_argument("--num_train", type=int, default=24, help="training phantoms")
+    p.add_argument("--num_held_out", type=int, default=12, help="held-out phantoms (validation and the reports)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
     p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
-    p.add_argument("--report_epochs", type=int, default=36,
-                   help="fewer than the config's 40 so the whole demo stays under 10 minutes on 2 cores")
+    p.add_argument("--stage1_epochs", type=int, default=10)
+    p.add_argument("--stage1_lr", type=float, default=3e-4)
+    p.add_argument("--image_only", action="store_true",
+                   help="also train and score a report model without measurement conditioning")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = Path(args.output_dir)
-    started = time.time()
+    minutes: dict[str, float] = {}
+    clock = [time.time()]
 
-    print(f"[1/5] synthetic head CTs with hemorrhages and their reports -> {out / 'data'}", flush=True)
-    data = make_synthetic_ich(out / "data", num_cases=args.num_cases, seed=args.seed, val_fraction=0.25)
+    def lap(name: str) -> None:
+        now = time.time()
+        minutes[name] = round((now - clock[0]) / 60, 2)
+        clock[0] = now
 
-    print("[2/5] fine-tuning SAM-Med3D (small) to segment the hemorrhages", flush=True)
+    total = args.num_train + args.num_held_out
+    print(f"[1/6] {total} synthetic head CTs with hemorrhages and their reports -> {out / 'data'}", flush=True)
+    data = make_synthetic_ich(out / "data", num_cases=total, seed=args.seed, val_fraction=args.num_held_out / total)
+    lap("data")
+
+    print("[2/6] fine-tuning the pretrained SAM-Med3D (small) to segment the hemorrhages", flush=True)
     seg_args = parse_with_config(train.build_parser(), [
         "--config", args.segmentation_config, "--train_csv", str(data["train_csv"]), "--val_csv", str(data["val_csv"]),
         "--mask_dir", str(data["mask_dir"]), "--output_dir", str(out / "sam3d"), "--cache_dir", str(out / "cache"),
-        "--seed", str(args.seed),
+        "--checkpoint", str(PRETRAINED / "sam_med3d_small_ich.pth"), "--seed", str(args.seed),
     ])
     for message in train.check_config(seg_args):
         print(f"WARNING: {message}", file=sys.stderr)
     seg = train.run_training(seg_args)
+    encoder = seg["outputs"]["sam_encoder"]
+    lap("segmentation")
 
-    print("[3/5] evaluating it on the validation scans (simulated clicks)", flush=True)
-    from scripts.evaluate_seg import main as evaluate
+    print("[3/6] BLIP-2 stage 1 from the pretrained Q-Former: ITC, ITM, ITG on the fine-tuned encoder", flush=True)
+    stage1 = train_report_model(args, data, encoder, out / "blip_stage1", 1, False, str(PRETRAINED / "qformer"))
+    lap("report_stage1")
 
-    evaluate(["--checkpoint", seg["outputs"]["best_model"], "--csv", str(data["val_csv"]), "--mask_dir",
-              str(data["mask_dir"]), "--output_dir", str(out / "sam3d" / "eval"), "--num_clicks",
-              str(seg_args.val_num_clicks)])
-    evaluation = json.loads((out / "sam3d" / "eval" / "summary.json").read_text())
+    print("[4/6] BLIP-2 stage 2: reports behind the pretrained LM, the bridge from stage 1", flush=True)
+    reports = train_report_model(args, data, encoder, out / "blip", 2, True, stage1["outputs"]["qformer"])
+    lap("report_stage2")
+    models = {"conditioned": reports}
+    if args.image_only:
+        print("[4b] the same without measurement conditioning (image only)", flush=True)
+        models["image_only"] = train_report_model(args, data, encoder, out / "blip_image_only", 2, False,
+                                                  stage1["outputs"]["qformer"])
+        lap("report_stage2_image_only")
 
-    print("[4/5] training the BLIP-2 report model on the exported encoder", flush=True)
-    from blip import train as blip_train
+    print("[5/6] held-out scans: automatic segmentation, measurements, report", flush=True)
+    from blip.grounded import ScanReporter
 
-    report_args = parse_with_config(blip_train.build_parser(), [
-        "--config", args.report_config, "--train_manifest", str(data["reports_train"]), "--val_manifest",
-        str(data["reports_val"]), "--encoder", seg["outputs"]["sam_encoder"], "--output_dir", str(out / "blip"),
-        "--seed", str(args.seed), "--epochs", str(args.report_epochs),
-        "--num_val_samples", "0",  # no generation in every validation; the held-out step below shows reports
-    ])
-    reports = blip_train.run_training(report_args)
+    root = Path(data["cases_json"]).parent
+    cases = [c for c in json.loads(Path(data["cases_json"]).read_text()) if c["split"] == "val"]
+    vocabulary = set().union(*(_words(json.loads(line)["report"]) for line in Path(data["reports_train"]).open()))
+    records = {}
+    for name, result in models.items():
+        reporter = ScanReporter(seg["outputs"]["best_model"], result["outputs"]["report_model"],
+                                generation=result["generation"])
+        folder = out / ("predictions" if name == "conditioned" else f"predictions_{name}")
+        records[name] = held_out_cases(reporter, cases, root, folder, vocabulary)
+    lap("held_out")
+    minutes["total"] = round(sum(minutes.values()), 2)
 
-    print("[5/5] held-out scans: automatic segmentation, measurements, grounded report", flush=True)
-    from blip.grounded import MIN_HEMORRHAGE_ML, ScanReporter
-    from blip.labeler import label_ct_report
+    print("[6/6] summary", flush=True)
+    measured = figures(records["conditioned"])
+    summary = {
+        "seed": args.seed, "val_dice": round(float(seg["best_metric"]), 4), "automatic_dice": measured["automatic_dice"],
+        "minutes": minutes, "figures": measured, "goals": goals({**measured, "minutes_total": minutes["total"]}),
+        "stage1": {k: v for k, v in stage1["history"][stage1["best_epoch"] - 1].items() if k.startswith("val_")},
+        "report_val": {k: v for k, v in reports["history"][reports["best_epoch"] - 1].items() if k.startswith("val_")},
+        "cases": records["conditioned"],
+    }
+    if "image_only" in records:
+        summary["image_only"] = {"figures": figures(records["image_only"]), "cases": records["image_only"]}
+    text = json.dumps(summary, indent=2, default=str)
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text + "\n"))
 
-    reporter = ScanReporter(seg["outputs"]["best_model"], reports["outputs"]["report_model"],
-                            generation={"num_beams": report_args.num_beams, "max_new_tokens": report_args.max_new_tokens})
-    cases = {c["patient_id"]: c for c in json.loads(Path(data["cases_json"]).read_text()) if c["split"] == "val"}
-    results = []
-    for case in tqdm(cases.values(), desc="reporting", unit="scan"):
-        scan = Path(data["cases_json"]).parent / case["path"]
-        result = reporter.run(scan, "ct", output_dir=out / "predictions")
-        result["true_volume_ml"] = case["volume_ml"]
-        result["report_says_hemorrhage"] = label_ct_report(result["generated"])["hemorrhage"] == 1
-        results.append(result)
-    (out / "predictions" / "held_out_reports.json").write_text(json.dumps(results, indent=2, default=str))
-
-    minutes = (time.time() - started) / 60
-    print(f"\n=== demo finished in {minutes:.1f} min ===")
+    print(f"\n=== demo finished in {minutes['total']:.1f} min (seed {args.seed}) ===")
     print(f"segmentation: best validation Dice {seg['best_metric']:.3f} (epoch {seg['best_epoch']}, "
-          f"{seg_args.val_num_clicks} simulated clicks); evaluation Dice {evaluation['dice']['mean']:.3f}, "
-          f"automatic (no clicks) Dice {evaluation['dice_automatic']['mean']:.3f}")
-    print(f"report model: best validation loss {reports['best_metric']:.3f} (epoch {reports['best_epoch']})")
-    print("held-out scans, automatic mode (true vs measured hemorrhage volume, generated report's finding):")
-    for r in results:
-        m = r["segmentation"]["measurements"]
-        side = f" ({m['side']})" if m["total_volume_ml"] >= MIN_HEMORRHAGE_ML else ""
-        flags = f"  [{len(r['flags'])} contradiction(s) flagged]" if r["flags"] else ""
-        print(f"  {Path(r['source']).name}: true {r['true_volume_ml']:6.1f} mL, measured {m['total_volume_ml']:6.1f} mL"
-              f"{side}; report says hemorrhage: {'yes' if r['report_says_hemorrhage'] else 'no'}{flags}")
-    example = next((r for r in results if r["true_volume_ml"] > 0), results[0])
-    print(f"\nreport for {Path(example['source']).name} (true {example['true_volume_ml']} mL):\n{example['report']}")
-    print(f"\noutputs: {out.resolve()}")
-    for stage, outputs in (("segmentation", seg["outputs"]), ("report", reports["outputs"])):
-        for name, path in outputs.items():
-            print(f"  {stage} {name}: {path}")
-    print(f"  predictions (masks, measurements, overlays, reports): {out / 'predictions'}")
+          f"{seg_args.val_num_clicks} simulated clicks); held-out automatic (no clicks) Dice {measured['automatic_dice']:.3f}")
+    s1 = summary["stage1"]
+    print(f"report model: stage 1 image->report R@1 {s1['val_i2t_r1']:.2f}, R@5 {s1['val_i2t_r5']:.2f}; stage 2 best "
+          f"validation loss {reports['best_metric']:.3f} (epoch {reports['best_epoch']}), image gain "
+          f"{summary['report_val'].get('val_image_gain', float('nan')):.3f}")
+    print("held-out scans (true vs measured volume and side; what the generated report says):")
+    for r in records["conditioned"]:
+        labels = r["report_labels"]
+        said = f"{labels['side']} {labels['subtype']}" if labels["presence"] else "no hemorrhage"
+        dice = f", Dice {r['dice']:.2f}" if r["dice"] is not None else ""
+        print(f"  {r['case']}: true {r['true_ml']:6.1f} mL {r['true_side']:>9} {r['true_subtype']:>4}, measured "
+              f"{r['measured_ml']:6.1f} mL {r['measured_side']:>9}{dice}; report: {said}")
+    print("goals:")
+    for name, goal in summary["goals"].items():
+        value = goal["measured"]
+        shown = "n/a" if value is None else f"{value:g}"
+        print(f"  {name:>20} {goal['goal']:>7}: {shown:>7}  {'met' if goal['met'] else 'NOT met'}")
+    if "image_only" in summary:
+        f = summary["image_only"]["figures"]
+        print(f"image-only report model: presence {f['report_presence']:.2f}, side {f['report_side']:.2f}, "
+              f"subtype {f['report_subtype']:.2f}")
+    example = next((r for r in records["conditioned"] if r["true_subtype"] != "none"), records["conditioned"][0])
+    print(f"\ngenerated report for {example['case']} (true {example['true_ml']} mL {example['true_side']} "
+          f"{example['true_subtype']}):\n{example['report']}")
+    print(f"\nsummary: {out / 'summary.json'}")
     return 0
 
 

@@ -7,17 +7,22 @@
 - ``lm``: the stand-in for a pretrained causal LM: a small GPT-2 with a word-level tokenizer, trained
   text-only on a large corpus of synthetic reports (they cost nothing to write), saved as a Hugging
   Face folder.
+- ``qformer``: the stand-in for a released stage-1 Q-Former (BLIP-2's is pre-trained on image-text
+  pairs): BLIP-2 stage 1 (``blip.train --stage 1``) on the pre-training phantoms and their reports,
+  reading the ``sam3d`` stand-in's encoder, with the ``lm`` stand-in's tokenizer (run it after both).
 
-Both land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.
+All land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.
 
-    python scripts/make_pretrained.py --part sam3d   # ~30 min on 2 CPU cores
+    python scripts/make_pretrained.py --part sam3d
     python scripts/make_pretrained.py --part lm
+    python scripts/make_pretrained.py --part qformer
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +41,7 @@ from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
 PRETRAINED = REPO / "sam3d" / "pretrained"
 SAM3D_WEIGHTS = "sam_med3d_small_ich.pth"
 REPORT_LM = "report_lm"
+QFORMER = "qformer"
 PRETRAIN_SEED = 1000  # the demo's seeds are small integers: its scans are never these
 
 
@@ -83,31 +89,62 @@ def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | 
     cases = json.loads(Path(data["cases_json"]).read_text())
     train_rows = report_corpus([c for c in cases if c["split"] == "train"], variants, seed)
     val_rows = report_corpus([c for c in cases if c["split"] == "val"], 4, seed + 1)
-    result = pretrain_report_lm(train_rows, val_rows, out / REPORT_LM, work / "lm", epochs=epochs or 3, seed=seed)
+    epochs = epochs or 4
+    result = pretrain_report_lm(train_rows, val_rows, out / REPORT_LM, work / "lm", epochs=epochs, seed=seed)
     recipe = {"command": "python scripts/make_pretrained.py --part lm", "num_cases": num_cases, "seed": seed,
-              "reports": len(train_rows), "best_epoch": result["best_epoch"],
+              "variants": variants, "epochs": epochs, "reports": len(train_rows), "best_epoch": result["best_epoch"],
               "best_val_loss": round(float(result["best_metric"]), 4)}
     (out / REPORT_LM / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     print(json.dumps(recipe))
     return out / REPORT_LM
 
 
+def make_qformer(work: Path, num_cases: int, seed: int, epochs: int | None, out: Path) -> Path:
+    from blip import train as blip_train
+    from sam3d.export import export_encoder
+    from sam3d.modeling import load_trained_sam3d
+
+    data = pretraining_data(work, num_cases, seed)
+    model, meta = load_trained_sam3d(out / SAM3D_WEIGHTS)
+    encoder = work / "sam_encoder.pth"
+    export_encoder(model.float(), encoder, model.config, preprocessing=meta["preprocessing"])
+    folder = Path(data["cases_json"]).parent
+    epochs = epochs or 40
+    args = parse_with_config(blip_train.build_parser(), [
+        "--config", str(REPO / "configs" / "blip_tiny_ct.yaml"), "--stage", "1", "--epochs", str(epochs),
+        "--lr", "1e-3", "--train_manifest", str(folder / "reports_train.jsonl"), "--val_manifest",
+        str(folder / "reports_val.jsonl"), "--encoder", str(encoder), "--lm", str(out / REPORT_LM),
+        "--output_dir", str(work / "qformer"), "--seed", str(seed)])
+    result = blip_train.run_training(args)
+    shutil.rmtree(out / QFORMER, ignore_errors=True)
+    shutil.copytree(result["outputs"]["qformer"], out / QFORMER)
+    best = result["history"][result["best_epoch"] - 1]
+    recipe = {"command": "python scripts/make_pretrained.py --part qformer", "num_cases": num_cases, "seed": seed,
+              "epochs": epochs, "best_epoch": result["best_epoch"],
+              **{k: round(float(v), 4) for k, v in best.items() if k.startswith("val_")}}
+    (out / QFORMER / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    print(json.dumps(recipe))
+    return out / QFORMER
+
+
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
-    p.add_argument("--part", choices=["sam3d", "lm"], required=True)
+    p.add_argument("--part", choices=["sam3d", "lm", "qformer"], required=True)
     p.add_argument("--work_dir", default="outputs/pretrain", help="phantoms, training runs")
     p.add_argument("--output_dir", default=str(PRETRAINED), help="where the weights go (the package's by default)")
     p.add_argument("--num_cases", type=int, default=240)
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED)
-    p.add_argument("--epochs", type=int, help="override the config's epochs (sam3d) or the default 3 (lm)")
-    p.add_argument("--variants", type=int, default=100, help="lm: reports per pre-training case")
+    p.add_argument("--epochs", type=int, help="override the config's epochs (sam3d) or the defaults: 4 (lm), 40 (qformer)")
+    p.add_argument("--variants", type=int, default=25, help="lm: reports per pre-training case")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = Path(args.work_dir)
     if args.part == "sam3d":
         print(make_sam3d(work, args.num_cases, args.seed, args.epochs, Path(args.output_dir)))
-    else:
+    elif args.part == "lm":
         print(make_lm(work, args.num_cases, args.seed, args.variants, args.epochs, Path(args.output_dir)))
+    else:
+        print(make_qformer(work, args.num_cases, args.seed, args.epochs, Path(args.output_dir)))
     return 0
 
 

@@ -15,10 +15,11 @@ written as DICOM SEG on the original slices (<stem>_seg.dcm). See --series_uid a
 
 Post-processing, on by default and recorded under "postprocessing" in each measurements JSON:
 predictions outside the intracranial space (found in the scan: bone above --bone_hu, the cavity it
-encloses on each axial slice, eroded by --intracranial_margin_mm) are cleared, and connected
+encloses on each axial slice, eroded by --intracranial_margin_mm) are cleared, components that are
+not hyperdense (acute blood) are dropped and trimmed to their hyperdense voxels, and connected
 components smaller than --min_component_ml are dropped. A component holding a positive click is
-always kept whole. Use --no-intracranial_mask for skull-stripped scans or after a craniectomy, and
---min_component_ml 0 to keep every component.
+always kept whole. Use --no-intracranial_mask for skull-stripped scans or after a craniectomy,
+--no-hyperdense_only for subacute or chronic blood, and --min_component_ml 0 to keep every component.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from sam3d.data.io import scan_inputs  # noqa: E402
 from sam3d.predict import (  # noqa: E402
     BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
+    MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
+    MIN_VOXEL_HU,
+    THRESHOLD,
+    AUTOMATIC_THRESHOLD,
     HemorrhageSegmenter,
 )
 
@@ -53,7 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--click", nargs="+", action="append", metavar="X Y Z [pos|neg]")
     p.add_argument("--click_space", choices=["voxel", "mm"], default="voxel")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (automatic mode)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"probability from which a voxel is blood (default {AUTOMATIC_THRESHOLD:g} in automatic mode with "
+                        f"--hyperdense_only, else {THRESHOLD:g})")
     p.add_argument("--intracranial_mask", action=argparse.BooleanOptionalAction, default=True,
                    help="clear predictions outside the skull's cavity (default on)")
     p.add_argument("--bone_hu", type=float, default=BONE_THRESHOLD_HU, help="HU from which a voxel is bone")
@@ -61,12 +68,15 @@ def main(argv=None) -> int:
                    help="erode the intracranial mask by this many mm off the inner table")
     p.add_argument("--min_component_ml", type=float, default=MIN_COMPONENT_ML,
                    help="drop connected components smaller than this (mL); 0 keeps all")
+    p.add_argument("--hyperdense_only", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"keep acute (hyperdense) blood only: components with median HU >= {MIN_COMPONENT_HU:g}, voxels "
+                        f">= {MIN_VOXEL_HU:g} HU; --no-hyperdense_only for subacute or chronic hemorrhage")
     add_scan_arguments(p)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.min_component_ml < 0 or args.intracranial_margin_mm < 0:
         p.error("--min_component_ml and --intracranial_margin_mm must be >= 0")
-    if not 0.0 < args.threshold < 1.0:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         p.error(f"--threshold {args.threshold:g}: a probability strictly between 0 and 1 is expected")
     if not 0.0 <= args.overlap < 1.0:
         p.error(f"--overlap {args.overlap:g}: expected 0 <= overlap < 1")
@@ -81,6 +91,8 @@ def main(argv=None) -> int:
         args.checkpoint, device, args.model_type, args.overlap,
         restrict_intracranial=args.intracranial_mask, min_component_ml=args.min_component_ml,
         bone_hu=args.bone_hu, margin_mm=args.intracranial_margin_mm,
+        min_component_hu=MIN_COMPONENT_HU if args.hyperdense_only else None,
+        min_voxel_hu=MIN_VOXEL_HU if args.hyperdense_only else None,
     )
     out = Path(args.output_dir)
 

@@ -111,14 +111,20 @@ def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     history = load_checkpoint(one / "latest_model.pth")["history"]
     assert {"val_itc", "val_itm", "val_itg", "val_i2t_r1"} <= set(history[-1])
     assert history[1]["train_loss"] < history[0]["train_loss"]
-    folder = one / "report_model"
-    assert json.loads((folder / "config.json").read_text())["bridge"]["text_vocab_size"] > 0
-    two = ["--init_from", str(folder), "--output_dir", str(tmp_path / "stage2")]
+    folder = one / "qformer"
+    assert json.loads((folder / "config.json").read_text())["text_vocab_size"] > 0
+    assert (folder / "stage1_heads.safetensors").is_file() and not (one / "report_model").exists()
+    two = ["--init_from", str(folder), "--output_dir", str(tmp_path / "stage2"), "--lm", str(one / "lm")]
     # Stage 2's model starts with stage 1's bridge, tensor for tensor, and then trains behind the LM.
     model = build_model(parse_with_config(build_parser(), common + two), "ct", list(REPORTS.values()), DistributedContext())
-    saved = {k.removeprefix("bridge."): v for k, v in load_file(str(folder / "model.safetensors")).items()
-             if k.startswith("bridge.")}
+    saved = load_file(str(folder / "model.safetensors"))
     assert saved.keys() == model.bridge.state_dict().keys()
     assert all(torch.equal(v, model.bridge.state_dict()[k]) for k, v in saved.items())
     assert main(common + two + ["--epochs", "1"]) == 0
     assert "bridge initialised from" in capsys.readouterr().out
+    # More stage 1 from the folder continues with its heads too.
+    model = QFormerPretraining(build_model(parse_with_config(build_parser(), common + two + ["--stage", "1"]), "ct",
+                                           list(REPORTS.values()), DistributedContext()))
+    model.load_heads(folder)
+    heads = load_file(str(folder / "stage1_heads.safetensors"))
+    assert all(torch.equal(v, model.heads_state_dict()[k]) for k, v in heads.items())

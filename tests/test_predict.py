@@ -17,6 +17,8 @@ from sam3d.metrics import volume_ml
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import (
     Click,
+    MIN_COMPONENT_HU,
+    MIN_VOXEL_HU,
     HemorrhageSegmenter,
     intracranial_mask,
     measure,
@@ -113,15 +115,15 @@ def test_postprocessing_clears_outside_the_skull_unless_clicked_and_skips_skull_
     in_scalp = np.zeros(c.mask.shape, bool)
     in_scalp[0:6, 35:45, 8:12] = True  # the head's left edge: scalp, skull and air
     mask = (c.mask > 0) | in_scalp
-    cleared, record = postprocess_mask(mask, volume, min_component_ml=0)
+    cleared, record = postprocess_mask(mask, volume, min_component_ml=0, min_component_hu=None)
     assert not (cleared.astype(bool) & in_scalp).any() and cleared[c.mask > 0].all()
     step = record["intracranial_mask"]
     assert step["applied"] and step["removed_ml"] == pytest.approx(volume_ml(in_scalp, c.spacing_mm), abs=0.01)
-    clicked, record = postprocess_mask(mask, volume, keep_points=[(2, 40, 10)], min_component_ml=0)
+    clicked, record = postprocess_mask(mask, volume, keep_points=[(2, 40, 10)], min_component_ml=0, min_component_hu=None)
     assert clicked[in_scalp].all() and record["clicked_components_kept"] == 1
 
     stripped = Volume(np.where(volume.array >= 300, 0.0, volume.array), volume.affine, volume.spacing_mm, "", True)
-    untouched, record = postprocess_mask(mask, stripped, min_component_ml=0)
+    untouched, record = postprocess_mask(mask, stripped, min_component_ml=0, min_component_hu=None)
     assert not record["intracranial_mask"]["applied"] and np.array_equal(untouched.astype(bool), mask)
 
 
@@ -131,15 +133,38 @@ def test_component_filter_drops_small_blobs_by_volume_in_ml():
     mask = np.zeros(volume.array.shape, bool)
     mask[2:4, 2:4, 2:4] = True  # 8 voxels = 0.072 mL
     mask[20:30, 20:30, 4:7] = True  # 300 voxels = 2.7 mL
-    kept, record = postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.1)
+    kept, record = postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.1, min_component_hu=None)
     assert not kept[2:4, 2:4, 2:4].any() and kept[20:30, 20:30, 4:7].all()
     assert record["min_component"] == {"min_component_ml": 0.1, "components_removed": 1, "removed_ml": 0.07}
     assert record["volume_after_ml"] == 2.7 and "intracranial_mask" not in record
-    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.05)[0][2, 2, 2]
-    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0)[0].sum() == 308
+    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.05, min_component_hu=None)[0][2, 2, 2]
+    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0, min_component_hu=None)[0].sum() == 308
     clicked, _ = postprocess_mask(mask, volume, keep_points=[(2.2, 3.4, 2.9)], restrict_intracranial=False,
                                   min_component_ml=0.1)
     assert clicked[2:4, 2:4, 2:4].all()
+
+
+def test_hyperdense_gate_drops_brain_and_csf_components_and_trims_a_coarse_mask_to_the_blood(small_head):
+    """What whole-head windows add: a coarse (dilated) mask around the subdural, and a rim component
+    over CSF and cortex on the other side. The gate keeps the blood and clears the rest, unless clicked."""
+    c, volume = small_head
+    blood = c.mask > 0
+    coarse = ndimage.binary_dilation(blood, np.ones((3, 3, 1), bool), iterations=2) & intracranial_mask(volume)
+    rim = np.zeros_like(blood)
+    x0 = blood.shape[0] - 1 - int(np.argwhere(blood)[:, 0].mean())  # the mirror side of the bleed
+    rim[x0 - 2:x0 + 2, 30:50, 8:12] = True
+    rim &= intracranial_mask(volume) & ~coarse
+    assert rim.sum() > 100 and np.median(volume.array[rim]) < MIN_COMPONENT_HU
+    gated, record = postprocess_mask(coarse | rim, volume, min_component_ml=0)
+    gated = gated.astype(bool)
+    assert not (gated & rim).any() and record["hyperdense"]["components_removed"] == 1
+    dice = 2 * (gated & blood).sum() / (gated.sum() + blood.sum())
+    assert coarse.sum() > 1.4 * blood.sum() and dice > 0.9 and abs(gated.sum() / blood.sum() - 1) < 0.1
+    point = np.argwhere(rim)[0]
+    clicked, _ = postprocess_mask(coarse | rim, volume, keep_points=[point], min_component_ml=0)
+    assert clicked[rim].all()
+    off, record = postprocess_mask(coarse | rim, volume, min_component_ml=0, min_component_hu=None)
+    assert off[rim].all() and "hyperdense" not in record
 
 
 def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatch):
@@ -163,7 +188,11 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
     with pytest.raises(Built):
         predict_cli.main(base + ["--no-intracranial_mask", "--min_component_ml", "0", "--bone_hu", "250",
                                  "--intracranial_margin_mm", "0.5"])
-    assert seen == {"restrict_intracranial": False, "min_component_ml": 0.0, "bone_hu": 250.0, "margin_mm": 0.5}
+    assert seen == {"restrict_intracranial": False, "min_component_ml": 0.0, "bone_hu": 250.0, "margin_mm": 0.5,
+                    "min_component_hu": MIN_COMPONENT_HU, "min_voxel_hu": MIN_VOXEL_HU}
+    with pytest.raises(Built):
+        predict_cli.main(base + ["--no-hyperdense_only"])
+    assert seen["min_component_hu"] is None and seen["min_voxel_hu"] is None
     with pytest.raises(ConfigError, match="--min_component_ml and --intracranial_margin_mm must be >= 0"):
         predict_cli.main(base + ["--min_component_ml", "-1"])
 
