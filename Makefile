@@ -1,10 +1,11 @@
-# Two entry points: `make demo` (the main job on the embedded synthetic default) and `make test`.
+# Two entry points: `make demo` (the main job on the embedded synthetic default) and `make test`;
+# `make test-fast` (no slow, browser or learning tests) for the edit-test loop, `make lint` (ruff).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast lint clean
 
 # The constraint keeps every dependency from swapping torch for a multi-GB CUDA build. --no-compile:
 # Python compiles the modules it imports on first use instead of all of them up front (pip 95 s
@@ -22,6 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow and not browser and not learning" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs

@@ -35,13 +35,14 @@ import numpy as np
 from PIL import Image
 
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
+from blip.grounded import ScanReporter, ground_report
 from engine.cli import run_main
 from engine.config import CommandLineParser, ConfigError
-from blip.grounded import ScanReporter, ground_report
+from sam3d.cli import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import VolumeReadError, is_volume_file, load_volume, strip_volume_extension
-from sam3d.predict import Click, Measurements
+from sam3d.predict import Click, Measurements, hyperdense_options
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
 REPO = Path(__file__).resolve().parent
@@ -136,8 +137,9 @@ def geometry_markdown(geometry: Geometry) -> str:
 
 def measurements_markdown(m: Measurements) -> str:
     """The numbers a radiologist checks, as a table (the mask is the source of every figure)."""
-    components = f"{m.num_components}" + (f" ({', '.join(f'{v:.2f}' for v in m.component_volumes_ml)} mL)"
-                                          if m.num_components else "")
+    components = f"{m.num_components}" + (
+        f" ({', '.join(f'{v:.2f}' for v in m.component_volumes_ml)} mL)" if m.num_components else ""
+    )
     rows = [
         ("Total hemorrhage volume", f"{m.total_volume_ml:.2f} mL"),
         ("Components", components),
@@ -197,8 +199,10 @@ class ReportSession:
             return upload, "xray"
         if is_volume_file(name) or is_dicom_file(upload):
             return upload, "ct"
-        raise UploadError(f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, a DICOM "
-                          f"file, a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})")
+        raise UploadError(
+            f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, a DICOM "
+            f"file, a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})"
+        )
 
     def analyse_ct(self, path: Path, name: str, series: str | None = None, visitor: str = "local") -> dict[str, Any]:
         left_out: list[dict] = []
@@ -212,12 +216,21 @@ class ReportSession:
         volume.geometry.notes = [note.replace(str(path), name) for note in volume.geometry.notes]
         if left_out:  # the zip's series were chosen among all its folders, not within one
             volume.geometry.series_left_out = left_out
-            volume.geometry.notes.append(f"{name}: left out " + "; ".join(
-                f"{s['uid']} '{s['description']}' ({s['why']})" for s in left_out))
+            volume.geometry.notes.append(
+                f"{name}: left out " + "; ".join(f"{s['uid']} '{s['description']}' ({s['why']})" for s in left_out)
+            )
         # An unconditioned model's text does not depend on the segmentation: written once, re-grounded after clicks.
         generated = None if self.reporter.conditioned else self.reporter.generate(volume, "ct")
-        case = {"modality": "ct", "scan": volume, "name": name, "volume": volume.array.astype(np.float32),
-                "view": SliceView.from_affine(volume.affine), "generated": generated, "clicks": [], "visitor": visitor}
+        case = {
+            "modality": "ct",
+            "scan": volume,
+            "name": name,
+            "volume": volume.array.astype(np.float32),
+            "view": SliceView.from_affine(volume.affine),
+            "generated": generated,
+            "clicks": [],
+            "visitor": visitor,
+        }
         return self.segment_and_report(case)
 
     def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
@@ -233,15 +246,32 @@ class ReportSession:
         findings, impression = split_sections(grounded.report)
         name = case["name"]
         stem = name[:-4] if name.lower().endswith(".zip") else strip_volume_extension(name)
-        record = {"source": case["name"], "modality": "ct", "clicks": case["clicks"], **asdict(grounded),
-                  "findings": findings, "impression": impression, "segmentation": segmentation.to_json()}
+        record = {
+            "source": case["name"],
+            "modality": "ct",
+            "clicks": case["clicks"],
+            **asdict(grounded),
+            "findings": findings,
+            "impression": impression,
+            "segmentation": segmentation.to_json(),
+        }
         report_json, report_txt = out / f"{stem}_report.json", out / f"{stem}_report.txt"
         report_json.write_text(json.dumps(record, indent=2, default=str))
         report_txt.write_text(grounded.report + "\n")
-        return {**case, "mask": segmentation.mask, "measurements": segmentation.measurements,
-                "report": grounded.report, "flags": grounded.flags, "corrected": grounded.corrected,
-                "downloads": [segmentation.files["mask"], *([segmentation.files["dicom_seg"]] if "dicom_seg" in
-                                                            segmentation.files else []), str(report_txt), str(report_json)]}
+        return {
+            **case,
+            "mask": segmentation.mask,
+            "measurements": segmentation.measurements,
+            "report": grounded.report,
+            "flags": grounded.flags,
+            "corrected": grounded.corrected,
+            "downloads": [
+                segmentation.files["mask"],
+                *([segmentation.files["dicom_seg"]] if "dicom_seg" in segmentation.files else []),
+                str(report_txt),
+                str(report_json),
+            ],
+        }
 
     def analyse_xray(self, path: Path, name: str, visitor: str = "local") -> dict[str, Any]:
         try:
@@ -253,8 +283,13 @@ class ReportSession:
         out = self._new_dir(visitor)
         report_txt = out / f"{Path(name).stem}_report.txt"
         report_txt.write_text(result["report"] + "\n")
-        return {"modality": "xray", "name": name, "film": film, "report": result["report"],
-                "downloads": [str(report_txt)]}
+        return {
+            "modality": "xray",
+            "name": name,
+            "film": film,
+            "report": result["report"],
+            "downloads": [str(report_txt)],
+        }
 
 
 def _safe_name(visitor: str) -> str:
@@ -266,12 +301,20 @@ def _error_outputs(message: str) -> tuple:
     return (f"**Error:** {message}", None, None, hidden, gr.Radio(visible=False), "", "", "", None, "")
 
 
-def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, device: str = "cpu",
-              generation: dict | None = None, keep_s: float = KEEP_UPLOADS_S) -> gr.Blocks:
+def build_app(
+    segmentation_checkpoint: str | Path,
+    report_model: str | Path,
+    device: str = "cpu",
+    generation: dict | None = None,
+    keep_s: float = KEEP_UPLOADS_S,
+    segmenter_options: dict | None = None,
+) -> gr.Blocks:
     """The whole page; the models are loaded here, once, and shared by every visitor. Requests
     queue and run one at a time (one model in memory, never several passes in parallel); each
     visitor's state and files are their own and are deleted when the page closes or after ``keep_s``."""
-    reporter = ScanReporter(segmentation_checkpoint, report_model, device, generation=generation)
+    reporter = ScanReporter(
+        segmentation_checkpoint, report_model, device, generation=generation, segmenter_options=segmenter_options
+    )
     session = ReportSession(reporter, Path(tempfile.mkdtemp(prefix="sam3d_app_")), keep_s)
 
     def render(case: dict | None, slice_index: float, window: str) -> np.ndarray | None:
@@ -285,18 +328,35 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
 
     def show(case: dict[str, Any], status: str, slice_index: int | None, window: str) -> tuple:
         if case["modality"] == "xray":
-            return (status, case, render(case, 0, window), gr.Slider(visible=False), gr.Radio(visible=False),
-                    "", case["report"], "", case["downloads"], "")
+            return (
+                status,
+                case,
+                render(case, 0, window),
+                gr.Slider(visible=False),
+                gr.Radio(visible=False),
+                "",
+                case["report"],
+                "",
+                case["downloads"],
+                "",
+            )
         axis = case["view"].axis
         if slice_index is None:  # open on the slice with the most hemorrhage, else the middle one
             slice_index = lesion_slice_index(case["mask"], axis)
         slider = gr.Slider(minimum=0, maximum=case["volume"].shape[axis] - 1, step=1, value=slice_index, visible=True)
         clicks = ", ".join(f"{'+' if c[3] else '−'}({c[0]}, {c[1]}, {c[2]})" for c in case["clicks"])
-        return (status, case, render(case, slice_index, window), slider, gr.Radio(visible=True),
-                measurements_markdown(case["measurements"]) + "\n\n" + geometry_markdown(case["scan"].geometry),
-                case["report"],
-                flags_markdown(case["flags"], case["corrected"]), case["downloads"],
-                f"Refinement clicks (voxel): {clicks}" if clicks else "")
+        return (
+            status,
+            case,
+            render(case, slice_index, window),
+            slider,
+            gr.Radio(visible=True),
+            measurements_markdown(case["measurements"]) + "\n\n" + geometry_markdown(case["scan"].geometry),
+            case["report"],
+            flags_markdown(case["flags"], case["corrected"]),
+            case["downloads"],
+            f"Refinement clicks (voxel): {clicks}" if clicks else "",
+        )
 
     def analyse(upload: str | None, window: str, series: str, request: gr.Request) -> tuple:
         if not upload:
@@ -305,8 +365,11 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
         visitor = request.session_hash or "anonymous"
         try:
             path, modality = session.resolve_upload(Path(upload), name, visitor)
-            case = (session.analyse_ct(path, name, series.strip() or None, visitor) if modality == "ct"
-                    else session.analyse_xray(path, name, visitor))
+            case = (
+                session.analyse_ct(path, name, series.strip() or None, visitor)
+                if modality == "ct"
+                else session.analyse_xray(path, name, visitor)
+            )
         except UploadError as e:
             return _error_outputs(str(e))
         except Exception as e:  # the page gets one line; the server log keeps the traceback
@@ -339,23 +402,32 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
 
     # Gradio's own upload cache is swept on the same clock as the work folders.
     with gr.Blocks(title="Head CT hemorrhage report", delete_cache=(max(60, int(keep_s) // 4), int(keep_s))) as app:
-        gr.Markdown("## Head CT → hemorrhage mask → measurements → report\n"
-                    "Upload a head CT (NIfTI, NRRD, MHA, a DICOM file or a zipped DICOM series) or a chest X-ray "
-                    "(PNG/JPEG). Slices are shown anterior up, the patient's right on the left. "
-                    "Automated output for research use, not for diagnosis.")
+        gr.Markdown(
+            "## Head CT → hemorrhage mask → measurements → report\n"
+            "Upload a head CT (NIfTI, NRRD, MHA, a DICOM file or a zipped DICOM series) or a chest X-ray "
+            "(PNG/JPEG). Slices are shown anterior up, the patient's right on the left. "
+            "Automated output for research use, not for diagnosis."
+        )
         case_state = gr.State(None)
         with gr.Row():
             upload = gr.UploadButton("Upload scan", file_count="single", elem_id="upload")
-            series_box = gr.Textbox(label="DICOM series (UID or part of its description; empty: automatic)",
-                                    elem_id="series")
+            series_box = gr.Textbox(
+                label="DICOM series (UID or part of its description; empty: automatic)", elem_id="series"
+            )
             status = gr.Markdown("", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
-                viewer = gr.Image(label="Axial slice (mask in red; click to refine)", interactive=False,
-                                  elem_id="viewer")
+                viewer = gr.Image(
+                    label="Axial slice (mask in red; click to refine)", interactive=False, elem_id="viewer"
+                )
                 slice_slider = gr.Slider(0, 1, step=1, value=0, label="Axial slice", visible=False, elem_id="slice")
-                window = gr.Radio(list(WINDOWS), value="brain (40/80)", label="Window (level/width HU)",
-                                  visible=False, elem_id="window")
+                window = gr.Radio(
+                    list(WINDOWS),
+                    value="brain (40/80)",
+                    label="Window (level/width HU)",
+                    visible=False,
+                    elem_id="window",
+                )
                 with gr.Row():
                     polarity = gr.Radio(["positive", "negative"], value="positive", label="Click adds")
                     clear = gr.Button("Clear clicks")
@@ -364,8 +436,9 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
                 measurements = gr.Markdown("", elem_id="measurements")
                 report = gr.Textbox(label="Report", lines=10, interactive=False, elem_id="report")
                 flags = gr.Markdown("", elem_id="flags")
-                downloads = gr.File(label="Downloads (mask, report)", file_count="multiple", interactive=False,
-                                    elem_id="downloads")
+                downloads = gr.File(
+                    label="Downloads (mask, report)", file_count="multiple", interactive=False, elem_id="downloads"
+                )
         outputs = [status, case_state, viewer, slice_slider, window, measurements, report, flags, downloads, clicks_md]
         upload.upload(analyse, [upload, window, series_box], outputs)
         slice_slider.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
@@ -378,31 +451,56 @@ def build_app(segmentation_checkpoint: str | Path, report_model: str | Path, dev
 
 def main(argv: list[str] | None = None) -> int:
     p = CommandLineParser(description=__doc__)
-    p.add_argument("--segmentation_checkpoint", default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
-                   help="SAM-Med3D checkpoint (default: the one `make demo` writes)")
-    p.add_argument("--report_model", default=str(DEFAULT_REPORT_MODEL),
-                   help="folder written by `python -m blip.train` (default: the one `make demo` writes)")
+    p.add_argument(
+        "--segmentation_checkpoint",
+        default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
+        help="SAM-Med3D checkpoint (default: the one `make demo` writes)",
+    )
+    p.add_argument(
+        "--report_model",
+        default=str(DEFAULT_REPORT_MODEL),
+        help="folder written by `python -m blip.train` (default: the one `make demo` writes)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto")
     p.add_argument("--num_beams", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--keep_minutes", type=float, default=KEEP_UPLOADS_S / 60,
-                   help="delete a visitor's uploads and results after this many idle minutes (and when the page closes)")
+    p.add_argument(
+        "--keep_minutes",
+        type=float,
+        default=KEEP_UPLOADS_S / 60,
+        help="delete a visitor's uploads and results after this many idle minutes (and when the page closes)",
+    )
     p.add_argument("--max_upload_mb", type=int, default=MAX_UPLOAD_MB, help="larger uploads are refused")
+    add_hyperdense_argument(p)
     args = p.parse_args(argv)
     if args.keep_minutes <= 0 or args.max_upload_mb <= 0:
         p.error("--keep_minutes and --max_upload_mb must be > 0")
-    missing = [f"{flag} {path}" for flag, path in (("--segmentation_checkpoint", args.segmentation_checkpoint),
-                                                   ("--report_model", args.report_model)) if not Path(path).exists()]
+    missing = [
+        f"{flag} {path}"
+        for flag, path in (
+            ("--segmentation_checkpoint", args.segmentation_checkpoint),
+            ("--report_model", args.report_model),
+        )
+        if not Path(path).exists()
+    ]
     if missing:
-        raise ConfigError("missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
-                          "or pass --segmentation_checkpoint/--report_model.")
+        raise ConfigError(
+            "missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
+            "or pass --segmentation_checkpoint/--report_model."
+        )
     from engine.distributed import resolve_device
 
     logging.basicConfig(level=logging.INFO)
-    app = build_app(args.segmentation_checkpoint, args.report_model, str(resolve_device(args.device)),
-                    {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}, args.keep_minutes * 60)
+    app = build_app(
+        args.segmentation_checkpoint,
+        args.report_model,
+        str(resolve_device(args.device)),
+        {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens},
+        args.keep_minutes * 60,
+        hyperdense_options(args.hyperdense_only),
+    )
     app.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb")
     return 0
 

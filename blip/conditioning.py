@@ -36,6 +36,7 @@ def format_volume(volume_ml: float) -> str:
 def volume_slot_text(report: str, volume_ml: float) -> str:
     """``report`` with each stated volume that is the measured one (within rounding: 0.5 mL or 5%)
     written as :data:`VOLUME_SLOT`; other numbers stay."""
+
     def slot(match: re.Match) -> str:
         value = float(match.group(1))
         same = abs(value - volume_ml) <= max(0.5, 0.05 * volume_ml)
@@ -72,10 +73,13 @@ def context_from_row(row: Mapping[str, Any], where: str, min_ml: float = MIN_HEM
     except (TypeError, ValueError):
         volume_ml = math.nan
     if not math.isfinite(volume_ml) or volume_ml < 0:
-        raise ValueError(f"{where}: conditioning on measurements needs a volume_ml column with a volume in mL "
-                         f"(0 for no hemorrhage), got {value!r}")
+        raise ValueError(
+            f"{where}: conditioning on measurements needs a volume_ml column with a volume in mL "
+            f"(0 for no hemorrhage), got {value!r}"
+        )
     side = str(row.get("side") or "").strip().lower()
     if volume_ml >= min_ml and side not in SIDES:
-        raise ValueError(f"{where}: volume_ml is {volume_ml:g} but side is {row.get('side')!r}; "
-                         f"expected one of {SIDES}")
+        raise ValueError(
+            f"{where}: volume_ml is {volume_ml:g} but side is {row.get('side')!r}; expected one of {SIDES}"
+        )
     return measurement_context(volume_ml, side, min_ml)

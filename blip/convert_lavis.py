@@ -43,8 +43,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
-from engine.cli import run_main
-from engine.config import CommandLineParser
 from engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -52,6 +50,8 @@ from engine.checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
 )
+from engine.cli import run_main
+from engine.config import CommandLineParser
 
 _LAYER = r"Qformer\.bert\.encoder\.layer\.(\d+)\."
 
@@ -126,9 +126,7 @@ def convert_lavis_state_dict(
             unexpected.append(lavis_key if bridge_key is None else f"{lavis_key} (-> {bridge_key})")
             continue
         if bridge_key in converted:
-            raise CheckpointError(
-                f"LAVIS keys {source_of[bridge_key]!r} and {lavis_key!r} both map to {bridge_key!r}"
-            )
+            raise CheckpointError(f"LAVIS keys {source_of[bridge_key]!r} and {lavis_key!r} both map to {bridge_key!r}")
         converted[bridge_key] = tensor
         source_of[bridge_key] = lavis_key
 

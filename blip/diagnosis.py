@@ -43,8 +43,13 @@ from .labeler import binary_observations, is_positive, label_report
 
 # Words for the observations in the sentence; others are written lower-case as named.
 OBSERVATION_WORDS = {
-    "IPH": "intraparenchymal", "IVH": "intraventricular", "SAH": "subarachnoid", "SDH": "subdural",
-    "EDH": "epidural", "midline_shift": "midline shift", "mass_effect": "mass effect",
+    "IPH": "intraparenchymal",
+    "IVH": "intraventricular",
+    "SAH": "subarachnoid",
+    "SDH": "subdural",
+    "EDH": "epidural",
+    "midline_shift": "midline shift",
+    "mass_effect": "mass effect",
 }
 # What the sentence says when nothing is present.
 NOTHING_PRESENT = {"ct": "no hemorrhage", "xray": "no finding"}
@@ -57,13 +62,14 @@ def reference_diagnosis(report: str, modality: str) -> list[float]:
 
 
 def diagnosis_sentence(present: Sequence[bool], modality: str) -> str:
-    """"Diagnosis: <present observations>." in ``binary_observations`` order, or the modality's
+    """ "Diagnosis: <present observations>." in ``binary_observations`` order, or the modality's
     nothing-present words. X-ray's "No Finding" is implied by an empty list, so it is not spelled."""
     names = binary_observations(modality)
     if len(present) != len(names):
         raise ValueError(f"{len(present)} diagnosis labels for {modality}, expected {len(names)} ({', '.join(names)})")
-    words = [OBSERVATION_WORDS.get(name, name.lower()) for name, on in zip(names, present)
-             if on and name != "No Finding"]
+    words = [
+        OBSERVATION_WORDS.get(name, name.lower()) for name, on in zip(names, present) if on and name != "No Finding"
+    ]
     return f"Diagnosis: {', '.join(words) if words else NOTHING_PRESENT[modality]}."
 
 

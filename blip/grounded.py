@@ -22,8 +22,15 @@ from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_vol
 from .data.reports import join_sections, split_sections
 from .labeler import NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
 
-__all__ = ["MIN_HEMORRHAGE_ML", "GroundedReport", "ScanReporter", "contradictions", "ground_report",
-           "measured_impression", "structured_findings"]
+__all__ = [
+    "MIN_HEMORRHAGE_ML",
+    "GroundedReport",
+    "ScanReporter",
+    "contradictions",
+    "ground_report",
+    "measured_impression",
+    "structured_findings",
+]
 _VOLUME = re.compile(r"(\d+(?:\.\d+)?)\s*(?:ml|mL|cc|milliliters?)\b")
 
 
@@ -33,9 +40,11 @@ def structured_findings(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> s
         return f"Automated segmentation: no hemorrhage detected ({m.total_volume_ml:.1f} mL)."
     parts = f"{m.num_components} component" + ("s" if m.num_components != 1 else "")
     largest = f", largest {m.component_volumes_ml[0]:.1f} mL" if m.num_components > 1 else ""
-    return (f"Automated segmentation: {m.side} hemorrhage, {m.total_volume_ml:.1f} mL in {parts}{largest}, "
-            f"axial slices {m.slice_extent[0]}-{m.slice_extent[1]} "
-            f"(craniocaudal extent {m.craniocaudal_extent_mm:.0f} mm).")
+    return (
+        f"Automated segmentation: {m.side} hemorrhage, {m.total_volume_ml:.1f} mL in {parts}{largest}, "
+        f"axial slices {m.slice_extent[0]}-{m.slice_extent[1]} "
+        f"(craniocaudal extent {m.craniocaudal_extent_mm:.0f} mm)."
+    )
 
 
 def measured_impression(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
@@ -81,7 +90,9 @@ class GroundedReport:
     corrected: bool = False
 
 
-def ground_report(generated: str, m: Measurements, correct: bool = True, min_ml: float = MIN_HEMORRHAGE_ML) -> GroundedReport:
+def ground_report(
+    generated: str, m: Measurements, correct: bool = True, min_ml: float = MIN_HEMORRHAGE_ML
+) -> GroundedReport:
     findings, impression = split_sections(generated)
     structured = structured_findings(m, min_ml)
     flags = contradictions(generated, m, min_ml)
@@ -97,11 +108,23 @@ class ScanReporter:
     A report model conditioned on measurements (``config.condition_on_measurements``) reads the
     segmentation's measurement sentence before it writes, so a CT scan is segmented first."""
 
-    def __init__(self, segmentation_checkpoint: str | os.PathLike | None, report_model: str | os.PathLike,
-                 device: str = "cpu", correct: bool = True, generation: dict | None = None) -> None:
+    def __init__(
+        self,
+        segmentation_checkpoint: str | os.PathLike | None,
+        report_model: str | os.PathLike,
+        device: str = "cpu",
+        correct: bool = True,
+        generation: dict | None = None,
+        segmenter_options: dict | None = None,
+    ) -> None:
+        """``segmenter_options``: ``HemorrhageSegmenter`` keywords (post-processing)."""
         from .model import Blip2ReportModel
 
-        self.segmenter = HemorrhageSegmenter(segmentation_checkpoint, device) if segmentation_checkpoint else None
+        self.segmenter = (
+            HemorrhageSegmenter(segmentation_checkpoint, device, **(segmenter_options or {}))
+            if segmentation_checkpoint
+            else None
+        )
         self.model = Blip2ReportModel.from_pretrained(report_model).to(device).eval()
         if self.model.config.condition_on_measurements and self.segmenter is None:
             raise ConfigError(f"{report_model} is conditioned on measurements: it needs --segmentation_checkpoint")
@@ -113,12 +136,16 @@ class ScanReporter:
     def conditioned(self) -> bool:
         return self.model.config.condition_on_measurements
 
-    def generate(self, scan: str | os.PathLike | Volume, modality: str, measurements: Measurements | None = None) -> str:
+    def generate(
+        self, scan: str | os.PathLike | Volume, modality: str, measurements: Measurements | None = None
+    ) -> str:
         """The model's report for one image (a path, or a CT Volume already read); ``measurements``
         are required by (and only given to) a conditioned model's CT reports, whose volume slot they fill."""
         from .task import image_transform
 
-        image = image_transform(self.model, modality)(scan if isinstance(scan, Volume) else str(scan))[None].to(self.device)
+        image = image_transform(self.model, modality)(scan if isinstance(scan, Volume) else str(scan))[None].to(
+            self.device
+        )
         if not (self.conditioned and modality == "ct"):
             return self.model.generate(image, modality, None, **self.generation)[0]
         if measurements is None:
@@ -126,11 +153,19 @@ class ScanReporter:
         text = self.model.generate(image, modality, [context_from_measurements(measurements)], **self.generation)[0]
         return fill_volume_slot(text, measurements.total_volume_ml)
 
-    def run(self, scan: str | os.PathLike | Volume, modality: str = "ct", clicks: list[Click] | None = None,
-            output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        scan: str | os.PathLike | Volume,
+        modality: str = "ct",
+        clicks: list[Click] | None = None,
+        output_dir: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
         """Report one scan: a path, or for CT a Volume already read (so it is read once, with its
         DICOM series choice)."""
-        result: dict[str, Any] = {"source": scan.source if isinstance(scan, Volume) else str(scan), "modality": modality}
+        result: dict[str, Any] = {
+            "source": scan.source if isinstance(scan, Volume) else str(scan),
+            "modality": modality,
+        }
         if modality != "ct" or self.segmenter is None:
             text = self.generate(scan, modality)
             findings, impression = split_sections(text)

@@ -35,9 +35,20 @@ from dataclasses import dataclass
 POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
 
 CHEXPERT_OBSERVATIONS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
 )
 CT_SUBTYPES = ("IPH", "IVH", "SAH", "SDH", "EDH")
 CT_FINDINGS = ("hemorrhage",) + CT_SUBTYPES + ("side", "midline_shift", "mass_effect")
@@ -45,26 +56,40 @@ CT_SIDES = ("left", "right", "bilateral", "none")
 MODALITIES = ("xray", "ct")
 
 # Uncertainty phrases that contain a negation word: matched before negation and masked from it.
-_UNCERTAIN_DOUBLE_NEGATIVE = (r"can ?not be (?:entirely |completely )?(?:excluded|ruled out)|can ?not (?:exclude|rule out)"
-                              r"|(?:is|are|be) not (?:excluded|ruled out)|not (?:be )?(?:excluded|ruled out)")
+_UNCERTAIN_DOUBLE_NEGATIVE = (
+    r"can ?not be (?:entirely |completely )?(?:excluded|ruled out)|can ?not (?:exclude|rule out)"
+    r"|(?:is|are|be) not (?:excluded|ruled out)|not (?:be )?(?:excluded|ruled out)"
+)
 # Phrases that contain "no"/"not" but do not negate what follows ("no change in cardiomegaly").
-_PSEUDO_NEGATION = (r"no (?:significant |interval |substantial )?(?:change|increase|worsening)|not (?:significantly )?changed"
-                    r"|without (?:significant |interval )?change|not only|no longer (?:seen|visible|present)")
-_NEGATION_FORWARD = (r"\bno\b|\bnot\b|\bwithout\b|negative for|free of|clear of|no evidence of|absence of|\babsent\b"
-                     r"|rather than|resolution of|resolved|\bnor\b|removal of|\bnone\b|\bunlikely\b")
-_NEGATION_BACKWARD = (r"(?:has|have) resolved|\bresolved\b|(?:is|are) absent|(?:is|are) (?:no longer|not) (?:seen|identified|present|visualized|evident|appreciated)"
-                      r"|no longer (?:seen|visible|present)|not (?:seen|identified|present|visualized|evident|appreciated)"
-                      r"|(?:has|have) been removed|(?:is|are) negative|(?:is|are|were) excluded|ruled out|\bunlikely\b")
-_UNCERTAIN_FORWARD = (r"\bmay\b|\bmight\b|\bpossible\b|\bpossibly\b|\bprobable\b|\bprobably\b|\blikely\b|\bsuggest\w*"
-                      r"|suspicious for|suspect\w*|concern(?:ing)? for|worrisome for|question(?:able)?|\bversus\b|\bvs\b"
-                      r"|borderline|could (?:represent|be|reflect)|\bequivocal\b|\bindeterminate\b|\bpresumed\b"
-                      r"|differential|compatible with|cannot distinguish")
-_UNCERTAIN_BACKWARD = (r"(?:is|are) (?:possible|likely|suspected|questioned|not excluded)|\bversus\b|\bvs\b"
-                       r"|(?:could|may) be present")
+_PSEUDO_NEGATION = (
+    r"no (?:significant |interval |substantial )?(?:change|increase|worsening)|not (?:significantly )?changed"
+    r"|without (?:significant |interval )?change|not only|no longer (?:seen|visible|present)"
+)
+_NEGATION_FORWARD = (
+    r"\bno\b|\bnot\b|\bwithout\b|negative for|free of|clear of|no evidence of|absence of|\babsent\b"
+    r"|rather than|resolution of|resolved|\bnor\b|removal of|\bnone\b|\bunlikely\b"
+)
+_NEGATION_BACKWARD = (
+    r"(?:has|have) resolved|\bresolved\b|(?:is|are) absent|(?:is|are) (?:no longer|not) (?:seen|identified|present|visualized|evident|appreciated)"
+    r"|no longer (?:seen|visible|present)|not (?:seen|identified|present|visualized|evident|appreciated)"
+    r"|(?:has|have) been removed|(?:is|are) negative|(?:is|are|were) excluded|ruled out|\bunlikely\b"
+)
+_UNCERTAIN_FORWARD = (
+    r"\bmay\b|\bmight\b|\bpossible\b|\bpossibly\b|\bprobable\b|\bprobably\b|\blikely\b|\bsuggest\w*"
+    r"|suspicious for|suspect\w*|concern(?:ing)? for|worrisome for|question(?:able)?|\bversus\b|\bvs\b"
+    r"|borderline|could (?:represent|be|reflect)|\bequivocal\b|\bindeterminate\b|\bpresumed\b"
+    r"|differential|compatible with|cannot distinguish"
+)
+_UNCERTAIN_BACKWARD = (
+    r"(?:is|are) (?:possible|likely|suspected|questioned|not excluded)|\bversus\b|\bvs\b"
+    r"|(?:could|may) be present"
+)
 # Words that end the scope of a forward trigger (and start a clause for a backward one).
-_SCOPE_TERMINATOR = (r"\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bwhich\b|\bexcept\b|\baside from\b|\bapart from\b"
-                     r"|\bwith the exception\b|\bother than\b|\bwhereas\b|\bwhile\b|\bsecondary to\b|\bdue to\b"
-                     r"|\bthere (?:is|are)\b")
+_SCOPE_TERMINATOR = (
+    r"\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bwhich\b|\bexcept\b|\baside from\b|\bapart from\b"
+    r"|\bwith the exception\b|\bother than\b|\bwhereas\b|\bwhile\b|\bsecondary to\b|\bdue to\b"
+    r"|\bthere (?:is|are)\b"
+)
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 
@@ -99,41 +124,59 @@ def _observation(name: str, mention: str, normal: str | None = None) -> Observat
 
 _ENLARGED = r"(?:enlarged|enlargement|widened|widening|prominent|prominence|increased|large)"
 CHEST_OBSERVATIONS = (
-    _observation("Enlarged Cardiomediastinum",
-                 rf"(?:cardio)?mediastin\w*(?: silhouette| contours?| structures)?(?: \w+){{0,3}}? {_ENLARGED}"
-                 rf"|{_ENLARGED}(?: \w+){{0,2}}? (?:cardio)?mediastin\w*|mediastinal (?:mass|lymphadenopathy)",
-                 r"(?:cardio)?mediastin\w*(?: silhouette| contours?)?(?: \w+){0,3}? (?:normal|within normal limits|unremarkable)"
-                 r"|normal (?:cardio)?mediastin\w*"),
-    _observation("Cardiomegaly",
-                 rf"cardiomegaly|(?:heart|cardiac)(?: size| silhouette| shadow| contour)?(?: \w+){{0,3}}? {_ENLARGED}"
-                 rf"|{_ENLARGED}(?: \w+){{0,2}}? (?:heart|cardiac)|cardiac enlargement",
-                 r"(?:heart|cardiac)(?: size| silhouette| shadow| contour)?(?: \w+){0,3}? (?:normal|within normal limits|unremarkable)"
-                 r"|normal (?:heart|cardiac)(?: size)?"),
-    _observation("Lung Opacity",
-                 r"opaci\w*|infiltrat\w*|air ?-?space (?:disease|process)|densit(?:y|ies)|interstitial (?:marking|pattern|prominence|disease|lung)\w*"
-                 r"|reticula\w*|ground[- ]glass|haziness|hazy|parenchymal scar\w*|peribronchial (?:thickening|cuffing)",
-                 r"lungs? (?:are |is |remain )?clear|clear lungs?"),
-    _observation("Lung Lesion",
-                 r"\bmass(?:es)?\b|nodul\w*|\blesions?\b|\blump\b|cavitary|carcinoma|neoplasm|tumou?r|malignan\w*|metasta\w*"),
-    _observation("Edema",
-                 r"(?<!soft tissue )edema|heart failure|\bchf\b|(?:vascular|pulmonary|venous) congestion|vascular prominence"
-                 r"|cephalization|kerley"),
+    _observation(
+        "Enlarged Cardiomediastinum",
+        rf"(?:cardio)?mediastin\w*(?: silhouette| contours?| structures)?(?: \w+){{0,3}}? {_ENLARGED}"
+        rf"|{_ENLARGED}(?: \w+){{0,2}}? (?:cardio)?mediastin\w*|mediastinal (?:mass|lymphadenopathy)",
+        r"(?:cardio)?mediastin\w*(?: silhouette| contours?)?(?: \w+){0,3}? (?:normal|within normal limits|unremarkable)"
+        r"|normal (?:cardio)?mediastin\w*",
+    ),
+    _observation(
+        "Cardiomegaly",
+        rf"cardiomegaly|(?:heart|cardiac)(?: size| silhouette| shadow| contour)?(?: \w+){{0,3}}? {_ENLARGED}"
+        rf"|{_ENLARGED}(?: \w+){{0,2}}? (?:heart|cardiac)|cardiac enlargement",
+        r"(?:heart|cardiac)(?: size| silhouette| shadow| contour)?(?: \w+){0,3}? (?:normal|within normal limits|unremarkable)"
+        r"|normal (?:heart|cardiac)(?: size)?",
+    ),
+    _observation(
+        "Lung Opacity",
+        r"opaci\w*|infiltrat\w*|air ?-?space (?:disease|process)|densit(?:y|ies)|interstitial (?:marking|pattern|prominence|disease|lung)\w*"
+        r"|reticula\w*|ground[- ]glass|haziness|hazy|parenchymal scar\w*|peribronchial (?:thickening|cuffing)",
+        r"lungs? (?:are |is |remain )?clear|clear lungs?",
+    ),
+    _observation(
+        "Lung Lesion",
+        r"\bmass(?:es)?\b|nodul\w*|\blesions?\b|\blump\b|cavitary|carcinoma|neoplasm|tumou?r|malignan\w*|metasta\w*",
+    ),
+    _observation(
+        "Edema",
+        r"(?<!soft tissue )edema|heart failure|\bchf\b|(?:vascular|pulmonary|venous) congestion|vascular prominence"
+        r"|cephalization|kerley",
+    ),
     _observation("Consolidation", r"consolidat\w*"),
     _observation("Pneumonia", r"pneumonia|infection|infectious|\bpneumonitis\b"),
-    _observation("Atelectasis", r"atelecta\w*|(?:lung|lobe|lobar|segmental) collapse|collapse of the (?:\w+ )?(?:lung|lobe)"),
+    _observation(
+        "Atelectasis", r"atelecta\w*|(?:lung|lobe|lobar|segmental) collapse|collapse of the (?:\w+ )?(?:lung|lobe)"
+    ),
     _observation("Pneumothorax", r"pneumothora\w*|hydropneumothora\w*"),
-    _observation("Pleural Effusion",
-                 r"(?<!pericardial )effusions?|pleural fluid|hydrothorax|hydropneumothora\w*|blunt\w* (?:of )?(?:the )?(?:\w+ )?costophrenic"
-                 r"|costophrenic (?:angles? )?(?:are |is )?blunt\w*"),
-    _observation("Pleural Other",
-                 r"pleural (?:thickening|plaques?|calcifications?|scar\w*)|pleuro-?parenchymal|pleural-parenchymal|fibrothorax"
-                 r"|apical (?:pleural )?(?:cap|thickening)"),
+    _observation(
+        "Pleural Effusion",
+        r"(?<!pericardial )effusions?|pleural fluid|hydrothorax|hydropneumothora\w*|blunt\w* (?:of )?(?:the )?(?:\w+ )?costophrenic"
+        r"|costophrenic (?:angles? )?(?:are |is )?blunt\w*",
+    ),
+    _observation(
+        "Pleural Other",
+        r"pleural (?:thickening|plaques?|calcifications?|scar\w*)|pleuro-?parenchymal|pleural-parenchymal|fibrothorax"
+        r"|apical (?:pleural )?(?:cap|thickening)",
+    ),
     _observation("Fracture", r"fractur\w*"),
-    _observation("Support Devices",
-                 r"catheter|(?:picc|central|venous|arterial|swan|dialysis|port|midline|jugular|subclavian) (?:venous )?(?:line|catheter)s?"
-                 r"|(?:endotracheal|\bet\b|nasogastric|\bng\b|orogastric|\bog\b|feeding|chest|tracheostomy|enteric|gastric) tubes?"
-                 r"|pacemaker|\bpacer|defibrillator|\baicd\b|\bicd\b|port-?a-?cath|\bport\b|\bstents?\b|\bclips?\b|\bwires?\b|sutures?"
-                 r"|(?:surgical|orthopedic|fixation|spinal) hardware|\bleads?\b|\bdevices?\b|prosthe\w*|valve replacement|\bdrains?\b"),
+    _observation(
+        "Support Devices",
+        r"catheter|(?:picc|central|venous|arterial|swan|dialysis|port|midline|jugular|subclavian) (?:venous )?(?:line|catheter)s?"
+        r"|(?:endotracheal|\bet\b|nasogastric|\bng\b|orogastric|\bog\b|feeding|chest|tracheostomy|enteric|gastric) tubes?"
+        r"|pacemaker|\bpacer|defibrillator|\baicd\b|\bicd\b|port-?a-?cath|\bport\b|\bstents?\b|\bclips?\b|\bwires?\b|sutures?"
+        r"|(?:surgical|orthopedic|fixation|spinal) hardware|\bleads?\b|\bdevices?\b|prosthe\w*|valve replacement|\bdrains?\b",
+    ),
 )
 
 _HEMORRHAGE_NOUN = r"hemorrhag\w*|haemorrhag\w*|hematoma|haematoma|\bbleed\w*|\bblood\b|collections?"
@@ -147,8 +190,11 @@ CT_SUBTYPE_ADJECTIVES = {
 CT_ABBREVIATIONS = {subtype: rf"\b{subtype.lower()}\b" for subtype in CT_SUBTYPES}
 CT_OBSERVATIONS = (
     _observation("hemorrhage", rf"{_HEMORRHAGE_NOUN}|\bich\b|" + "|".join(CT_ABBREVIATIONS.values())),
-    _observation("midline_shift", r"midline shift|shift of (?:the )?midline|midline (?:structures )?(?:is |are )?shifted"
-                                  r"|(?:leftward|rightward) (?:midline )?shift|subfalcine herniation"),
+    _observation(
+        "midline_shift",
+        r"midline shift|shift of (?:the )?midline|midline (?:structures )?(?:is |are )?shifted"
+        r"|(?:leftward|rightward) (?:midline )?shift|subfalcine herniation",
+    ),
     _observation("mass_effect", r"mass effect|effacement|effaced|herniation|compression of the (?:\w+ )?ventric\w*"),
 )
 
@@ -182,8 +228,9 @@ def _clause_bounds(sentence: str, position: int) -> tuple[int, int]:
     return start, end
 
 
-def _in_scope(sentence: str, mention: tuple[int, int], forward: list[tuple[int, int]],
-              backward: list[tuple[int, int]]) -> bool:
+def _in_scope(
+    sentence: str, mention: tuple[int, int], forward: list[tuple[int, int]], backward: list[tuple[int, int]]
+) -> bool:
     """Whether a forward trigger precedes the mention in its clause, or a backward trigger follows it
     in its clause (backward triggers stop at commas too: "effusion, pneumothorax has resolved" is rare,
     "enlarged heart, effusion resolved" is not)."""
@@ -325,19 +372,24 @@ def precision_recall_f1(tp: int, fp: int, fn: int) -> dict:
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
 
 
-def clinical_efficacy(reference_texts: list[str], generated_texts: list[str], modality: str,
-                      uncertain_as_positive: bool = True) -> dict:
+def clinical_efficacy(
+    reference_texts: list[str], generated_texts: list[str], modality: str, uncertain_as_positive: bool = True
+) -> dict:
     """Precision/recall/F1 of the generated reports' labels against the reference reports' labels
     (labels both with :func:`label_report`, then :func:`clinical_efficacy_from_labels`)."""
     if len(reference_texts) != len(generated_texts):
         raise ValueError(f"{len(reference_texts)} reference reports but {len(generated_texts)} generated reports")
-    return clinical_efficacy_from_labels([label_report(t, modality) for t in reference_texts],
-                                         [label_report(t, modality) for t in generated_texts],
-                                         modality, uncertain_as_positive)
+    return clinical_efficacy_from_labels(
+        [label_report(t, modality) for t in reference_texts],
+        [label_report(t, modality) for t in generated_texts],
+        modality,
+        uncertain_as_positive,
+    )
 
 
-def clinical_efficacy_from_labels(references: list[dict], generated: list[dict], modality: str,
-                                  uncertain_as_positive: bool = True) -> dict:
+def clinical_efficacy_from_labels(
+    references: list[dict], generated: list[dict], modality: str, uncertain_as_positive: bool = True
+) -> dict:
     """Clinical efficacy of already-labelled reports (callers that also need the labels label once).
 
     Returns ``{"per_observation": {name: {precision, recall, f1, tp, fp, fn, n_reference_positive}},
@@ -359,9 +411,16 @@ def clinical_efficacy_from_labels(references: list[dict], generated: list[dict],
         fn = sum(r and not g for r, g in zip(ref, gen))
         per_observation[name] = {**precision_recall_f1(tp, fp, fn), "n_reference_positive": sum(ref)}
     micro = precision_recall_f1(*(sum(o[k] for o in per_observation.values()) for k in ("tp", "fp", "fn")))
-    macro = {k: sum(o[k] for o in per_observation.values()) / len(per_observation) for k in ("precision", "recall", "f1")}
-    result = {"per_observation": per_observation, "micro": micro, "macro": macro, "n": len(references),
-              "uncertain_as_positive": uncertain_as_positive}
+    macro = {
+        k: sum(o[k] for o in per_observation.values()) / len(per_observation) for k in ("precision", "recall", "f1")
+    }
+    result = {
+        "per_observation": per_observation,
+        "micro": micro,
+        "macro": macro,
+        "n": len(references),
+        "uncertain_as_positive": uncertain_as_positive,
+    }
     if modality == "ct":
         result["side_accuracy"] = sum(r["side"] == g["side"] for r, g in zip(references, generated)) / len(references)
     return result

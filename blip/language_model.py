@@ -83,8 +83,10 @@ def load_language_model(
     if load_in_4bit:
         has_bnb, has_cuda = importlib.util.find_spec("bitsandbytes") is not None, torch.cuda.is_available()
         if not (has_bnb and has_cuda):
-            raise RuntimeError(f"4-bit loading needs bitsandbytes (installed: {has_bnb}) and a CUDA GPU "
-                               f"(available: {has_cuda}); load the LM unquantised instead")
+            raise RuntimeError(
+                f"4-bit loading needs bitsandbytes (installed: {has_bnb}) and a CUDA GPU "
+                f"(available: {has_cuda}); load the LM unquantised instead"
+            )
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
@@ -97,11 +99,17 @@ def load_language_model(
         from peft import LoraConfig, get_peft_model
 
         targets = lora_target_modules(model)
-        model = get_peft_model(model, LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-            fan_in_fan_out=targets == ["c_attn"],  # GPT-2's Conv1D stores weights as (in, out)
-            task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=targets,
+                fan_in_fan_out=targets == ["c_attn"],  # GPT-2's Conv1D stores weights as (in, out)
+                task_type="CAUSAL_LM",
+            ),
+        )
     elif mode == "frozen" or load_in_4bit:
         model.requires_grad_(False)
     return model, tokenizer
@@ -113,15 +121,21 @@ def train_word_tokenizer(texts: list[str], min_frequency: int = 1) -> PreTrained
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(prepend_scheme="always"),
-        pre_tokenizers.Split(Regex(r"[^\w▁]"), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(prepend_scheme="always"),
+            pre_tokenizers.Split(Regex(r"[^\w▁]"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     tokenizer.decoder = decoders.Metaspace(prepend_scheme="always")
     digits = [str(d) for d in range(10)]  # every number is writable even if a digit is rare in ``texts``
-    tokenizer.train_from_iterator(list(texts) + digits, trainers.WordLevelTrainer(
-        special_tokens=[END_OF_TEXT, PAD, UNKNOWN], min_frequency=min_frequency, show_progress=False))
+    tokenizer.train_from_iterator(
+        list(texts) + digits,
+        trainers.WordLevelTrainer(
+            special_tokens=[END_OF_TEXT, PAD, UNKNOWN], min_frequency=min_frequency, show_progress=False
+        ),
+    )
     # Slots such as blip.conditioning's "<|volume|>" are one token, and decoding keeps them.
     slots = sorted({m for text in texts for m in re.findall(r"<\|[a-z_]+\|>", text)} - {END_OF_TEXT, PAD, UNKNOWN})
     tokenizer.add_tokens([AddedToken(slot, special=False, normalized=False) for slot in slots])
@@ -132,8 +146,9 @@ def _train_bpe_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Pre
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[END_OF_TEXT, PAD],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[END_OF_TEXT, PAD], show_progress=False
+    )
     bpe.save_model(str(folder))
     return GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=PAD)
 
@@ -164,14 +179,23 @@ def build_tiny_gpt2(
         raise ValueError("build_tiny_gpt2 needs at least one non-empty report to train its tokenizer")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    text_tokenizer = train_word_tokenizer(texts) if tokenizer == "word" else _train_bpe_tokenizer(texts, vocab_size, folder)
+    text_tokenizer = (
+        train_word_tokenizer(texts) if tokenizer == "word" else _train_bpe_tokenizer(texts, vocab_size, folder)
+    )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the same reports and seed give the same initial LM
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(text_tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-        bos_token_id=text_tokenizer.eos_token_id, eos_token_id=text_tokenizer.eos_token_id,
-        pad_token_id=text_tokenizer.pad_token_id,
-    ))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(text_tokenizer),
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            n_positions=n_positions,
+            bos_token_id=text_tokenizer.eos_token_id,
+            eos_token_id=text_tokenizer.eos_token_id,
+            pad_token_id=text_tokenizer.pad_token_id,
+        )
+    )
     torch.random.set_rng_state(generator_state)
     model.save_pretrained(folder)
     text_tokenizer.save_pretrained(folder)

@@ -39,7 +39,9 @@ class PromptedReports(Dataset):
         rng = np.random.default_rng(seed)
         self.items = []
         for row in rows:
-            context = measurement_context(float(row["volume_ml"]), row["side"]) if rng.random() < conditioned_share else None
+            context = (
+                measurement_context(float(row["volume_ml"]), row["side"]) if rng.random() < conditioned_share else None
+            )
             prompt = tokenizer(prompt_text(DEFAULT_PROMPTS["ct"], context), add_special_tokens=False).input_ids
             text = volume_slot_text(row["report"], float(row["volume_ml"])) if context else row["report"]
             report = tokenizer(text.strip() + tokenizer.eos_token, add_special_tokens=False).input_ids
@@ -56,8 +58,11 @@ class PromptedReports(Dataset):
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(ids) for ids, _ in items)
-        batch = {"input_ids": torch.full((len(items), longest), self.pad_id), "labels": torch.full((len(items), longest), -100),
-                 "attention_mask": torch.zeros((len(items), longest), dtype=torch.long)}
+        batch = {
+            "input_ids": torch.full((len(items), longest), self.pad_id),
+            "labels": torch.full((len(items), longest), -100),
+            "attention_mask": torch.zeros((len(items), longest), dtype=torch.long),
+        }
         for i, (ids, labels) in enumerate(items):
             batch["input_ids"][i, : len(ids)], batch["labels"][i, : len(ids)] = ids, labels
             batch["attention_mask"][i, : len(ids)] = 1
@@ -101,24 +106,51 @@ class LanguageModelTask:
         return {}
 
 
-def pretrain_report_lm(train_rows: list[Mapping[str, Any]], val_rows: list[Mapping[str, Any]],
-                       folder: str | os.PathLike, work_dir: str | os.PathLike, epochs: int = 3, batch_size: int = 32,
-                       lr: float = 2e-3, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, n_positions: int = 256,
-                       conditioned_share: float = 0.5, seed: int = 0) -> dict[str, Any]:
+def pretrain_report_lm(
+    train_rows: list[Mapping[str, Any]],
+    val_rows: list[Mapping[str, Any]],
+    folder: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    n_layer: int = 4,
+    n_embd: int = 128,
+    n_head: int = 4,
+    n_positions: int = 256,
+    conditioned_share: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Build the word-level GPT-2 on the rows' vocabulary, train it on the engine in ``work_dir``
     (resumable checkpoints, summary) and write the best epoch's LM to ``folder`` (a Hugging Face
     folder for ``--lm``). Returns the engine's result."""
-    prompts = [prompt_text(DEFAULT_PROMPTS["ct"], measurement_context(float(r["volume_ml"]), r["side"]))
-               for r in train_rows] + [VOLUME_SLOT]
+    prompts = [
+        prompt_text(DEFAULT_PROMPTS["ct"], measurement_context(float(r["volume_ml"]), r["side"])) for r in train_rows
+    ] + [VOLUME_SLOT]
     folder = Path(folder)
-    build_tiny_gpt2([r["report"] for r in train_rows] + prompts, folder, n_layer=n_layer, n_embd=n_embd,
-                    n_head=n_head, n_positions=n_positions, seed=seed, tokenizer="word")
+    build_tiny_gpt2(
+        [r["report"] for r in train_rows] + prompts,
+        folder,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        seed=seed,
+        tokenizer="word",
+    )
     model, tokenizer = load_language_model(folder, "full")
     train_set = PromptedReports(train_rows, tokenizer, n_positions, conditioned_share, seed)
     val_set = PromptedReports(val_rows, tokenizer, n_positions, conditioned_share, seed + 1)
-    cfg = TrainerConfig(output_dir=str(work_dir), epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=1,
-                        scheduler_type="cosine", patience=epochs, seed=seed,
-                        extra={"kind": "report language model pretraining", "rows": len(train_rows)})
+    cfg = TrainerConfig(
+        output_dir=str(work_dir),
+        epochs=epochs,
+        batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        scheduler_type="cosine",
+        patience=epochs,
+        seed=seed,
+        extra={"kind": "report language model pretraining", "rows": len(train_rows)},
+    )
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": 0.01}]
     trainer = Trainer(cfg, LanguageModelTask(), model, groups, torch.device("cpu"), collate_fn=train_set.collate)
     result = trainer.fit(train_set, val_set)

@@ -29,8 +29,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,18 @@ def resolve_tokenize(tokenize: str | None) -> str:
     if tokenize is None:
         if java_available():
             return "ptb"
-        logger.warning("java not found on PATH: tokenising with 'simple' instead of the PTB tokenizer; "
-                       "scores are not comparable with COCO/PTB-tokenised numbers")
+        logger.warning(
+            "java not found on PATH: tokenising with 'simple' instead of the PTB tokenizer; "
+            "scores are not comparable with COCO/PTB-tokenised numbers"
+        )
         return "simple"
     if tokenize not in TOKENIZERS:
         raise ValueError(f"tokenize must be one of {TOKENIZERS}, got {tokenize!r}")
     if tokenize == "ptb" and not java_available():
-        raise RuntimeError("tokenize='ptb' needs Java (pycocoevalcap's PTBTokenizer runs Stanford CoreNLP), "
-                           "but java is not on PATH; install a JRE or use tokenize='simple'")
+        raise RuntimeError(
+            "tokenize='ptb' needs Java (pycocoevalcap's PTBTokenizer runs Stanford CoreNLP), "
+            "but java is not on PATH; install a JRE or use tokenize='simple'"
+        )
     return tokenize
 
 
@@ -114,8 +118,9 @@ def _meteor_scorer() -> Iterator[object]:
             stream.close()
 
 
-def caption_metrics(references: list[str], hypotheses: list[str], tokenize: str | None = None,
-                    meteor: bool = True) -> dict:
+def caption_metrics(
+    references: list[str], hypotheses: list[str], tokenize: str | None = None, meteor: bool = True
+) -> dict:
     """Corpus-level and per-report caption metrics of ``hypotheses`` against ``references``.
 
     Args:
@@ -138,15 +143,19 @@ def caption_metrics(references: list[str], hypotheses: list[str], tokenize: str 
     if not references:
         raise ValueError("no samples: references and hypotheses are empty")
     if meteor and not java_available():
-        raise RuntimeError("METEOR needs Java (pycocoevalcap runs meteor-1.5.jar) but java is not on PATH; "
-                           "install a JRE or pass meteor=False to skip METEOR")
+        raise RuntimeError(
+            "METEOR needs Java (pycocoevalcap runs meteor-1.5.jar) but java is not on PATH; "
+            "install a JRE or pass meteor=False to skip METEOR"
+        )
     tokenize = resolve_tokenize(tokenize)
     refs = tokenize_texts(list(references), tokenize)
     hyps = tokenize_texts(list(hypotheses), tokenize)
     empty_refs = [i for i, r in enumerate(refs) if not r]
     if empty_refs:
-        raise ValueError(f"{len(empty_refs)} references are empty after tokenisation (first at index "
-                         f"{empty_refs[0]}); scores against an empty reference are undefined")
+        raise ValueError(
+            f"{len(empty_refs)} references are empty after tokenisation (first at index "
+            f"{empty_refs[0]}); scores against an empty reference are undefined"
+        )
 
     gts = {i: [r] for i, r in enumerate(refs)}
     res = {i: [h] for i, h in enumerate(hyps)}
@@ -161,8 +170,10 @@ def caption_metrics(references: list[str], hypotheses: list[str], tokenize: str 
             try:
                 value, values = scorer.compute_score(gts, res)
             except (ValueError, OSError) as err:
-                raise RuntimeError(f"METEOR (java -jar meteor-1.5.jar, 2 GB heap) returned no score ({err}); "
-                                   "run the jar by hand to see the Java error, or pass meteor=False") from err
+                raise RuntimeError(
+                    f"METEOR (java -jar meteor-1.5.jar, 2 GB heap) returned no score ({err}); "
+                    "run the jar by hand to see the Java error, or pass meteor=False"
+                ) from err
         corpus["METEOR"], per_sample["METEOR"] = float(value), [float(v) for v in values]
     else:
         corpus["METEOR"], per_sample["METEOR"] = None, None
@@ -170,5 +181,10 @@ def caption_metrics(references: list[str], hypotheses: list[str], tokenize: str 
         value, values = scorer.compute_score(gts, res)
         corpus[key], per_sample[key] = float(value), [float(v) for v in values]
 
-    return {"corpus": corpus, "per_sample": per_sample, "tokenize": tokenize, "n": len(refs),
-            "n_empty_hypotheses": sum(not h for h in hyps)}
+    return {
+        "corpus": corpus,
+        "per_sample": per_sample,
+        "tokenize": tokenize,
+        "n": len(refs),
+        "n_empty_hypotheses": sum(not h for h in hyps),
+    }

@@ -67,8 +67,12 @@ def tokenize_reports(tokenizer, reports: list[str], max_text_len: int) -> tuple[
     """(input_ids, attention_mask), each (B, T ≤ max_text_len): each report + end-of-text (so the LM
     learns to stop), right-padded; no BOS, since the soft prompt starts the sequence."""
     encoded = tokenizer(
-        [text.strip() + tokenizer.eos_token for text in reports], add_special_tokens=False,
-        truncation=True, max_length=max_text_len, padding="longest", return_tensors="pt",
+        [text.strip() + tokenizer.eos_token for text in reports],
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_text_len,
+        padding="longest",
+        return_tensors="pt",
     )
     return encoded.input_ids, encoded.attention_mask
 
@@ -153,21 +157,29 @@ class Blip2ReportModel(nn.Module):
         self.notes: list[str] = []
         self.visual_encoder = self._tower(config, "ct_tower")
         self.visual_encoder_2d = self._tower(config, "xray_tower")
-        widths = {m: tower_width(getattr(self, name)) for m, name in TOWER_OF_MODALITY.items()
-                  if getattr(self, name) is not None}
+        widths = {
+            m: tower_width(getattr(self, name))
+            for m, name in TOWER_OF_MODALITY.items()
+            if getattr(self, name) is not None
+        }
         vision_width = next(iter(widths.values()))
         self.vision_adapters = nn.ModuleDict(
             {m: nn.Linear(w, vision_width) for m, w in widths.items() if w != vision_width}
         )
         lm_hidden = language_model.get_input_embeddings().embedding_dim
-        self.bridge = QFormerBridge(QFormerBridgeConfig(
-            **config.bridge, vision_width=vision_width, lm_hidden_size=lm_hidden,
-            num_query_tokens=config.num_query_tokens,
-        ))
+        self.bridge = QFormerBridge(
+            QFormerBridgeConfig(
+                **config.bridge,
+                vision_width=vision_width,
+                lm_hidden_size=lm_hidden,
+                num_query_tokens=config.num_query_tokens,
+            )
+        )
         # One head per modality on the tower's tokens: its observations are the labeler's for that modality.
         self.diagnosis_heads = nn.ModuleDict(
             {m: DiagnosisHead(vision_width, len(binary_observations(m))) for m in widths}
-            if config.diagnosis_prompt else {}
+            if config.diagnosis_prompt
+            else {}
         )
         self.language_model = language_model
         self.tokenizer = tokenizer
@@ -209,7 +221,9 @@ class Blip2ReportModel(nn.Module):
             raise ValueError(f"modality must be one of {sorted(TOWER_OF_MODALITY)}, got '{modality}'")
         tower = getattr(self, TOWER_OF_MODALITY[modality])
         if tower is None:
-            raise ValueError(f"this model has no {modality} tower (config.{'ct' if modality == 'ct' else 'xray'}_tower is None)")
+            raise ValueError(
+                f"this model has no {modality} tower (config.{'ct' if modality == 'ct' else 'xray'}_tower is None)"
+            )
         return tower
 
     def tower_trains(self, modality: str) -> bool:
@@ -222,7 +236,9 @@ class Blip2ReportModel(nn.Module):
         with torch.set_grad_enabled(self.tower_trains(modality) and torch.is_grad_enabled()):
             return encoder_tokens(self.tower(modality), images)
 
-    def image_tokens(self, images: torch.Tensor, modality: str, tower_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def image_tokens(
+        self, images: torch.Tensor, modality: str, tower_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge. ``tower_tokens``: the tower's
         output for ``images`` when already at hand (a frozen tower's, cached by ``blip.task``)."""
         tokens = self.tower_tokens(images, modality) if tower_tokens is None else tower_tokens
@@ -242,8 +258,10 @@ class Blip2ReportModel(nn.Module):
         (a model never trained with them would read words it has not seen in that place)."""
         conditioned = self.config.condition_on_measurements and modality == "ct"
         if conditioned and contexts is None:
-            raise ValueError("this report model is conditioned on measurements (config.condition_on_measurements): "
-                             "pass contexts, e.g. blip.conditioning.context_from_measurements(...)")
+            raise ValueError(
+                "this report model is conditioned on measurements (config.condition_on_measurements): "
+                "pass contexts, e.g. blip.conditioning.context_from_measurements(...)"
+            )
         if not conditioned and contexts is not None:
             raise ValueError(f"contexts given, but this model does not condition {modality} reports on measurements")
         if contexts is not None and len(contexts) != batch:
@@ -256,24 +274,34 @@ class Blip2ReportModel(nn.Module):
             return None
         return self.diagnosis_heads[modality](tokens)
 
-    def _diagnosis_sentences(self, logits: torch.Tensor | None, diagnosis: torch.Tensor | None,
-                             modality: str, batch: int) -> list[str | None]:
+    def _diagnosis_sentences(
+        self, logits: torch.Tensor | None, diagnosis: torch.Tensor | None, modality: str, batch: int
+    ) -> list[str | None]:
         """One "Diagnosis: ..." sentence per study, from ``diagnosis`` (given labels, >= 0.5 present) or
         else the head's prediction (logit > 0); Nones for a model without heads."""
         if logits is None:
             if diagnosis is not None:
-                raise ValueError("diagnosis labels given, but this model has no diagnosis head "
-                                 "(config.diagnosis_prompt is False)")
+                raise ValueError(
+                    "diagnosis labels given, but this model has no diagnosis head (config.diagnosis_prompt is False)"
+                )
             return [None] * batch
         if diagnosis is not None and tuple(diagnosis.shape) != tuple(logits.shape):
-            raise ValueError(f"diagnosis labels of shape {tuple(diagnosis.shape)}, expected {tuple(logits.shape)}: "
-                             f"one column per observation of {modality} ({', '.join(binary_observations(modality))})")
+            raise ValueError(
+                f"diagnosis labels of shape {tuple(diagnosis.shape)}, expected {tuple(logits.shape)}: "
+                f"one column per observation of {modality} ({', '.join(binary_observations(modality))})"
+            )
         present = logits > 0 if diagnosis is None else diagnosis >= 0.5
         return [diagnosis_sentence(row, modality) for row in present.tolist()]
 
-    def soft_prompt(self, images: torch.Tensor, modality: str, contexts: list[str] | None = None,
-                    diagnosis: torch.Tensor | None = None, output_attentions: bool = False,
-                    tower_tokens: torch.Tensor | None = None):
+    def soft_prompt(
+        self,
+        images: torch.Tensor,
+        modality: str,
+        contexts: list[str] | None = None,
+        diagnosis: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        tower_tokens: torch.Tensor | None = None,
+    ):
         """(prefix embeddings (B, L, H_lm), prefix mask (B, L), bridge output, diagnosis logits (B, K)
         or None): projected queries, then the (measurement context +) (diagnosis sentence +) prompt,
         left-padded to the longest prompt of the batch."""
@@ -292,8 +320,8 @@ class Blip2ReportModel(nn.Module):
         mask = torch.zeros(batch, longest + num_queries, dtype=torch.long, device=images.device)
         for i, prompt in enumerate(prompts):
             pad = longest - len(prompt)
-            prefix[i, pad:pad + num_queries] = queries[i]
-            prefix[i, pad + num_queries:] = embed(prompt)
+            prefix[i, pad : pad + num_queries] = queries[i]
+            prefix[i, pad + num_queries :] = embed(prompt)
             mask[i, pad:] = 1
         return prefix, mask, bridge_out, logits
 
@@ -303,8 +331,13 @@ class Blip2ReportModel(nn.Module):
 
     # ------------------------------------------------------------------ training and generation
     def forward(
-        self, images: torch.Tensor, modality: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-        contexts: list[str] | None = None, diagnosis: torch.Tensor | None = None,
+        self,
+        images: torch.Tensor,
+        modality: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        contexts: list[str] | None = None,
+        diagnosis: torch.Tensor | None = None,
         tower_tokens: torch.Tensor | None = None,
     ) -> Blip2ReportOutput:
         """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``;
@@ -312,16 +345,25 @@ class Blip2ReportModel(nn.Module):
         the reference labels (``blip.diagnosis.reference_diagnosis``) for a model with a diagnosis head,
         the head's targets and the sentence the LM reads; ``tower_tokens``: see ``image_tokens``."""
         if self.config.diagnosis_prompt and diagnosis is None:
-            raise ValueError("this report model has a diagnosis head (config.diagnosis_prompt): pass the reference "
-                             "labels, blip.diagnosis.reference_diagnosis(report, modality) per study")
+            raise ValueError(
+                "this report model has a diagnosis head (config.diagnosis_prompt): pass the reference "
+                "labels, blip.diagnosis.reference_diagnosis(report, modality) per study"
+            )
         sentence_labels = diagnosis
         if diagnosis is not None and self.training and self.config.diagnosis_dropout > 0:
             sentence_labels = drop_observations(diagnosis, self.config.diagnosis_dropout)
-        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(images, modality, contexts, sentence_labels,
-                                                                     tower_tokens=tower_tokens)
+        prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(
+            images, modality, contexts, sentence_labels, tower_tokens=tower_tokens
+        )
         report_embeds = self.language_model.get_input_embeddings()(input_ids)
         attention_mask = torch.cat([prefix_mask, attention_mask.to(prefix_mask)], dim=1)
-        labels = torch.cat([torch.full_like(prefix_mask, -100), input_ids.masked_fill(attention_mask[:, prefix.shape[1]:] == 0, -100)], dim=1)
+        labels = torch.cat(
+            [
+                torch.full_like(prefix_mask, -100),
+                input_ids.masked_fill(attention_mask[:, prefix.shape[1] :] == 0, -100),
+            ],
+            dim=1,
+        )
         out = self.language_model(
             inputs_embeds=torch.cat([prefix, report_embeds], dim=1),
             attention_mask=attention_mask,
@@ -332,8 +374,12 @@ class Blip2ReportModel(nn.Module):
             return Blip2ReportOutput(loss=out.loss, lm_loss=out.loss, logits=out.logits, labels=labels)
         diagnosis_loss = F.binary_cross_entropy_with_logits(diagnosis_logits.float(), diagnosis.float())
         return Blip2ReportOutput(
-            loss=out.loss + self.config.diagnosis_loss_weight * diagnosis_loss, lm_loss=out.loss, logits=out.logits,
-            labels=labels, diagnosis_logits=diagnosis_logits, diagnosis_loss=diagnosis_loss,
+            loss=out.loss + self.config.diagnosis_loss_weight * diagnosis_loss,
+            lm_loss=out.loss,
+            logits=out.logits,
+            labels=labels,
+            diagnosis_logits=diagnosis_logits,
+            diagnosis_loss=diagnosis_loss,
         )
 
     @torch.no_grad()
@@ -372,9 +418,14 @@ class Blip2ReportModel(nn.Module):
         tokens = self.language_model.generate(
             inputs_embeds=prefix,
             attention_mask=prefix_mask,
-            num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **sampling,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -434,7 +485,9 @@ class Blip2ReportModel(nn.Module):
         return model
 
 
-def attention_overlays(model: Blip2ReportModel, images: torch.Tensor, modality: str, alpha: float = 0.5) -> list[np.ndarray]:
+def attention_overlays(
+    model: Blip2ReportModel, images: torch.Tensor, modality: str, alpha: float = 0.5
+) -> list[np.ndarray]:
     """One RGB uint8 (H, W, 3) picture per image: the cross-attention map (``jet`` colours) over the
     image in grey. CT: the axial slice that receives the most attention, in the radiological
     convention (the tower's input grid is RAS); X-ray: the film."""

@@ -113,8 +113,12 @@ class QFormerBridge(nn.Module):
         self.text_embeddings = Blip2TextEmbeddings(qformer_config) if self.config.text_vocab_size > 0 else None
         self.language_projection = nn.Linear(self.config.hidden_size, self.config.lm_hidden_size)
 
-    def queries(self, image_embeds: torch.Tensor, image_attention_mask: torch.Tensor | None = None,
-                output_attentions: bool = False):
+    def queries(
+        self,
+        image_embeds: torch.Tensor,
+        image_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ):
         """The Q-Former over ``ln_vision(image_embeds)`` with the queries alone (transformers output)."""
         if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.config.vision_width:
             raise ValueError(
@@ -131,11 +135,13 @@ class QFormerBridge(nn.Module):
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, hidden) for text alone (ITC's text side): no queries, no image."""
         self._require_text()
-        return self.qformer(query_embeds=self.text_embeddings(input_ids), query_length=0,
-                            attention_mask=attention_mask).last_hidden_state
+        return self.qformer(
+            query_embeds=self.text_embeddings(input_ids), query_length=0, attention_mask=attention_mask
+        ).last_hidden_state
 
-    def image_grounded_text(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            causal: bool) -> torch.Tensor:
+    def image_grounded_text(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, causal: bool
+    ) -> torch.Tensor:
         """(B, Q + T, hidden): queries and text in one pass, the queries reading the image. ``causal``
         False (ITM): every position sees every other. True (ITG): queries see only queries, text sees the
         queries and the text before it, so the text is generated from what the queries took from the image."""
@@ -149,17 +155,21 @@ class QFormerBridge(nn.Module):
         allowed = keys[:, None, :].expand(batch, length, length).clone()
         if causal:
             allowed[:, :num_queries, num_queries:] = False
-            allowed[:, num_queries:, num_queries:] &= torch.tril(torch.ones(length - num_queries, length - num_queries,
-                                                                            dtype=torch.bool, device=keys.device))
+            allowed[:, num_queries:, num_queries:] &= torch.tril(
+                torch.ones(length - num_queries, length - num_queries, dtype=torch.bool, device=keys.device)
+            )
         additive = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
         additive = additive.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
-        return self.qformer(query_embeds=embeds, query_length=num_queries, attention_mask=additive,
-                            encoder_hidden_states=image_embeds).last_hidden_state
+        return self.qformer(
+            query_embeds=embeds, query_length=num_queries, attention_mask=additive, encoder_hidden_states=image_embeds
+        ).last_hidden_state
 
     def _require_text(self) -> None:
         if self.text_embeddings is None:
-            raise ValueError("this Q-Former reads no text (QFormerBridgeConfig.text_vocab_size is 0): "
-                             "stage-1 objectives need a bridge built with text_vocab_size > 0")
+            raise ValueError(
+                "this Q-Former reads no text (QFormerBridgeConfig.text_vocab_size is 0): "
+                "stage-1 objectives need a bridge built with text_vocab_size > 0"
+            )
 
     def forward(
         self,

@@ -59,21 +59,28 @@ class QFormerPretraining(nn.Module):
     The bridge must read text (``QFormerBridgeConfig.text_vocab_size`` = LM vocabulary + 3). The
     language model is held but never run."""
 
-    def __init__(self, report_model: Blip2ReportModel, embed_dim: int = 256,
-                 token_cache: TowerTokenCache | None = None) -> None:
+    def __init__(
+        self, report_model: Blip2ReportModel, embed_dim: int = 256, token_cache: TowerTokenCache | None = None
+    ) -> None:
         super().__init__()
         bridge = report_model.bridge.config
         self.vocab = len(report_model.tokenizer)
         if bridge.text_vocab_size != self.vocab + len(SPECIAL_TEXT_TOKENS):
-            raise ValueError(f"stage 1 needs a bridge with text_vocab_size {self.vocab + len(SPECIAL_TEXT_TOKENS)} "
-                             f"(LM vocabulary + {SPECIAL_TEXT_TOKENS}), found {bridge.text_vocab_size}")
+            raise ValueError(
+                f"stage 1 needs a bridge with text_vocab_size {self.vocab + len(SPECIAL_TEXT_TOKENS)} "
+                f"(LM vocabulary + {SPECIAL_TEXT_TOKENS}), found {bridge.text_vocab_size}"
+            )
         self.report_model = report_model
         hidden = bridge.hidden_size
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.itg_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=bridge.layer_norm_eps),
-                                      nn.Linear(hidden, bridge.text_vocab_size))
+        self.itg_head = nn.Sequential(
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.LayerNorm(hidden, eps=bridge.layer_norm_eps),
+            nn.Linear(hidden, bridge.text_vocab_size),
+        )
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.token_cache = token_cache
 
@@ -83,7 +90,9 @@ class QFormerPretraining(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """The bridge (``QFormerBridge.save_pretrained``) and the stage-1 heads beside it."""
         self.report_model.bridge.save_pretrained(folder)
-        save_file({k: v.detach().contiguous() for k, v in self.heads_state_dict().items()}, str(Path(folder) / HEADS_NAME))
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.heads_state_dict().items()}, str(Path(folder) / HEADS_NAME)
+        )
 
     def load_heads(self, folder: str | os.PathLike) -> None:
         """The heads of a ``save_pretrained`` folder, to continue stage 1 (the bridge is loaded by the caller)."""
@@ -94,9 +103,13 @@ class QFormerPretraining(nn.Module):
         heads.register_parameter("temp", self.temp)
         load_state_dict_strict(heads, load_file(str(path)), str(path))
 
-    def _text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, special: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, special: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         first = torch.full_like(input_ids[:, :1], self.vocab + SPECIAL_TEXT_TOKENS.index(special))
-        return torch.cat([first, input_ids], dim=1), torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
+        return torch.cat([first, input_ids], dim=1), torch.cat(
+            [torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1
+        )
 
     def features(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(vision tokens (B, N, width), normalised query features (B, Q, D), normalised [CLS] text
@@ -182,15 +195,22 @@ class QFormerPretrainingTask:
             text_feats.append(texts)
             keys += [findings_key(r, batch["modality"]) for r in batch["report"]]
         model.train()
-        metrics = {f"val_{k.removeprefix('loss_')}" if k != "loss" else "val_loss": v / max(batches, 1)
-                   for k, v in sums.items()}
+        metrics = {
+            f"val_{k.removeprefix('loss_')}" if k != "loss" else "val_loss": v / max(batches, 1)
+            for k, v in sums.items()
+        }
         if image_feats:
             sim = torch.einsum("iqd,jd->ijq", torch.cat(image_feats), torch.cat(text_feats)).amax(-1)
             order = sim.argsort(dim=1, descending=True).cpu().numpy()
             own = np.arange(len(order))
             rank = np.argmax(order == own[:, None], axis=1)
-            metrics.update({"val_i2t_r1": float((rank < 1).mean()), "val_i2t_r5": float((rank < 5).mean()),
-                            "val_i2t_r1_findings": float(np.mean([keys[order[i, 0]] == keys[i] for i in own]))})
+            metrics.update(
+                {
+                    "val_i2t_r1": float((rank < 1).mean()),
+                    "val_i2t_r5": float((rank < 5).mean()),
+                    "val_i2t_r1_findings": float(np.mean([keys[order[i, 0]] == keys[i] for i in own])),
+                }
+            )
         return metrics
 
     def visualize(self, model: QFormerPretraining, loader: Iterable, device: torch.device) -> dict[str, np.ndarray]:

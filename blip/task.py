@@ -45,10 +45,12 @@ from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
 
 def ct_image_transform(preprocessing: Mapping[str, Any] | None, img_size: int) -> Callable[[str], torch.Tensor]:
     """path → float32 (C, img_size, img_size, img_size) for the CT tower."""
-    pipeline = Compose([
-        build_inference_transforms(preprocessing),
-        ResizeWithPadOrCropd("image", (img_size,) * 3, mode="minimum"),
-    ])
+    pipeline = Compose(
+        [
+            build_inference_transforms(preprocessing),
+            ResizeWithPadOrCropd("image", (img_size,) * 3, mode="minimum"),
+        ]
+    )
     # A plain tensor: MetaTensor's per-op bookkeeping would slow every layer of the model down.
     return lambda path: convert_to_tensor(pipeline({"image": path})["image"], dtype=torch.float32, track_meta=False)
 
@@ -97,12 +99,16 @@ class ReportDataset(Dataset):
         self.modalities = sorted({row["modality"] for row in rows})
         if not isinstance(transform, Mapping):
             if len(self.modalities) > 1:
-                raise ValueError(f"{source}: one modality per dataset with a single transform, found "
-                                 f"{self.modalities}; pass a mapping modality -> transform for mixed rows")
+                raise ValueError(
+                    f"{source}: one modality per dataset with a single transform, found "
+                    f"{self.modalities}; pass a mapping modality -> transform for mixed rows"
+                )
             transform = {modality: transform for modality in self.modalities}
         missing = [m for m in self.modalities if m not in transform]
         if missing:
-            raise ValueError(f"{source}: no image transform for modality {missing} (transforms for {sorted(transform)})")
+            raise ValueError(
+                f"{source}: no image transform for modality {missing} (transforms for {sorted(transform)})"
+            )
         self.rows = [dict(row) for row in rows]
         self.group_keys = [row["modality"] for row in self.rows]
         self.transforms = dict(transform)
@@ -126,8 +132,15 @@ class ReportDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        return {"image": self.image(index), "path": self.path(index), "report": row["report"], "modality": row["modality"],
-                "id": str(row.get("id", index)), "context": row.get("context"), "diagnosis": row.get("diagnosis")}
+        return {
+            "image": self.image(index),
+            "path": self.path(index),
+            "report": row["report"],
+            "modality": row["modality"],
+            "id": str(row.get("id", index)),
+            "context": row.get("context"),
+            "diagnosis": row.get("diagnosis"),
+        }
 
 
 class ReportCollator:
@@ -190,17 +203,25 @@ class TowerTokenCache:
         return torch.stack([self.tokens[key] for key in keys]).to(device, non_blocking=True)
 
 
-def batch_output(model: Blip2ReportModel, batch: Mapping[str, Any], images: torch.Tensor | None = None,
-                 tower_tokens: torch.Tensor | None = None) -> Blip2ReportOutput:
+def batch_output(
+    model: Blip2ReportModel,
+    batch: Mapping[str, Any],
+    images: torch.Tensor | None = None,
+    tower_tokens: torch.Tensor | None = None,
+) -> Blip2ReportOutput:
     """The model's output on ``batch``; ``images`` (or their ``tower_tokens``) replace the batch's own
     (see ``ReportTask.validate``)."""
     device = next(model.bridge.parameters()).device
     images = batch["image"] if images is None else images
     diagnosis = batch.get("diagnosis")
     return model(
-        images.to(device, non_blocking=True), batch["modality"],
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch.get("contexts"),
-        None if diagnosis is None else diagnosis.to(device), tower_tokens,
+        images.to(device, non_blocking=True),
+        batch["modality"],
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        batch.get("contexts"),
+        None if diagnosis is None else diagnosis.to(device),
+        tower_tokens,
     )
 
 
@@ -272,8 +293,9 @@ class ReportTask:
                 totals[modality] = totals.get(modality, 0.0) + out.loss.item() * size
                 counts[modality] = counts.get(modality, 0) + size
                 if size > 1:
-                    swapped = batch_output(model, batch, batch["image"].roll(1, dims=0),
-                                           None if tokens is None else tokens.roll(1, dims=0)).lm_loss.item()
+                    swapped = batch_output(
+                        model, batch, batch["image"].roll(1, dims=0), None if tokens is None else tokens.roll(1, dims=0)
+                    ).lm_loss.item()
                     gain_total += (swapped - out.lm_loss.item()) * size
                     gain_count += size
                 if out.diagnosis_logits is not None:
@@ -286,9 +308,13 @@ class ReportTask:
                 wanted = self.num_samples - sum(s["modality"] == modality for s in self.samples)
                 if wanted > 0:
                     contexts = batch["contexts"][:wanted] if batch.get("contexts") else None
-                    generated = model.generate(batch["image"][:wanted].to(device), modality, contexts, **self.generation)
-                    self.samples += [{"id": i, "modality": modality, "reference": r, "generated": g}
-                                     for i, r, g in zip(batch["id"], batch["report"], generated)]
+                    generated = model.generate(
+                        batch["image"][:wanted].to(device), modality, contexts, **self.generation
+                    )
+                    self.samples += [
+                        {"id": i, "modality": modality, "reference": r, "generated": g}
+                        for i, r, g in zip(batch["id"], batch["report"], generated)
+                    ]
         model.train()
         if self.samples_path is not None and self.samples:
             self.samples_path.write_text(json.dumps(self.samples, indent=2) + "\n")
@@ -299,12 +325,19 @@ class ReportTask:
         if gain_count:
             metrics["val_image_gain"] = gain_total / gain_count
         if model.config.diagnosis_prompt and count:
-            metrics.update({"val_lm_loss": head["lm_loss"] / count, "val_diagnosis_loss": head["diagnosis_loss"] / count,
-                            "val_diagnosis_f1": precision_recall_f1(head["tp"], head["fp"], head["fn"])["f1"]})
+            metrics.update(
+                {
+                    "val_lm_loss": head["lm_loss"] / count,
+                    "val_diagnosis_loss": head["diagnosis_loss"] / count,
+                    "val_diagnosis_f1": precision_recall_f1(head["tp"], head["fp"], head["fn"])["f1"],
+                }
+            )
         return metrics
 
     @torch.no_grad()
-    def visualize(self, model: Blip2ReportModel, loader: Iterable, device: torch.device, max_cases: int = 2) -> dict[str, np.ndarray]:
+    def visualize(
+        self, model: Blip2ReportModel, loader: Iterable, device: torch.device, max_cases: int = 2
+    ) -> dict[str, np.ndarray]:
         """Q-Former cross-attention overlays of the first validation studies of each modality
         (``attention_overlays``)."""
         model.eval()

@@ -30,7 +30,8 @@ LM, or more stage 1 on other data (heads included). ``--stage 2`` without ``--in
 fresh bridge.
 
 Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
-(``Blip2ReportModel.save_pretrained`` of the best model; stage 1: qformer/, the bridge and heads), val_samples.json (generated reports of the
+(``Blip2ReportModel.save_pretrained`` of the best model; stage 1: qformer/, the bridge and heads),
+val_samples.json (generated reports of the
 latest validation), attention/<id>_attention.png (Q-Former cross-attention over the image of the first
 validation study of each modality), config.json, training_summary_<timestamp>.json.
 """
@@ -45,14 +46,24 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import CommandLineParser, ConfigError, check_resume, check_training_config, parse_with_config
-from engine.config import add_optimisation_arguments, add_run_arguments, add_tracking_arguments
+from engine.config import (
+    CommandLineParser,
+    ConfigError,
+    add_optimisation_arguments,
+    add_run_arguments,
+    add_tracking_arguments,
+    check_resume,
+    check_training_config,
+    parse_with_config,
+)
 
 LM_FOLDER = "lm"
 REPORT_MODEL_FOLDER = "report_model"
 QFORMER_FOLDER = "qformer"
-MANIFEST_HINT = (" (`make demo` or scripts/make_synthetic_ich.py write synthetic head-CT report manifests, "
-                 "reports_train.jsonl and reports_val.jsonl)")
+MANIFEST_HINT = (
+    " (`make demo` or scripts/make_synthetic_ich.py write synthetic head-CT report manifests, "
+    "reports_train.jsonl and reports_val.jsonl)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,32 +74,62 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_manifest", help="CSV/JSONL with columns image, report (or findings/impression), modality")
     g.add_argument("--val_manifest", help="default: the rows of --train_manifest whose split is 'val'")
     g.add_argument("--num_workers", type=int, default=0)
-    g.add_argument("--cache_images", action=bool_flag, default=False,
-                   help="keep preprocessed images in memory after their first epoch (8 MB per 128^3 CT volume)")
-    g.add_argument("--cache_tokens", action=bool_flag, default=False,
-                   help="keep a frozen tower's output per image in memory: the tower then runs once per image "
-                        "instead of once per epoch (blip.task.TowerTokenCache; 0.2-0.8 MB per CT study, 4 MB per vit_b X-ray)")
+    g.add_argument(
+        "--cache_images",
+        action=bool_flag,
+        default=False,
+        help="keep preprocessed images in memory after their first epoch (8 MB per 128^3 CT volume)",
+    )
+    g.add_argument(
+        "--cache_tokens",
+        action=bool_flag,
+        default=False,
+        help="keep a frozen tower's output per image in memory: the tower then runs once per image "
+        "instead of once per epoch (blip.task.TowerTokenCache; 0.2-0.8 MB per CT study, 4 MB per vit_b X-ray)",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--encoder", help="CT tower: sam_encoder.pth exported by train.py (architecture and preprocessing inside)")
+    g.add_argument(
+        "--encoder", help="CT tower: sam_encoder.pth exported by train.py (architecture and preprocessing inside)"
+    )
     g.add_argument("--ct_model_type", default="small", help="CT tower registry name when no --encoder (random weights)")
     g.add_argument("--xray_encoder", help="X-ray tower: segment-anything checkpoint, e.g. sam_vit_b_01ec64.pth")
     g.add_argument("--xray_model_type", default="vit_b", help="X-ray tower: vit_b (sam_vit_b) or tiny")
-    g.add_argument("--freeze_vision", action=bool_flag, default=None,
-                   help="both vision towers fixed (or trained, --no-freeze_vision); default: a tower loaded from a "
-                        "checkpoint stays fixed, a random one trains")
-    g.add_argument("--freeze_ct_tower", action=bool_flag, default=None,
-                   help="CT tower fixed or trained (default: --freeze_vision)")
-    g.add_argument("--freeze_xray_tower", action=bool_flag, default=None,
-                   help="X-ray tower fixed or trained (default: --freeze_vision)")
-    g.add_argument("--stage", type=int, choices=[1, 2], default=2,
-                   help="1: Q-Former pre-training (ITC, ITM, ITG); 2: report generation behind the LM")
+    g.add_argument(
+        "--freeze_vision",
+        action=bool_flag,
+        default=None,
+        help="both vision towers fixed (or trained, --no-freeze_vision); default: a tower loaded from a "
+        "checkpoint stays fixed, a random one trains",
+    )
+    g.add_argument(
+        "--freeze_ct_tower", action=bool_flag, default=None, help="CT tower fixed or trained (default: --freeze_vision)"
+    )
+    g.add_argument(
+        "--freeze_xray_tower",
+        action=bool_flag,
+        default=None,
+        help="X-ray tower fixed or trained (default: --freeze_vision)",
+    )
+    g.add_argument(
+        "--stage",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="1: Q-Former pre-training (ITC, ITM, ITG); 2: report generation behind the LM",
+    )
     g.add_argument("--init_from", help="a stage-1 run's qformer folder (bridge + stage-1 heads) that starts this run")
     g.add_argument("--num_query_tokens", type=int, default=32)
-    g.add_argument("--qformer_checkpoint",
-                   help="LAVIS BLIP-2 checkpoint that initialises the Q-Former bridge (blip.convert_lavis; "
-                        "parts whose widths differ from this model's restart, with a warning)")
-    g.add_argument("--bridge", type=json.loads, default={},
-                   help='Q-Former overrides as JSON, e.g. {"hidden_size": 256, "num_hidden_layers": 4} (default BERT-base)')
+    g.add_argument(
+        "--qformer_checkpoint",
+        help="LAVIS BLIP-2 checkpoint that initialises the Q-Former bridge (blip.convert_lavis; "
+        "parts whose widths differ from this model's restart, with a warning)",
+    )
+    g.add_argument(
+        "--bridge",
+        type=json.loads,
+        default={},
+        help='Q-Former overrides as JSON, e.g. {"hidden_size": 256, "num_hidden_layers": 4} (default BERT-base)',
+    )
     g.add_argument("--lm", help="local Hugging Face causal-LM folder; default: a tiny GPT-2 built in output_dir/lm")
     g.add_argument("--lm_mode", choices=["frozen", "full", "lora"], default="frozen")
     g.add_argument("--lora_r", type=int, default=8)
@@ -99,23 +140,53 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt_ct", default="Head CT report:")
     g.add_argument("--prompt_xray", default="Chest X-ray report:")
     g.add_argument("--max_text_len", type=int, default=128, help="report tokens kept (end-of-text included)")
-    g.add_argument("--condition_on_measurements", action=bool_flag, default=False,
-                   help="CT prompts start with the study's measurement sentence (blip.conditioning), read from the "
-                        "manifest's volume_ml and side columns in training and from the segmentation in use")
-    g.add_argument("--diagnosis_prompt", action=bool_flag, default=False,
-                   help="a head on the tower's tokens predicts the labeler's findings, and prompts start with them "
-                        "(blip.diagnosis): reference labels in training, the head's prediction in generation")
-    g.add_argument("--diagnosis_loss_weight", type=float, default=1.0,
-                   help="weight of the diagnosis head's binary cross-entropy in the training loss")
-    g.add_argument("--diagnosis_dropout", type=float, default=0.3,
-                   help="training: each present observation is left out of the study's diagnosis sentence with this "
-                        "probability (never all), so the LM also follows the partial lists the head writes")
-    g.add_argument("--diagnosis_lr_ratio", type=float, default=10.0,
-                   help="the diagnosis heads learn at this x lr: a linear head on fixed features converges in as "
-                        "many steps as the report model needs only at a higher rate")
+    g.add_argument(
+        "--condition_on_measurements",
+        action=bool_flag,
+        default=False,
+        help="CT prompts start with the study's measurement sentence (blip.conditioning), read from the "
+        "manifest's volume_ml and side columns in training and from the segmentation in use",
+    )
+    g.add_argument(
+        "--diagnosis_prompt",
+        action=bool_flag,
+        default=False,
+        help="a head on the tower's tokens predicts the labeler's findings, and prompts start with them "
+        "(blip.diagnosis): reference labels in training, the head's prediction in generation",
+    )
+    g.add_argument(
+        "--diagnosis_loss_weight",
+        type=float,
+        default=1.0,
+        help="weight of the diagnosis head's binary cross-entropy in the training loss",
+    )
+    g.add_argument(
+        "--diagnosis_dropout",
+        type=float,
+        default=0.3,
+        help="training: each present observation is left out of the study's diagnosis sentence with this "
+        "probability (never all), so the LM also follows the partial lists the head writes",
+    )
+    g.add_argument(
+        "--diagnosis_lr_ratio",
+        type=float,
+        default=10.0,
+        help="the diagnosis heads learn at this x lr: a linear head on fixed features converges in as "
+        "many steps as the report model needs only at a higher rate",
+    )
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
-    add_optimisation_arguments(p, "optimisation", epochs=30, batch_size=4, lr=1e-4, weight_decay=0.05, patience=10,
-                               gradient_accumulation_steps=1, scheduler_type="cosine", monitor="validation loss")
+    add_optimisation_arguments(
+        p,
+        "optimisation",
+        epochs=30,
+        batch_size=4,
+        lr=1e-4,
+        weight_decay=0.05,
+        patience=10,
+        gradient_accumulation_steps=1,
+        scheduler_type="cosine",
+        monitor="validation loss",
+    )
     g = p.add_argument_group("generation (validation samples and the final sample)")
     g.add_argument("--num_val_samples", type=int, default=2, help="per modality")
     g.add_argument("--num_beams", type=int, default=3)
@@ -165,8 +236,10 @@ def tower_freezing(args: argparse.Namespace) -> dict[str, bool]:
     per_tower = {"ct": args.freeze_ct_tower, "xray": args.freeze_xray_tower}
     pretrained = {"ct": bool(args.encoder), "xray": bool(args.xray_encoder)}
     both = args.freeze_vision
-    return {m: frozen if frozen is not None else both if both is not None else pretrained[m]
-            for m, frozen in per_tower.items()}
+    return {
+        m: frozen if frozen is not None else both if both is not None else pretrained[m]
+        for m, frozen in per_tower.items()
+    }
 
 
 def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -213,32 +286,50 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
             # Positions for the queries, the prompt with its measurement sentence (< 64 tokens) and the
             # longer of a training report and a generated one.
             positions = args.num_query_tokens + 64 + max(args.max_text_len, args.max_new_tokens)
-            build_tiny_gpt2(train_texts, lm_path, vocab_size=args.lm_vocab_size, n_layer=args.lm_layers,
-                            n_embd=args.lm_width, n_positions=positions, seed=args.seed)
+            build_tiny_gpt2(
+                train_texts,
+                lm_path,
+                vocab_size=args.lm_vocab_size,
+                n_layer=args.lm_layers,
+                n_embd=args.lm_width,
+                n_positions=positions,
+                seed=args.seed,
+            )
         barrier(ctx)
     bridge = dict(args.bridge)
     if args.init_from:  # the bridge continues with the stage-1 shape, text path included
         saved = json.loads((Path(args.init_from) / "config.json").read_text())
         if saved.get("num_query_tokens") != args.num_query_tokens:
-            raise ConfigError(f"--init_from {args.init_from} has {saved.get('num_query_tokens')} query tokens, "
-                              f"--num_query_tokens is {args.num_query_tokens}")
+            raise ConfigError(
+                f"--init_from {args.init_from} has {saved.get('num_query_tokens')} query tokens, "
+                f"--num_query_tokens is {args.num_query_tokens}"
+            )
         bridge = {k: v for k, v in saved.items() if k not in ("vision_width", "lm_hidden_size", "num_query_tokens")}
     elif args.stage == 1:
         from transformers import AutoTokenizer
 
         from blip.stage1 import SPECIAL_TEXT_TOKENS
 
-        bridge["text_vocab_size"] = len(AutoTokenizer.from_pretrained(lm_path, local_files_only=True)) + len(SPECIAL_TEXT_TOKENS)
+        bridge["text_vocab_size"] = len(AutoTokenizer.from_pretrained(lm_path, local_files_only=True)) + len(
+            SPECIAL_TEXT_TOKENS
+        )
     frozen = tower_freezing(args)
     ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, frozen["ct"])
     xray = VisionTowerConfig("sam2d", args.xray_model_type, args.xray_encoder, frozen["xray"])
     config = Blip2ReportConfig(
         ct_tower=ct.to_dict() if "ct" in modalities else None,
         xray_tower=xray.to_dict() if "xray" in modalities else None,
-        bridge=bridge, lm_path=lm_path, lm_mode=args.lm_mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        num_query_tokens=args.num_query_tokens, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
-        max_text_len=args.max_text_len, condition_on_measurements=args.condition_on_measurements,
-        diagnosis_prompt=args.diagnosis_prompt, diagnosis_loss_weight=args.diagnosis_loss_weight,
+        bridge=bridge,
+        lm_path=lm_path,
+        lm_mode=args.lm_mode,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        num_query_tokens=args.num_query_tokens,
+        prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
+        max_text_len=args.max_text_len,
+        condition_on_measurements=args.condition_on_measurements,
+        diagnosis_prompt=args.diagnosis_prompt,
+        diagnosis_loss_weight=args.diagnosis_loss_weight,
         diagnosis_dropout=args.diagnosis_dropout,
     )
     model = Blip2ReportModel(config)
@@ -295,8 +386,10 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     modalities = sorted({r["modality"] for r in train_rows})
     val_only = sorted({r["modality"] for r in val_rows} - set(modalities))
     if val_only:
-        raise ConfigError(f"{args.val_manifest or args.train_manifest}: validation rows of modality {val_only}, "
-                          f"but the training rows of {args.train_manifest} are {modalities} (that tower would not train)")
+        raise ConfigError(
+            f"{args.val_manifest or args.train_manifest}: validation rows of modality {val_only}, "
+            f"but the training rows of {args.train_manifest} are {modalities} (that tower would not train)"
+        )
     # The tiny LM's tokenizer learns the measurement and diagnosis sentences' words too.
     texts = [r["report"] for r in train_rows] + sorted({r["context"] for r in train_rows if r.get("context")})
     texts += sorted({diagnosis_sentence(r["diagnosis"], r["modality"]) for r in train_rows if r.get("diagnosis")})
@@ -307,8 +400,12 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     train_ds = ReportDataset(train_rows, transforms, args.train_manifest, args.cache_images)
     val_ds = ReportDataset(val_rows, transforms, args.val_manifest or args.train_manifest, args.cache_images)
 
-    generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-                  "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    generation = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+    }
     report_model = model
     if args.stage == 1:
         from blip.stage1 import QFormerPretraining, QFormerPretrainingTask
@@ -324,28 +421,53 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in unused]
         param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "qformer"}]
     else:
-        task = ReportTask(args.num_val_samples, generation, output_dir / "val_samples.json", args.use_mixed_precision,
-                          args.cache_tokens)
+        task = ReportTask(
+            args.num_val_samples,
+            generation,
+            output_dir / "val_samples.json",
+            args.use_mixed_precision,
+            args.cache_tokens,
+        )
         heads = {id(p) for p in model.diagnosis_heads.parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
         param_groups = [{"params": trainable, "lr": args.lr, "weight_decay": args.weight_decay, "name": "report_model"}]
     if args.stage == 2 and heads:
-        param_groups.append({"params": list(model.diagnosis_heads.parameters()), "lr": args.diagnosis_lr_ratio * args.lr,
-                             "weight_decay": args.weight_decay, "name": "diagnosis_heads"})
+        param_groups.append(
+            {
+                "params": list(model.diagnosis_heads.parameters()),
+                "lr": args.diagnosis_lr_ratio * args.lr,
+                "weight_decay": args.weight_decay,
+                "name": "diagnosis_heads",
+            }
+        )
     trainer_cfg = TrainerConfig.from_flags(args, output_dir)
     run_config = {**vars(args), "report_model_config": report_model.config.to_dict()}
     if ctx.is_main:
         (output_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     tracker_factory = lambda run_id: Tracker(
-        args.use_wandb, args.wandb_project, args.wandb_entity, run_config, output_dir, run_id, name=output_dir.name,
+        args.use_wandb,
+        args.wandb_project,
+        args.wandb_entity,
+        run_config,
+        output_dir,
+        run_id,
+        name=output_dir.name,
     )
     trainer = Trainer(
-        trainer_cfg, task, model, param_groups, device, ctx, tracker_factory,
+        trainer_cfg,
+        task,
+        model,
+        param_groups,
+        device,
+        ctx,
+        tracker_factory,
         collate_fn=ReportCollator(report_model.tokenizer, args.max_text_len),
         checkpoint_extras={"report_model_config": report_model.config.to_dict(), "stage": args.stage},
     )
-    summary_extra = {"data": {"train_studies": len(train_rows), "val_studies": len(val_rows), "modalities": modalities},
-                     "trainable_parameters": sum(p.numel() for p in trainable)}
+    summary_extra = {
+        "data": {"train_studies": len(train_rows), "val_studies": len(val_rows), "modalities": modalities},
+        "trainable_parameters": sum(p.numel() for p in trainable),
+    }
     try:
         result = trainer.fit(train_ds, val_ds, summary_extra)
         outputs = {"best_model": str(output_dir / BEST_CHECKPOINT), "latest_model": str(output_dir / LATEST_CHECKPOINT)}
@@ -367,12 +489,23 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.no_grad():
                     contexts = [first["context"]] if first["context"] else None
                     generated = model.generate(image, modality, contexts, **generation)[0]
-                    diagnosis = (diagnosis_sentence((model.diagnose(image, modality)[0] >= 0.5).tolist(), modality)
-                                 if args.diagnosis_prompt else None)
+                    diagnosis = (
+                        diagnosis_sentence((model.diagnose(image, modality)[0] >= 0.5).tolist(), modality)
+                        if args.diagnosis_prompt
+                        else None
+                    )
                 attention = write_attention_overlays(model, image, modality, [first["id"]], output_dir / "attention")
-                result["samples"].append({"id": first["id"], "modality": modality, "reference": first["report"],
-                                          "context": first["context"], "diagnosis": diagnosis, "generated": generated,
-                                          "attention_overlay": str(attention[0])})
+                result["samples"].append(
+                    {
+                        "id": first["id"],
+                        "modality": modality,
+                        "reference": first["report"],
+                        "context": first["context"],
+                        "diagnosis": diagnosis,
+                        "generated": generated,
+                        "attention_overlay": str(attention[0]),
+                    }
+                )
         result["outputs"] = outputs
         return result
     finally:
@@ -397,9 +530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             findings, impression = split_sections(sample["generated"])
             context = f"  measurements given: {sample['context']}\n" if sample["context"] else ""
             context += f"  predicted: {sample['diagnosis']}\n" if sample["diagnosis"] else ""
-            print(f"sample {sample['id']} ({sample['modality']})\n{context}  reference: {sample['reference']}\n"
-                  f"  generated: {sample['generated']}\n  findings: {findings}\n  impression: {impression}\n"
-                  f"  cross-attention: {sample['attention_overlay']}")
+            print(
+                f"sample {sample['id']} ({sample['modality']})\n{context}  reference: {sample['reference']}\n"
+                f"  generated: {sample['generated']}\n  findings: {findings}\n  impression: {impression}\n"
+                f"  cross-attention: {sample['attention_overlay']}"
+            )
         print_outcome(result, "val loss")
     return 0
 

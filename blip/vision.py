@@ -43,12 +43,26 @@ VISION_KINDS = ("sam3d", "sam2d")
 # ImageEncoderViT keyword arguments of the 2-D encoders; ``vit_b`` is segment-anything's ``sam_vit_b``.
 SAM2D_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_b": {
-        "img_size": 1024, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "num_heads": 12,
-        "out_chans": 256, "window_size": 14, "global_attn_indexes": [2, 5, 8, 11],
+        "img_size": 1024,
+        "patch_size": 16,
+        "in_chans": 3,
+        "embed_dim": 768,
+        "depth": 12,
+        "num_heads": 12,
+        "out_chans": 256,
+        "window_size": 14,
+        "global_attn_indexes": [2, 5, 8, 11],
     },
     "tiny": {
-        "img_size": 64, "patch_size": 16, "in_chans": 3, "embed_dim": 48, "depth": 2, "num_heads": 2,
-        "out_chans": 32, "window_size": 2, "global_attn_indexes": [1],
+        "img_size": 64,
+        "patch_size": 16,
+        "in_chans": 3,
+        "embed_dim": 48,
+        "depth": 2,
+        "num_heads": 2,
+        "out_chans": 32,
+        "window_size": 2,
+        "global_attn_indexes": [1],
     },
 }
 
@@ -118,8 +132,11 @@ def build_vision_tower(config: VisionTowerConfig) -> VisionTower:
             config.preprocessing = dict(meta.get("preprocessing") or {})
             notes.append(f"CT tower: loaded {config.checkpoint} ({meta.get('format', 'unknown format')})")
         else:
-            sam3d_config = (Sam3DConfig.from_dict(config.encoder_config) if config.encoder_config
-                            else model_config(config.model_type))
+            sam3d_config = (
+                Sam3DConfig.from_dict(config.encoder_config)
+                if config.encoder_config
+                else model_config(config.model_type)
+            )
             encoder = build_image_encoder(sam3d_config)
             config.encoder_config = sam3d_config.to_dict()
     else:
@@ -139,7 +156,7 @@ def load_sam2d_checkpoint(encoder: ImageEncoderViT, path: str | os.PathLike) -> 
     """Strictly load the ``image_encoder.*`` weights of a segment-anything checkpoint (e.g.
     ``sam_vit_b_01ec64.pth``, a bare state dict); returns a note on the keys it ignored."""
     state = extract_state_dict(load_checkpoint(path), path)
-    ours = {k[len(SAM2D_CHECKPOINT_PREFIX):]: v for k, v in state.items() if k.startswith(SAM2D_CHECKPOINT_PREFIX)}
+    ours = {k[len(SAM2D_CHECKPOINT_PREFIX) :]: v for k, v in state.items() if k.startswith(SAM2D_CHECKPOINT_PREFIX)}
     if not ours:
         raise CheckpointError(
             f"{path}: no '{SAM2D_CHECKPOINT_PREFIX}*' keys, not a segment-anything checkpoint "

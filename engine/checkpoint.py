@@ -16,10 +16,10 @@ import os
 import pickle
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +35,10 @@ def _numpy_globals() -> list:
     """numpy pieces a pickled scalar/array needs, under the names numpy 1.x and 2.x write."""
     allowed: list = [np.dtype, np.ndarray]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(np._core.multiarray.scalar, f"{module}.scalar"),
-                    (np._core.multiarray._reconstruct, f"{module}._reconstruct")]
+        allowed += [
+            (np._core.multiarray.scalar, f"{module}.scalar"),
+            (np._core.multiarray._reconstruct, f"{module}._reconstruct"),
+        ]
     for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
         dtype_class = getattr(np.dtypes, name)
         allowed.append((dtype_class, f"numpy.dtypes.{name}"))
@@ -70,7 +72,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"refusing to load {path}: {detail}") from None
     except Exception as err:  # torch.load on a truncated or foreign file fails in many ways (struct.error...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason} (truncated or not a torch checkpoint?)") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {reason} (truncated or not a torch checkpoint?)"
+        ) from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -120,12 +124,15 @@ def lock_output_dir(path: str | os.PathLike, enabled: bool = True) -> Iterator[N
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise ConfigError(f"--output_dir {folder}: in use by {holder}; wait for that run or choose another "
-                          "--output_dir") from None
+        raise ConfigError(
+            f"--output_dir {folder}: in use by {holder}; wait for that run or choose another --output_dir"
+        ) from None
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(f"PID {os.getpid()} on {socket.gethostname()}, started {datetime.now().isoformat(timespec='seconds')}\n")
+        handle.write(
+            f"PID {os.getpid()} on {socket.gethostname()}, started {datetime.now().isoformat(timespec='seconds')}\n"
+        )
         handle.flush()
         yield
     finally:
@@ -158,7 +165,7 @@ def extract_state_dict(checkpoint: Any, path: str | os.PathLike = "<checkpoint>"
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(checkpoint)[:10]})")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 

@@ -23,6 +23,7 @@ __all__ = ["plain_warnings", "run_main"]
 def plain_warnings() -> Iterator[None]:
     """Within it, each warning is one line, ``warning: <message>``, on stderr: these are for the user
     (gantry tilt, uneven steps, series left out), not for a developer's file and line."""
+
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=file or sys.stderr)
 
@@ -58,6 +59,9 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
         except torch.OutOfMemoryError as err:
             if debug:
                 raise
-            print(f"error: out of memory ({str(err).splitlines()[0]}); lower --batch_size, or use "
-                  "--use_gradient_checkpointing / --use_mixed_precision", file=sys.stderr)
+            print(
+                f"error: out of memory ({str(err).splitlines()[0]}); lower --batch_size, or use "
+                "--use_gradient_checkpointing / --use_mixed_precision",
+                file=sys.stderr,
+            )
             return 1

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -46,16 +47,35 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> argpa
     g.add_argument("--output_dir", default=output_dir)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue from output_dir/latest_model.pth")
-    g.add_argument("--allow_changed", nargs="+", default=[], metavar="FLAG",
-                   help="with --resume: flags whose value may differ from the run being resumed")
+    g.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="continue from output_dir/latest_model.pth",
+    )
+    g.add_argument(
+        "--allow_changed",
+        nargs="+",
+        default=[],
+        metavar="FLAG",
+        help="with --resume: flags whose value may differ from the run being resumed",
+    )
     return g
 
 
 def add_optimisation_arguments(
-    parser: argparse.ArgumentParser, title: str, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
-    patience: int, gradient_accumulation_steps: int, scheduler_type: str, monitor: str, lr_help: str | None = None,
+    parser: argparse.ArgumentParser,
+    title: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+    gradient_accumulation_steps: int,
+    scheduler_type: str,
+    monitor: str,
+    lr_help: str | None = None,
 ) -> argparse._ArgumentGroup:
     """The engine's optimisation flags with a workflow's defaults; ``monitor`` names what early
     stopping watches. Returned for additions."""
@@ -65,8 +85,12 @@ def add_optimisation_arguments(
     g.add_argument("--lr", type=float, default=lr, help=lr_help)
     g.add_argument("--weight_decay", type=float, default=weight_decay)
     g.add_argument("--patience", type=int, default=patience, help=f"early stopping on {monitor}")
-    g.add_argument("--use_mixed_precision", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast where supported, fp16 + grad scaler otherwise")
+    g.add_argument(
+        "--use_mixed_precision",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bf16 autocast where supported, fp16 + grad scaler otherwise",
+    )
     g.add_argument("--gradient_accumulation_steps", type=int, default=gradient_accumulation_steps)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--scheduler_type", choices=["reduce_on_plateau", "cosine", "step"], default=scheduler_type)
@@ -80,8 +104,12 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, project: str, images
     g.add_argument("--use_wandb", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--wandb_project", default=project)
     g.add_argument("--wandb_entity", default=None)
-    g.add_argument("--log_images", action=argparse.BooleanOptionalAction, default=False,
-                   help=f"{images} to W&B every --log_freq epochs")
+    g.add_argument(
+        "--log_images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=f"{images} to W&B every --log_freq epochs",
+    )
     g.add_argument("--log_freq", type=int, default=5)
     return g
 
@@ -116,8 +144,11 @@ def _yaml_value(path: Path, key: str, value: Any, action: argparse.Action) -> An
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if many:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} expects a list" + (f" of {action.nargs} values" if isinstance(action.nargs, int)
-                                                           else "") + f", found {value!r}")
+            raise ConfigError(
+                f"{where} expects a list"
+                + (f" of {action.nargs} values" if isinstance(action.nargs, int) else "")
+                + f", found {value!r}"
+            )
         if isinstance(action.nargs, int) and len(value) != action.nargs:
             raise ConfigError(f"{where} expects {action.nargs} values, found {len(value)}: {value!r}")
         if action.nargs == "+" and not value:
@@ -134,8 +165,9 @@ def _yaml_value(path: Path, key: str, value: Any, action: argparse.Action) -> An
             try:
                 item = action.type(item)
             except (TypeError, ValueError):
-                raise ConfigError(f"{where} expects {getattr(action.type, '__name__', 'a value')} values, "
-                                  f"found {item!r}") from None
+                raise ConfigError(
+                    f"{where} expects {getattr(action.type, '__name__', 'a value')} values, found {item!r}"
+                ) from None
         elif isinstance(item, bool) and action.type in (int, float):
             raise ConfigError(f"{where} expects a number, found {item!r}")
         if action.choices is not None and item not in action.choices:
@@ -153,14 +185,47 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
 
 
 # Resuming may always change these: they say how long, where and how the run is watched, not what it learns.
-RESUME_MAY_CHANGE = frozenset({
-    "resume", "allow_changed", "resume_changes", "config", "test", "epochs", "patience", "output_dir", "device",
-    "num_workers", "cache_dir", "validate_data", "skip_invalid", "use_wandb", "wandb_project", "wandb_entity",
-    "log_images", "log_freq", "max_steps_per_epoch", "cache_images", "cache_tokens",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "allow_changed",
+        "resume_changes",
+        "config",
+        "test",
+        "epochs",
+        "patience",
+        "output_dir",
+        "device",
+        "num_workers",
+        "cache_dir",
+        "validate_data",
+        "skip_invalid",
+        "use_wandb",
+        "wandb_project",
+        "wandb_entity",
+        "log_images",
+        "log_freq",
+        "max_steps_per_epoch",
+        "cache_images",
+        "cache_tokens",
+    }
+)
 # Restored from the checkpoint on resume, so a new value would be recorded but not used.
-RESUME_RESTORED = frozenset({"lr", "weight_decay", "decoder_lr_ratio", "diagnosis_lr_ratio", "scheduler_type",
-                             "scheduler_gamma", "scheduler_patience", "min_lr", "seed", "model_type", "img_size"})
+RESUME_RESTORED = frozenset(
+    {
+        "lr",
+        "weight_decay",
+        "decoder_lr_ratio",
+        "diagnosis_lr_ratio",
+        "scheduler_type",
+        "scheduler_gamma",
+        "scheduler_patience",
+        "min_lr",
+        "seed",
+        "model_type",
+        "img_size",
+    }
+)
 
 
 def check_resume(args: argparse.Namespace) -> list[str]:
@@ -175,16 +240,22 @@ def check_resume(args: argparse.Namespace) -> list[str]:
         return []
     saved = json.loads(saved_path.read_text())
     current = json.loads(json.dumps(vars(args), default=str))
-    changed = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE}
+    changed = {
+        k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE
+    }
     restored = sorted(k for k in changed if k in RESUME_RESTORED)
     if restored:
-        raise ConfigError(f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in restored)} "
-                          f"cannot change on resume (the checkpoint restores them); start a new --output_dir instead")
+        raise ConfigError(
+            f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in restored)} "
+            f"cannot change on resume (the checkpoint restores them); start a new --output_dir instead"
+        )
     refused = sorted(k for k in changed if k not in set(args.allow_changed))
     if refused:
-        raise ConfigError(f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in refused)} "
-                          f"differ from the run being resumed ({saved_path}); pass --allow_changed "
-                          f"{' '.join(refused)} to resume with them, or start a new --output_dir")
+        raise ConfigError(
+            f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in refused)} "
+            f"differ from the run being resumed ({saved_path}); pass --allow_changed "
+            f"{' '.join(refused)} to resume with them, or start a new --output_dir"
+        )
     return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())]
 
 
@@ -197,7 +268,9 @@ def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
     if cfg.get("lr", 1.0) <= 0:
         raise ConfigError(f"lr must be > 0, got {cfg['lr']}")
     if cfg.get("max_steps_per_epoch") is not None and cfg["max_steps_per_epoch"] < 1:
-        raise ConfigError(f"max_steps_per_epoch must be >= 1 (or left out for whole epochs), got {cfg['max_steps_per_epoch']}")
+        raise ConfigError(
+            f"max_steps_per_epoch must be >= 1 (or left out for whole epochs), got {cfg['max_steps_per_epoch']}"
+        )
     if "device" in cfg:
         from .distributed import resolve_device
 
@@ -207,9 +280,7 @@ def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
     warnings = []
     if cfg.get("patience", 0) >= cfg.get("epochs", 1):
-        warnings.append(
-            f"patience ({cfg['patience']}) >= epochs ({cfg['epochs']}): early stopping can never trigger"
-        )
+        warnings.append(f"patience ({cfg['patience']}) >= epochs ({cfg['epochs']}): early stopping can never trigger")
     if cfg.get("lr", 0) > 1e-2:
         warnings.append(f"lr {cfg['lr']} is unusually high for fine-tuning a ViT (typical: 1e-5 .. 1e-4)")
     workers = cfg.get("num_workers", 0)

@@ -39,8 +39,9 @@ def plot_training_curves(summary_path: str | os.PathLike, output_png: str | os.P
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{summary.get('monitor', '')} best {summary.get('best_metric')} — {summary.get('stop_reason', '')}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{summary.get('monitor', '')} best {summary.get('best_metric')} — {summary.get('stop_reason', '')}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(output_png, dpi=110)
     plt.close(fig)

@@ -61,14 +61,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
         for indices in self.groups.values():  # insertion order: the first item of each group decides
             if self.shuffle:
                 indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-            batches += [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
+            batches += [indices[start : start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         padding = self.num_batches * self.num_replicas - len(batches)
         return batches + (batches * (padding // max(len(batches), 1) + 1))[:padding]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank::self.num_replicas]
+        yield from self._all_batches()[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         return self.num_batches

@@ -10,11 +10,22 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REQUIRED_PACKAGES = (
-    "torch", "numpy", "monai", "einops", "nibabel", "SimpleITK", "scipy", "yaml", "psutil", "tqdm", "wandb", "PIL",
+    "torch",
+    "numpy",
+    "monai",
+    "einops",
+    "nibabel",
+    "SimpleITK",
+    "scipy",
+    "yaml",
+    "psutil",
+    "tqdm",
+    "wandb",
+    "PIL",
 )
 
 

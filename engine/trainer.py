@@ -21,10 +21,11 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -89,9 +90,21 @@ class TrainerConfig:
     extra: dict = field(default_factory=dict)  # workflow settings recorded in checkpoints/summary
 
     # Settings that are command-line flags of both workflows (engine.config adds them, same names).
-    FLAGS = ("epochs", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "use_mixed_precision",
-             "scheduler_type", "patience", "seed", "num_workers", "log_freq", "log_images", "resume",
-             "max_steps_per_epoch")
+    FLAGS = (
+        "epochs",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_grad_norm",
+        "use_mixed_precision",
+        "scheduler_type",
+        "patience",
+        "seed",
+        "num_workers",
+        "log_freq",
+        "log_images",
+        "resume",
+        "max_steps_per_epoch",
+    )
 
     @classmethod
     def from_flags(cls, flags: Any, output_dir: str | Path) -> TrainerConfig:
@@ -156,9 +169,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, task.monitor_mode)
         self.amp_dtype = autocast_dtype(device)
         self.use_amp = cfg.use_mixed_precision
-        self.scaler = torch.amp.GradScaler(
-            device.type, enabled=self.use_amp and self.amp_dtype == torch.float16
-        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         module = task.training_module(self.model)
         if ctx.enabled:
             # Negative-only batches skip the click embeddings, so some parameters get no gradient.
@@ -213,12 +224,22 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
         self.scaler.load_state_dict(ckpt["scaler_state_dict"])
-        for key in ("epoch", "best_metric", "best_epoch", "epochs_without_improvement", "history", "started", "wandb_run_id"):
+        for key in (
+            "epoch",
+            "best_metric",
+            "best_epoch",
+            "epochs_without_improvement",
+            "history",
+            "started",
+            "wandb_run_id",
+        ):
             self.state[key] = ckpt[key]
         set_rng_state(ckpt["rng_state"])
         if self.ctx.is_main:
-            print(f"Resumed from {path} at epoch {self.state['epoch']} (best {self.task.monitor} "
-                  f"{self.state['best_metric']} at epoch {self.state['best_epoch']})")
+            print(
+                f"Resumed from {path} at epoch {self.state['epoch']} (best {self.task.monitor} "
+                f"{self.state['best_metric']} at epoch {self.state['best_epoch']})"
+            )
 
     # ---------------------------------------------------------------- loop
     def _loader(self, dataset: Dataset, shuffle: bool, ctx: DistributedContext) -> DataLoader:
@@ -226,13 +247,23 @@ class Trainer:
 
         group_keys = getattr(dataset, "group_keys", None)
         if group_keys is not None:
-            batching = {"batch_sampler": GroupedBatchSampler(
-                group_keys, self.cfg.batch_size, shuffle, self.cfg.seed, ctx.world_size, ctx.rank
-            )}
+            batching = {
+                "batch_sampler": GroupedBatchSampler(
+                    group_keys, self.cfg.batch_size, shuffle, self.cfg.seed, ctx.world_size, ctx.rank
+                )
+            }
         else:
-            batching = {"batch_size": self.cfg.batch_size, "sampler": DistributedSampler(
-                dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=self.cfg.seed, drop_last=False
-            )}
+            batching = {
+                "batch_size": self.cfg.batch_size,
+                "sampler": DistributedSampler(
+                    dataset,
+                    num_replicas=ctx.world_size,
+                    rank=ctx.rank,
+                    shuffle=shuffle,
+                    seed=self.cfg.seed,
+                    drop_last=False,
+                ),
+            }
         return MonaiDataLoader(
             dataset,
             **batching,
@@ -250,7 +281,13 @@ class Trainer:
         counts: dict[str, int] = {}  # a log key may be absent from some batches (e.g. no negatives)
         seen = 0
         self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.ctx.is_main, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not self.ctx.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
@@ -358,22 +395,28 @@ class Trainer:
                     self._write_summary(summary_path, "running", summary_extra)
                 barrier(self.ctx)
                 if stop:
-                    stop_reason = (f"early stopping: {self.task.monitor} did not improve for {cfg.patience} epochs "
-                                   f"(best {self.state['best_metric']:.4f} at epoch {self.state['best_epoch']})")
+                    stop_reason = (
+                        f"early stopping: {self.task.monitor} did not improve for {cfg.patience} epochs "
+                        f"(best {self.state['best_metric']:.4f} at epoch {self.state['best_epoch']})"
+                    )
                     break
         except KeyboardInterrupt:
             stop_reason = f"interrupted during epoch {self.state['epoch'] + 1}; resume with --resume"
             raise
         except BaseException as err:  # the summary must not say "completed" for a run that crashed
-            stop_reason = (f"failed during epoch {self.state['epoch'] + 1} ({type(err).__name__}: {err}); the last "
-                           f"finished epoch is {self.state['epoch']}, resume with --resume")
+            stop_reason = (
+                f"failed during epoch {self.state['epoch'] + 1} ({type(err).__name__}: {err}); the last "
+                f"finished epoch is {self.state['epoch']}, resume with --resume"
+            )
             raise
         finally:
             if self.ctx.is_main:
                 self._write_summary(summary_path, stop_reason, summary_extra)
                 if self.state["history"]:
                     plot_training_curves(summary_path, self.output_dir / "training_curves.png")
-                tracker.summary({"best_" + self.task.monitor: self.state["best_metric"], "best_epoch": self.state["best_epoch"]})
+                tracker.summary(
+                    {"best_" + self.task.monitor: self.state["best_metric"], "best_epoch": self.state["best_epoch"]}
+                )
                 tracker.finish()
         return {
             "summary_path": str(summary_path),

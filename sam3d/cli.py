@@ -14,22 +14,43 @@ from engine.config import ConfigError
 from engine.errors import UserError
 
 from .data.io import Volume, load_volume, strip_volume_extension
-from .predict import Click
+from .predict import MIN_COMPONENT_HU, MIN_VOXEL_HU, Click
 
-__all__ = ["add_scan_arguments", "output_stems", "parse_clicks", "read_scan", "run_batch"]
+__all__ = ["add_hyperdense_argument", "add_scan_arguments", "output_stems", "parse_clicks", "read_scan", "run_batch"]
+
+
+def add_hyperdense_argument(parser: argparse.ArgumentParser) -> None:
+    """--hyperdense_only / --no-hyperdense_only (sam3d.predict.hyperdense_gate)."""
+    parser.add_argument(
+        "--hyperdense_only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"keep acute (hyperdense) blood only: components a quarter of which reaches {MIN_COMPONENT_HU:g} HU, "
+        f"trimmed to their half-maximum edge (>= {MIN_VOXEL_HU:g} HU); --no-hyperdense_only for subacute or "
+        "chronic hemorrhage",
+    )
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     """--series_uid and --allow_gaps: how a DICOM folder becomes one volume (see sam3d.data.dicom)."""
-    parser.add_argument("--series_uid", default=None,
-                        help="DICOM folders holding several series: the SeriesInstanceUID, or part of the "
-                             "SeriesDescription, of the one to read (default: the axial, non-localizer series "
-                             "with the most slices)")
-    parser.add_argument("--fail_fast", action="store_true",
-                        help="stop at the first scan that fails (default: record it, go on, exit 1 at the end)")
-    parser.add_argument("--allow_gaps", action="store_true",
-                        help="DICOM: accept missing slices (interpolated) and duplicate positions (first kept) "
-                             "instead of stopping; both are recorded in the geometry")
+    parser.add_argument(
+        "--series_uid",
+        default=None,
+        help="DICOM folders holding several series: the SeriesInstanceUID, or part of the "
+        "SeriesDescription, of the one to read (default: the axial, non-localizer series "
+        "with the most slices)",
+    )
+    parser.add_argument(
+        "--fail_fast",
+        action="store_true",
+        help="stop at the first scan that fails (default: record it, go on, exit 1 at the end)",
+    )
+    parser.add_argument(
+        "--allow_gaps",
+        action="store_true",
+        help="DICOM: accept missing slices (interpolated) and duplicate positions (first kept) "
+        "instead of stopping; both are recorded in the geometry",
+    )
 
 
 def read_scan(path: str, args: argparse.Namespace) -> Volume:
@@ -59,14 +80,17 @@ def output_stems(inputs: Sequence[str]) -> dict[str, str]:
     seen: dict[str, str] = {}
     for path, stem in stems.items():
         if stem in seen:
-            raise ConfigError(f"--input: {seen[stem]} and {path} would both write outputs named '{stem}_*'; "
-                              "rename one or run them into separate --output_dir")
+            raise ConfigError(
+                f"--input: {seen[stem]} and {path} would both write outputs named '{stem}_*'; "
+                "rename one or run them into separate --output_dir"
+            )
         seen[stem] = path
     return stems
 
 
-def run_batch(inputs: Sequence[str], process: Callable[[str], dict[str, Any]], fail_fast: bool,
-              record_path: Path) -> int:
+def run_batch(
+    inputs: Sequence[str], process: Callable[[str], dict[str, Any]], fail_fast: bool, record_path: Path
+) -> int:
     """``process`` each input and write the records to ``record_path`` (JSON list, atomically); a scan
     that fails is recorded as ``{"source", "error"}`` and the batch goes on (``fail_fast``: the error
     ends the batch instead). Returns the exit code: 1 if any scan failed."""

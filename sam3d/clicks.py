@@ -7,7 +7,7 @@ one. The previous round's low-res logits go back in as the mask prompt; the imag
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.profiler import record_function

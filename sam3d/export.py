@@ -12,7 +12,8 @@ projection, and the preprocessing the encoder was trained with.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -67,6 +68,8 @@ def load_exported_encoder(
     load_state_dict_strict(encoder, payload["image_encoder_state_dict"], f"{path} [image_encoder_state_dict]")
     projector = VisualTokenProjector(config.prompt_embed_dim, int(payload.get("visual_tokens", 256)))
     if "visual_projection_state_dict" in payload:
-        load_state_dict_strict(projector, payload["visual_projection_state_dict"], f"{path} [visual_projection_state_dict]")
+        load_state_dict_strict(
+            projector, payload["visual_projection_state_dict"], f"{path} [visual_projection_state_dict]"
+        )
     meta = {k: v for k, v in payload.items() if not k.endswith("state_dict")}
     return encoder, projector, meta

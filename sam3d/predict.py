@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,13 @@ HYPERDENSE_SHARE = 0.25
 # the gate, and with clicks, 0.5.
 AUTOMATIC_THRESHOLD = 0.3
 THRESHOLD = 0.5
+
+
+def hyperdense_options(on: bool) -> dict[str, float | None]:
+    """``HemorrhageSegmenter`` keywords for the hyperdense gate: the defaults, or off."""
+    return {"min_component_hu": MIN_COMPONENT_HU if on else None, "min_voxel_hu": MIN_VOXEL_HU if on else None}
+
+
 MIN_VOXEL_HU = 40.0
 
 
@@ -107,11 +115,18 @@ class SegmentationResult:
         return self.volume.affine
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "mode": self.mode, "shape": list(self.mask.shape),
-                "spacing_mm": list(self.volume.spacing_mm), "voxel_volume_ml": self.volume.voxel_volume_ml,
-                "geometry": self.volume.geometry.to_json(), "geometry_summary": self.volume.geometry.summary(),
-                "measurements": asdict(self.measurements),
-                "postprocessing": self.postprocessing, "files": self.files}
+        return {
+            "source": self.source,
+            "mode": self.mode,
+            "shape": list(self.mask.shape),
+            "spacing_mm": list(self.volume.spacing_mm),
+            "voxel_volume_ml": self.volume.voxel_volume_ml,
+            "geometry": self.volume.geometry.to_json(),
+            "geometry_summary": self.volume.geometry.summary(),
+            "measurements": asdict(self.measurements),
+            "postprocessing": self.postprocessing,
+            "files": self.files,
+        }
 
 
 def measure(mask: np.ndarray, volume: Volume, head_midline_x_mm: float | None = None) -> Measurements:
@@ -187,8 +202,12 @@ def _seal_skull(bone: np.ndarray, spacing_mm: Sequence[float], axial: int, seal_
     return bone | bridges
 
 
-def intracranial_mask(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU, margin_mm: float = INTRACRANIAL_MARGIN_MM,
-                      seal_mm: float = SKULL_SEAL_MM) -> np.ndarray:
+def intracranial_mask(
+    volume: Volume,
+    bone_hu: float = BONE_THRESHOLD_HU,
+    margin_mm: float = INTRACRANIAL_MARGIN_MM,
+    seal_mm: float = SKULL_SEAL_MM,
+) -> np.ndarray:
     """The space inside the skull, found in the scan's own HU values: bool array on the input grid.
 
     Bone is ``HU >= bone_hu``. On each axial slice the bone ring is closed over gaps up to
@@ -209,8 +228,15 @@ def intracranial_mask(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU, margin
     return cavity
 
 
-def hyperdense_gate(mask: np.ndarray, volume: Volume, protected: np.ndarray, min_component_hu: float,
-                    min_voxel_hu: float, blur_mm: float = 0.5, shell_mm: float = 3.0) -> tuple[np.ndarray, dict[str, Any]]:
+def hyperdense_gate(
+    mask: np.ndarray,
+    volume: Volume,
+    protected: np.ndarray,
+    min_component_hu: float,
+    min_voxel_hu: float,
+    blur_mm: float = 0.5,
+    shell_mm: float = 3.0,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Drop components of ``mask`` of which less than ``HYPERDENSE_SHARE`` is at or above
     ``min_component_hu``; trim each kept one to the voxels (HU blurred by ``blur_mm`` in plane against
     noise) at or above half-way between its hyperdense voxels' median and the median of a ``shell_mm``
@@ -235,16 +261,26 @@ def hyperdense_gate(mask: np.ndarray, volume: Volume, protected: np.ndarray, min
         gated |= component & (blurred >= edge)
         edges.append(round(edge, 1))
     voxel_ml = volume.voxel_volume_ml
-    return gated, {"min_component_hu": min_component_hu, "min_voxel_hu": min_voxel_hu, "edges_hu": edges,
-                   "components_removed": int(np.sum(shares < HYPERDENSE_SHARE)),
-                   "removed_ml": round(float((mask & ~gated).sum()) * voxel_ml, 2)}
+    return gated, {
+        "min_component_hu": min_component_hu,
+        "min_voxel_hu": min_voxel_hu,
+        "edges_hu": edges,
+        "components_removed": int(np.sum(shares < HYPERDENSE_SHARE)),
+        "removed_ml": round(float((mask & ~gated).sum()) * voxel_ml, 2),
+    }
 
 
-def postprocess_mask(mask: np.ndarray, volume: Volume, keep_points: Sequence[Sequence[float]] = (),
-                     restrict_intracranial: bool = True, min_component_ml: float = MIN_COMPONENT_ML,
-                     bone_hu: float = BONE_THRESHOLD_HU, margin_mm: float = INTRACRANIAL_MARGIN_MM,
-                     min_component_hu: float | None = MIN_COMPONENT_HU,
-                     min_voxel_hu: float | None = MIN_VOXEL_HU) -> tuple[np.ndarray, dict[str, Any]]:
+def postprocess_mask(
+    mask: np.ndarray,
+    volume: Volume,
+    keep_points: Sequence[Sequence[float]] = (),
+    restrict_intracranial: bool = True,
+    min_component_ml: float = MIN_COMPONENT_ML,
+    bone_hu: float = BONE_THRESHOLD_HU,
+    margin_mm: float = INTRACRANIAL_MARGIN_MM,
+    min_component_hu: float | None = MIN_COMPONENT_HU,
+    min_voxel_hu: float | None = MIN_VOXEL_HU,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Clear voxels outside the intracranial space, keep hyperdense components (:func:`hyperdense_gate`;
     ``min_component_hu=None`` turns it off), then drop components under ``min_component_ml``.
 
@@ -256,16 +292,24 @@ def postprocess_mask(mask: np.ndarray, volume: Volume, keep_points: Sequence[Seq
     voxel_ml = volume.voxel_volume_ml
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     shape = np.array(mask.shape)
-    clicked = {int(labels[tuple(p)]) for p in np.round(np.asarray(keep_points, dtype=float).reshape(-1, 3)).astype(int)
-               if np.all((p >= 0) & (p < shape))} - {0}
+    clicked = {
+        int(labels[tuple(p)])
+        for p in np.round(np.asarray(keep_points, dtype=float).reshape(-1, 3)).astype(int)
+        if np.all((p >= 0) & (p < shape))
+    } - {0}
     protected = np.isin(labels, sorted(clicked))
-    record: dict[str, Any] = {"volume_before_ml": round(float(mask.sum()) * voxel_ml, 2),
-                              "clicked_components_kept": len(clicked)}
+    record: dict[str, Any] = {
+        "volume_before_ml": round(float(mask.sum()) * voxel_ml, 2),
+        "clicked_components_kept": len(clicked),
+    }
     if restrict_intracranial:
         inside = intracranial_mask(volume, bone_hu, margin_mm)
         inside_ml = float(inside.sum()) * voxel_ml
-        step: dict[str, Any] = {"bone_hu": bone_hu, "margin_mm": margin_mm,
-                                "intracranial_volume_ml": round(inside_ml, 1)}
+        step: dict[str, Any] = {
+            "bone_hu": bone_hu,
+            "margin_mm": margin_mm,
+            "intracranial_volume_ml": round(inside_ml, 1),
+        }
         if inside_ml < MIN_INTRACRANIAL_ML:
             step["applied"] = False
             step["reason"] = f"under {MIN_INTRACRANIAL_ML:g} mL enclosed by bone: no skull found in the scan"
@@ -275,15 +319,19 @@ def postprocess_mask(mask: np.ndarray, volume: Volume, keep_points: Sequence[Seq
             mask = kept
         record["intracranial_mask"] = step
     if min_component_hu is not None:
-        mask, record["hyperdense"] = hyperdense_gate(mask, volume, protected, min_component_hu,
-                                                     min_component_hu if min_voxel_hu is None else min_voxel_hu)
+        mask, record["hyperdense"] = hyperdense_gate(
+            mask, volume, protected, min_component_hu, min_component_hu if min_voxel_hu is None else min_voxel_hu
+        )
     if min_component_ml > 0:
         labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
         sizes_ml = np.asarray(ndimage.sum_labels(mask, labels, index=range(1, count + 1))) * voxel_ml
         touches_click = np.asarray(ndimage.maximum(protected, labels, index=range(1, count + 1)), dtype=bool)
         small = np.flatnonzero((sizes_ml < min_component_ml) & ~touches_click) + 1
-        record["min_component"] = {"min_component_ml": min_component_ml, "components_removed": int(small.size),
-                                   "removed_ml": round(float(sizes_ml[small - 1].sum()), 2)}
+        record["min_component"] = {
+            "min_component_ml": min_component_ml,
+            "components_removed": int(small.size),
+            "removed_ml": round(float(sizes_ml[small - 1].sum()), 2),
+        }
         mask = mask & ~np.isin(labels, small)
     record["volume_after_ml"] = round(float(mask.sum()) * voxel_ml, 2)
     return mask.astype(np.uint8), record
@@ -293,8 +341,13 @@ def to_input_grid(values: np.ndarray, model_affine: np.ndarray, volume: Volume, 
     """Resample a model-grid array (X, Y, Z) onto the input volume's grid through both affines."""
     voxel_to_model = np.linalg.inv(model_affine) @ volume.affine
     return ndimage.affine_transform(
-        values, voxel_to_model[:3, :3], offset=voxel_to_model[:3, 3], output_shape=volume.array.shape[:3],
-        order=order, mode="constant", cval=0.0,
+        values,
+        voxel_to_model[:3, :3],
+        offset=voxel_to_model[:3, 3],
+        output_shape=volume.array.shape[:3],
+        order=order,
+        mode="constant",
+        cval=0.0,
     )
 
 
@@ -321,8 +374,9 @@ def check_head_ct(volume: Volume) -> None:
     if lo < -3100 or hi > 40000:
         problems.append(f"values {lo:g}..{hi:g} lie outside the CT range in HU (about -1024..3071)")
     if float(np.percentile(sample, 1)) > -500:
-        problems.append(f"no air (1st percentile {np.percentile(sample, 1):.0f}, air is about -1000 HU): not in HU, "
-                        "or not a CT")
+        problems.append(
+            f"no air (1st percentile {np.percentile(sample, 1):.0f}, air is about -1000 HU): not in HU, or not a CT"
+        )
     if float(np.percentile(sample, 99.9)) < 300:
         problems.append("no bone (99.9th percentile below 300 HU)")
     shape = np.array(volume.array.shape)
@@ -342,10 +396,15 @@ def check_clicks_inside(clicks: Sequence[Click], volume: Volume) -> None:
         if np.all(voxel >= -0.5) and np.all(voxel <= shape - 0.5):
             continue
         world = volume.affine[:3, :3] @ grid_corners(volume.array.shape) + volume.affine[:3, 3:]
-        bounds = (f"voxel indices 0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1}" if click.space == "voxel"
-                  else "RAS mm " + ", ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(world.min(1), world.max(1))))
-        raise ConfigError(f"--click {' '.join(f'{v:g}' for v in click.position)} ({click.space}): outside "
-                          f"{volume.source}, which spans {bounds}")
+        bounds = (
+            f"voxel indices 0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1}"
+            if click.space == "voxel"
+            else "RAS mm " + ", ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(world.min(1), world.max(1)))
+        )
+        raise ConfigError(
+            f"--click {' '.join(f'{v:g}' for v in click.position)} ({click.space}): outside "
+            f"{volume.source}, which spans {bounds}"
+        )
 
 
 class HemorrhageSegmenter:
@@ -363,11 +422,20 @@ class HemorrhageSegmenter:
     In interactive mode a component holding a positive click is never removed or trimmed.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
-                 model_type: str | None = None, overlap: float = 0.5, sw_batch_size: int = 1,
-                 restrict_intracranial: bool = True, min_component_ml: float = MIN_COMPONENT_ML,
-                 bone_hu: float = BONE_THRESHOLD_HU, margin_mm: float = INTRACRANIAL_MARGIN_MM,
-                 min_component_hu: float | None = MIN_COMPONENT_HU, min_voxel_hu: float | None = MIN_VOXEL_HU) -> None:
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        model_type: str | None = None,
+        overlap: float = 0.5,
+        sw_batch_size: int = 1,
+        restrict_intracranial: bool = True,
+        min_component_ml: float = MIN_COMPONENT_ML,
+        bone_hu: float = BONE_THRESHOLD_HU,
+        margin_mm: float = INTRACRANIAL_MARGIN_MM,
+        min_component_hu: float | None = MIN_COMPONENT_HU,
+        min_voxel_hu: float | None = MIN_VOXEL_HU,
+    ) -> None:
         if min_component_ml < 0 or margin_mm < 0:
             raise ValueError(f"min_component_ml and margin_mm must be >= 0, got {min_component_ml} and {margin_mm}")
         model, meta = load_trained_sam3d(checkpoint, model_type)
@@ -377,9 +445,14 @@ class HemorrhageSegmenter:
         self.transform = build_inference_transforms(self.preprocessing)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
-        self.postprocessing = {"restrict_intracranial": restrict_intracranial, "min_component_ml": min_component_ml,
-                               "bone_hu": bone_hu, "margin_mm": margin_mm, "min_component_hu": min_component_hu,
-                               "min_voxel_hu": min_voxel_hu}
+        self.postprocessing = {
+            "restrict_intracranial": restrict_intracranial,
+            "min_component_ml": min_component_ml,
+            "bone_hu": bone_hu,
+            "margin_mm": margin_mm,
+            "min_component_hu": min_component_hu,
+            "min_voxel_hu": min_voxel_hu,
+        }
 
     def _preprocess(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
         item = self.transform({"image": volume})
@@ -394,12 +467,21 @@ class HemorrhageSegmenter:
             low_res, _ = self.model.decode(self.model.image_encoder(window))
             return torch.sigmoid(self.model.upsample_logits(low_res))
 
-        return sliding_window_inference(image, size, self.sw_batch_size, predictor, overlap=self.overlap,
-                                        mode="gaussian", padding_mode="constant", cval=float(image.min()))[0, 0]
+        return sliding_window_inference(
+            image,
+            size,
+            self.sw_batch_size,
+            predictor,
+            overlap=self.overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(image.min()),
+        )[0, 0]
 
     @torch.no_grad()
-    def _interactive(self, image: torch.Tensor, model_affine: np.ndarray, volume: Volume,
-                     clicks: Sequence[Click]) -> torch.Tensor:
+    def _interactive(
+        self, image: torch.Tensor, model_affine: np.ndarray, volume: Volume, clicks: Sequence[Click]
+    ) -> torch.Tensor:
         points = [(np.linalg.inv(model_affine) @ _click_world(click, volume))[:3] for click in clicks]
         size = self.model.img_size
         grid = np.array(image.shape[-3:])
@@ -412,7 +494,9 @@ class HemorrhageSegmenter:
         embeddings = self.model.image_encoder(window)
         coords = torch.tensor(np.stack(points) - start, dtype=torch.float32, device=self.device)[None]
         labels = torch.tensor([[1 if c.positive else 0 for c in clicks]], device=self.device)
-        low_res = torch.zeros((1, 1, *(4 * s for s in self.model.prompt_encoder.image_embedding_size)), device=self.device)
+        low_res = torch.zeros(
+            (1, 1, *(4 * s for s in self.model.prompt_encoder.image_embedding_size)), device=self.device
+        )
         for i in range(len(clicks)):  # refine click by click, as a user would
             low_res, _ = self.model.decode(embeddings, coords[:, : i + 1], labels[:, : i + 1], low_res)
         probabilities = torch.zeros(image.shape[-3:], device=self.device)
@@ -420,8 +504,9 @@ class HemorrhageSegmenter:
         probabilities[crop] = window_probs[tuple(slice(0, int(b - a)) for a, b in zip(start, stop))]
         return probabilities
 
-    def predict(self, scan: str | os.PathLike | Volume, clicks: Sequence[Click] | None = None,
-                threshold: float | None = None) -> SegmentationResult:
+    def predict(
+        self, scan: str | os.PathLike | Volume, clicks: Sequence[Click] | None = None, threshold: float | None = None
+    ) -> SegmentationResult:
         """Segment ``scan``: a path (any format :func:`load_volume` reads) or a Volume already read
         (read it yourself to choose a DICOM series or accept gaps). ``threshold``: the probability above which
         a voxel is blood; default AUTOMATIC_THRESHOLD without clicks when the hyperdense gate is on, else THRESHOLD."""
@@ -440,11 +525,13 @@ class HemorrhageSegmenter:
             threshold = AUTOMATIC_THRESHOLD if gated and not clicks else THRESHOLD
         mask, record = postprocess_mask(on_input > threshold, volume, keep_points, **self.postprocessing)
         record["threshold"] = threshold
-        return SegmentationResult(volume.source, mask, volume, measure(mask, volume),
-                                  "interactive" if clicks else "automatic", record)
+        return SegmentationResult(
+            volume.source, mask, volume, measure(mask, volume), "interactive" if clicks else "automatic", record
+        )
 
-    def save(self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3,
-             stem: str | None = None) -> SegmentationResult:
+    def save(
+        self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3, stem: str | None = None
+    ) -> SegmentationResult:
         """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json``, axial PNG overlays (radiological
         convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
         slices as DICOM SEG referencing them. Every file is written atomically."""
@@ -458,8 +545,12 @@ class HemorrhageSegmenter:
         result.files["mask"] = str(mask_path)
         volume = result.volume
         if volume.dicom is not None:
-            seg_path = write_hemorrhage_seg(out / f"{stem}_seg.dcm", mask_on_frames(result.mask, volume.affine, volume.dicom),
-                                            volume.dicom, __version__)
+            seg_path = write_hemorrhage_seg(
+                out / f"{stem}_seg.dcm",
+                mask_on_frames(result.mask, volume.affine, volume.dicom),
+                volume.dicom,
+                __version__,
+            )
             result.files["dicom_seg"] = str(seg_path)
         view = SliceView.from_affine(result.affine)
         counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
@@ -467,7 +558,7 @@ class HemorrhageSegmenter:
         for k in sorted(int(c) for c in chosen):
             picture = axial_overlay(volume.array, k, view, result.mask)
             png = out / f"{stem}_slice{k:03d}.png"
-            atomic_write(png, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
+            atomic_write(png, lambda tmp, picture=picture: Image.fromarray(picture).save(tmp, format="PNG"))
             result.files.setdefault("overlays", []).append(str(png))
         json_path = out / f"{stem}_measurements.json"
         result.files["measurements"] = str(json_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,11 @@ class SegmentationTask:
         if positive.any():
             rounds: list[torch.Tensor] = []
             run_click_rounds(
-                model, embeddings[positive], targets[positive], self.val_num_clicks, generator,
+                model,
+                embeddings[positive],
+                targets[positive],
+                self.val_num_clicks,
+                generator,
                 on_round=lambda i, logits: rounds.append(logits.float()),
             )
             first[positive] = rounds[0]
@@ -110,7 +114,9 @@ class SegmentationTask:
         return metrics
 
     @torch.no_grad()
-    def visualize(self, model: Sam3D, loader: Iterable, device: torch.device, max_cases: int = 2) -> dict[str, np.ndarray]:
+    def visualize(
+        self, model: Sam3D, loader: Iterable, device: torch.device, max_cases: int = 2
+    ) -> dict[str, np.ndarray]:
         """Axial overlays through the largest lesion slice of the first validation cases."""
         model.eval()
         generator = torch.Generator().manual_seed(self.seed)

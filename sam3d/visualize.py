@@ -56,7 +56,14 @@ class SliceView:
         flip_down = bool(directions[1, down] > 0)  # index toward anterior: reverse it
         right = directions[:, across] * (-1 if flip_across else 1)
         below = directions[:, down] * (-1 if flip_down else 1)
-        return cls(axis, down, across, flip_down, flip_across, (_letter(-below), _letter(below), _letter(-right), _letter(right)))
+        return cls(
+            axis,
+            down,
+            across,
+            flip_down,
+            flip_across,
+            (_letter(-below), _letter(below), _letter(-right), _letter(right)),
+        )
 
     def picture(self, volume: np.ndarray, index: int) -> np.ndarray:
         """Slice ``index`` of ``volume`` (same grid as the affine) as a 2-D array (rows=down, cols=across)."""
@@ -118,15 +125,25 @@ def label_edges(picture: np.ndarray, view: SliceView) -> np.ndarray:
     draw = ImageDraw.Draw(image)
     h, w = picture.shape[:2]
     top, bottom, left, right = view.letters
-    for text, (x, y), anchor in ((top, (w / 2, 1), "mt"), (bottom, (w / 2, h - 1), "mb"),
-                                 (left, (2, h / 2), "lm"), (right, (w - 2, h / 2), "rm")):
+    for text, (x, y), anchor in (
+        (top, (w / 2, 1), "mt"),
+        (bottom, (w / 2, h - 1), "mb"),
+        (left, (2, h / 2), "lm"),
+        (right, (w - 2, h / 2), "rm"),
+    ):
         draw.text((x, y), text, fill=(255, 255, 0), font=font, anchor=anchor, stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(image)
 
 
-def axial_overlay(volume: np.ndarray, index: int, view: SliceView, prediction: np.ndarray | None = None,
-                  target: np.ndarray | None = None) -> np.ndarray:
+def axial_overlay(
+    volume: np.ndarray,
+    index: int,
+    view: SliceView,
+    prediction: np.ndarray | None = None,
+    target: np.ndarray | None = None,
+) -> np.ndarray:
     """Axial slice ``index`` of 3-D arrays on one grid, radiologically oriented, masks drawn, edges lettered."""
+
     def show(array):
         return None if array is None else view.picture(array, index)
 

@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import run_main  # noqa: E402
 from engine.config import CommandLineParser  # noqa: E402
-
 from sam3d.loss import InteractiveSegmentationLoss  # noqa: E402
 from sam3d.modeling import build_sam3d, model_config  # noqa: E402
 
@@ -53,8 +52,10 @@ def _batch(config, batch_size: int, device: torch.device) -> dict[str, torch.Ten
     axes = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij")
     radii = torch.tensor([0.16, 0.12, 0.08]) * size
     lesion = sum(((a - size / 2) / r) ** 2 for a, r in zip(axes, radii)) < 1
-    return {"image": torch.randn(batch_size, config.in_chans, size, size, size, device=device),
-            "label": lesion[None, None].expand(batch_size, 1, -1, -1, -1).float().to(device)}
+    return {
+        "image": torch.randn(batch_size, config.in_chans, size, size, size, device=device),
+        "label": lesion[None, None].expand(batch_size, 1, -1, -1, -1).float().to(device),
+    }
 
 
 def _measure(spec: dict, results) -> None:
@@ -101,7 +102,8 @@ def _measure(spec: dict, results) -> None:
         profile = {}
         if spec["kind"] == "training step" and spec["profile"]:
             activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+            )
             with torch.profiler.profile(activities=activities) as prof:
                 start = time.perf_counter()
                 loss = forward()
@@ -111,13 +113,20 @@ def _measure(spec: dict, results) -> None:
                 _sync(device)
                 end = time.perf_counter()
             totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in PROFILE_RANGES}
-            profile = {**{k: round(totals.get(k, 0.0), 3) for k in PROFILE_RANGES},
-                       "forward": round(middle - start, 3), "backward": round(end - middle, 3)}
-        peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1024**3
+            profile = {
+                **{k: round(totals.get(k, 0.0), 3) for k in PROFILE_RANGES},
+                "forward": round(middle - start, 3),
+                "backward": round(end - middle, 3),
+            }
+        peak_gb = (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ) / 1024**3
         times.sort()
-        results.put({**spec, "median_s": times[len(times) // 2], "min_s": times[0], "peak_gb": peak_gb,
-                     "profile": profile})
+        results.put(
+            {**spec, "median_s": times[len(times) // 2], "min_s": times[0], "peak_gb": peak_gb, "profile": profile}
+        )
     except torch.OutOfMemoryError:
         results.put({**spec, "median_s": None, "min_s": None, "peak_gb": None, "profile": {}, "oom": True})
     except BaseException as err:  # the parent waits on the queue: it must hear of any failure
@@ -139,6 +148,7 @@ def run(spec: dict) -> dict:
 
 def _largest_batch(base: dict, limit_gb: float) -> int:
     """Largest training-step batch whose peak CUDA memory stays under ``limit_gb`` (doubling, then bisection)."""
+
     def fits(batch: int) -> bool:
         row = run({**base, "batch_size": batch, "repeats": 1, "warmup": 0, "profile": False})
         return not row.get("oom") and row["peak_gb"] <= limit_gb
@@ -157,64 +167,115 @@ def print_pair(kind: str, batch: int, pair: dict, flush: bool = False) -> None:
     if ref.get("oom") or fast.get("oom"):
         print(f"{kind} (batch {batch}): out of memory ({'reference' if ref.get('oom') else 'padding_free'})")
         return
-    print(f"{kind} (batch {batch}, {fast['model_type']}, {fast['precision']}, {fast['device']}):  "
-          f"reference {ref['median_s']:.2f} s / {ref['peak_gb']:.2f} GB   padding_free {fast['median_s']:.2f} s / "
-          f"{fast['peak_gb']:.2f} GB   ratio time {fast['median_s'] / ref['median_s']:.2f}, "
-          f"memory {fast['peak_gb'] / ref['peak_gb']:.2f}", flush=flush)
+    print(
+        f"{kind} (batch {batch}, {fast['model_type']}, {fast['precision']}, {fast['device']}):  "
+        f"reference {ref['median_s']:.2f} s / {ref['peak_gb']:.2f} GB   padding_free {fast['median_s']:.2f} s / "
+        f"{fast['peak_gb']:.2f} GB   ratio time {fast['median_s'] / ref['median_s']:.2f}, "
+        f"memory {fast['peak_gb'] / ref['peak_gb']:.2f}",
+        flush=flush,
+    )
     for name, row in (("reference", ref), ("padding_free", fast)):
         if row["profile"]:
-            print(f"    {name:<13} " + ", ".join(f"{k.removeprefix('sam3d.')} {v:.2f} s" for k, v in row["profile"].items()))
+            print(
+                f"    {name:<13} "
+                + ", ".join(f"{k.removeprefix('sam3d.')} {v:.2f} s" for k, v in row["profile"].items())
+            )
 
 
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
     p.add_argument("--model_type", default="vit_b_ori")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="fp32, or autocast to bf16 / fp16 (fp16 with a grad scaler)")
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="fp32, or autocast to bf16 / fp16 (fp16 with a grad scaler)",
+    )
     p.add_argument("--batch_size", type=int, default=1, help="encoder rows")
     p.add_argument("--step_batch_size", type=int, default=2, help="training-step rows")
     p.add_argument("--num_clicks", type=int, default=11)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS), help="what to compare")
-    p.add_argument("--memory_batches", type=int, nargs="*", default=[1, 2],
-                   help="batches of the gradient-checkpointing memory rows (padding_free)")
+    p.add_argument(
+        "--memory_batches",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="batches of the gradient-checkpointing memory rows (padding_free)",
+    )
     p.add_argument("--max_batch_gb", type=float, default=None, help="CUDA: search the largest step batch under this")
     p.add_argument("--json", default="outputs/bench.json")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
 
-    base = {"model_type": args.model_type, "device": args.device, "precision": args.precision,
-            "num_clicks": args.num_clicks, "repeats": args.repeats, "warmup": args.warmup, "checkpointing": False,
-            "profile": True}
+    base = {
+        "model_type": args.model_type,
+        "device": args.device,
+        "precision": args.precision,
+        "num_clicks": args.num_clicks,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "checkpointing": False,
+        "profile": True,
+    }
     rows = []
     for kind in args.kinds:
         batch = args.step_batch_size if kind == "training step" else args.batch_size
-        pair = {mode: run({**base, "kind": kind, "batch_size": batch, "window_attention": mode})
-                for mode in ("reference", "padding_free")}
+        pair = {
+            mode: run({**base, "kind": kind, "batch_size": batch, "window_attention": mode})
+            for mode in ("reference", "padding_free")
+        }
         rows += list(pair.values())
         print_pair(kind, batch, pair, flush=True)
-    memory = [run({**base, "kind": "encoder forward+backward", "batch_size": b, "checkpointing": c,
-                   "window_attention": "padding_free", "profile": False})
-              for b in args.memory_batches for c in (False, True)]
+    memory = [
+        run(
+            {
+                **base,
+                "kind": "encoder forward+backward",
+                "batch_size": b,
+                "checkpointing": c,
+                "window_attention": "padding_free",
+                "profile": False,
+            }
+        )
+        for b in args.memory_batches
+        for c in (False, True)
+    ]
     print("\npadding_free encoder forward+backward, gradient checkpointing:")
     for row in memory:
-        print(f"  batch {row['batch_size']}, checkpointing {str(row['checkpointing']):<5}: "
-              f"{row['median_s']:.2f} s, peak {row['peak_gb']:.2f} GB")
+        print(
+            f"  batch {row['batch_size']}, checkpointing {str(row['checkpointing']):<5}: "
+            f"{row['median_s']:.2f} s, peak {row['peak_gb']:.2f} GB"
+        )
     largest = None
     if args.max_batch_gb is not None and args.device.startswith("cuda"):
-        largest = _largest_batch({**base, "kind": "training step", "window_attention": "padding_free"}, args.max_batch_gb)
+        largest = _largest_batch(
+            {**base, "kind": "training step", "window_attention": "padding_free"}, args.max_batch_gb
+        )
         print(f"\nlargest training-step batch under {args.max_batch_gb:g} GB (padding_free): {largest}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    out.write_text(json.dumps({"model_type": args.model_type, "device": args.device, "device_name": device_name,
-                               "precision": args.precision, "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "rows": rows, "memory_rows": memory,
-                               "largest_step_batch": largest, "largest_step_batch_limit_gb": args.max_batch_gb},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model_type": args.model_type,
+                "device": args.device,
+                "device_name": device_name,
+                "precision": args.precision,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+                "memory_rows": memory,
+                "largest_step_batch": largest,
+                "largest_step_batch_limit_gb": args.max_batch_gb,
+            },
+            indent=2,
+        )
+    )
     print(f"written: {out}")
     return 0
 

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, ConfigError# noqa: E402
+from engine.config import CommandLineParser, ConfigError  # noqa: E402
 from sam3d.cli import add_scan_arguments, read_scan  # noqa: E402
 from sam3d.data.dicom import frame_hu, sample_frames  # noqa: E402
 
@@ -46,15 +46,27 @@ def main(argv=None) -> int:
         median = float(np.median(err[inside])) if inside.any() else float("nan")
         per_slice.append({"file": frame.path, "frame": frame.index, "median_hu_error": round(median, 2)})
         name = Path(frame.path).name + ("" if frame.index is None else f" frame {frame.index + 1}")
-        print(f"  {name}: " + (f"median |HU error| {median:.1f} over {int(inside.sum())} head pixels"
-                               if inside.any() else "no head pixels"))
-    overall = {"median_hu_error": round(float(np.median(error[head])), 2),
-               "p90_hu_error": round(float(np.percentile(error[head], 90)), 2), "head_pixels": int(head.sum())}
-    print(f"overall: median |HU error| {overall['median_hu_error']:.2f}, 90th percentile "
-          f"{overall['p90_hu_error']:.2f} over {overall['head_pixels']} head pixels")
+        print(
+            f"  {name}: "
+            + (
+                f"median |HU error| {median:.1f} over {int(inside.sum())} head pixels"
+                if inside.any()
+                else "no head pixels"
+            )
+        )
+    overall = {
+        "median_hu_error": round(float(np.median(error[head])), 2),
+        "p90_hu_error": round(float(np.percentile(error[head], 90)), 2),
+        "head_pixels": int(head.sum()),
+    }
+    print(
+        f"overall: median |HU error| {overall['median_hu_error']:.2f}, 90th percentile "
+        f"{overall['p90_hu_error']:.2f} over {overall['head_pixels']} head pixels"
+    )
     if args.output:
-        Path(args.output).write_text(json.dumps({"geometry": volume.geometry.to_json(), **overall,
-                                                 "slices": per_slice}, indent=2))
+        Path(args.output).write_text(
+            json.dumps({"geometry": volume.geometry.to_json(), **overall, "slices": per_slice}, indent=2)
+        )
     return 0
 
 

@@ -7,12 +7,14 @@ stage 2 (behind the pretrained LM stand-in) → mask, measurements and report fo
     python scripts/demo.py --output_dir outputs/demo [--seed 1] [--image_only]
 
 The stand-ins for released weights (``sam3d/pretrained/``: SAM-Med3D, the report LM, the stage-1
-Q-Former) were made by ``scripts/make_pretrained.py`` on phantoms of seed 1000, which no demo seed renders. ``--image_only`` also trains a report model that reads no
+Q-Former) were made by ``scripts/make_pretrained.py`` on phantoms of seed 1000, which no demo seed
+renders. ``--image_only`` also trains a report model that reads no
 measurements and records its reports' figures beside the conditioned one's.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -36,9 +38,16 @@ from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
 
 PRETRAINED = REPO / "sam3d" / "pretrained"
 SUBTYPE_WORDS = {"intraparenchymal": "IPH", "subdural": "SDH", "intraventricular": "IVH", "none": "none"}
-GOALS = {"automatic_dice": (">=", 0.75), "median_volume_error": ("<=", 0.20), "max_normal_ml": ("<=", 1.0),
-         "side_correct": (">=", 1.0), "report_presence": (">=", 0.95), "report_side": (">=", 0.90),
-         "report_subtype": (">=", 0.80), "minutes_total": ("<=", 10.0)}
+GOALS = {
+    "automatic_dice": (">=", 0.75),
+    "median_volume_error": ("<=", 0.20),
+    "max_normal_ml": ("<=", 1.0),
+    "side_correct": (">=", 1.0),
+    "report_presence": (">=", 0.95),
+    "report_side": (">=", 0.90),
+    "report_subtype": (">=", 0.80),
+    "minutes_total": ("<=", 10.0),
+}
 
 
 def report_labels(text: str) -> dict:
@@ -56,15 +65,36 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[A-Za-z]+", text))
 
 
-def train_report_model(args, data: dict, encoder: str, out: Path, stage: int, conditioned: bool,
-                       init_from: str | None = None) -> dict:
+def train_report_model(
+    args, data: dict, encoder: str, out: Path, stage: int, conditioned: bool, init_from: str | None = None
+) -> dict:
     from blip import train as blip_train
 
-    flags = ["--config", args.report_config, "--train_manifest", str(data["reports_train"]), "--val_manifest",
-             str(data["reports_val"]), "--encoder", encoder, "--output_dir", str(out), "--seed", str(args.seed),
-             "--lm", str(PRETRAINED / "report_lm"), "--stage", str(stage),
-             "--condition_on_measurements" if conditioned else "--no-condition_on_measurements",
-             "--num_val_samples", "0"]  # no generation in every validation; the held-out step shows reports
+    flags = [
+        "--config",
+        args.report_config,
+        "--train_manifest",
+        str(data["reports_train"]),
+        "--val_manifest",
+        str(data["reports_val"]),
+        "--encoder",
+        encoder,
+        "--output_dir",
+        str(out),
+        "--seed",
+        str(args.seed),
+        # The pretrained LM stays fixed, as in BLIP-2: fine-tuned on a few dozen reports it unlearns
+        # what it knew (the impression's side, above all).
+        "--lm",
+        str(PRETRAINED / "report_lm"),
+        "--lm_mode",
+        "frozen",
+        "--stage",
+        str(stage),
+        "--condition_on_measurements" if conditioned else "--no-condition_on_measurements",
+        "--num_val_samples",
+        "0",
+    ]  # no generation in every validation; the held-out step shows reports
     flags += ["--epochs", str(args.stage1_epochs), "--lr", str(args.stage1_lr)] if stage == 1 else []
     flags += ["--init_from", init_from] if init_from else []
     report_args = parse_with_config(blip_train.build_parser(), flags)
@@ -87,17 +117,22 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
         truth = load_volume(root / case["mask_path"]).array > 0
         total = predicted.sum() + truth.sum()
         positive = case["ich_type"] != "none"
-        records.append({
-            "case": case["case_id"], "true_ml": case["volume_ml"], "measured_ml": m["total_volume_ml"],
-            "true_side": case["side"] if positive else "none",
-            "measured_side": m["side"] if m["total_volume_ml"] >= MIN_HEMORRHAGE_ML else "none",
-            "true_subtype": SUBTYPE_WORDS[case["ich_type"]],
-            "dice": round(float(2 * (predicted & truth).sum() / total), 4) if positive else None,
-            "report": result["generated"], "report_labels": report_labels(result["generated"]),
-            "grounded_report": result["report"],
-            "contradictions": contradictions(result["generated"], Measurements(**m)),
-            "words_outside_vocabulary": sorted(_words(result["generated"]) - vocabulary),
-        })
+        records.append(
+            {
+                "case": case["case_id"],
+                "true_ml": case["volume_ml"],
+                "measured_ml": m["total_volume_ml"],
+                "true_side": case["side"] if positive else "none",
+                "measured_side": m["side"] if m["total_volume_ml"] >= MIN_HEMORRHAGE_ML else "none",
+                "true_subtype": SUBTYPE_WORDS[case["ich_type"]],
+                "dice": round(float(2 * (predicted & truth).sum() / total), 4) if positive else None,
+                "report": result["generated"],
+                "report_labels": report_labels(result["generated"]),
+                "grounded_report": result["report"],
+                "contradictions": contradictions(result["generated"], Measurements(**m)),
+                "words_outside_vocabulary": sorted(_words(result["generated"]) - vocabulary),
+            }
+        )
     return records
 
 
@@ -106,15 +141,19 @@ def figures(records: list[dict]) -> dict:
     positives = [r for r in records if r["true_subtype"] != "none"]
     one_sided = [r for r in positives if r["true_side"] in ("left", "right")]
     normals = [r for r in records if r["true_subtype"] == "none"]
-    agree = {key: float(np.mean([r["report_labels"][key] == truth(r, key) for r in records]))
-             for key in ("presence", "side", "subtype")}
+    agree = {
+        key: float(np.mean([r["report_labels"][key] == truth(r, key) for r in records]))
+        for key in ("presence", "side", "subtype")
+    }
     return {
         "automatic_dice": round(float(np.mean([r["dice"] for r in positives])), 4) if positives else None,
         "median_volume_error": round(median(abs(r["measured_ml"] - r["true_ml"]) / r["true_ml"] for r in positives), 4)
-        if positives else None,
+        if positives
+        else None,
         "max_normal_ml": max((r["measured_ml"] for r in normals), default=None),
         "side_correct": round(float(np.mean([r["measured_side"] == r["true_side"] for r in one_sided])), 4)
-        if one_sided else None,
+        if one_sided
+        else None,
         **{f"report_{key}": round(value, 4) for key, value in agree.items()},
         "reports_with_unknown_words": sum(bool(r["words_outside_vocabulary"]) for r in records),
         "reports_contradicting_measurements": sum(bool(r["contradictions"]) for r in records),
@@ -122,8 +161,11 @@ def figures(records: list[dict]) -> dict:
 
 
 def truth(record: dict, key: str):
-    return {"presence": record["true_subtype"] != "none", "side": record["true_side"],
-            "subtype": record["true_subtype"]}[key]
+    return {
+        "presence": record["true_subtype"] != "none",
+        "side": record["true_side"],
+        "subtype": record["true_subtype"],
+    }[key]
 
 
 def goals(measured: dict) -> dict:
@@ -134,8 +176,10 @@ def goals(measured: dict) -> dict:
         op, target = GOALS[name]
         return value >= target if op == ">=" else value <= target
 
-    return {name: {"goal": f"{op} {target:g}", "measured": measured.get(name), "met": met(name)}
-            for name, (op, target) in GOALS.items()}
+    return {
+        name: {"goal": f"{op} {target:g}", "measured": measured.get(name), "met": met(name)}
+        for name, (op, target) in GOALS.items()
+    }
 
 
 def main(argv=None) -> int:
@@ -146,10 +190,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
     p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
-    p.add_argument("--stage1_epochs", type=int, default=10)
+    p.add_argument("--stage1_epochs", type=int, default=30)
     p.add_argument("--stage1_lr", type=float, default=3e-4)
-    p.add_argument("--image_only", action="store_true",
-                   help="also train and score a report model without measurement conditioning")
+    p.add_argument(
+        "--stage1",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="BLIP-2 stage 1 from the pretrained Q-Former before stage 2; --no-stage1: stage 2 alone, "
+        "from a fresh bridge (the comparison in the README)",
+    )
+    p.add_argument(
+        "--image_only", action="store_true", help="also train and score a report model without measurement conditioning"
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = Path(args.output_dir)
@@ -167,29 +219,49 @@ def main(argv=None) -> int:
     lap("data")
 
     print("[2/6] fine-tuning the pretrained SAM-Med3D (small) to segment the hemorrhages", flush=True)
-    seg_args = parse_with_config(train.build_parser(), [
-        "--config", args.segmentation_config, "--train_csv", str(data["train_csv"]), "--val_csv", str(data["val_csv"]),
-        "--mask_dir", str(data["mask_dir"]), "--output_dir", str(out / "sam3d"), "--cache_dir", str(out / "cache"),
-        "--checkpoint", str(PRETRAINED / "sam_med3d_small_ich.pth"), "--seed", str(args.seed),
-    ])
+    seg_args = parse_with_config(
+        train.build_parser(),
+        [
+            "--config",
+            args.segmentation_config,
+            "--train_csv",
+            str(data["train_csv"]),
+            "--val_csv",
+            str(data["val_csv"]),
+            "--mask_dir",
+            str(data["mask_dir"]),
+            "--output_dir",
+            str(out / "sam3d"),
+            "--cache_dir",
+            str(out / "cache"),
+            "--checkpoint",
+            str(PRETRAINED / "sam_med3d_small_ich.pth"),
+            "--seed",
+            str(args.seed),
+        ],
+    )
     for message in train.check_config(seg_args):
         print(f"WARNING: {message}", file=sys.stderr)
     seg = train.run_training(seg_args)
     encoder = seg["outputs"]["sam_encoder"]
     lap("segmentation")
 
-    print("[3/6] BLIP-2 stage 1 from the pretrained Q-Former: ITC, ITM, ITG on the fine-tuned encoder", flush=True)
-    stage1 = train_report_model(args, data, encoder, out / "blip_stage1", 1, False, str(PRETRAINED / "qformer"))
-    lap("report_stage1")
+    stage1, bridge = None, None
+    if args.stage1:
+        print("[3/6] BLIP-2 stage 1 from the pretrained Q-Former: ITC, ITM, ITG on the fine-tuned encoder", flush=True)
+        stage1 = train_report_model(args, data, encoder, out / "blip_stage1", 1, False, str(PRETRAINED / "qformer"))
+        bridge = stage1["outputs"]["qformer"]
+        lap("report_stage1")
+    else:
+        print("[3/6] BLIP-2 stage 1: skipped (--no-stage1), stage 2 starts from a fresh bridge", flush=True)
 
     print("[4/6] BLIP-2 stage 2: reports behind the pretrained LM, the bridge from stage 1", flush=True)
-    reports = train_report_model(args, data, encoder, out / "blip", 2, True, stage1["outputs"]["qformer"])
+    reports = train_report_model(args, data, encoder, out / "blip", 2, True, bridge)
     lap("report_stage2")
     models = {"conditioned": reports}
     if args.image_only:
         print("[4b] the same without measurement conditioning (image only)", flush=True)
-        models["image_only"] = train_report_model(args, data, encoder, out / "blip_image_only", 2, False,
-                                                  stage1["outputs"]["qformer"])
+        models["image_only"] = train_report_model(args, data, encoder, out / "blip_image_only", 2, False, bridge)
         lap("report_stage2_image_only")
 
     print("[5/6] held-out scans: automatic segmentation, measurements, report", flush=True)
@@ -200,8 +272,9 @@ def main(argv=None) -> int:
     vocabulary = set().union(*(_words(json.loads(line)["report"]) for line in Path(data["reports_train"]).open()))
     records = {}
     for name, result in models.items():
-        reporter = ScanReporter(seg["outputs"]["best_model"], result["outputs"]["report_model"],
-                                generation=result["generation"])
+        reporter = ScanReporter(
+            seg["outputs"]["best_model"], result["outputs"]["report_model"], generation=result["generation"]
+        )
         folder = out / ("predictions" if name == "conditioned" else f"predictions_{name}")
         records[name] = held_out_cases(reporter, cases, root, folder, vocabulary)
     lap("held_out")
@@ -210,9 +283,15 @@ def main(argv=None) -> int:
     print("[6/6] summary", flush=True)
     measured = figures(records["conditioned"])
     summary = {
-        "seed": args.seed, "val_dice": round(float(seg["best_metric"]), 4), "automatic_dice": measured["automatic_dice"],
-        "minutes": minutes, "figures": measured, "goals": goals({**measured, "minutes_total": minutes["total"]}),
-        "stage1": {k: v for k, v in stage1["history"][stage1["best_epoch"] - 1].items() if k.startswith("val_")},
+        "seed": args.seed,
+        "val_dice": round(float(seg["best_metric"]), 4),
+        "automatic_dice": measured["automatic_dice"],
+        "minutes": minutes,
+        "figures": measured,
+        "goals": goals({**measured, "minutes_total": minutes["total"]}),
+        "stage1": {k: v for k, v in stage1["history"][stage1["best_epoch"] - 1].items() if k.startswith("val_")}
+        if stage1
+        else None,
         "report_val": {k: v for k, v in reports["history"][reports["best_epoch"] - 1].items() if k.startswith("val_")},
         "cases": records["conditioned"],
     }
@@ -222,19 +301,26 @@ def main(argv=None) -> int:
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text + "\n"))
 
     print(f"\n=== demo finished in {minutes['total']:.1f} min (seed {args.seed}) ===")
-    print(f"segmentation: best validation Dice {seg['best_metric']:.3f} (epoch {seg['best_epoch']}, "
-          f"{seg_args.val_num_clicks} simulated clicks); held-out automatic (no clicks) Dice {measured['automatic_dice']:.3f}")
+    print(
+        f"segmentation: best validation Dice {seg['best_metric']:.3f} (epoch {seg['best_epoch']}, "
+        f"{seg_args.val_num_clicks} simulated clicks); held-out automatic (no clicks) Dice "
+        f"{measured['automatic_dice']:.3f}"
+    )
     s1 = summary["stage1"]
-    print(f"report model: stage 1 image->report R@1 {s1['val_i2t_r1']:.2f}, R@5 {s1['val_i2t_r5']:.2f}; stage 2 best "
-          f"validation loss {reports['best_metric']:.3f} (epoch {reports['best_epoch']}), image gain "
-          f"{summary['report_val'].get('val_image_gain', float('nan')):.3f}")
+    retrieval = f"stage 1 image->report R@1 {s1['val_i2t_r1']:.2f}, R@5 {s1['val_i2t_r5']:.2f}; " if s1 else ""
+    print(
+        f"report model: {retrieval}stage 2 best validation loss {reports['best_metric']:.3f} (epoch "
+        f"{reports['best_epoch']}), image gain {summary['report_val'].get('val_image_gain', float('nan')):.3f}"
+    )
     print("held-out scans (true vs measured volume and side; what the generated report says):")
     for r in records["conditioned"]:
         labels = r["report_labels"]
         said = f"{labels['side']} {labels['subtype']}" if labels["presence"] else "no hemorrhage"
         dice = f", Dice {r['dice']:.2f}" if r["dice"] is not None else ""
-        print(f"  {r['case']}: true {r['true_ml']:6.1f} mL {r['true_side']:>9} {r['true_subtype']:>4}, measured "
-              f"{r['measured_ml']:6.1f} mL {r['measured_side']:>9}{dice}; report: {said}")
+        print(
+            f"  {r['case']}: true {r['true_ml']:6.1f} mL {r['true_side']:>9} {r['true_subtype']:>4}, measured "
+            f"{r['measured_ml']:6.1f} mL {r['measured_side']:>9}{dice}; report: {said}"
+        )
     print("goals:")
     for name, goal in summary["goals"].items():
         value = goal["measured"]
@@ -242,11 +328,15 @@ def main(argv=None) -> int:
         print(f"  {name:>20} {goal['goal']:>7}: {shown:>7}  {'met' if goal['met'] else 'NOT met'}")
     if "image_only" in summary:
         f = summary["image_only"]["figures"]
-        print(f"image-only report model: presence {f['report_presence']:.2f}, side {f['report_side']:.2f}, "
-              f"subtype {f['report_subtype']:.2f}")
+        print(
+            f"image-only report model: presence {f['report_presence']:.2f}, side {f['report_side']:.2f}, "
+            f"subtype {f['report_subtype']:.2f}"
+        )
     example = next((r for r in records["conditioned"] if r["true_subtype"] != "none"), records["conditioned"][0])
-    print(f"\ngenerated report for {example['case']} (true {example['true_ml']} mL {example['true_side']} "
-          f"{example['true_subtype']}):\n{example['report']}")
+    print(
+        f"\ngenerated report for {example['case']} (true {example['true_ml']} mL {example['true_side']} "
+        f"{example['true_subtype']}):\n{example['report']}"
+    )
     print(f"\nsummary: {out / 'summary.json'}")
     return 0
 

@@ -28,14 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
-
 from blip.data import normalize_for_metrics, split_sections  # noqa: E402
 from blip.data.reports import ReportManifestError, table_rows  # noqa: E402
-from blip.labeler import (MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive,  # noqa: E402
-                          label_report)
+from blip.labeler import MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive, label_report  # noqa: E402
 from blip.metrics import TOKENIZERS, caption_metrics  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser  # noqa: E402
 
 REQUIRED_COLUMNS = ("id", "reference", "generated")
 PER_SAMPLE_METRICS = ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -52,17 +50,27 @@ def read_generations(path: Path, default_modality: str | None) -> list[dict]:
     for line, row in table_rows(path):
         missing = [c for c in REQUIRED_COLUMNS if c not in row or row[c] is None]
         if missing:
-            raise ReportManifestError(f"{path}, line {line}: missing column(s) {missing}; "
-                                      f"expected {list(REQUIRED_COLUMNS)}, found {sorted(row)}")
+            raise ReportManifestError(
+                f"{path}, line {line}: missing column(s) {missing}; "
+                f"expected {list(REQUIRED_COLUMNS)}, found {sorted(row)}"
+            )
         modality = str(row.get("modality") or default_modality or "").strip().lower()
         if modality not in MODALITIES:
-            raise ReportManifestError(f"{path}, line {line}: modality must be one of {MODALITIES} "
-                                      f"(column 'modality' or --modality), found {modality!r}")
+            raise ReportManifestError(
+                f"{path}, line {line}: modality must be one of {MODALITIES} "
+                f"(column 'modality' or --modality), found {modality!r}"
+            )
         reference = prepare_text(str(row["reference"]))
         if not reference:
             raise ReportManifestError(f"{path}, line {line}: empty reference for id {row['id']!r}")
-        samples.append({"id": str(row["id"]), "modality": modality, "reference": reference,
-                        "generated": prepare_text(str(row["generated"]))})
+        samples.append(
+            {
+                "id": str(row["id"]),
+                "modality": modality,
+                "reference": reference,
+                "generated": prepare_text(str(row["generated"])),
+            }
+        )
     if not samples:
         raise ReportManifestError(f"{path}: no rows")
     return samples
@@ -76,8 +84,9 @@ def label_agreement(reference: dict, generated: dict, modality: str) -> float:
 
 def evaluate(samples: list[dict], tokenize: str | None, meteor: bool) -> tuple[list[dict], dict]:
     """Per-sample rows and the summary for prepared samples."""
-    scores = caption_metrics([s["reference"] for s in samples], [s["generated"] for s in samples],
-                             tokenize=tokenize, meteor=meteor)
+    scores = caption_metrics(
+        [s["reference"] for s in samples], [s["generated"] for s in samples], tokenize=tokenize, meteor=meteor
+    )
     per_sample, by_modality = [], {}
     for i, sample in enumerate(samples):
         modality = sample["modality"]
@@ -86,17 +95,28 @@ def evaluate(samples: list[dict], tokenize: str | None, meteor: bool) -> tuple[l
         group = by_modality.setdefault(modality, ([], []))
         group[0].append(reference_labels)
         group[1].append(generated_labels)
-        per_sample.append({
-            "id": sample["id"], "modality": modality,
-            **{k: (scores["per_sample"][k][i] if scores["per_sample"][k] is not None else "") for k in PER_SAMPLE_METRICS},
-            "reference_labels": json.dumps(reference_labels), "generated_labels": json.dumps(generated_labels),
-            "label_agreement": label_agreement(reference_labels, generated_labels, modality),
-        })
+        per_sample.append(
+            {
+                "id": sample["id"],
+                "modality": modality,
+                **{
+                    k: (scores["per_sample"][k][i] if scores["per_sample"][k] is not None else "")
+                    for k in PER_SAMPLE_METRICS
+                },
+                "reference_labels": json.dumps(reference_labels),
+                "generated_labels": json.dumps(generated_labels),
+                "label_agreement": label_agreement(reference_labels, generated_labels, modality),
+            }
+        )
     summary = {
-        "n": scores["n"], "n_empty_generated": scores["n_empty_hypotheses"], "tokenize": scores["tokenize"],
+        "n": scores["n"],
+        "n_empty_generated": scores["n_empty_hypotheses"],
+        "tokenize": scores["tokenize"],
         "text_preparation": "sections joined without headers, blip.data.normalize_for_metrics",
         "caption_metrics": scores["corpus"],
-        "clinical_efficacy": {m: clinical_efficacy_from_labels(refs, gens, m) for m, (refs, gens) in by_modality.items()},
+        "clinical_efficacy": {
+            m: clinical_efficacy_from_labels(refs, gens, m) for m, (refs, gens) in by_modality.items()
+        },
     }
     return per_sample, summary
 
@@ -106,8 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--input", required=True, help="CSV or JSONL with id, reference, generated[, modality]")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--modality", choices=MODALITIES, default=None, help="for rows without a modality column")
-    p.add_argument("--tokenize", choices=TOKENIZERS, default=None,
-                   help="default: ptb when Java is available, else simple (see blip.metrics)")
+    p.add_argument(
+        "--tokenize",
+        choices=TOKENIZERS,
+        default=None,
+        help="default: ptb when Java is available, else simple (see blip.metrics)",
+    )
     p.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java and ~20 s to start)")
     args = p.parse_args(argv)
 
@@ -123,8 +147,10 @@ def main(argv=None) -> int:
         writer.writerows(per_sample)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     corpus = summary["caption_metrics"]
-    print(f"n={summary['n']} tokenize={summary['tokenize']} " +
-          " ".join(f"{k}={v:.4f}" for k, v in corpus.items() if v is not None))
+    print(
+        f"n={summary['n']} tokenize={summary['tokenize']} "
+        + " ".join(f"{k}={v:.4f}" for k, v in corpus.items() if v is not None)
+    )
     for modality, ce in summary["clinical_efficacy"].items():
         print(f"clinical efficacy ({modality}): micro F1={ce['micro']['f1']:.4f} macro F1={ce['macro']['f1']:.4f}")
     return 0

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import run_main  # noqa: E402
 from engine.config import CommandLineParser  # noqa: E402
-
 from engine.distributed import resolve_device  # noqa: E402
 from sam3d.data.dataset import build_segmentation_dataset, read_manifest  # noqa: E402
 from sam3d.data.io import load_volume  # noqa: E402
@@ -40,8 +39,21 @@ from sam3d.metrics import dice_score, surface_metrics, volume_ml  # noqa: E402
 from sam3d.modeling import load_trained_sam3d  # noqa: E402
 from sam3d.task import SegmentationTask  # noqa: E402
 
-COLUMNS = ["row", "patient_id", "path", "ich", "dice_first_click", "dice", "dice_automatic", "nsd", "hd95_mm",
-           "true_volume_ml", "pred_volume_ml", "volume_error_ml", "lesion_truncated"]
+COLUMNS = [
+    "row",
+    "patient_id",
+    "path",
+    "ich",
+    "dice_first_click",
+    "dice",
+    "dice_automatic",
+    "nsd",
+    "hd95_mm",
+    "true_volume_ml",
+    "pred_volume_ml",
+    "volume_error_ml",
+    "lesion_truncated",
+]
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -53,8 +65,12 @@ def _summary(rows: list[dict]) -> dict:
         finite = values[np.isfinite(values)]
         if finite.size == 0:
             return {"mean": None, "median": None, "n": 0, "n_undefined": int(values.size)}
-        return {"mean": float(finite.mean()), "median": float(np.median(finite)), "n": int(finite.size),
-                "n_undefined": int(values.size - finite.size)}
+        return {
+            "mean": float(finite.mean()),
+            "median": float(np.median(finite)),
+            "n": int(finite.size),
+            "n_undefined": int(values.size - finite.size),
+        }
 
     summary = {"cases": len(rows), "hemorrhage_cases": len(positives), "hemorrhage_free_cases": len(negatives)}
     for key in ("dice_first_click", "dice", "dice_automatic", "nsd", "hd95_mm", "volume_error_ml"):
@@ -105,18 +121,25 @@ def main(argv=None) -> int:
         pred_ml = volume_ml(prediction.cpu(), spacing)
         crop_ml = volume_ml(target.cpu(), spacing)
         surface = surface_metrics(prediction[0], target[0], spacing, args.nsd_tolerance_mm)
-        results.append({
-            "row": row.row, "patient_id": row.patient_id, "path": row.path, "ich": row.ich,
-            "dice_first_click": dice_score(first > 0, target)[0].item() if row.ich else float("nan"),
-            "dice": dice_score(prediction, target)[0].item() if row.ich else float("nan"),
-            "dice_automatic": dice_score(out["automatic"] > 0, target)[0].item() if row.ich else float("nan"),
-            "nsd": surface["nsd"] if row.ich else float("nan"),
-            "hd95_mm": surface["hd95_mm"] if row.ich else float("nan"),
-            "true_volume_ml": round(true_ml, 3), "pred_volume_ml": round(pred_ml, 3),
-            "volume_error_ml": round(pred_ml - true_ml, 3), "abs_volume_error_ml": round(abs(pred_ml - true_ml), 3),
-            # Resampling changes voxel counts a little; a loss of more than 5% means the crop cut the lesion.
-            "lesion_truncated": bool(true_ml > 0 and crop_ml < 0.95 * true_ml),
-        })
+        results.append(
+            {
+                "row": row.row,
+                "patient_id": row.patient_id,
+                "path": row.path,
+                "ich": row.ich,
+                "dice_first_click": dice_score(first > 0, target)[0].item() if row.ich else float("nan"),
+                "dice": dice_score(prediction, target)[0].item() if row.ich else float("nan"),
+                "dice_automatic": dice_score(out["automatic"] > 0, target)[0].item() if row.ich else float("nan"),
+                "nsd": surface["nsd"] if row.ich else float("nan"),
+                "hd95_mm": surface["hd95_mm"] if row.ich else float("nan"),
+                "true_volume_ml": round(true_ml, 3),
+                "pred_volume_ml": round(pred_ml, 3),
+                "volume_error_ml": round(pred_ml - true_ml, 3),
+                "abs_volume_error_ml": round(abs(pred_ml - true_ml), 3),
+                # Resampling changes voxel counts a little; a loss of more than 5% means the crop cut the lesion.
+                "lesion_truncated": bool(true_ml > 0 and crop_ml < 0.95 * true_ml),
+            }
+        )
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,16 +148,25 @@ def main(argv=None) -> int:
         writer.writeheader()
         for r in results:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    summary = {"checkpoint": args.checkpoint, "csv": args.csv, "num_clicks": args.num_clicks,
-               "spacing_mm": spacing, "nsd_tolerance_mm": args.nsd_tolerance_mm, **_summary(results),
-               "skipped_rows": skipped}
+    summary = {
+        "checkpoint": args.checkpoint,
+        "csv": args.csv,
+        "num_clicks": args.num_clicks,
+        "spacing_mm": spacing,
+        "nsd_tolerance_mm": args.nsd_tolerance_mm,
+        **_summary(results),
+        "skipped_rows": skipped,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
     def fmt(key: str) -> str:
         value = summary[key]["mean"]
         return "n/a" if value is None else f"{value:.3f}"
 
-    print(f"{summary['hemorrhage_cases']} hemorrhage scans: Dice {fmt('dice')}, NSD {fmt('nsd')}, "
-          f"HD95 {fmt('hd95_mm')} mm, |volume error| {fmt('abs_volume_error_ml')} mL")
+    print(
+        f"{summary['hemorrhage_cases']} hemorrhage scans: Dice {fmt('dice')}, NSD {fmt('nsd')}, "
+        f"HD95 {fmt('hd95_mm')} mm, |volume error| {fmt('abs_volume_error_ml')} mL"
+    )
     print(f"written: {out / 'per_case.csv'}, {out / 'summary.json'}")
     return 0
 

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import run_main  # noqa: E402
 from engine.config import CommandLineParser  # noqa: E402
-
 from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG  # noqa: E402
 from sam3d.export import export_encoder  # noqa: E402
 from sam3d.modeling import load_trained_sam3d  # noqa: E402
@@ -35,10 +34,13 @@ def main(argv=None) -> int:
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
     # Official checkpoints were trained with the official preprocessing, which is the default here.
     preprocessing = meta.get("preprocessing", {**DEFAULT_TRANSFORM_CONFIG, "augment": False})
-    export_encoder(model, args.output, model.config, args.visual_tokens, preprocessing, source=args.checkpoint,
-                   seed=args.seed)
-    print(f"exported image encoder ({sum(p.numel() for p in model.image_encoder.parameters()) / 1e6:.1f} M parameters) "
-          f"to {args.output}")
+    export_encoder(
+        model, args.output, model.config, args.visual_tokens, preprocessing, source=args.checkpoint, seed=args.seed
+    )
+    print(
+        f"exported image encoder ({sum(p.numel() for p in model.image_encoder.parameters()) / 1e6:.1f} M parameters) "
+        f"to {args.output}"
+    )
     return 0
 
 

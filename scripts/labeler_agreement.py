@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blip.labeler import is_positive, label_chest_report  # noqa: E402
 from engine.cli import run_main  # noqa: E402
 from engine.config import CommandLineParser  # noqa: E402
-
-from blip.labeler import is_positive, label_chest_report  # noqa: E402
 
 # observation -> (MeSH heading, required qualifier or None). Choices, and why:
 # Edema includes Pulmonary Congestion (CheXpert's Edema mentions include vascular congestion);
@@ -48,25 +47,36 @@ MESH_TO_OBSERVATION = {
     "Pleural Effusion": [("Pleural Effusion", None), ("Hydropneumothorax", None)],
     "Pleural Other": [("Thickening", "pleura"), ("Cicatrix", "pleura")],
     "Fracture": [("Fractures, Bone", None)],
-    "Support Devices": [("Catheters, Indwelling", None), ("Implanted Medical Device", None), ("Medical Device", None),
-                        ("Tube, Inserted", None), ("Stents", None), ("Surgical Instruments", None)],
+    "Support Devices": [
+        ("Catheters, Indwelling", None),
+        ("Implanted Medical Device", None),
+        ("Medical Device", None),
+        ("Tube, Inserted", None),
+        ("Stents", None),
+        ("Surgical Instruments", None),
+    ],
 }
 
 
 def human_labels(mesh: str) -> dict[str, bool]:
     """Observation -> positive, from one report's MeSH field."""
     terms = [[part.strip().lower() for part in term.split("/")] for term in mesh.split(";") if term.strip()]
-    return {obs: any(t[0] == heading.lower() and (qualifier is None or qualifier in t[1:])
-                     for t in terms for heading, qualifier in rules)
-            for obs, rules in MESH_TO_OBSERVATION.items()}
+    return {
+        obs: any(
+            t[0] == heading.lower() and (qualifier is None or qualifier in t[1:])
+            for t in terms
+            for heading, qualifier in rules
+        )
+        for obs, rules in MESH_TO_OBSERVATION.items()
+    }
 
 
 def agreement(human: list[bool], labeler: list[bool]) -> dict:
     """Counts, precision/recall/F1 of the labeler vs human, raw agreement and Cohen's kappa."""
     n = len(human)
-    tp = sum(h and l for h, l in zip(human, labeler))
-    fp = sum(l and not h for h, l in zip(human, labeler))
-    fn = sum(h and not l for h, l in zip(human, labeler))
+    tp = sum(h and x for h, x in zip(human, labeler))
+    fp = sum(x and not h for h, x in zip(human, labeler))
+    fn = sum(h and not x for h, x in zip(human, labeler))
     tn = n - tp - fp - fn
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -74,8 +84,15 @@ def agreement(human: list[bool], labeler: list[bool]) -> dict:
     observed = (tp + tn) / n
     expected = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / (n * n)
     kappa = (observed - expected) / (1 - expected) if expected < 1 else 1.0
-    return {"n_human_positive": tp + fn, "n_labeler_positive": tp + fp, "precision": precision, "recall": recall,
-            "f1": f1, "agreement": observed, "kappa": kappa}
+    return {
+        "n_human_positive": tp + fn,
+        "n_labeler_positive": tp + fp,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "agreement": observed,
+        "kappa": kappa,
+    }
 
 
 def measure(reports_csv: Path) -> dict:
@@ -96,19 +113,29 @@ def measure(reports_csv: Path) -> dict:
             labeler[obs].append(is_positive(predicted[obs]))
             certain[obs].append(is_positive(predicted[obs], uncertain_as_positive=False))
     n = len(human["No Finding"])
-    return {"reports": n, "source": str(reports_csv),
-            "observations": {obs: {**agreement(human[obs], labeler[obs]),
-                                   "f1_certain_only": agreement(human[obs], certain[obs])["f1"]}
-                             for obs in MESH_TO_OBSERVATION}}
+    return {
+        "reports": n,
+        "source": str(reports_csv),
+        "observations": {
+            obs: {**agreement(human[obs], labeler[obs]), "f1_certain_only": agreement(human[obs], certain[obs])["f1"]}
+            for obs in MESH_TO_OBSERVATION
+        },
+    }
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"Rule-based labeler vs IU X-ray MeSH labels ({result['reports']} reports; uncertain counted positive)", "",
-             "| observation | n human+ | n labeler+ | precision | recall | F1 | agreement | kappa | F1 certain only |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Rule-based labeler vs IU X-ray MeSH labels ({result['reports']} reports; uncertain counted positive)",
+        "",
+        "| observation | n human+ | n labeler+ | precision | recall | F1 | agreement | kappa | F1 certain only |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for obs, m in result["observations"].items():
-        lines.append(f"| {obs} | {m['n_human_positive']} | {m['n_labeler_positive']} | {m['precision']:.3f} | "
-                     f"{m['recall']:.3f} | {m['f1']:.3f} | {m['agreement']:.3f} | {m['kappa']:.3f} | {m['f1_certain_only']:.3f} |")
+        lines.append(
+            f"| {obs} | {m['n_human_positive']} | {m['n_labeler_positive']} | {m['precision']:.3f} | "
+            f"{m['recall']:.3f} | {m['f1']:.3f} | {m['agreement']:.3f} | {m['kappa']:.3f} | "
+            f"{m['f1_certain_only']:.3f} |"
+        )
     return "\n".join(lines)
 
 

@@ -57,9 +57,22 @@ def pretraining_data(work: Path, num_cases: int, seed: int) -> dict:
 def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: Path) -> Path:
     started = time.time()
     data = pretraining_data(work, num_cases, seed)
-    flags = ["--config", str(REPO / "configs" / "sam3d_small_pretrain.yaml"), "--train_csv", data["train_csv"],
-             "--val_csv", data["val_csv"], "--mask_dir", data["mask_dir"], "--output_dir", str(work / "sam3d"),
-             "--cache_dir", str(work / "cache"), "--seed", str(seed)]
+    flags = [
+        "--config",
+        str(REPO / "configs" / "sam3d_small_pretrain.yaml"),
+        "--train_csv",
+        data["train_csv"],
+        "--val_csv",
+        data["val_csv"],
+        "--mask_dir",
+        data["mask_dir"],
+        "--output_dir",
+        str(work / "sam3d"),
+        "--cache_dir",
+        str(work / "cache"),
+        "--seed",
+        str(seed),
+    ]
     if epochs is not None:
         flags += ["--epochs", str(epochs)]
     args = parse_with_config(train.build_parser(), flags)
@@ -67,11 +80,18 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
     best = load_checkpoint(result["outputs"]["best_model"])
     payload = {
         "model_state_dict": {k: v.half() if v.is_floating_point() else v for k, v in best["model_state_dict"].items()},
-        "model_type": best["model_type"], "model_config": best["model_config"], "preprocessing": best["preprocessing"],
-        "recipe": {"command": "python scripts/make_pretrained.py --part sam3d", "num_cases": num_cases, "seed": seed,
-                   "epochs": args.epochs, "best_epoch": result["best_epoch"],
-                   "best_val_dice": round(float(result["best_metric"]), 4),
-                   "minutes": round((time.time() - started) / 60, 1)},
+        "model_type": best["model_type"],
+        "model_config": best["model_config"],
+        "preprocessing": best["preprocessing"],
+        "recipe": {
+            "command": "python scripts/make_pretrained.py --part sam3d",
+            "num_cases": num_cases,
+            "seed": seed,
+            "epochs": args.epochs,
+            "best_epoch": result["best_epoch"],
+            "best_val_dice": round(float(result["best_metric"]), 4),
+            "minutes": round((time.time() - started) / 60, 1),
+        },
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / SAM3D_WEIGHTS, lambda tmp: torch.save(payload, tmp))
@@ -91,9 +111,16 @@ def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | 
     val_rows = report_corpus([c for c in cases if c["split"] == "val"], 4, seed + 1)
     epochs = epochs or 4
     result = pretrain_report_lm(train_rows, val_rows, out / REPORT_LM, work / "lm", epochs=epochs, seed=seed)
-    recipe = {"command": "python scripts/make_pretrained.py --part lm", "num_cases": num_cases, "seed": seed,
-              "variants": variants, "epochs": epochs, "reports": len(train_rows), "best_epoch": result["best_epoch"],
-              "best_val_loss": round(float(result["best_metric"]), 4)}
+    recipe = {
+        "command": "python scripts/make_pretrained.py --part lm",
+        "num_cases": num_cases,
+        "seed": seed,
+        "variants": variants,
+        "epochs": epochs,
+        "reports": len(train_rows),
+        "best_epoch": result["best_epoch"],
+        "best_val_loss": round(float(result["best_metric"]), 4),
+    }
     (out / REPORT_LM / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     print(json.dumps(recipe))
     return out / REPORT_LM
@@ -110,18 +137,43 @@ def make_qformer(work: Path, num_cases: int, seed: int, epochs: int | None, out:
     export_encoder(model.float(), encoder, model.config, preprocessing=meta["preprocessing"])
     folder = Path(data["cases_json"]).parent
     epochs = epochs or 40
-    args = parse_with_config(blip_train.build_parser(), [
-        "--config", str(REPO / "configs" / "blip_tiny_ct.yaml"), "--stage", "1", "--epochs", str(epochs),
-        "--lr", "1e-3", "--train_manifest", str(folder / "reports_train.jsonl"), "--val_manifest",
-        str(folder / "reports_val.jsonl"), "--encoder", str(encoder), "--lm", str(out / REPORT_LM),
-        "--output_dir", str(work / "qformer"), "--seed", str(seed)])
+    args = parse_with_config(
+        blip_train.build_parser(),
+        [
+            "--config",
+            str(REPO / "configs" / "blip_tiny_ct.yaml"),
+            "--stage",
+            "1",
+            "--epochs",
+            str(epochs),
+            "--lr",
+            "1e-3",
+            "--train_manifest",
+            str(folder / "reports_train.jsonl"),
+            "--val_manifest",
+            str(folder / "reports_val.jsonl"),
+            "--encoder",
+            str(encoder),
+            "--lm",
+            str(out / REPORT_LM),
+            "--output_dir",
+            str(work / "qformer"),
+            "--seed",
+            str(seed),
+        ],
+    )
     result = blip_train.run_training(args)
     shutil.rmtree(out / QFORMER, ignore_errors=True)
     shutil.copytree(result["outputs"]["qformer"], out / QFORMER)
     best = result["history"][result["best_epoch"] - 1]
-    recipe = {"command": "python scripts/make_pretrained.py --part qformer", "num_cases": num_cases, "seed": seed,
-              "epochs": epochs, "best_epoch": result["best_epoch"],
-              **{k: round(float(v), 4) for k, v in best.items() if k.startswith("val_")}}
+    recipe = {
+        "command": "python scripts/make_pretrained.py --part qformer",
+        "num_cases": num_cases,
+        "seed": seed,
+        "epochs": epochs,
+        "best_epoch": result["best_epoch"],
+        **{k: round(float(v), 4) for k, v in best.items() if k.startswith("val_")},
+    }
     (out / QFORMER / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     print(json.dumps(recipe))
     return out / QFORMER
@@ -134,7 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default=str(PRETRAINED), help="where the weights go (the package's by default)")
     p.add_argument("--num_cases", type=int, default=240)
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED)
-    p.add_argument("--epochs", type=int, help="override the config's epochs (sam3d) or the defaults: 4 (lm), 40 (qformer)")
+    p.add_argument(
+        "--epochs", type=int, help="override the config's epochs (sam3d) or the defaults: 4 (lm), 40 (qformer)"
+    )
     p.add_argument("--variants", type=int, default=25, help="lm: reports per pre-training case")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -31,16 +31,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_cases", type=int, default=24, help="number of scans (>= 2)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; case k depends only on (seed, k)")
     parser.add_argument("--val_fraction", type=float, default=0.25, help="share of patients in val.csv")
-    parser.add_argument("--test_fraction", type=float, default=0.0,
-                        help="share of patients in test.csv (0 = no test split)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=list(DEFAULT_SPACING_MM),
-                        metavar=("X", "Y", "Z"), help="voxel size in mm (in-plane x, y; slice z)")
-    parser.add_argument("--fov", type=float, nargs=3, default=list(DEFAULT_FOV_MM),
-                        metavar=("X", "Y", "Z"), help="field of view in mm at head_scale 1")
-    parser.add_argument("--positive_fraction", type=float, default=0.6,
-                        help="share of scans with a hemorrhage")
-    parser.add_argument("--head_scale", type=float, default=1.0,
-                        help="shrink head and field of view together (e.g. 0.5 for quick tests)")
+    parser.add_argument(
+        "--test_fraction", type=float, default=0.0, help="share of patients in test.csv (0 = no test split)"
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=list(DEFAULT_SPACING_MM),
+        metavar=("X", "Y", "Z"),
+        help="voxel size in mm (in-plane x, y; slice z)",
+    )
+    parser.add_argument(
+        "--fov",
+        type=float,
+        nargs=3,
+        default=list(DEFAULT_FOV_MM),
+        metavar=("X", "Y", "Z"),
+        help="field of view in mm at head_scale 1",
+    )
+    parser.add_argument("--positive_fraction", type=float, default=0.6, help="share of scans with a hemorrhage")
+    parser.add_argument(
+        "--head_scale",
+        type=float,
+        default=1.0,
+        help="shrink head and field of view together (e.g. 0.5 for quick tests)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 

@@ -30,47 +30,70 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.distributed import resolve_device  # noqa: E402
 from engine.cli import run_main  # noqa: E402
 from engine.config import CommandLineParser  # noqa: E402
-from sam3d.cli import add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
+from sam3d.cli import (  # noqa: E402
+    add_hyperdense_argument,
+    add_scan_arguments,
+    output_stems,
+    parse_clicks,
+    read_scan,
+    run_batch,
+)
 from sam3d.data.io import scan_inputs  # noqa: E402
 from sam3d.predict import (  # noqa: E402
+    AUTOMATIC_THRESHOLD,
     BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
-    MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
-    MIN_VOXEL_HU,
     THRESHOLD,
-    AUTOMATIC_THRESHOLD,
     HemorrhageSegmenter,
+    hyperdense_options,
 )
 
 
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True,
-                   help="a volume, a DICOM file or series folder (files with or without extensions), a folder of "
-                        "volumes and series folders, or a CSV with a 'path' column")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a volume, a DICOM file or series folder (files with or without extensions), a folder of "
+        "volumes and series folders, or a CSV with a 'path' column",
+    )
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model_type", default=None, help="architecture of an official checkpoint (default vit_b_ori)")
     p.add_argument("--click", nargs="+", action="append", metavar="X Y Z [pos|neg]")
     p.add_argument("--click_space", choices=["voxel", "mm"], default="voxel")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (automatic mode)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help=f"probability from which a voxel is blood (default {AUTOMATIC_THRESHOLD:g} in automatic mode with "
-                        f"--hyperdense_only, else {THRESHOLD:g})")
-    p.add_argument("--intracranial_mask", action=argparse.BooleanOptionalAction, default=True,
-                   help="clear predictions outside the skull's cavity (default on)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"probability from which a voxel is blood (default {AUTOMATIC_THRESHOLD:g} in automatic mode with "
+        f"--hyperdense_only, else {THRESHOLD:g})",
+    )
+    p.add_argument(
+        "--intracranial_mask",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clear predictions outside the skull's cavity (default on)",
+    )
     p.add_argument("--bone_hu", type=float, default=BONE_THRESHOLD_HU, help="HU from which a voxel is bone")
-    p.add_argument("--intracranial_margin_mm", type=float, default=INTRACRANIAL_MARGIN_MM,
-                   help="erode the intracranial mask by this many mm off the inner table")
-    p.add_argument("--min_component_ml", type=float, default=MIN_COMPONENT_ML,
-                   help="drop connected components smaller than this (mL); 0 keeps all")
-    p.add_argument("--hyperdense_only", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"keep acute (hyperdense) blood only: components with median HU >= {MIN_COMPONENT_HU:g}, voxels "
-                        f">= {MIN_VOXEL_HU:g} HU; --no-hyperdense_only for subacute or chronic hemorrhage")
+    p.add_argument(
+        "--intracranial_margin_mm",
+        type=float,
+        default=INTRACRANIAL_MARGIN_MM,
+        help="erode the intracranial mask by this many mm off the inner table",
+    )
+    p.add_argument(
+        "--min_component_ml",
+        type=float,
+        default=MIN_COMPONENT_ML,
+        help="drop connected components smaller than this (mL); 0 keeps all",
+    )
+    add_hyperdense_argument(p)
     add_scan_arguments(p)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -88,11 +111,15 @@ def main(argv=None) -> int:
     stems = output_stems(inputs)
 
     segmenter = HemorrhageSegmenter(
-        args.checkpoint, device, args.model_type, args.overlap,
-        restrict_intracranial=args.intracranial_mask, min_component_ml=args.min_component_ml,
-        bone_hu=args.bone_hu, margin_mm=args.intracranial_margin_mm,
-        min_component_hu=MIN_COMPONENT_HU if args.hyperdense_only else None,
-        min_voxel_hu=MIN_VOXEL_HU if args.hyperdense_only else None,
+        args.checkpoint,
+        device,
+        args.model_type,
+        args.overlap,
+        restrict_intracranial=args.intracranial_mask,
+        min_component_ml=args.min_component_ml,
+        bone_hu=args.bone_hu,
+        margin_mm=args.intracranial_margin_mm,
+        **hyperdense_options(args.hyperdense_only),
     )
     out = Path(args.output_dir)
 
@@ -100,12 +127,15 @@ def main(argv=None) -> int:
         volume = read_scan(path, args)
         result = segmenter.save(segmenter.predict(volume, clicks, args.threshold), out, stem=stems[path])
         m = result.measurements
-        print(f"{path}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side} "
-              f"-> {result.files['mask']}" + (f", {result.files['dicom_seg']}" if "dicom_seg" in result.files else ""))
+        print(
+            f"{path}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side} "
+            f"-> {result.files['mask']}" + (f", {result.files['dicom_seg']}" if "dicom_seg" in result.files else "")
+        )
         print(f"  geometry: {volume.geometry.summary()}")
         return result.to_json()
 
     return run_batch(inputs, predict, args.fail_fast, out / "predictions.json")
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blip.data.reports import infer_modality  # noqa: E402
 from blip.grounded import ScanReporter  # noqa: E402
-from engine.distributed import resolve_device  # noqa: E402
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, ConfigError# noqa: E402
 from engine.checkpoint import atomic_write  # noqa: E402
-from sam3d.cli import add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
+from engine.cli import run_main  # noqa: E402
+from engine.config import CommandLineParser, ConfigError  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
+from sam3d.cli import add_hyperdense_argument, add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
 from sam3d.data.io import scan_inputs  # noqa: E402
+from sam3d.predict import hyperdense_options  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,21 +46,34 @@ def main(argv=None) -> int:
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--no_repeat_ngram_size", type=int, default=0)
     add_scan_arguments(p)
+    add_hyperdense_argument(p)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
     if not (Path(args.report_model) / "config.json").is_file():
-        p.error(f"--report_model {args.report_model}: not a report model folder (no config.json; "
-                "`python -m blip.train` writes one as output_dir/report_model)")
+        p.error(
+            f"--report_model {args.report_model}: not a report model folder (no config.json; "
+            "`python -m blip.train` writes one as output_dir/report_model)"
+        )
     if args.segmentation_checkpoint and not Path(args.segmentation_checkpoint).is_file():
         p.error(f"--segmentation_checkpoint {args.segmentation_checkpoint}: file not found")
     clicks = parse_clicks(args.click, args.click_space)
     inputs = scan_inputs(args.input)  # every input named, and output names checked, before the models load
     stems = output_stems(inputs)
-    generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-                  "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
-    reporter = ScanReporter(args.segmentation_checkpoint, args.report_model, str(resolve_device(args.device)),
-                            correct=not args.no_correct, generation=generation)
+    generation = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+    }
+    reporter = ScanReporter(
+        args.segmentation_checkpoint,
+        args.report_model,
+        str(resolve_device(args.device)),
+        correct=not args.no_correct,
+        generation=generation,
+        segmenter_options=hyperdense_options(args.hyperdense_only),
+    )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -80,6 +94,7 @@ def main(argv=None) -> int:
         return {"source": path, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
 
     return run_batch(inputs, report, args.fail_fast, out / "reports.json")
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -58,15 +58,25 @@ def make_tiny_models(folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     seg_config = model_config("small", img_size=32)
-    atomic_save({"model_state_dict": build_sam3d(seg_config).state_dict(), "model_config": seg_config.to_dict(),
-                 "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)}}, folder / "seg.pth")
+    atomic_save(
+        {
+            "model_state_dict": build_sam3d(seg_config).state_dict(),
+            "model_config": seg_config.to_dict(),
+            "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)},
+        },
+        folder / "seg.pth",
+    )
     lm = build_tiny_gpt2(["subdural hematoma on the left."] * 4, folder / "lm", n_embd=32)
     encoder = model_config("tiny", encoder_depth=1, window_size=0, global_attn_indexes=())
     config = Blip2ReportConfig(
-        ct_tower=VisionTowerConfig("sam3d", encoder_config=encoder.to_dict(),
-                                   preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}).to_dict(),
+        ct_tower=VisionTowerConfig(
+            "sam3d", encoder_config=encoder.to_dict(), preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}
+        ).to_dict(),
         bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-        lm_path=str(lm), lm_mode="full", num_query_tokens=4, condition_on_measurements=True,  # as the demo's
+        lm_path=str(lm),
+        lm_mode="full",
+        num_query_tokens=4,
+        condition_on_measurements=True,  # as the demo's
     )
     Blip2ReportModel(config).save_pretrained(folder / "report_model")
     return folder / "seg.pth", folder / "report_model"
@@ -111,8 +121,12 @@ CT_REPORTS = {  # the two reports of the tiny report-model tests: a bleed, none
     False: "FINDINGS: No hemorrhage or mass effect. IMPRESSION: Normal head CT.",
 }
 TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())
-TINY_CT_PREPROCESSING = {"target_spacing_mm": (3.0, 3.0, 3.0), "roi_size": (64, 64, 64), "hu_clamp": (-1000.0, 1000.0),
-                 "normalization": "zscore"}
+TINY_CT_PREPROCESSING = {
+    "target_spacing_mm": (3.0, 3.0, 3.0),
+    "roi_size": (64, 64, 64),
+    "hu_clamp": (-1000.0, 1000.0),
+    "normalization": "zscore",
+}
 
 
 def write_head_ct(path, bleed: bool, seed: int) -> None:
@@ -135,8 +149,16 @@ def ct_data(tmp_path_factory):
         for index, bleed in enumerate(bleeds):
             image = root / f"{split}_{index}.nii.gz"
             write_head_ct(image, bleed, seed=len(rows) + (10 if split == "val" else 0))
-            rows.append({"image": image.name, "report": CT_REPORTS[bleed], "modality": "ct", "id": f"{split}{index}",
-                         "volume_ml": 4.2 if bleed else 0.0, "side": "right" if bleed else "none"})
+            rows.append(
+                {
+                    "image": image.name,
+                    "report": CT_REPORTS[bleed],
+                    "modality": "ct",
+                    "id": f"{split}{index}",
+                    "volume_ml": 4.2 if bleed else 0.0,
+                    "side": "right" if bleed else "none",
+                }
+            )
         manifests[split] = root / f"{split}.jsonl"
         manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
     torch.manual_seed(0)

@@ -17,14 +17,24 @@ import pytest
 
 from app import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
 from sam3d.data.synthetic import synthesize_case
-from sam3d.predict import HemorrhageSegmenter
+from sam3d.predict import HemorrhageSegmenter, hyperdense_options
 from tests.conftest import REPO, make_tiny_models
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections are refused by the closed network.
 # Playwright starts each browser on a new empty profile (it refuses --user-data-dir in launch()).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000
 
 
@@ -34,9 +44,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("affine", [np.diag([0.9, 0.9, 5.0, 1.0]), np.diag([-0.9, -0.9, 5.0, 1.0]),
-                                    np.array([[0, 0, 5.0, 0], [0.9, 0, 0, 0], [0, -0.9, 0, 0], [0, 0, 0, 1]])],
-                         ids=["RAS", "LPS", "slices-first"])
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([0.9, 0.9, 5.0, 1.0]),
+        np.diag([-0.9, -0.9, 5.0, 1.0]),
+        np.array([[0, 0, 5.0, 0], [0.9, 0, 0, 0], [0, -0.9, 0, 0], [0, 0, 0, 1]]),
+    ],
+    ids=["RAS", "LPS", "slices-first"],
+)
 def test_display_to_voxel_inverts_the_viewer_orientation(affine):
     """A click on a pixel must land on the voxel drawn there, whatever the storage order is."""
     from sam3d.visualize import SliceView
@@ -64,7 +80,7 @@ def test_zip_with_path_traversal_is_refused(tmp_path):
 
 
 @contextlib.contextmanager
-def served_app(tiny_models):
+def served_app(tiny_models, segmenter_options: dict | None = None):
     """The app on a free local port with Debian's Chromium to drive it: yields (browser, url)."""
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
@@ -73,7 +89,13 @@ def served_app(tiny_models):
     from playwright.sync_api import sync_playwright
 
     seg_checkpoint, report_model = tiny_models
-    app = build_app(seg_checkpoint, report_model, "cpu", generation={"max_new_tokens": 8, "num_beams": 1})
+    app = build_app(
+        seg_checkpoint,
+        report_model,
+        "cpu",
+        generation={"max_new_tokens": 8, "num_beams": 1},
+        segmenter_options=segmenter_options,
+    )
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -108,10 +130,21 @@ def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tm
     from tests.conftest import head_phantom_hu
 
     positions, orientation = table_positions([5.0] * 11, 12.0, origin_xy_mm=(-96.0, -110.0))
-    axial = SeriesSpec(positions, orientation, rows=72, columns=64, pixel_spacing=(3.0, 3.0), gantry_tilt_deg=12.0,
-                       description="HEAD 5mm")
-    scout = SeriesSpec(np.array([[0.0, -120.0, 100.0]]), (0, 1, 0, 0, 0, -1), description="SCOUT",
-                       image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    axial = SeriesSpec(
+        positions,
+        orientation,
+        rows=72,
+        columns=64,
+        pixel_spacing=(3.0, 3.0),
+        gantry_tilt_deg=12.0,
+        description="HEAD 5mm",
+    )
+    scout = SeriesSpec(
+        np.array([[0.0, -120.0, 100.0]]),
+        (0, 1, 0, 0, 0, -1),
+        description="SCOUT",
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
     write_ct_series(tmp_path / "study" / "S2", axial, head_phantom_hu, extension="")
     write_ct_series(tmp_path / "study" / "S1", scout, head_phantom_hu, extension="")
     archive = tmp_path / "study.zip"
@@ -159,9 +192,11 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
         expect(page.locator("#viewer img")).to_be_visible()
         # Gradio maps a click to pixels through the loaded image's natural size; a click on an image
         # still loading is dropped (seen once on a loaded host: no status change in 60 s).
-        page.wait_for_function("() => { const img = document.querySelector('#viewer img');"
-                               " return img !== null && img.complete && img.naturalWidth > 0; }",
-                               timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#viewer img');"
+            " return img !== null && img.complete && img.naturalWidth > 0; }",
+            timeout=TIMEOUT_MS,
+        )
         page.locator("#viewer img").click()  # a refinement click in the middle of the slice
         expect(page.locator("#status")).to_contain_text("with 1 click(s)", timeout=TIMEOUT_MS)
         expect(page.locator("#clicks")).to_contain_text("+(")
@@ -197,7 +232,8 @@ def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
     from playwright.sync_api import expect
 
     seg_checkpoint, _ = tiny_models
-    segmenter = HemorrhageSegmenter(seg_checkpoint)
+    # The tiny random model marks no hyperdense blood: without the gate its masks differ per scan.
+    segmenter = HemorrhageSegmenter(seg_checkpoint, **hyperdense_options(False))
     scans, expected = [], []
     for index, kind in enumerate(["subdural", "intraparenchymal", "intraventricular", "none"]):
         case = synthesize_case(index + 2, seed=3, spacing_mm=(3.0, 3.0, 5.0), ich_type=kind, head_scale=0.5)
@@ -207,7 +243,7 @@ def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
         expected.append(segmenter.predict(path).measurements.total_volume_ml)
     assert len(set(expected)) == len(expected)  # four different answers, so a mix-up shows
 
-    with served_app(tiny_models) as (browser, url):
+    with served_app(tiny_models, hyperdense_options(False)) as (browser, url):
         pages = []
         for _ in scans:
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()

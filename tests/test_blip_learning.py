@@ -34,6 +34,8 @@ from engine.checkpoint import load_checkpoint
 from engine.config import parse_with_config
 from sam3d.data.synthetic import make_synthetic_ich
 
+pytestmark = pytest.mark.learning
+
 IU_XRAY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iu_xray"
 
 
@@ -47,15 +49,20 @@ def _iu_pairs() -> list[dict]:
     """One row per local IU X-ray image: the image and its study's cleaned report."""
     from blip.data.iu_xray import read_indiana
 
-    studies = read_indiana(IU_XRAY / "indiana_reports.csv", IU_XRAY / "indiana_projections.csv", IU_XRAY / "images",
-                           views=("Frontal", "Lateral"))
+    studies = read_indiana(
+        IU_XRAY / "indiana_reports.csv",
+        IU_XRAY / "indiana_projections.csv",
+        IU_XRAY / "images",
+        views=("Frontal", "Lateral"),
+    )
     rows = []
     for record in studies.records:
         images = [record.image] if isinstance(record.image, str) else record.image
         for image in images:
             if Path(image).is_file():
-                rows.append({"image": image, "report": record.report, "modality": "xray",
-                             "id": Path(image).name.split(".")[0]})
+                rows.append(
+                    {"image": image, "report": record.report, "modality": "xray", "id": Path(image).name.split(".")[0]}
+                )
     return rows
 
 
@@ -69,13 +76,38 @@ def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
     manifest = tmp_path / "iu4.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "run"
-    _train([
-        "--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(manifest), "--val_manifest", str(manifest),
-        "--encoder", "", "--xray_model_type", "tiny", "--output_dir", str(out),
-        "--epochs", "40", "--lr", "1e-2", "--batch_size", "4",
-        "--patience", "1000", "--max_text_len", "200", "--num_val_samples", "0", "--num_beams", "1",
-        "--max_new_tokens", "8",
-    ])
+    _train(
+        [
+            "--config",
+            "configs/blip_tiny_ct.yaml",
+            "--train_manifest",
+            str(manifest),
+            "--val_manifest",
+            str(manifest),
+            "--encoder",
+            "",
+            "--xray_model_type",
+            "tiny",
+            "--output_dir",
+            str(out),
+            "--epochs",
+            "40",
+            "--lr",
+            "1e-2",
+            "--batch_size",
+            "4",
+            "--patience",
+            "1000",
+            "--max_text_len",
+            "200",
+            "--num_val_samples",
+            "0",
+            "--num_beams",
+            "1",
+            "--max_new_tokens",
+            "8",
+        ]
+    )
     trained = time.perf_counter()
     history = load_checkpoint(out / "latest_model.pth")["history"]
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
@@ -91,10 +123,12 @@ def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
     dependence = ((projected[0] - projected[3]).abs().mean() / projected.abs().mean()).item()
     for row, text in zip(rows, generated):
         print(f"  {row['id']}: {text[:100]}")
-    print(f"X-ray: val loss {history[0]['val_loss']:.3f} -> {history[-1]['val_loss']:.3f}, BLEU-4 "
-          f"{scores['corpus']['BLEU_4']:.3f} (per image {[round(b, 3) for b in scores['per_sample']['BLEU_4']]}), "
-          f"first sentence reproduced {sum(first_sentence)}/4, image dependence of the queries {dependence:.4f}; "
-          f"train {trained - start:.0f} s, total {time.perf_counter() - start:.0f} s")
+    print(
+        f"X-ray: val loss {history[0]['val_loss']:.3f} -> {history[-1]['val_loss']:.3f}, BLEU-4 "
+        f"{scores['corpus']['BLEU_4']:.3f} (per image {[round(b, 3) for b in scores['per_sample']['BLEU_4']]}), "
+        f"first sentence reproduced {sum(first_sentence)}/4, image dependence of the queries {dependence:.4f}; "
+        f"train {trained - start:.0f} s, total {time.perf_counter() - start:.0f} s"
+    )
     assert history[-1]["val_loss"] < 0.3 * history[0]["val_loss"]
     assert scores["corpus"]["BLEU_4"] >= 0.5 and sum(first_sentence) >= 3
 
@@ -109,23 +143,74 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
     20/24, normals 11/16; majority 24/40), and 32/40 with both seeds 1; 4.2-4.8 min. Run with ``-s`` for
     the figures; the README quotes them."""
     start = time.perf_counter()
-    data = make_synthetic_ich(tmp_path / "data", num_cases=108, seed=7, val_fraction=8 / 108,
-                              test_fraction=40 / 108, spacing_mm=(2.0, 2.0, 4.0), progress=False)
+    data = make_synthetic_ich(
+        tmp_path / "data",
+        num_cases=108,
+        seed=7,
+        val_fraction=8 / 108,
+        test_fraction=40 / 108,
+        spacing_mm=(2.0, 2.0, 4.0),
+        progress=False,
+    )
     made = time.perf_counter()
-    seg = segmentation_train.run_training(parse_with_config(segmentation_train.build_parser(), [
-        "--config", "configs/sam3d_demo.yaml", "--train_csv", data["train_csv"], "--val_csv", data["val_csv"],
-        "--mask_dir", data["mask_dir"], "--output_dir", str(tmp_path / "sam3d"), "--cache_dir", str(tmp_path / "cache"),
-        "--epochs", "12", "--patience", "1000", "--num_clicks", "1", "--val_num_clicks", "1", "--no-automatic_round",
-        "--seed", "0",
-    ]))
+    seg = segmentation_train.run_training(
+        parse_with_config(
+            segmentation_train.build_parser(),
+            [
+                "--config",
+                "configs/sam3d_demo.yaml",
+                "--train_csv",
+                data["train_csv"],
+                "--val_csv",
+                data["val_csv"],
+                "--mask_dir",
+                data["mask_dir"],
+                "--output_dir",
+                str(tmp_path / "sam3d"),
+                "--cache_dir",
+                str(tmp_path / "cache"),
+                "--epochs",
+                "12",
+                "--patience",
+                "1000",
+                "--num_clicks",
+                "1",
+                "--val_num_clicks",
+                "1",
+                "--no-automatic_round",
+                "--seed",
+                "0",
+            ],
+        )
+    )
     segmented = time.perf_counter()
     out = tmp_path / "reports"
-    _train([
-        "--config", "configs/blip_tiny_ct.yaml", "--train_manifest", data["reports_train"],
-        "--val_manifest", data["reports_val"], "--encoder", seg["outputs"]["sam_encoder"], "--output_dir", str(out),
-        "--no-condition_on_measurements", "--diagnosis_prompt", "--epochs", "40", "--batch_size", "4",
-        "--patience", "1000", "--num_val_samples", "0", "--seed", "0",
-    ])
+    _train(
+        [
+            "--config",
+            "configs/blip_tiny_ct.yaml",
+            "--train_manifest",
+            data["reports_train"],
+            "--val_manifest",
+            data["reports_val"],
+            "--encoder",
+            seg["outputs"]["sam_encoder"],
+            "--output_dir",
+            str(out),
+            "--no-condition_on_measurements",
+            "--diagnosis_prompt",
+            "--epochs",
+            "40",
+            "--batch_size",
+            "4",
+            "--patience",
+            "1000",
+            "--num_val_samples",
+            "0",
+            "--seed",
+            "0",
+        ]
+    )
     reported = time.perf_counter()
 
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
@@ -133,8 +218,11 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
     rows = [json.loads(line) for line in Path(data["reports_test"]).read_text().splitlines()]
     images = torch.stack([transform(str(Path(data["reports_test"]).parent / row["image"])) for row in rows])
     with torch.no_grad():
-        generated = [text for i in range(0, len(rows), 8)
-                     for text in model.generate(images[i:i + 8], "ct", num_beams=1, max_new_tokens=160)]
+        generated = [
+            text
+            for i in range(0, len(rows), 8)
+            for text in model.generate(images[i : i + 8], "ct", num_beams=1, max_new_tokens=160)
+        ]
         head = model.diagnose(images, "ct")[:, 0] >= 0.5
     truth = [bool(row["ich"]) for row in rows]
     said = [label_ct_report(text)["hemorrhage"] == 1 for text in generated]
@@ -144,10 +232,13 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
     cleared = sum(not s and not t for s, t in zip(said, truth))
     for row, text in list(zip(rows, generated))[:6]:
         print(f"  {row['image']} ({row['ich_type']}, {row['volume_ml']} mL): {text[:110]}")
-    print(f"CT: segmentation best val Dice {seg['best_metric']:.3f}; generated reports right about hemorrhage on "
-          f"{agree}/{len(rows)} held-out scans (bleeds {found}/{sum(truth)}, normals {cleared}/{len(truth) - sum(truth)}; "
-          f"majority class {majority}/{len(rows)}), the head alone {sum(h == t for h, t in zip(head.tolist(), truth))}; "
-          f"data {made - start:.0f} s, segmentation {segmented - made:.0f} s, reports {reported - segmented:.0f} s, "
-          f"total {time.perf_counter() - start:.0f} s")
+    print(
+        f"CT: segmentation best val Dice {seg['best_metric']:.3f}; generated reports right about hemorrhage on "
+        f"{agree}/{len(rows)} held-out scans (bleeds {found}/{sum(truth)}, "
+        f"normals {cleared}/{len(truth) - sum(truth)}; "
+        f"majority class {majority}/{len(rows)}), the head alone {sum(h == t for h, t in zip(head.tolist(), truth))}; "
+        f"data {made - start:.0f} s, segmentation {segmented - made:.0f} s, reports {reported - segmented:.0f} s, "
+        f"total {time.perf_counter() - start:.0f} s"
+    )
     assert seg["best_metric"] > 0.05  # it learned to segment: the report model has hemorrhage features to read
     assert agree >= majority + 5 and found >= sum(truth) // 2 and cleared >= (len(truth) - sum(truth)) // 2

@@ -24,8 +24,10 @@ from tests.conftest import CT_REPORTS as REPORTS
 from tests.conftest import TINY_CT, write_head_ct
 from tests.conftest import TINY_CT_PREPROCESSING as PREPROCESSING
 
-XRAY_REPORTS = ["FINDINGS: Clear lungs. IMPRESSION: Normal chest.",
-                "FINDINGS: Right pleural effusion. IMPRESSION: Effusion."]
+XRAY_REPORTS = [
+    "FINDINGS: Clear lungs. IMPRESSION: Normal chest.",
+    "FINDINGS: Right pleural effusion. IMPRESSION: Effusion.",
+]
 KEYS = ["ct", "xray", "ct", "ct", "xray", "ct", "xray", "ct", "ct", "xray", "ct"]  # 7 CT, 4 X-ray, interleaved
 
 
@@ -71,14 +73,18 @@ def test_ddp_ranks_get_equal_counts_and_disjoint_shares(keys, batch_size, total)
 
 
 def test_more_ranks_than_batches_still_gives_every_rank_a_batch():
-    ranks = [list(GroupedBatchSampler(["ct", "ct", "xray"], 4, shuffle=False, num_replicas=3, rank=r)) for r in range(3)]
+    ranks = [
+        list(GroupedBatchSampler(["ct", "ct", "xray"], 4, shuffle=False, num_replicas=3, rank=r)) for r in range(3)
+    ]
     assert ranks == [[[0, 1]], [[2]], [[0, 1]]]
 
 
 # ---------------------------------------------------------------- dataset
 def test_mixed_dataset_uses_one_transform_per_modality():
-    rows = [{"image": "a.nii.gz", "report": "r", "modality": "ct", "id": "a"},
-            {"image": ["b.png", "b_lateral.png"], "report": "r", "modality": "xray", "id": "b"}]
+    rows = [
+        {"image": "a.nii.gz", "report": "r", "modality": "ct", "id": "a"},
+        {"image": ["b.png", "b_lateral.png"], "report": "r", "modality": "xray", "id": "b"},
+    ]
     dataset = ReportDataset(rows, {"ct": lambda p: torch.zeros(1), "xray": lambda p: torch.ones(3)}, "mixed.jsonl")
     assert dataset.group_keys == ["ct", "xray"] and dataset.modalities == ["ct", "xray"]
     assert dataset[0]["image"].shape == (1,) and dataset[1]["image"].shape == (3,)
@@ -105,11 +111,22 @@ def mixed_data(tmp_path_factory):
             seed = index + (10 if split == "val" else 0)
             write_head_ct(root / f"{split}_ct{index}.nii.gz", bleed=index % 2 == 0, seed=seed)
             write_film(root / f"{split}_film{index}.png", seed)
-            rows += [{"image": f"{split}_ct{index}.nii.gz", "report": REPORTS[index % 2 == 0], "modality": "ct",
-                      "id": f"{split}_ct{index}", "volume_ml": 3.0 if index % 2 == 0 else 0.0,
-                      "side": "left" if index % 2 == 0 else "none"},
-                     {"image": f"{split}_film{index}.png", "report": XRAY_REPORTS[index % 2], "modality": "xray",
-                      "id": f"{split}_film{index}"}]
+            rows += [
+                {
+                    "image": f"{split}_ct{index}.nii.gz",
+                    "report": REPORTS[index % 2 == 0],
+                    "modality": "ct",
+                    "id": f"{split}_ct{index}",
+                    "volume_ml": 3.0 if index % 2 == 0 else 0.0,
+                    "side": "left" if index % 2 == 0 else "none",
+                },
+                {
+                    "image": f"{split}_film{index}.png",
+                    "report": XRAY_REPORTS[index % 2],
+                    "modality": "xray",
+                    "id": f"{split}_film{index}",
+                },
+            ]
         manifests[split] = root / f"{split}.jsonl"
         manifests[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
     torch.manual_seed(0)
@@ -129,13 +146,39 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 def test_mixed_run_trains_both_towers_and_reloads(mixed_data, tmp_path, capsys):
     os.environ["WANDB_MODE"] = "disabled"
     out = tmp_path / "run"
-    assert main([
-        "--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(mixed_data["train"]),
-        "--val_manifest", str(mixed_data["val"]), "--encoder", str(mixed_data["encoder"]),
-        "--xray_encoder", str(mixed_data["xray_encoder"]), "--xray_model_type", "tiny", "--output_dir", str(out),
-        "--epochs", "1", "--batch_size", "2", "--max_new_tokens", "5", "--num_beams", "1", "--log_images", "--log_freq", "1",
-        "--no-freeze_vision",  # loaded towers stay fixed by default
-    ]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "configs/blip_tiny_ct.yaml",
+                "--train_manifest",
+                str(mixed_data["train"]),
+                "--val_manifest",
+                str(mixed_data["val"]),
+                "--encoder",
+                str(mixed_data["encoder"]),
+                "--xray_encoder",
+                str(mixed_data["xray_encoder"]),
+                "--xray_model_type",
+                "tiny",
+                "--output_dir",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch_size",
+                "2",
+                "--max_new_tokens",
+                "5",
+                "--num_beams",
+                "1",
+                "--log_images",
+                "--log_freq",
+                "1",
+                "--no-freeze_vision",  # loaded towers stay fixed by default
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "sample val_ct0 (ct)" in printed and "sample val_film0 (xray)" in printed
     record = load_checkpoint(out / "latest_model.pth")["history"][0]
@@ -149,12 +192,14 @@ def test_mixed_run_trains_both_towers_and_reloads(mixed_data, tmp_path, capsys):
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
     assert "xray" in model.vision_adapters  # the tiny towers' widths differ (48 CT, 32 X-ray)
     ct_start = load_checkpoint(mixed_data["encoder"])["image_encoder_state_dict"]
-    xray_start = {k[len(SAM2D_CHECKPOINT_PREFIX):]: v for k, v in torch.load(mixed_data["xray_encoder"]).items()}
+    xray_start = {k[len(SAM2D_CHECKPOINT_PREFIX) :]: v for k, v in torch.load(mixed_data["xray_encoder"]).items()}
     assert changed(ct_start, model.visual_encoder.state_dict())
     assert changed(xray_start, model.visual_encoder_2d.state_dict())
     # The config conditions CT reports on measurements; X-ray reports take none.
-    for modality, image, contexts in (("ct", "val_ct0.nii.gz", ["Segmentation: left hemorrhage, 3.0 mL."]),
-                                      ("xray", "val_film0.png", None)):
+    for modality, image, contexts in (
+        ("ct", "val_ct0.nii.gz", ["Segmentation: left hemorrhage, 3.0 mL."]),
+        ("xray", "val_film0.png", None),
+    ):
         pixels = image_transform(model, modality)(str(mixed_data["root"] / image))
         texts = model.generate(pixels[None], modality, contexts, num_beams=1, max_new_tokens=5)
         assert len(texts) == 1 and isinstance(texts[0], str)
@@ -164,9 +209,20 @@ def test_per_tower_freezing(mixed_data, tmp_path):
     from blip.language_model import build_tiny_gpt2
 
     lm = build_tiny_gpt2(XRAY_REPORTS, tmp_path / "lm", n_embd=32)
-    argv = ["--train_manifest", str(mixed_data["train"]), "--encoder", str(mixed_data["encoder"]),
-            "--xray_model_type", "tiny", "--lm", str(lm), "--num_query_tokens", "4",
-            "--bridge", '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}']
+    argv = [
+        "--train_manifest",
+        str(mixed_data["train"]),
+        "--encoder",
+        str(mixed_data["encoder"]),
+        "--xray_model_type",
+        "tiny",
+        "--lm",
+        str(lm),
+        "--num_query_tokens",
+        "4",
+        "--bridge",
+        '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}',
+    ]
     parse = lambda *flags: build_parser().parse_args(argv + list(flags))
     assert tower_freezing(parse()) == {"ct": True, "xray": False}  # the exported encoder stays, the random one trains
     assert tower_freezing(parse("--freeze_vision")) == {"ct": True, "xray": True}
@@ -182,5 +238,13 @@ def test_validation_modality_without_training_rows_is_refused(mixed_data, tmp_pa
     ct_only = mixed_data["root"] / "ct_train.jsonl"
     ct_only.write_text("".join(line + "\n" for line in mixed_data["train"].read_text().splitlines() if '"ct"' in line))
     with pytest.raises(ConfigError, match=r"validation rows of modality \['xray'\]"):
-        main(["--train_manifest", str(ct_only), "--val_manifest", str(mixed_data["val"]),
-              "--output_dir", str(tmp_path / "run")])
+        main(
+            [
+                "--train_manifest",
+                str(ct_only),
+                "--val_manifest",
+                str(mixed_data["val"]),
+                "--output_dir",
+                str(tmp_path / "run"),
+            ]
+        )

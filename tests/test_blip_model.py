@@ -34,11 +34,16 @@ def lm_folder(tmp_path_factory):
 
 
 def tiny_config(lm_folder, lm_mode="full", ct_checkpoint=None, freeze_ct=False, xray=True) -> Blip2ReportConfig:
-    ct = VisionTowerConfig("sam3d", checkpoint=ct_checkpoint, freeze=freeze_ct,
-                           encoder_config=None if ct_checkpoint else TINY_CT.to_dict())
+    ct = VisionTowerConfig(
+        "sam3d", checkpoint=ct_checkpoint, freeze=freeze_ct, encoder_config=None if ct_checkpoint else TINY_CT.to_dict()
+    )
     return Blip2ReportConfig(
-        ct_tower=ct.to_dict(), xray_tower=VisionTowerConfig("sam2d", "tiny").to_dict() if xray else None,
-        bridge=TINY_BRIDGE, lm_path=str(lm_folder), lm_mode=lm_mode, num_query_tokens=4,
+        ct_tower=ct.to_dict(),
+        xray_tower=VisionTowerConfig("sam2d", "tiny").to_dict() if xray else None,
+        bridge=TINY_BRIDGE,
+        lm_path=str(lm_folder),
+        lm_mode=lm_mode,
+        num_query_tokens=4,
     )
 
 
@@ -86,8 +91,15 @@ def test_a_few_steps_reduce_the_loss(lm_folder):
 def test_generation_returns_one_string_per_image_for_each_modality(model):
     model.eval()
     ct = model.generate(ct_images(), "ct", num_beams=2, max_new_tokens=8)
-    xray = model.generate(torch.randn(3, 3, 64, 64), "xray", max_new_tokens=5, do_sample=True, top_p=0.9,
-                          repetition_penalty=2.0, no_repeat_ngram_size=2)
+    xray = model.generate(
+        torch.randn(3, 3, 64, 64),
+        "xray",
+        max_new_tokens=5,
+        do_sample=True,
+        top_p=0.9,
+        repetition_penalty=2.0,
+        no_repeat_ngram_size=2,
+    )
     assert len(ct) == 2 and len(xray) == 3 and all(isinstance(t, str) for t in ct + xray)
     assert "xray" in model.vision_adapters  # the 2-D tower (32 wide) is adapted to the CT width (48)
     with pytest.raises(ValueError, match="modality"):
@@ -186,7 +198,6 @@ def test_save_and_from_pretrained_give_the_same_model(tmp_path, lm_folder, lm_mo
         found = reloaded(images, "ct", input_ids, attention_mask).logits
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
     assert reloaded.config.ct_tower["checkpoint"] is None and reloaded.config.lm_mode == lm_mode
-
 
 
 def test_cross_attention_maps_and_overlays(model, tmp_path):

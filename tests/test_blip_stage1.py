@@ -21,19 +21,29 @@ from engine.config import parse_with_config
 from engine.distributed import DistributedContext
 from tests.conftest import CT_REPORTS as REPORTS
 
-POSITIVE_LEFT = "FINDINGS: There is an acute subdural hematoma along the left convexity. IMPRESSION: Left subdural hematoma."
+POSITIVE_LEFT = (
+    "FINDINGS: There is an acute subdural hematoma along the left convexity. IMPRESSION: Left subdural hematoma."
+)
 
 
 @pytest.fixture(scope="module")
 def stage1_model(tmp_path_factory):
-    lm = build_tiny_gpt2(list(REPORTS.values()) + [POSITIVE_LEFT], tmp_path_factory.mktemp("lm"), n_embd=32,
-                         tokenizer="word")
+    lm = build_tiny_gpt2(
+        list(REPORTS.values()) + [POSITIVE_LEFT], tmp_path_factory.mktemp("lm"), n_embd=32, tokenizer="word"
+    )
     _, tokenizer = load_language_model(lm, "frozen")
     torch.manual_seed(0)
     config = Blip2ReportConfig(
-        ct_tower=VisionTowerConfig("sam3d", "tiny", None, True).to_dict(), lm_path=str(lm), num_query_tokens=4,
-        bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                "text_vocab_size": len(tokenizer) + len(SPECIAL_TEXT_TOKENS)},
+        ct_tower=VisionTowerConfig("sam3d", "tiny", None, True).to_dict(),
+        lm_path=str(lm),
+        num_query_tokens=4,
+        bridge={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "text_vocab_size": len(tokenizer) + len(SPECIAL_TEXT_TOKENS),
+        },
     )
     return QFormerPretraining(Blip2ReportModel(config), embed_dim=16)
 
@@ -41,7 +51,10 @@ def stage1_model(tmp_path_factory):
 def _batch(model, reports):
     collate = ReportCollator(model.report_model.tokenizer, 64)
     torch.manual_seed(1)
-    items = [{"image": torch.randn(1, 64, 64, 64), "report": r, "modality": "ct", "id": str(i)} for i, r in enumerate(reports)]
+    items = [
+        {"image": torch.randn(1, 64, 64, 64), "report": r, "modality": "ct", "id": str(i)}
+        for i, r in enumerate(reports)
+    ]
     return collate(items)
 
 
@@ -61,7 +74,7 @@ def test_itg_mask_queries_never_see_text_and_text_sees_no_future(stage1_model):
     torch.testing.assert_close(causal[:, :q], causal_changed[:, :q])  # queries: no text at all
     torch.testing.assert_close(causal[:, :q], alone)  # ...so they equal the queries-only pass
     torch.testing.assert_close(causal[:, : q + 5], causal_changed[:, : q + 5])  # text before token 5
-    assert not torch.allclose(causal[:, q + 5:], causal_changed[:, q + 5:])
+    assert not torch.allclose(causal[:, q + 5 :], causal_changed[:, q + 5 :])
     assert not torch.allclose(joint[:, :q], joint_changed[:, :q])  # ITM: queries read the text
 
 
@@ -81,7 +94,9 @@ def test_losses_are_finite_and_learn(stage1_model):
 
 
 def test_hard_negatives_never_say_the_same_as_the_positive():
-    keys = [findings_key(r, "ct") for r in (REPORTS[True], REPORTS[False], REPORTS[False].replace("Normal", "Unremarkable"))]
+    keys = [
+        findings_key(r, "ct") for r in (REPORTS[True], REPORTS[False], REPORTS[False].replace("Normal", "Unremarkable"))
+    ]
     same = torch.tensor([[a == b for b in keys] for a in keys])
     assert same[1, 2]  # two normal reports worded differently say the same
     torch.manual_seed(0)
@@ -97,15 +112,28 @@ def test_hard_negatives_never_say_the_same_as_the_positive():
 def test_validation_retrieval_figures(stage1_model):
     batch = _batch(stage1_model, [REPORTS[True], REPORTS[False], POSITIVE_LEFT])
     metrics = QFormerPretrainingTask().validate(stage1_model, [batch], torch.device("cpu"))
-    assert {"val_loss", "val_itc", "val_itm", "val_itg", "val_i2t_r1", "val_i2t_r5", "val_i2t_r1_findings"} <= set(metrics)
+    assert {"val_loss", "val_itc", "val_itm", "val_itg", "val_i2t_r1", "val_i2t_r5", "val_i2t_r1_findings"} <= set(
+        metrics
+    )
     assert metrics["val_i2t_r5"] == 1.0 and 0.0 <= metrics["val_i2t_r1"] <= 1.0
 
 
 def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     os.environ["WANDB_MODE"] = "disabled"
-    common = ["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(ct_data["train"]),
-              "--val_manifest", str(ct_data["val"]), "--encoder", str(ct_data["encoder"]), "--epochs", "2",
-              "--max_new_tokens", "5"]
+    common = [
+        "--config",
+        "configs/blip_tiny_ct.yaml",
+        "--train_manifest",
+        str(ct_data["train"]),
+        "--val_manifest",
+        str(ct_data["val"]),
+        "--encoder",
+        str(ct_data["encoder"]),
+        "--epochs",
+        "2",
+        "--max_new_tokens",
+        "5",
+    ]
     one = tmp_path / "stage1"
     assert main(common + ["--stage", "1", "--output_dir", str(one)]) == 0
     history = load_checkpoint(one / "latest_model.pth")["history"]
@@ -116,15 +144,23 @@ def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     assert (folder / "stage1_heads.safetensors").is_file() and not (one / "report_model").exists()
     two = ["--init_from", str(folder), "--output_dir", str(tmp_path / "stage2"), "--lm", str(one / "lm")]
     # Stage 2's model starts with stage 1's bridge, tensor for tensor, and then trains behind the LM.
-    model = build_model(parse_with_config(build_parser(), common + two), "ct", list(REPORTS.values()), DistributedContext())
+    model = build_model(
+        parse_with_config(build_parser(), common + two), "ct", list(REPORTS.values()), DistributedContext()
+    )
     saved = load_file(str(folder / "model.safetensors"))
     assert saved.keys() == model.bridge.state_dict().keys()
     assert all(torch.equal(v, model.bridge.state_dict()[k]) for k, v in saved.items())
     assert main(common + two + ["--epochs", "1"]) == 0
     assert "bridge initialised from" in capsys.readouterr().out
     # More stage 1 from the folder continues with its heads too.
-    model = QFormerPretraining(build_model(parse_with_config(build_parser(), common + two + ["--stage", "1"]), "ct",
-                                           list(REPORTS.values()), DistributedContext()))
+    model = QFormerPretraining(
+        build_model(
+            parse_with_config(build_parser(), common + two + ["--stage", "1"]),
+            "ct",
+            list(REPORTS.values()),
+            DistributedContext(),
+        )
+    )
     model.load_heads(folder)
     heads = load_file(str(folder / "stage1_heads.safetensors"))
     assert all(torch.equal(v, model.heads_state_dict()[k]) for k, v in heads.items())

@@ -22,13 +22,28 @@ from blip.train import main
 from engine.checkpoint import load_checkpoint
 from tests.conftest import CT_REPORTS
 
+
 def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     os.environ["WANDB_MODE"] = "disabled"
     out = tmp_path / "run"
     argv = [
-        "--config", "configs/blip_tiny_ct.yaml",
-        "--train_manifest", str(ct_data["train"]), "--val_manifest", str(ct_data["val"]),
-        "--encoder", str(ct_data["encoder"]), "--output_dir", str(out), "--max_new_tokens", "10", "--log_images", "--log_freq", "1", "--epochs", "2",
+        "--config",
+        "configs/blip_tiny_ct.yaml",
+        "--train_manifest",
+        str(ct_data["train"]),
+        "--val_manifest",
+        str(ct_data["val"]),
+        "--encoder",
+        str(ct_data["encoder"]),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "10",
+        "--log_images",
+        "--log_freq",
+        "1",
+        "--epochs",
+        "2",
     ]
     assert main(argv) == 0
     first = capsys.readouterr().out
@@ -62,15 +77,39 @@ def test_token_cache_changes_the_speed_not_the_results(ct_data, tmp_path, monkey
     os.environ["WANDB_MODE"] = "disabled"
     passes: list[int] = []
     tower_tokens = Blip2ReportModel.tower_tokens
-    monkeypatch.setattr(Blip2ReportModel, "tower_tokens",
-                        lambda self, images, modality: passes.append(len(images)) or tower_tokens(self, images, modality))
+    monkeypatch.setattr(
+        Blip2ReportModel,
+        "tower_tokens",
+        lambda self, images, modality: passes.append(len(images)) or tower_tokens(self, images, modality),
+    )
     runs = {}
     for flag in ("--cache_tokens", "--no-cache_tokens"):
         passes.clear()
         out = tmp_path / flag
-        assert main(["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(ct_data["train"]),
-                     "--val_manifest", str(ct_data["val"]), "--encoder", str(ct_data["encoder"]), "--output_dir", str(out),
-                     "--max_new_tokens", "2", "--epochs", "3", "--num_val_samples", "0", flag]) == 0
+        assert (
+            main(
+                [
+                    "--config",
+                    "configs/blip_tiny_ct.yaml",
+                    "--train_manifest",
+                    str(ct_data["train"]),
+                    "--val_manifest",
+                    str(ct_data["val"]),
+                    "--encoder",
+                    str(ct_data["encoder"]),
+                    "--output_dir",
+                    str(out),
+                    "--max_new_tokens",
+                    "2",
+                    "--epochs",
+                    "3",
+                    "--num_val_samples",
+                    "0",
+                    flag,
+                ]
+            )
+            == 0
+        )
         runs[flag] = (load_checkpoint(out / "latest_model.pth")["history"], sum(passes))
     (cached, cached_passes), (plain, plain_passes) = runs["--cache_tokens"], runs["--no-cache_tokens"]
     print(f"tower passes (images): cached {cached_passes}, uncached {plain_passes}")
@@ -85,10 +124,34 @@ def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
     prompt, the head's loss and F1 are logged, and the saved model predicts with its head."""
     os.environ["WANDB_MODE"] = "disabled"
     out = tmp_path / "run"
-    assert main(["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(ct_data["train"]),
-                 "--val_manifest", str(ct_data["val"]), "--encoder", str(ct_data["encoder"]), "--output_dir", str(out),
-                 "--max_new_tokens", "4", "--epochs", "1", "--diagnosis_prompt", "--diagnosis_loss_weight", "2",
-                 "--lr", "1e-3", "--diagnosis_lr_ratio", "4"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "configs/blip_tiny_ct.yaml",
+                "--train_manifest",
+                str(ct_data["train"]),
+                "--val_manifest",
+                str(ct_data["val"]),
+                "--encoder",
+                str(ct_data["encoder"]),
+                "--output_dir",
+                str(out),
+                "--max_new_tokens",
+                "4",
+                "--epochs",
+                "1",
+                "--diagnosis_prompt",
+                "--diagnosis_loss_weight",
+                "2",
+                "--lr",
+                "1e-3",
+                "--diagnosis_lr_ratio",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "predicted: Diagnosis: " in printed
     checkpoint = load_checkpoint(out / "latest_model.pth")
@@ -96,8 +159,9 @@ def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
     assert groups == pytest.approx({"report_model": 1e-3, "diagnosis_heads": 4e-3})
     history = checkpoint["history"]
     assert {"train_diagnosis_loss", "val_diagnosis_loss", "val_diagnosis_f1", "val_lm_loss"} <= set(history[0])
-    torch.testing.assert_close(history[0]["val_loss"], history[0]["val_lm_loss"] + 2 * history[0]["val_diagnosis_loss"],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        history[0]["val_loss"], history[0]["val_lm_loss"] + 2 * history[0]["val_diagnosis_loss"], rtol=1e-4, atol=1e-4
+    )
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
     assert model.config.diagnosis_prompt and model.config.condition_on_measurements
     image = image_transform(model, "ct")(str(ct_data["root"] / "val_0.nii.gz"))[None]
@@ -116,7 +180,10 @@ def test_xray_pipeline_and_one_modality_batches(tmp_path):
     assert image.shape == (3, 64, 64)
     torch.testing.assert_close(image[0] * 58.395 + 123.675, image[2] * 57.375 + 103.53)  # one gray film, 3 channels
 
-    rows = [{"image": "a.png", "report": "r", "modality": "xray"}, {"image": "b.nii.gz", "report": "r", "modality": "ct"}]
+    rows = [
+        {"image": "a.png", "report": "r", "modality": "xray"},
+        {"image": "b.nii.gz", "report": "r", "modality": "ct"},
+    ]
     with pytest.raises(ValueError, match="one modality per dataset"):
         ReportDataset(rows, lambda p: p, "mixed.jsonl")
 
@@ -132,18 +199,39 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
     from PIL import Image
 
     rows = []
-    for index, (split, text) in enumerate([("train", "FINDINGS: Clear lungs. IMPRESSION: Normal chest."),
-                                          ("train", "FINDINGS: Right pleural effusion. IMPRESSION: Effusion."),
-                                          ("val", "FINDINGS: Clear lungs. IMPRESSION: Normal chest.")]):
+    for index, (split, text) in enumerate(
+        [
+            ("train", "FINDINGS: Clear lungs. IMPRESSION: Normal chest."),
+            ("train", "FINDINGS: Right pleural effusion. IMPRESSION: Effusion."),
+            ("val", "FINDINGS: Clear lungs. IMPRESSION: Normal chest."),
+        ]
+    ):
         film = np.random.default_rng(index).integers(0, 255, (48, 40), dtype=np.uint8)
         Image.fromarray(film).save(tmp_path / f"film{index}.png")
         rows.append({"image": f"film{index}.png", "report": text, "split": split})  # modality from the suffix
     manifest = tmp_path / "films.csv"
     manifest.write_text("image,report,split\n" + "".join(f"{r['image']},{r['report']},{r['split']}\n" for r in rows))
     out = tmp_path / "xray_run"
-    argv = ["--config", "configs/blip_tiny_ct.yaml", "--train_manifest", str(manifest), "--val_manifest", "",
-            "--encoder", "", "--xray_model_type", "tiny", "--output_dir", str(out), "--epochs", "1",
-            "--max_new_tokens", "5", "--lm_mode", "lora"]
+    argv = [
+        "--config",
+        "configs/blip_tiny_ct.yaml",
+        "--train_manifest",
+        str(manifest),
+        "--val_manifest",
+        "",
+        "--encoder",
+        "",
+        "--xray_model_type",
+        "tiny",
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--max_new_tokens",
+        "5",
+        "--lm_mode",
+        "lora",
+    ]
     assert main(argv) == 0  # without --val_manifest the split column separates train and val
     assert "sample film2" in capsys.readouterr().out and (out / "attention" / "film2_attention.png").is_file()
     model = Blip2ReportModel.from_pretrained(out / "report_model")
@@ -171,17 +259,38 @@ def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
     checkpoint = tmp_path / "blip2_opt.pth"
     torch.save({"model": lavis_sd}, checkpoint)
     lm = build_tiny_gpt2(list(CT_REPORTS.values()), tmp_path / "lm", n_embd=c["lm_hidden"])
-    bridge = {"hidden_size": c["hidden"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
-              "intermediate_size": c["inter"], "cross_attention_frequency": c["freq"]}
-    args = build_parser().parse_args([
-        "--train_manifest", str(ct_data["train"]), "--encoder", str(ct_data["encoder"]), "--lm", str(lm),
-        "--bridge", json.dumps(bridge), "--num_query_tokens", str(c["num_query_token"]),
-        "--qformer_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "run"),
-    ])
+    bridge = {
+        "hidden_size": c["hidden"],
+        "num_hidden_layers": c["layers"],
+        "num_attention_heads": c["heads"],
+        "intermediate_size": c["inter"],
+        "cross_attention_frequency": c["freq"],
+    }
+    args = build_parser().parse_args(
+        [
+            "--train_manifest",
+            str(ct_data["train"]),
+            "--encoder",
+            str(ct_data["encoder"]),
+            "--lm",
+            str(lm),
+            "--bridge",
+            json.dumps(bridge),
+            "--num_query_tokens",
+            str(c["num_query_token"]),
+            "--qformer_checkpoint",
+            str(checkpoint),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     model = build_model(args, "ct", [], DistributedContext())
     state = model.bridge.state_dict()
-    for ours, theirs in (("query_tokens", "query_tokens"), ("ln_vision.weight", "ln_vision.weight"),
-                         ("language_projection.weight", "opt_proj.weight")):
+    for ours, theirs in (
+        ("query_tokens", "query_tokens"),
+        ("ln_vision.weight", "ln_vision.weight"),
+        ("language_projection.weight", "opt_proj.weight"),
+    ):
         assert torch.equal(state[ours], lavis_sd[theirs]), ours
 
 

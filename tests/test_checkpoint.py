@@ -20,14 +20,17 @@ def test_official_training_checkpoint_with_namespace_loads(tmp_path):
     model = _small()
     path = tmp_path / "sam_med3d_turbo.pth"
     # What official training writes: Namespace args and numpy floats next to the weights.
-    torch.save({
-        "epoch": 3,
-        "model_state_dict": model.state_dict(),
-        "optimizer_state_dict": {},
-        "losses": [np.float64(0.5)],
-        "dices": [np.float32(0.7)],
-        "args": argparse.Namespace(lr=8e-5, task_name="ft"),
-    }, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": {},
+            "losses": [np.float64(0.5)],
+            "dices": [np.float32(0.7)],
+            "args": argparse.Namespace(lr=8e-5, task_name="ft"),
+        },
+        path,
+    )
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # what breaks for users on torch >= 2.6
     fresh = _small()
@@ -41,7 +44,11 @@ def test_official_training_checkpoint_with_namespace_loads(tmp_path):
 def test_other_layouts(tmp_path, layout):
     model = _small()
     sd = model.state_dict()
-    obj = {"bare": sd, "module_prefix": {f"module.{k}": v for k, v in sd.items()}, "state_dict_key": {"state_dict": sd}}[layout]
+    obj = {
+        "bare": sd,
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},
+        "state_dict_key": {"state_dict": sd},
+    }[layout]
     path = tmp_path / "w.pth"
     torch.save(obj, path)
     fresh = _small()

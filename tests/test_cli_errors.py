@@ -42,9 +42,20 @@ def train_inputs(tmp_path):
     (tmp_path / "train.csv").write_text("path,ich,patient_id\n")
     (tmp_path / "val.csv").write_text("path,ich,patient_id\n")
     (tmp_path / "masks").mkdir()
-    return ["--train_csv", str(tmp_path / "train.csv"), "--val_csv", str(tmp_path / "val.csv"),
-            "--mask_dir", str(tmp_path / "masks"), "--output_dir", str(tmp_path / "run"), "--epochs", "3",
-            "--patience", "2"]
+    return [
+        "--train_csv",
+        str(tmp_path / "train.csv"),
+        "--val_csv",
+        str(tmp_path / "val.csv"),
+        "--mask_dir",
+        str(tmp_path / "masks"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "3",
+        "--patience",
+        "2",
+    ]
 
 
 def _one_line_error(capsys, code, expected_rc, pattern):
@@ -54,14 +65,18 @@ def _one_line_error(capsys, code, expected_rc, pattern):
     assert pattern in err[0], err[0]
 
 
-@pytest.mark.parametrize("flags, pattern", [
-    (["--model_type", "vit_huge"], "--model_type 'vit_huge': unknown; choose one of"),
-    (["--negative_random_crop_prob", "1.5"], "negative_random_crop_prob must be in [0, 1]"),
-    (["--hu_windows", "[40]"], "hu_windows must be a list of [level, width] pairs"),
-    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
-    (["--max_steps_per_epoch", "-1"], "max_steps_per_epoch must be >= 1"),
-    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
-], ids=["model_type", "crop_prob", "hu_windows", "device", "max_steps", "argparse"])
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--model_type", "vit_huge"], "--model_type 'vit_huge': unknown; choose one of"),
+        (["--negative_random_crop_prob", "1.5"], "negative_random_crop_prob must be in [0, 1]"),
+        (["--hu_windows", "[40]"], "hu_windows must be a list of [level, width] pairs"),
+        (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+        (["--max_steps_per_epoch", "-1"], "max_steps_per_epoch must be >= 1"),
+        (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    ],
+    ids=["model_type", "crop_prob", "hu_windows", "device", "max_steps", "argparse"],
+)
 def test_train_flags_fail_in_one_line_before_any_work(train_inputs, capsys, flags, pattern):
     if flags[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -71,14 +86,26 @@ def test_train_flags_fail_in_one_line_before_any_work(train_inputs, capsys, flag
 def test_yaml_values_are_checked_like_flags(train_inputs, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("target_spacing: 1.5\n")
-    _one_line_error(capsys, run_main(train.main, train_inputs + ["--config", str(config)]), 2,
-                    f"--config {config}: key 'target_spacing' expects a list of 3 values, found 1.5")
+    _one_line_error(
+        capsys,
+        run_main(train.main, train_inputs + ["--config", str(config)]),
+        2,
+        f"--config {config}: key 'target_spacing' expects a list of 3 values, found 1.5",
+    )
     config.write_text("scheduler_type: linear\n")
-    _one_line_error(capsys, run_main(train.main, train_inputs + ["--config", str(config)]), 2,
-                    "key 'scheduler_type' must be one of ['reduce_on_plateau', 'cosine', 'step'], found 'linear'")
+    _one_line_error(
+        capsys,
+        run_main(train.main, train_inputs + ["--config", str(config)]),
+        2,
+        "key 'scheduler_type' must be one of ['reduce_on_plateau', 'cosine', 'step'], found 'linear'",
+    )
     config.write_text("use_mixed_precision: 'yes'\n")
-    _one_line_error(capsys, run_main(train.main, train_inputs + ["--config", str(config)]), 2,
-                    "key 'use_mixed_precision' expects true or false, found 'yes'")
+    _one_line_error(
+        capsys,
+        run_main(train.main, train_inputs + ["--config", str(config)]),
+        2,
+        "key 'use_mixed_precision' expects true or false, found 'yes'",
+    )
 
 
 def test_debug_shows_the_traceback(train_inputs):
@@ -95,13 +122,19 @@ def scan(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("flags, rc, pattern", [
-    (["--threshold", "2"], 2, "--threshold 2: a probability strictly between 0 and 1"),
-    (["--click", "10", "x", "3"], 2, "--click 10 x 3: X Y Z must be numbers"),
-], ids=["threshold", "click"])
+@pytest.mark.parametrize(
+    "flags, rc, pattern",
+    [
+        (["--threshold", "2"], 2, "--threshold 2: a probability strictly between 0 and 1"),
+        (["--click", "10", "x", "3"], 2, "--click 10 x 3: X Y Z must be numbers"),
+    ],
+    ids=["threshold", "click"],
+)
 def test_predict_flags_fail_in_one_line(models, scan, tmp_path, capsys, flags, rc, pattern):
-    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan),
-                                   "--output_dir", str(tmp_path / "out"), *flags])
+    code = run_main(
+        predict_main,
+        ["--checkpoint", str(models[0]), "--input", str(scan), "--output_dir", str(tmp_path / "out"), *flags],
+    )
     _one_line_error(capsys, code, rc, pattern)
 
 
@@ -127,22 +160,36 @@ def test_clicks_outside_the_scan_are_refused_with_its_bounds(models, scan):
 def test_a_batch_records_a_bad_scan_and_goes_on(models, scan, tmp_path, capsys):
     (scan.parent / "broken.nii.gz").write_bytes(b"not a nifti")
     out = tmp_path / "out"
-    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan.parent),
-                                   "--output_dir", str(out), "--device", "cpu"])
+    code = run_main(
+        predict_main,
+        ["--checkpoint", str(models[0]), "--input", str(scan.parent), "--output_dir", str(out), "--device", "cpu"],
+    )
     assert code == 1
     records = json.loads((out / "predictions.json").read_text())
     assert [("error" in r) for r in records] == [True, False]  # broken.nii.gz first, then scan.nii.gz
     assert "broken.nii.gz: cannot read" in records[0]["error"] and (out / "scan_mask.nii.gz").is_file()
     assert "1 of 2 scan(s) failed" in capsys.readouterr().err
-    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan.parent),
-                                   "--output_dir", str(tmp_path / "fast"), "--fail_fast"])
+    code = run_main(
+        predict_main,
+        [
+            "--checkpoint",
+            str(models[0]),
+            "--input",
+            str(scan.parent),
+            "--output_dir",
+            str(tmp_path / "fast"),
+            "--fail_fast",
+        ],
+    )
     assert code == 1 and not (tmp_path / "fast" / "scan_mask.nii.gz").exists()
 
 
 def test_inputs_that_would_share_output_names_are_refused(models, scan, tmp_path, capsys):
     (scan.parent / "scan.nrrd").write_bytes(b"")
-    code = run_main(predict_main, ["--checkpoint", str(models[0]), "--input", str(scan.parent),
-                                   "--output_dir", str(tmp_path / "out")])
+    code = run_main(
+        predict_main,
+        ["--checkpoint", str(models[0]), "--input", str(scan.parent), "--output_dir", str(tmp_path / "out")],
+    )
     _one_line_error(capsys, code, 2, "would both write outputs named 'scan_*'")
 
 
@@ -176,8 +223,13 @@ def test_a_crashed_run_says_so_in_its_summary(tmp_path):
     torch.manual_seed(0)
     model = build_sam3d(model_config("small", img_size=32))
     config = TrainerConfig(output_dir=str(tmp_path), epochs=3, batch_size=2, seed=3, patience=10)
-    trainer = Trainer(config, FailingTask(num_clicks=1, val_num_clicks=1, seed=0), model,
-                      [{"params": list(model.parameters()), "lr": 1e-3}], torch.device("cpu"))
+    trainer = Trainer(
+        config,
+        FailingTask(num_clicks=1, val_num_clicks=1, seed=0),
+        model,
+        [{"params": list(model.parameters()), "lr": 1e-3}],
+        torch.device("cpu"),
+    )
     with pytest.raises(RuntimeError, match="disk went away"):
         trainer.fit(VolumeDataset(4), VolumeDataset(2, seed=1))
     summary = json.loads(next(tmp_path.glob("training_summary_*.json")).read_text())
@@ -189,14 +241,18 @@ def test_resume_with_changed_flags_is_refused_unless_allowed(tmp_path, train_inp
     parser = train.build_parser()
     first = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path)])
     (tmp_path / "config.json").write_text(json.dumps(vars(first), default=str))
-    changed = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path), "--resume", "--epochs", "9",
-                                                "--normalization", "brain_window"])
-    with pytest.raises(ConfigError, match=r"--normalization 'zscore' -> 'brain_window' differ .*--allow_changed normalization"):
+    changed = parser.parse_args(
+        train_inputs + ["--output_dir", str(tmp_path), "--resume", "--epochs", "9", "--normalization", "brain_window"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"--normalization 'zscore' -> 'brain_window' differ .*--allow_changed normalization"
+    ):
         check_resume(changed)
     changed.allow_changed = ["normalization"]
     assert check_resume(changed) == ["normalization: 'zscore' -> 'brain_window'"]  # epochs may always grow
-    lr = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path), "--resume", "--lr", "3e-4",
-                                           "--allow_changed", "lr"])
+    lr = parser.parse_args(
+        train_inputs + ["--output_dir", str(tmp_path), "--resume", "--lr", "3e-4", "--allow_changed", "lr"]
+    )
     with pytest.raises(ConfigError, match=r"--lr 0\.0001 -> 0\.0003 cannot change on resume"):
         check_resume(lr)
 
@@ -254,13 +310,17 @@ def test_masks_matched_by_stem_across_sites_are_refused_and_a_mask_column_works(
         read_manifest(tmp_path / "train.csv", tmp_path / "masks")
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "site1" / "scan_mask.nii.gz")
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "site2" / "scan_mask.nii.gz")
-    (tmp_path / "train.csv").write_text(f"path,ich,patient_id,mask\n{a},1,P1,site1/scan_mask.nii.gz\n"
-                                        f"{b},1,P2,site2/scan_mask.nii.gz\n")
+    (tmp_path / "train.csv").write_text(
+        f"path,ich,patient_id,mask\n{a},1,P1,site1/scan_mask.nii.gz\n{b},1,P2,site2/scan_mask.nii.gz\n"
+    )
     rows, _ = read_manifest(tmp_path / "train.csv", tmp_path / "masks")
-    assert [r.mask_path for r in rows] == [str(tmp_path / "site1" / "scan_mask.nii.gz"),
-                                            str(tmp_path / "site2" / "scan_mask.nii.gz")]
-    (tmp_path / "dup.csv").write_text(f"path,ich,patient_id,mask\n{a},1,P1,site1/scan_mask.nii.gz\n"
-                                      f"{a},1,P1,site1/scan_mask.nii.gz\n")
+    assert [r.mask_path for r in rows] == [
+        str(tmp_path / "site1" / "scan_mask.nii.gz"),
+        str(tmp_path / "site2" / "scan_mask.nii.gz"),
+    ]
+    (tmp_path / "dup.csv").write_text(
+        f"path,ich,patient_id,mask\n{a},1,P1,site1/scan_mask.nii.gz\n{a},1,P1,site1/scan_mask.nii.gz\n"
+    )
     with pytest.raises(ManifestError, match=r"row 3 .*duplicate of row 2"):
         read_manifest(tmp_path / "dup.csv", None)
 
@@ -282,11 +342,38 @@ def test_mask_values_are_checked_when_a_mask_is_read_even_without_full_validatio
 def test_patients_shared_by_train_and_val_are_refused(tmp_path, capsys):
     from sam3d.data.synthetic import make_synthetic_ich
 
-    data = make_synthetic_ich(tmp_path / "data", num_cases=3, seed=0, val_fraction=0.34, spacing_mm=(3.0, 3.0, 5.0),
-                              head_scale=0.5, progress=False)
-    code = run_main(train.main, ["--train_csv", str(data["train_csv"]), "--val_csv", str(data["train_csv"]),
-                                 "--mask_dir", str(data["mask_dir"]), "--output_dir", str(tmp_path / "run"),
-                                 "--model_type", "small", "--epochs", "2", "--patience", "1", "--num_workers", "0"])
+    data = make_synthetic_ich(
+        tmp_path / "data",
+        num_cases=3,
+        seed=0,
+        val_fraction=0.34,
+        spacing_mm=(3.0, 3.0, 5.0),
+        head_scale=0.5,
+        progress=False,
+    )
+    code = run_main(
+        train.main,
+        [
+            "--train_csv",
+            str(data["train_csv"]),
+            "--val_csv",
+            str(data["train_csv"]),
+            "--mask_dir",
+            str(data["mask_dir"]),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--model_type",
+            "small",
+            "--epochs",
+            "2",
+            "--patience",
+            "1",
+            "--num_workers",
+            "0",
+        ],
+    )
     assert code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]  # after progress bars
+    errors = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")
+    ]  # after progress bars
     assert len(errors) == 1 and "share 2 patient_id(s)" in errors[0] and "--allow_patient_overlap" in errors[0]

@@ -43,8 +43,9 @@ def test_click_rounds_accumulate_points_and_feed_back_the_mask():
     emb = model.image_encoder(torch.randn(2, 1, 32, 32, 32))
     seen = []
     with torch.no_grad():
-        logits = run_click_rounds(model, emb, target, 3, torch.Generator().manual_seed(0),
-                                  on_round=lambda i, lg: seen.append(lg.clone()))
+        logits = run_click_rounds(
+            model, emb, target, 3, torch.Generator().manual_seed(0), on_round=lambda i, lg: seen.append(lg.clone())
+        )
     assert logits.shape == (2, 1, 32, 32, 32) and len(seen) == 3
     assert not torch.equal(seen[0], seen[2])  # new clicks and mask prompt change the prediction
 

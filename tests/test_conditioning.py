@@ -24,8 +24,10 @@ def test_measurement_sentence_and_its_sources():
     assert measurement_context(0.2, "left") == "Segmentation: no hemorrhage."  # below MIN_HEMORRHAGE_ML
     with pytest.raises(ValueError, match="side"):
         measurement_context(5.0, "none")
-    assert context_from_row({"volume_ml": "6.3", "side": "Right"}, "m.jsonl, line 2") == \
-        "Segmentation: right hemorrhage, 6.3 mL."
+    assert (
+        context_from_row({"volume_ml": "6.3", "side": "Right"}, "m.jsonl, line 2")
+        == "Segmentation: right hemorrhage, 6.3 mL."
+    )
     assert context_from_row({"volume_ml": 0, "side": "none"}, "x") == "Segmentation: no hemorrhage."
     with pytest.raises(ValueError, match=r"m.jsonl, line 4: .*volume_ml"):
         context_from_row({"side": "left"}, "m.jsonl, line 4")
@@ -42,8 +44,9 @@ def test_measurement_sentence_and_its_sources():
 
 @pytest.fixture(scope="module")
 def conditioned(tmp_path_factory):
-    lm = build_tiny_gpt2(REPORTS + [LEFT, NONE, measurement_context(12.3, "left")],
-                         tmp_path_factory.mktemp("lm"), n_embd=32)
+    lm = build_tiny_gpt2(
+        REPORTS + [LEFT, NONE, measurement_context(12.3, "left")], tmp_path_factory.mktemp("lm"), n_embd=32
+    )
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_config(lm, xray=False), condition_on_measurements=True)
     return Blip2ReportModel(config)
@@ -54,8 +57,11 @@ def test_contexts_are_required_exactly_when_the_model_is_conditioned(conditioned
         conditioned.generate(ct_images(1), "ct", max_new_tokens=2)
     with pytest.raises(ValueError, match="2 contexts for a batch of 1"):
         conditioned.generate(ct_images(1), "ct", ["a", "b"], max_new_tokens=2)
-    plain = Blip2ReportModel(dataclasses.replace(conditioned.config, condition_on_measurements=False),
-                             conditioned.language_model, conditioned.tokenizer)
+    plain = Blip2ReportModel(
+        dataclasses.replace(conditioned.config, condition_on_measurements=False),
+        conditioned.language_model,
+        conditioned.tokenizer,
+    )
     with pytest.raises(ValueError, match="does not condition"):
         plain.generate(ct_images(1), "ct", ["Segmentation: no hemorrhage."], max_new_tokens=2)
     conditioned.save_pretrained(tmp_path / "m")
@@ -75,11 +81,17 @@ def test_left_padding_gives_each_study_its_own_result(conditioned):
         batched = conditioned.generate(images, "ct", contexts, num_beams=1, max_new_tokens=8)
         for i in range(2):
             alone_ids, alone_mask = conditioned.tokenize_reports([[LEFT, NONE][i]])
-            alone = conditioned(images[i:i + 1], "ct", alone_ids, alone_mask, contexts[i:i + 1]).logits[0]
+            alone = conditioned(images[i : i + 1], "ct", alone_ids, alone_mask, contexts[i : i + 1]).logits[0]
             report_len = int(alone_mask.sum())
-            torch.testing.assert_close(batch_logits[i, -ids.shape[1]:][:report_len], alone[-alone_ids.shape[1]:][:report_len],
-                                       atol=1e-4, rtol=1e-4)
-            assert conditioned.generate(images[i:i + 1], "ct", contexts[i:i + 1], num_beams=1, max_new_tokens=8) == [batched[i]]
+            torch.testing.assert_close(
+                batch_logits[i, -ids.shape[1] :][:report_len],
+                alone[-alone_ids.shape[1] :][:report_len],
+                atol=1e-4,
+                rtol=1e-4,
+            )
+            assert conditioned.generate(
+                images[i : i + 1], "ct", contexts[i : i + 1], num_beams=1, max_new_tokens=8
+            ) == [batched[i]]
 
 
 def test_a_conditioned_model_learns_to_follow_the_measurement(conditioned):
@@ -115,8 +127,11 @@ def test_scan_reporter_conditions_on_the_segmentation_it_measured(tmp_path, monk
     assert reporter.conditioned
     given = []
     generate = reporter.model.generate
-    monkeypatch.setattr(reporter.model, "generate", lambda images, modality, contexts, **kw: given.append(contexts)
-                        or generate(images, modality, contexts, **kw))
+    monkeypatch.setattr(
+        reporter.model,
+        "generate",
+        lambda images, modality, contexts, **kw: given.append(contexts) or generate(images, modality, contexts, **kw),
+    )
     result = reporter.run(scan, "ct")
     measured = result["segmentation"]["measurements"]
     assert given == [[measurement_context(measured["total_volume_ml"], measured["side"])]]

@@ -16,8 +16,7 @@ from blip.model import Blip2ReportModel
 from blip.task import ReportCollator
 from tests.test_blip_model import REPORTS, ct_images, tiny_config
 
-SDH = ("FINDINGS: Acute left subdural hematoma with mass effect. "
-       "IMPRESSION: Left subdural hematoma with mass effect.")
+SDH = "FINDINGS: Acute left subdural hematoma with mass effect. IMPRESSION: Left subdural hematoma with mass effect."
 NORMAL = "FINDINGS: No intracranial hemorrhage. IMPRESSION: Normal head CT."
 
 
@@ -27,8 +26,10 @@ def test_reference_labels_and_their_sentence():
     assert diagnosis_sentence(sdh, "ct") == "Diagnosis: hemorrhage, subdural, mass effect."
     assert diagnosis_sentence(reference_diagnosis(NORMAL, "ct"), "ct") == "Diagnosis: no hemorrhage."
     # Uncertain counts as present, as in clinical efficacy.
-    assert diagnosis_sentence(reference_diagnosis("Possible small subarachnoid hemorrhage.", "ct"), "ct") == \
-        "Diagnosis: hemorrhage, subarachnoid."
+    assert (
+        diagnosis_sentence(reference_diagnosis("Possible small subarachnoid hemorrhage.", "ct"), "ct")
+        == "Diagnosis: hemorrhage, subarachnoid."
+    )
     xray = reference_diagnosis("The heart is enlarged. Small left pleural effusion.", "xray")
     assert diagnosis_sentence(xray, "xray") == "Diagnosis: cardiomegaly, pleural effusion."
     assert diagnosis_sentence(reference_diagnosis("The lungs are clear.", "xray"), "xray") == "Diagnosis: no finding."
@@ -38,7 +39,12 @@ def test_reference_labels_and_their_sentence():
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    texts = REPORTS + [SDH, NORMAL, diagnosis_sentence(reference_diagnosis(SDH, "ct"), "ct"), "Diagnosis: no hemorrhage."]
+    texts = REPORTS + [
+        SDH,
+        NORMAL,
+        diagnosis_sentence(reference_diagnosis(SDH, "ct"), "ct"),
+        "Diagnosis: no hemorrhage.",
+    ]
     return build_tiny_gpt2(texts, tmp_path_factory.mktemp("lm"), n_embd=32)
 
 
@@ -99,8 +105,9 @@ def test_observation_dropout_thins_sentences_but_never_empties_them(lm):
     full = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[:1])[0].shape[1]
     torch.manual_seed(0)
     out = model.train()(ct_images(1), "ct", ids, mask, diagnosis=labels[:1])
-    torch.testing.assert_close(out.diagnosis_loss, torch.nn.functional.binary_cross_entropy_with_logits(
-        out.diagnosis_logits, labels[:1]))
+    torch.testing.assert_close(
+        out.diagnosis_loss, torch.nn.functional.binary_cross_entropy_with_logits(out.diagnosis_logits, labels[:1])
+    )
     assert out.logits.shape[1] < full + ids.shape[1]
     assert model.eval()(ct_images(1), "ct", ids, mask, diagnosis=labels[:1]).logits.shape[1] == full + ids.shape[1]
     with pytest.raises(ValueError, match=r"diagnosis_dropout must be in \[0, 1\), got 1.0"):

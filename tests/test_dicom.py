@@ -17,10 +17,10 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from sam3d.data.dicom import pixel_positions
 from sam3d.data.dicom_seg import mask_on_frames, write_hemorrhage_seg
 from sam3d.data.geometry import GeometryWarning
 from sam3d.data.io import VolumeReadError, load_volume, scan_inputs
-from sam3d.data.dicom import pixel_positions
 from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series, write_enhanced_ct
 from sam3d.predict import measure
 from sam3d.visualize import SliceView, axial_overlay
@@ -46,8 +46,9 @@ def _load(path, **kw):
 
 def _true_pixels(spec: SeriesSpec):
     """(LPS positions (frames, rows, cols, 3), HU written) of every acquired pixel."""
-    positions = np.stack([pixel_positions(p, spec.orientation, spec.rows, spec.columns, spec.pixel_spacing)
-                          for p in spec.positions])
+    positions = np.stack(
+        [pixel_positions(p, spec.orientation, spec.rows, spec.columns, spec.pixel_spacing) for p in spec.positions]
+    )
     return positions, head_phantom_hu(positions.reshape(-1, 3)).reshape(positions.shape[:3])
 
 
@@ -71,8 +72,9 @@ def test_tilted_series_keeps_every_voxel_at_its_true_position(tmp_path, tilt):
 
     true_lps, written_hu = _true_pixels(spec)
     # Voxel (column, row, slice) is the acquired pixel: its world position is the scanner's, exactly.
-    np.testing.assert_allclose(_voxel_world_lps(volume).reshape(*volume.array.shape, 3),
-                               true_lps.transpose(2, 1, 0, 3), atol=0.5)
+    np.testing.assert_allclose(
+        _voxel_world_lps(volume).reshape(*volume.array.shape, 3), true_lps.transpose(2, 1, 0, 3), atol=0.5
+    )
     assert np.median(np.abs(_hu_at(volume, true_lps) - written_hu.ravel())) <= 0.5
     assert not volume.geometry.resampled and volume.geometry.tilt_deg == pytest.approx(tilt, abs=0.05)
     assert volume.geometry.slice_steps_mm == [[round(5.0 * np.cos(np.deg2rad(tilt)), 2), 23]]
@@ -137,8 +139,11 @@ def test_dicom_seg_references_each_source_slice(tmp_path):
     for item, plane in zip(seg.PerFrameFunctionalGroupsSequence, pixels):
         uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         source = sources[uid]
-        np.testing.assert_allclose([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
-                                   [float(v) for v in source.ImagePositionPatient], atol=1e-3)
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in source.ImagePositionPatient],
+            atol=1e-3,
+        )
         np.testing.assert_array_equal(plane.astype(bool), frames[by_uid[uid]])
 
 
@@ -175,8 +180,11 @@ def test_series_choice_localizer_ties_and_selection(tmp_path):
     bone = _spec([5.0] * 19, description="HEAD BONE 5mm", series_number=3)
     write_ct_series(folder, brain, head_phantom_hu, extension=".b")
     write_ct_series(folder, bone, head_phantom_hu, extension=".o")
-    with pytest.raises(VolumeReadError, match=r"2 series are equally good.*HEAD BRAIN.*HEAD BONE|2 series are "
-                                              r"equally good.*HEAD BONE.*HEAD BRAIN"):
+    with pytest.raises(
+        VolumeReadError,
+        match=r"2 series are equally good.*HEAD BRAIN.*HEAD BONE|2 series are "
+        r"equally good.*HEAD BONE.*HEAD BRAIN",
+    ):
         load_volume(folder)
     volume, warned = _load(folder, series="bone")
     assert volume.geometry.series["description"] == "HEAD BONE 5mm"
@@ -187,8 +195,15 @@ def test_series_choice_localizer_ties_and_selection(tmp_path):
 
     lone = tmp_path / "with_localizer"
     write_ct_series(lone, brain, head_phantom_hu, extension=".b")
-    scout = SeriesSpec(np.array([[0.0, -120.0, 100.0]]), (0, 1, 0, 0, 0, -1), rows=64, columns=64,
-                       description="SCOUT", series_number=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    scout = SeriesSpec(
+        np.array([[0.0, -120.0, 100.0]]),
+        (0, 1, 0, 0, 0, -1),
+        rows=64,
+        columns=64,
+        description="SCOUT",
+        series_number=1,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
     write_ct_series(lone, scout, head_phantom_hu, extension=".s")
     volume, warned = _load(lone)
     assert volume.geometry.series["description"] == "HEAD BRAIN 5mm"
@@ -214,8 +229,9 @@ def test_enhanced_multiframe_ct_reads_like_the_single_frame_series(tmp_path):
     assert multi.geometry.multiframe
     np.testing.assert_allclose(multi.affine, single.affine, atol=1e-6)
     np.testing.assert_array_equal(multi.array, single.array)
-    seg = write_hemorrhage_seg(tmp_path / "seg.dcm", mask_on_frames(multi.array > 60, multi.affine, multi.dicom),
-                               multi.dicom, "test")
+    seg = write_hemorrhage_seg(
+        tmp_path / "seg.dcm", mask_on_frames(multi.array > 60, multi.affine, multi.dicom), multi.dicom, "test"
+    )
     assert hd.seg.segread(str(seg)).SegmentSequence[0].SegmentLabel == "Hemorrhage"
 
 
@@ -244,8 +260,9 @@ def test_radiological_pictures_put_a_left_bleed_on_the_right(tmp_path):
     volume, _ = _load(tmp_path / "ct")
     mask = in_bleed(_voxel_world_lps(volume)).reshape(volume.array.shape)
     flipped = (volume.array[::-1, :, ::-1], mask[::-1, :, ::-1])  # same scan stored in another order
-    flip_affine = volume.affine @ np.array([[-1, 0, 0, volume.array.shape[0] - 1], [0, 1, 0, 0],
-                                            [0, 0, -1, volume.array.shape[2] - 1], [0, 0, 0, 1.0]])
+    flip_affine = volume.affine @ np.array(
+        [[-1, 0, 0, volume.array.shape[0] - 1], [0, 1, 0, 0], [0, 0, -1, volume.array.shape[2] - 1], [0, 0, 0, 1.0]]
+    )
     for array, bleed, affine in ((volume.array, mask, volume.affine), (*flipped, flip_affine)):
         view = SliceView.from_affine(affine)
         k = int(np.argmax(bleed.sum(axis=(0, 1))))
@@ -258,7 +275,7 @@ def test_radiological_pictures_put_a_left_bleed_on_the_right(tmp_path):
         assert np.ptp(np.nonzero(head)[0]) > np.ptp(np.nonzero(head)[1])
         rgb = axial_overlay(array, k, view, bleed)
         yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 200) & (rgb[..., 2] < 80)
-        assert yellow[:, : rgb.shape[1] // 8].any() and yellow[:, -rgb.shape[1] // 8:].any()  # "R" and "L"
+        assert yellow[:, : rgb.shape[1] // 8].any() and yellow[:, -rgb.shape[1] // 8 :].any()  # "R" and "L"
 
 
 def test_scan_inputs_take_dicom_folders_as_users_have_them(tmp_path):
@@ -283,8 +300,25 @@ def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_ge
     paths = write_ct_series(tmp_path / "ct", spec, head_phantom_hu, extension="")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeometryWarning)
-        assert main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "ct"), "--output_dir",
-                     str(tmp_path / "out"), "--device", "cpu", "--no-intracranial_mask", "--threshold", "0.001"]) == 0
+        assert (
+            main(
+                [
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--input",
+                    str(tmp_path / "ct"),
+                    "--output_dir",
+                    str(tmp_path / "out"),
+                    "--device",
+                    "cpu",
+                    "--no-intracranial_mask",
+                    "--no-hyperdense_only",
+                    "--threshold",
+                    "0.001",
+                ]
+            )
+            == 0
+        )
     record = json.loads((tmp_path / "out" / "ct_measurements.json").read_text())
     geometry = record["geometry"]
     assert geometry["tilt_deg"] == pytest.approx(18.5, abs=0.05) and geometry["resampled"]
@@ -296,16 +330,38 @@ def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_ge
     on_slices = mask_on_frames(mask.array, volume.affine, volume.dicom)
     assert on_slices.any()  # a threshold near 0 marks nearly everything: a SEG with content
     assert int(seg.NumberOfFrames) == int(on_slices.any(axis=(1, 2)).sum())
-    referenced = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-                  for f in seg.PerFrameFunctionalGroupsSequence}
+    referenced = {
+        str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
     assert referenced <= {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
-    assert record["measurements"]["total_volume_ml"] == pytest.approx(mask.array.sum() * volume.voxel_volume_ml, abs=0.01)
+    assert record["measurements"]["total_volume_ml"] == pytest.approx(
+        mask.array.sum() * volume.voxel_volume_ml, abs=0.01
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeometryWarning)
-        assert report_main(["--segmentation_checkpoint", str(checkpoint), "--report_model", str(report_model),
-                            "--input", str(paths[3]), "--output_dir", str(tmp_path / "report"), "--device", "cpu",
-                            "--max_new_tokens", "4", "--num_beams", "1"]) == 0  # one file stands for its series
+        assert (
+            report_main(
+                [
+                    "--segmentation_checkpoint",
+                    str(checkpoint),
+                    "--report_model",
+                    str(report_model),
+                    "--input",
+                    str(paths[3]),
+                    "--output_dir",
+                    str(tmp_path / "report"),
+                    "--device",
+                    "cpu",
+                    "--max_new_tokens",
+                    "4",
+                    "--num_beams",
+                    "1",
+                ]
+            )
+            == 0
+        )  # one file stands for its series
     printed = capsys.readouterr().out
     assert "geometry: DICOM series" in printed and "gantry tilt 18.5°" in printed
     report = json.loads((tmp_path / "report" / "IM0004_report.json").read_text())

@@ -36,8 +36,16 @@ def _train(tmp_path, epochs, resume=False, task=None, **cfg):
     torch.manual_seed(0)
     model = build_sam3d(model_config("small", img_size=32))
     groups = [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 1e-4}]
-    config = TrainerConfig(output_dir=str(tmp_path), epochs=epochs, batch_size=2, gradient_accumulation_steps=2,
-                           resume=resume, seed=3, patience=cfg.pop("patience", 10), **cfg)
+    config = TrainerConfig(
+        output_dir=str(tmp_path),
+        epochs=epochs,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        resume=resume,
+        seed=3,
+        patience=cfg.pop("patience", 10),
+        **cfg,
+    )
     task = task or SegmentationTask(num_clicks=2, val_num_clicks=2, seed=0)
     trainer = Trainer(config, task, model, groups, torch.device("cpu"))
     return trainer.fit(VolumeDataset(4), VolumeDataset(2, seed=1)), model
@@ -105,7 +113,9 @@ def test_visualize_gives_rgb_overlays_through_the_lesion():
     model = build_sam3d(model_config("small", img_size=32))
     from monai.data import DataLoader
 
-    images = SegmentationTask(val_num_clicks=1).visualize(model, DataLoader(VolumeDataset(2), batch_size=2), torch.device("cpu"))
+    images = SegmentationTask(val_num_clicks=1).visualize(
+        model, DataLoader(VolumeDataset(2), batch_size=2), torch.device("cpu")
+    )
     assert list(images) == ["val/P0", "val/P1"]
     overlay = images["val/P0"]
     assert overlay.shape == (32, 32, 3) and overlay.dtype.name == "uint8"

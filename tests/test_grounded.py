@@ -24,15 +24,21 @@ def test_consistent_report_has_no_flags():
     assert "12.3 mL" in grounded.report and "Automated segmentation" in grounded.structured_findings
 
 
-@pytest.mark.parametrize("text, measured, expected", [
-    ("FINDINGS: No acute intracranial hemorrhage. IMPRESSION: Normal study.", BLEED, "does not describe"),
-    ("FINDINGS: Acute right subdural hematoma. IMPRESSION: Right SDH.", BLEED, "report says right"),
-    ("FINDINGS: Left intraparenchymal hemorrhage of 40 mL. IMPRESSION: Left IPH.", BLEED, "states 40 mL"),
-    ("FINDINGS: Acute left subdural hematoma. IMPRESSION: SDH.", NONE, "found none"),
-    # Seen from the demo's model: findings describe the bleed, the impression denies it.
-    ("FINDINGS: Acute left intracranial hemorrhage. IMPRESSION: No acute intracranial hemorrhage.", BLEED,
-     "impression: report does not describe"),
-])
+@pytest.mark.parametrize(
+    "text, measured, expected",
+    [
+        ("FINDINGS: No acute intracranial hemorrhage. IMPRESSION: Normal study.", BLEED, "does not describe"),
+        ("FINDINGS: Acute right subdural hematoma. IMPRESSION: Right SDH.", BLEED, "report says right"),
+        ("FINDINGS: Left intraparenchymal hemorrhage of 40 mL. IMPRESSION: Left IPH.", BLEED, "states 40 mL"),
+        ("FINDINGS: Acute left subdural hematoma. IMPRESSION: SDH.", NONE, "found none"),
+        # Seen from the demo's model: findings describe the bleed, the impression denies it.
+        (
+            "FINDINGS: Acute left intracranial hemorrhage. IMPRESSION: No acute intracranial hemorrhage.",
+            BLEED,
+            "impression: report does not describe",
+        ),
+    ],
+)
 def test_contradictions_are_flagged_and_the_impression_corrected(text, measured, expected):
     grounded = ground_report(text, measured)
     assert any(expected in flag for flag in grounded.flags), grounded.flags
@@ -47,16 +53,35 @@ def test_structured_findings_for_no_bleed():
     assert "no hemorrhage detected" in structured_findings(NONE)
 
 
+@pytest.mark.slow
 def test_report_cli_end_to_end(tmp_path):
     case = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(case.image_hu, case.affine), scan)
     seg_checkpoint, report_model = make_tiny_models(tmp_path / "models")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), "--segmentation_checkpoint", str(seg_checkpoint),
-         "--report_model", str(report_model), "--input", str(scan), "--output_dir", str(tmp_path / "out"),
-         "--max_new_tokens", "8", "--num_beams", "1"],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "report.py"),
+            "--segmentation_checkpoint",
+            str(seg_checkpoint),
+            "--report_model",
+            str(report_model),
+            "--input",
+            str(scan),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_new_tokens",
+            "8",
+            "--num_beams",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "scan_report.json").read_text())

@@ -16,9 +16,9 @@ from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, _resampling_steps
 from sam3d.metrics import volume_ml
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import (
-    Click,
     MIN_COMPONENT_HU,
     MIN_VOXEL_HU,
+    Click,
     HemorrhageSegmenter,
     intracranial_mask,
     measure,
@@ -40,7 +40,9 @@ def case(tmp_path_factory):
 def test_mapping_back_to_the_input_grid_preserves_the_lesion(case):
     c, root = case
     cfg = {**DEFAULT_TRANSFORM_CONFIG, "target_spacing_mm": (2.0, 2.0, 2.0)}
-    item = Compose(_resampling_steps(cfg, ["image", "label"]))({"image": str(root / "scan.nii.gz"), "label": str(root / "mask.nii.gz")})
+    item = Compose(_resampling_steps(cfg, ["image", "label"]))(
+        {"image": str(root / "scan.nii.gz"), "label": str(root / "mask.nii.gz")}
+    )
     label = item["label"]
     back = to_input_grid(label.as_tensor()[0].numpy(), np.asarray(label.affine), load_volume(root / "scan.nii.gz"))
     back = back > 0.5
@@ -69,8 +71,14 @@ def test_predict_writes_mask_in_input_geometry(case, tmp_path, clicks):
     c, root = case
 
     config = model_config("small", img_size=32)
-    atomic_save({"model_state_dict": build_sam3d(config).state_dict(), "model_config": config.to_dict(),
-                 "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)}}, tmp_path / "model.pth")
+    atomic_save(
+        {
+            "model_state_dict": build_sam3d(config).state_dict(),
+            "model_config": config.to_dict(),
+            "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)},
+        },
+        tmp_path / "model.pth",
+    )
     segmenter = HemorrhageSegmenter(tmp_path / "model.pth")
     centre = [int(v) for v in np.argwhere(c.mask).mean(0)]
     click_list = None
@@ -119,7 +127,9 @@ def test_postprocessing_clears_outside_the_skull_unless_clicked_and_skips_skull_
     assert not (cleared.astype(bool) & in_scalp).any() and cleared[c.mask > 0].all()
     step = record["intracranial_mask"]
     assert step["applied"] and step["removed_ml"] == pytest.approx(volume_ml(in_scalp, c.spacing_mm), abs=0.01)
-    clicked, record = postprocess_mask(mask, volume, keep_points=[(2, 40, 10)], min_component_ml=0, min_component_hu=None)
+    clicked, record = postprocess_mask(
+        mask, volume, keep_points=[(2, 40, 10)], min_component_ml=0, min_component_hu=None
+    )
     assert clicked[in_scalp].all() and record["clicked_components_kept"] == 1
 
     stripped = Volume(np.where(volume.array >= 300, 0.0, volume.array), volume.affine, volume.spacing_mm, "", True)
@@ -133,14 +143,22 @@ def test_component_filter_drops_small_blobs_by_volume_in_ml():
     mask = np.zeros(volume.array.shape, bool)
     mask[2:4, 2:4, 2:4] = True  # 8 voxels = 0.072 mL
     mask[20:30, 20:30, 4:7] = True  # 300 voxels = 2.7 mL
-    kept, record = postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.1, min_component_hu=None)
+    kept, record = postprocess_mask(
+        mask, volume, restrict_intracranial=False, min_component_ml=0.1, min_component_hu=None
+    )
     assert not kept[2:4, 2:4, 2:4].any() and kept[20:30, 20:30, 4:7].all()
     assert record["min_component"] == {"min_component_ml": 0.1, "components_removed": 1, "removed_ml": 0.07}
     assert record["volume_after_ml"] == 2.7 and "intracranial_mask" not in record
-    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.05, min_component_hu=None)[0][2, 2, 2]
-    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0, min_component_hu=None)[0].sum() == 308
-    clicked, _ = postprocess_mask(mask, volume, keep_points=[(2.2, 3.4, 2.9)], restrict_intracranial=False,
-                                  min_component_ml=0.1)
+    assert postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0.05, min_component_hu=None)[0][
+        2, 2, 2
+    ]
+    assert (
+        postprocess_mask(mask, volume, restrict_intracranial=False, min_component_ml=0, min_component_hu=None)[0].sum()
+        == 308
+    )
+    clicked, _ = postprocess_mask(
+        mask, volume, keep_points=[(2.2, 3.4, 2.9)], restrict_intracranial=False, min_component_ml=0.1
+    )
     assert clicked[2:4, 2:4, 2:4].all()
 
 
@@ -152,7 +170,7 @@ def test_hyperdense_gate_drops_brain_and_csf_components_and_trims_a_coarse_mask_
     coarse = ndimage.binary_dilation(blood, np.ones((3, 3, 1), bool), iterations=2) & intracranial_mask(volume)
     rim = np.zeros_like(blood)
     x0 = blood.shape[0] - 1 - int(np.argwhere(blood)[:, 0].mean())  # the mirror side of the bleed
-    rim[x0 - 2:x0 + 2, 30:50, 8:12] = True
+    rim[x0 - 2 : x0 + 2, 30:50, 8:12] = True
     rim &= intracranial_mask(volume) & ~coarse
     assert rim.sum() > 100 and np.median(volume.array[rim]) < MIN_COMPONENT_HU
     gated, record = postprocess_mask(coarse | rim, volume, min_component_ml=0)
@@ -181,15 +199,40 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
 
     monkeypatch.setattr(predict_cli, "HemorrhageSegmenter", recorder)
     (tmp_path / "m.pth").write_bytes(b"checkpoint")  # the CLI checks that it exists; the recorder never reads it
-    base = ["--checkpoint", str(tmp_path / "m.pth"), "--input", str(root / "scan.nii.gz"), "--output_dir", str(tmp_path), "--device", "cpu"]
+    base = [
+        "--checkpoint",
+        str(tmp_path / "m.pth"),
+        "--input",
+        str(root / "scan.nii.gz"),
+        "--output_dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(Built):
         predict_cli.main(base)
     assert seen["restrict_intracranial"] is True and seen["min_component_ml"] > 0
     with pytest.raises(Built):
-        predict_cli.main(base + ["--no-intracranial_mask", "--min_component_ml", "0", "--bone_hu", "250",
-                                 "--intracranial_margin_mm", "0.5"])
-    assert seen == {"restrict_intracranial": False, "min_component_ml": 0.0, "bone_hu": 250.0, "margin_mm": 0.5,
-                    "min_component_hu": MIN_COMPONENT_HU, "min_voxel_hu": MIN_VOXEL_HU}
+        predict_cli.main(
+            base
+            + [
+                "--no-intracranial_mask",
+                "--min_component_ml",
+                "0",
+                "--bone_hu",
+                "250",
+                "--intracranial_margin_mm",
+                "0.5",
+            ]
+        )
+    assert seen == {
+        "restrict_intracranial": False,
+        "min_component_ml": 0.0,
+        "bone_hu": 250.0,
+        "margin_mm": 0.5,
+        "min_component_hu": MIN_COMPONENT_HU,
+        "min_voxel_hu": MIN_VOXEL_HU,
+    }
     with pytest.raises(Built):
         predict_cli.main(base + ["--no-hyperdense_only"])
     assert seen["min_component_hu"] is None and seen["min_voxel_hu"] is None

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
+from blip.conditioning import VOLUME_SLOT, fill_volume_slot, volume_slot_text
 from blip.labeler import label_ct_report
 from blip.language_model import build_tiny_gpt2, load_language_model, train_word_tokenizer
 from blip.lm_pretraining import PromptedReports, pretrain_report_lm
@@ -21,10 +21,25 @@ from tests.conftest import REPO
 
 PRETRAINED = REPO / "sam3d" / "pretrained"
 CASES = [
-    {"case_id": "a", "ich_type": "subdural", "side": "left", "region": "convexity", "volume_ml": 20.0,
-     "midline_shift_mm": 4.0, "mass_effect": 1, "max_thickness_mm": 8.0},
-    {"case_id": "b", "ich_type": "none", "side": "none", "region": "none", "volume_ml": 0.0,
-     "midline_shift_mm": 0.0, "mass_effect": 0},
+    {
+        "case_id": "a",
+        "ich_type": "subdural",
+        "side": "left",
+        "region": "convexity",
+        "volume_ml": 20.0,
+        "midline_shift_mm": 4.0,
+        "mass_effect": 1,
+        "max_thickness_mm": 8.0,
+    },
+    {
+        "case_id": "b",
+        "ich_type": "none",
+        "side": "none",
+        "region": "none",
+        "volume_ml": 0.0,
+        "midline_shift_mm": 0.0,
+        "mass_effect": 0,
+    },
 ]
 
 
@@ -46,7 +61,9 @@ def test_report_corpus_varies_sizes_and_keeps_the_findings():
     assert len(volumes) > 20 and 5.0 <= min(volumes) and max(volumes) <= 80.0
     for row in rows:
         labels = label_ct_report(row["report"])
-        assert labels["SDH" if row["ich_type"] == "subdural" else "hemorrhage"] == (1 if row["ich_type"] != "none" else 0)
+        assert labels["SDH" if row["ich_type"] == "subdural" else "hemorrhage"] == (
+            1 if row["ich_type"] != "none" else 0
+        )
         stated = re.findall(r"approximately (\d+(?:\.\d)?) mL", row["report"])
         if row["ich_type"] != "none":
             assert stated and abs(float(stated[0]) - row["volume_ml"]) <= 0.5
@@ -54,28 +71,50 @@ def test_report_corpus_varies_sizes_and_keeps_the_findings():
 
 def test_prompted_reports_take_the_loss_on_the_report_only(tmp_path):
     rows = report_corpus(CASES, variants=4, seed=0)
-    lm = build_tiny_gpt2([r["report"] for r in rows] + ["Segmentation: left hemorrhage, no. Head CT report:"],
-                         tmp_path / "lm", n_embd=32, tokenizer="word")
+    lm = build_tiny_gpt2(
+        [r["report"] for r in rows] + ["Segmentation: left hemorrhage, no. Head CT report:", VOLUME_SLOT],
+        tmp_path / "lm",
+        n_embd=32,
+        tokenizer="word",
+    )
     _, tokenizer = load_language_model(lm, "full")
     data = PromptedReports(rows, tokenizer, 256, conditioned_share=1.0, seed=0)
     ids, labels = data[0]
     prompt = (labels == -100).sum().item()
-    assert tokenizer.decode(ids[:prompt]).startswith("Segmentation: left hemorrhage") and tokenizer.decode(ids[:prompt]).endswith("Head CT report:")
-    assert tokenizer.decode(labels[prompt:]) == rows[0]["report"] + "<|endoftext|>"
+    assert tokenizer.decode(ids[:prompt]).startswith("Segmentation: left hemorrhage") and tokenizer.decode(
+        ids[:prompt]
+    ).endswith("Head CT report:")
+    # Given the measurement, the report's volume is the slot the reporter fills.
+    slotted = volume_slot_text(rows[0]["report"], rows[0]["volume_ml"])
+    assert VOLUME_SLOT in slotted and tokenizer.decode(labels[prompt:]) == slotted + "<|endoftext|>"
     batch = data.collate([data[0], data[-1]])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
 
 
 def test_lm_pretraining_learns_the_report_language(tmp_path):
     rows = report_corpus(CASES, variants=40, seed=0)
-    result = pretrain_report_lm(rows[:70], rows[70:], tmp_path / "lm", tmp_path / "run", epochs=10, batch_size=8,
-                                n_layer=1, n_embd=32, n_head=2, seed=0)
+    result = pretrain_report_lm(
+        rows[:70],
+        rows[70:],
+        tmp_path / "lm",
+        tmp_path / "run",
+        epochs=25,
+        lr=5e-3,
+        batch_size=8,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        seed=0,
+    )
     history = result["history"]
     assert history[-1]["val_loss"] < 0.6 * history[0]["train_loss"]
     model, tokenizer = load_language_model(tmp_path / "lm", "frozen")
     prompt = tokenizer("Head CT report:", return_tensors="pt", add_special_tokens=False).input_ids
-    text = tokenizer.decode(model.generate(prompt, max_new_tokens=20, do_sample=False,
-                                           pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:])
+    text = tokenizer.decode(
+        model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)[
+            0, prompt.shape[1] :
+        ]
+    )
     assert text.strip().startswith("FINDINGS:")
 
 
@@ -94,11 +133,19 @@ def test_committed_report_lm_writes_a_report_for_a_measurement():
     model, tokenizer = load_language_model(PRETRAINED / "report_lm", "frozen")
     recipe = json.loads((PRETRAINED / "report_lm" / "recipe.json").read_text())
     assert recipe["command"] == "python scripts/make_pretrained.py --part lm"
-    prompt = tokenizer("Segmentation: left hemorrhage, 23.4 mL. Head CT report:", return_tensors="pt",
-                       add_special_tokens=False).input_ids
-    out = model.generate(prompt, max_new_tokens=128, num_beams=2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+    prompt = tokenizer(
+        "Segmentation: left hemorrhage, 23.4 mL. Head CT report:", return_tensors="pt", add_special_tokens=False
+    ).input_ids
+    out = model.generate(
+        prompt,
+        max_new_tokens=128,
+        num_beams=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
     labels = label_ct_report(text)
     assert labels["hemorrhage"] == 1 and labels["side"] == "left"
-    assert "IMPRESSION:" in text and np.isclose(float(re.findall(r"(\d+(?:\.\d)?) mL", text)[0]), 23.4, atol=1.0)
+    # The volume is never copied by the LM: it writes the slot, which the measurement fills.
+    assert "IMPRESSION:" in text and VOLUME_SLOT in text and not re.findall(r"\d+(?:\.\d)? mL", text)
+    assert "approximately 23 mL" in fill_volume_slot(text, 23.4)

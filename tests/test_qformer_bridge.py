@@ -27,9 +27,14 @@ def fixture_config(lavis_fixture) -> QFormerBridgeConfig:
     """The fixture's LAVIS config in QFormerBridgeConfig terms (layer-norm eps are the defaults)."""
     c = lavis_fixture["config"]
     return QFormerBridgeConfig(
-        vision_width=c["vision_width"], num_query_tokens=c["num_query_token"], hidden_size=c["hidden"],
-        num_hidden_layers=c["layers"], num_attention_heads=c["heads"], intermediate_size=c["inter"],
-        lm_hidden_size=c["lm_hidden"], cross_attention_frequency=c["freq"],
+        vision_width=c["vision_width"],
+        num_query_tokens=c["num_query_token"],
+        hidden_size=c["hidden"],
+        num_hidden_layers=c["layers"],
+        num_attention_heads=c["heads"],
+        intermediate_size=c["inter"],
+        lm_hidden_size=c["lm_hidden"],
+        cross_attention_frequency=c["freq"],
     )
 
 
@@ -63,9 +68,11 @@ def test_other_vision_and_lm_widths_reinitialise_interfaces_with_warning(fixture
         converted, notes = convert_lavis_state_dict(lavis_sd, config)
     message = str(caught[0].message)
     reinitialised = [
-        "ln_vision.weight", "ln_vision.bias", "language_projection.weight", "language_projection.bias",
-        *(f"qformer.encoder.layer.{i}.crossattention.attention.{kv}.weight"
-          for i in (0, 2) for kv in ("key", "value")),
+        "ln_vision.weight",
+        "ln_vision.bias",
+        "language_projection.weight",
+        "language_projection.bias",
+        *(f"qformer.encoder.layer.{i}.crossattention.attention.{kv}.weight" for i in (0, 2) for kv in ("key", "value")),
     ]
     for key in reinitialised:
         assert key in message and key not in converted
@@ -85,31 +92,44 @@ def test_other_vision_and_lm_widths_reinitialise_interfaces_with_warning(fixture
 def test_stage1_checkpoint_drops_text_parts_and_reinitialises_projection(fixture_config, lavis_sd):
     hidden, inter = fixture_config.hidden_size, fixture_config.intermediate_size
     del lavis_sd["opt_proj.weight"], lavis_sd["opt_proj.bias"]
-    lavis_sd.update({
-        "visual_encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 3),
-        "Qformer.bert.embeddings.word_embeddings.weight": torch.zeros(30523, hidden),
-        "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(inter, hidden),
-        "Qformer.bert.encoder.layer.0.output.LayerNorm.weight": torch.zeros(hidden),
-        "Qformer.cls.predictions.bias": torch.zeros(30523),
-        "itm_head.weight": torch.zeros(2, hidden),
-        "temp": torch.tensor(0.07),
-    })
+    lavis_sd.update(
+        {
+            "visual_encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 3),
+            "Qformer.bert.embeddings.word_embeddings.weight": torch.zeros(30523, hidden),
+            "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(inter, hidden),
+            "Qformer.bert.encoder.layer.0.output.LayerNorm.weight": torch.zeros(hidden),
+            "Qformer.cls.predictions.bias": torch.zeros(30523),
+            "itm_head.weight": torch.zeros(2, hidden),
+            "temp": torch.tensor(0.07),
+        }
+    )
     with pytest.warns(UserWarning, match=r"language_projection\.weight \(not in the checkpoint\)"):
         converted, notes = convert_lavis_state_dict(lavis_sd, fixture_config)
     assert "language_projection.weight" not in converted and "qformer.layernorm.weight" in converted
-    for key in ("visual_encoder.blocks.0", "word_embeddings", "layer.0.intermediate.dense",
-                "layer.0.output.LayerNorm", "Qformer.cls.", "itm_head", "'temp'"):
+    for key in (
+        "visual_encoder.blocks.0",
+        "word_embeddings",
+        "layer.0.intermediate.dense",
+        "layer.0.output.LayerNorm",
+        "Qformer.cls.",
+        "itm_head",
+        "'temp'",
+    ):
         assert any(key in note for note in notes), key
 
 
 @pytest.mark.parametrize(
     ("edit", "named"),
     [
-        (lambda sd: sd.update({"Qformer.bert.encoder.layer.1.crossattention.self.key.weight": torch.zeros(64, 48)}),
-         "Qformer.bert.encoder.layer.1.crossattention.self.key.weight"),
+        (
+            lambda sd: sd.update({"Qformer.bert.encoder.layer.1.crossattention.self.key.weight": torch.zeros(64, 48)}),
+            "Qformer.bert.encoder.layer.1.crossattention.self.key.weight",
+        ),
         (lambda sd: sd.update({"llm_proj.weight": torch.zeros(32, 64)}), "llm_proj.weight"),
-        (lambda sd: sd.pop("Qformer.bert.encoder.layer.3.output_query.dense.bias"),
-         "qformer.encoder.layer.3.output_query.dense.bias"),
+        (
+            lambda sd: sd.pop("Qformer.bert.encoder.layer.3.output_query.dense.bias"),
+            "qformer.encoder.layer.3.output_query.dense.bias",
+        ),
         (lambda sd: sd.update({"query_tokens": torch.zeros(1, 4, 64)}), "query_tokens"),
         (lambda sd: sd.update({"t5_proj.weight": torch.zeros(32, 64)}), "t5_proj.weight"),
     ],
@@ -159,8 +179,10 @@ def test_cross_attentions_one_per_cross_layer_and_mask_respected(fixture_config)
 
 def test_cli_writes_a_loadable_bridge(tmp_path, lavis_fixture, fixture_config, lavis_sd):
     torch.save({"model": lavis_sd}, tmp_path / "lavis.pth")
-    flags = [f"--{field.name.replace('_', '-')}={getattr(fixture_config, field.name)}"
-             for field in dataclasses.fields(fixture_config)]
+    flags = [
+        f"--{field.name.replace('_', '-')}={getattr(fixture_config, field.name)}"
+        for field in dataclasses.fields(fixture_config)
+    ]
     main(["--lavis", str(tmp_path / "lavis.pth"), "--output", str(tmp_path / "bridge.pth"), *flags])
     main(["--lavis", str(tmp_path / "lavis.pth"), "--output", str(tmp_path / "bridge"), *flags])
 

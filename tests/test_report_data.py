@@ -33,44 +33,55 @@ def iu_xray() -> Path:
 
 @pytest.fixture(scope="module")
 def indiana(iu_xray):
-    return read_indiana(iu_xray / "indiana_reports.csv", iu_xray / "indiana_projections.csv", iu_xray / "images",
-                        views=("Frontal", "Lateral"))
+    return read_indiana(
+        iu_xray / "indiana_reports.csv",
+        iu_xray / "indiana_projections.csv",
+        iu_xray / "images",
+        views=("Frontal", "Lateral"),
+    )
 
 
 # ---------------------------------------------------------------- report text
 
-@pytest.mark.parametrize("raw, cleaned", [
-    ("  Heart   size\nnormal.  ", "Heart size normal."),
-    ("There are no XXXX of a pleural effusion.", f"There are no {DEID_TOKEN} of a pleural effusion."),
-    ("Inferior XXXX XXXX XXXX.", f"Inferior {DEID_TOKEN}."),
-    ("Normal chest x-XXXX.", f"Normal chest x-{DEID_TOKEN}."),
-    ("1. Bullous emphysema. 2. Scarring in the left apex.", "Bullous emphysema. Scarring in the left apex."),
-    ("Impression: 1) Clear lungs.", "Impression: Clear lungs."),
-    ("A 1.5 cm nodule. T12. 3 views.", "A 1.5 cm nodule. T12. 3 views."),
-    ("No effusion.. Heart normal , lungs clear ..", "No effusion. Heart normal, lungs clear."),
-    ("in the left lung apex.There are opacities", "in the left lung apex. There are opacities"),
-    (None, ""),
-    (float("nan"), ""),
-])
+
+@pytest.mark.parametrize(
+    "raw, cleaned",
+    [
+        ("  Heart   size\nnormal.  ", "Heart size normal."),
+        ("There are no XXXX of a pleural effusion.", f"There are no {DEID_TOKEN} of a pleural effusion."),
+        ("Inferior XXXX XXXX XXXX.", f"Inferior {DEID_TOKEN}."),
+        ("Normal chest x-XXXX.", f"Normal chest x-{DEID_TOKEN}."),
+        ("1. Bullous emphysema. 2. Scarring in the left apex.", "Bullous emphysema. Scarring in the left apex."),
+        ("Impression: 1) Clear lungs.", "Impression: Clear lungs."),
+        ("A 1.5 cm nodule. T12. 3 views.", "A 1.5 cm nodule. T12. 3 views."),
+        ("No effusion.. Heart normal , lungs clear ..", "No effusion. Heart normal, lungs clear."),
+        ("in the left lung apex.There are opacities", "in the left lung apex. There are opacities"),
+        (None, ""),
+        (float("nan"), ""),
+    ],
+)
 def test_clean_report(raw, cleaned):
     assert clean_report(raw) == cleaned
-    assert clean_report(cleaned) == cleaned   # idempotent: cleaning twice changes nothing
+    assert clean_report(cleaned) == cleaned  # idempotent: cleaning twice changes nothing
 
 
 def test_normalize_for_metrics_lowercases_and_drops_redactions():
     assert normalize_for_metrics("Normal chest x-XXXX. No XXXX XXXX effusion.") == "normal chest x-. no effusion."
 
 
-@pytest.mark.parametrize("text, findings, impression", [
-    ("FINDINGS: Lungs clear. IMPRESSION: Normal chest.", "Lungs clear.", "Normal chest."),
-    ("Findings - Lungs clear.\nImpression\n1. Normal chest.", "Lungs clear.", "Normal chest."),
-    ("findings: A. conclusion: B.", "A.", "B."),
-    ("Lungs clear. IMPRESSION: Normal.", "Lungs clear.", "Normal."),          # unlabelled findings
-    ("COMPARISON: None. FINDINGS: Clear. IMPRESSION: Normal.", "Clear.", "Normal."),
-    ("Impressions: A. Conclusion: B.", "", "A. B."),
-    ("Findings are consistent with pneumonia.", "Findings are consistent with pneumonia.", ""),
-    ("No acute disease.", "No acute disease.", ""),
-])
+@pytest.mark.parametrize(
+    "text, findings, impression",
+    [
+        ("FINDINGS: Lungs clear. IMPRESSION: Normal chest.", "Lungs clear.", "Normal chest."),
+        ("Findings - Lungs clear.\nImpression\n1. Normal chest.", "Lungs clear.", "Normal chest."),
+        ("findings: A. conclusion: B.", "A.", "B."),
+        ("Lungs clear. IMPRESSION: Normal.", "Lungs clear.", "Normal."),  # unlabelled findings
+        ("COMPARISON: None. FINDINGS: Clear. IMPRESSION: Normal.", "Clear.", "Normal."),
+        ("Impressions: A. Conclusion: B.", "", "A. B."),
+        ("Findings are consistent with pneumonia.", "Findings are consistent with pneumonia.", ""),
+        ("No acute disease.", "No acute disease.", ""),
+    ],
+)
 def test_split_sections(text, findings, impression):
     assert split_sections(text) == (findings, impression)
 
@@ -84,6 +95,7 @@ def test_join_and_split_round_trip():
 
 
 # ---------------------------------------------------------------- manifests
+
 
 @pytest.fixture
 def scans(tmp_path):
@@ -99,13 +111,16 @@ def write_csv(path: Path, text: str) -> Path:
 
 
 def test_csv_manifest_fields_sections_modality_and_extra(scans):
-    path = write_csv(scans / "m.csv", """
+    path = write_csv(
+        scans / "m.csv",
+        """
 image,report,findings,impression,split,patient
 a.nii.gz,"FINDINGS: Acute  hematoma. IMPRESSION: Bleed.",,,val,P1
 b.png;c.png,,No effusion.,Normal chest x-XXXX.,,P2
 dicom_series,"Small subdural hematoma.
 No shift.",,,test,P3
-""")
+""",
+    )
     # Empty section cells are cut out of the report (rows 2, 4); an empty report is built from them (row 3).
     records = read_report_manifest(path)
     a, bc, d = records
@@ -122,7 +137,7 @@ No shift.",,,test,P3
 
 
 def test_sections_come_from_the_report_when_there_are_no_section_columns(scans):
-    path = write_csv(scans / "m.csv", "image,report\na.nii.gz,\"Findings:\nClear.\nImpression\nNormal.\"\n")
+    path = write_csv(scans / "m.csv", 'image,report\na.nii.gz,"Findings:\nClear.\nImpression\nNormal."\n')
     (record,) = read_report_manifest(path)
     assert (record.findings, record.impression) == ("Clear.", "Normal.")
 
@@ -141,11 +156,11 @@ def test_jsonl_manifest_and_write_round_trip(scans):
 
     out = scans / "copy.jsonl"
     write_report_manifest(records, out)
-    assert json.loads(out.read_text().splitlines()[0])["image"] == "a.nii.gz"    # relative to the manifest
+    assert json.loads(out.read_text().splitlines()[0])["image"] == "a.nii.gz"  # relative to the manifest
     again = read_report_manifest(out)
     for before, after in zip(records, again):
         assert {**vars(before), "source_row": 0} == {**vars(after), "source_row": 0}
-    assert [p.name for p in scans.iterdir() if p.name.startswith(".")] == []      # no temp file left
+    assert [p.name for p in scans.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 def test_write_refuses_extra_keys_that_clash_with_columns(tmp_path):
@@ -154,18 +169,21 @@ def test_write_refuses_extra_keys_that_clash_with_columns(tmp_path):
         write_report_manifest([record], tmp_path / "m.jsonl")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("path,report\na.nii.gz,x\n", r"line 2: expected columns 'image' and 'report'.*found \['path', 'report'\]"),
-    ("image,report\n", "empty manifest"),
-    ("image,report\na.nii.gz,  \n", "line 2: empty report"),
-    ("image,findings,impression\na.nii.gz,,\n", "line 2: empty report"),
-    ("image,report\nmissing.nii.gz,x\n", "line 2: image not found: .*missing.nii.gz"),
-    ("image,report,modality\na.nii.gz,x,mri\n", "line 2: unknown modality 'mri'"),
-    ("image,report,split\na.nii.gz,x,validation\n", "line 2: unknown split 'validation'"),
-    ("image,report,id\na.nii.gz,x,s1\nb.png,y,s1\n", "line 3: duplicate id 's1' \\(first on line 2\\)"),
-    ("image,report\na.nii.gz,x,extra\n", "line 2: 3 cells for 2 header columns"),
-    ("image,report,split\na.nii.gz,x,train\n", "no rows of split 'val'; splits found: \\['train'\\]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("path,report\na.nii.gz,x\n", r"line 2: expected columns 'image' and 'report'.*found \['path', 'report'\]"),
+        ("image,report\n", "empty manifest"),
+        ("image,report\na.nii.gz,  \n", "line 2: empty report"),
+        ("image,findings,impression\na.nii.gz,,\n", "line 2: empty report"),
+        ("image,report\nmissing.nii.gz,x\n", "line 2: image not found: .*missing.nii.gz"),
+        ("image,report,modality\na.nii.gz,x,mri\n", "line 2: unknown modality 'mri'"),
+        ("image,report,split\na.nii.gz,x,validation\n", "line 2: unknown split 'validation'"),
+        ("image,report,id\na.nii.gz,x,s1\nb.png,y,s1\n", "line 3: duplicate id 's1' \\(first on line 2\\)"),
+        ("image,report\na.nii.gz,x,extra\n", "line 2: 3 cells for 2 header columns"),
+        ("image,report,split\na.nii.gz,x,train\n", "no rows of split 'val'; splits found: \\['train'\\]"),
+    ],
+)
 def test_manifest_errors_name_file_row_and_problem(scans, text, message):
     path = write_csv(scans / "bad.csv", text)
     with pytest.raises(ReportManifestError, match=message) as info:
@@ -192,9 +210,10 @@ def test_jsonl_errors(tmp_path):
 
 # ---------------------------------------------------------------- IU X-ray (real sample data)
 
+
 def test_r2gen_annotation_counts_and_four_space_test_key(iu_xray):
     raw = json.loads((iu_xray / "annotation_r2gen_standard.json").read_text())
-    assert "    " in raw and "test" not in raw                          # the published quirk is present
+    assert "    " in raw and "test" not in raw  # the published quirk is present
     splits = read_r2gen_annotation(iu_xray / "annotation_r2gen_standard.json", iu_xray / "images")
     assert {k: len(v) for k, v in splits.items()} == {"train": 2069, "val": 296, "test": 590}
     record = splits["test"][0]
@@ -240,7 +259,7 @@ def test_indiana_counts_skips_and_labels(indiana):
 
 def test_indiana_real_sectioning_and_cleaning(indiana):
     by_id = {r.id: r for r in indiana.records}
-    four = by_id["4"]   # numbered impression list, missing space after a period, a redaction
+    four = by_id["4"]  # numbered impression list, missing space after a period, a redaction
     assert four.impression.startswith("Bullous emphysema and interstitial fibrosis. Probably scarring")
     assert "2." not in four.impression
     assert "left lung apex. There are streaky opacities" in four.findings
@@ -259,11 +278,12 @@ def test_indiana_views_and_local_images(iu_xray, indiana):
     assert by_id["1001"].extra["image_exists"] is True
     assert by_id["1000"].extra["projections"] == ["Frontal", "Frontal"]
     both = {r.id: r for r in indiana.records}
-    assert both["1001"].extra["image_exists"] is False       # its lateral view is not in the sample
-    assert [Path(p).name for p in both["1000"].images][-1] == "1000_IM-0003-2001.dcm.png"   # lateral last
+    assert both["1001"].extra["image_exists"] is False  # its lateral view is not in the sample
+    assert [Path(p).name for p in both["1000"].images][-1] == "1000_IM-0003-2001.dcm.png"  # lateral last
     with pytest.raises(ReportManifestError, match="missing images"):
-        read_indiana(iu_xray / "indiana_reports.csv", iu_xray / "indiana_projections.csv", iu_xray / "images",
-                     check_files=True)
+        read_indiana(
+            iu_xray / "indiana_reports.csv", iu_xray / "indiana_projections.csv", iu_xray / "images", check_files=True
+        )
 
 
 def test_indiana_refuses_csvs_without_the_expected_columns(tmp_path):

@@ -29,10 +29,20 @@ HYPOTHESES = [
 # Computed once with PTB tokenisation (pycocoevalcap 1.2, meteor-1.5.jar) and checked for plausibility:
 # close paraphrases, so BLEU falls from ~0.55 (1-gram) to ~0.32 (4-gram); pair 3 has no 4-gram match
 # (per-report BLEU-4 ~0); CIDEr is high because a 3-report corpus gives most n-grams a large idf.
-EXPECTED_CORPUS = {"BLEU_1": 0.54964, "BLEU_2": 0.49663, "BLEU_3": 0.42786, "BLEU_4": 0.32366,
-                   "METEOR": 0.32151, "ROUGE_L": 0.56419, "CIDEr": 3.05003}
-EXPECTED_PER_SAMPLE = {"BLEU_4": [0.43954, 0.23462, 0.0], "METEOR": [0.45923, 0.29541, 0.16568],
-                       "ROUGE_L": [0.86136, 0.43339, 0.39783]}
+EXPECTED_CORPUS = {
+    "BLEU_1": 0.54964,
+    "BLEU_2": 0.49663,
+    "BLEU_3": 0.42786,
+    "BLEU_4": 0.32366,
+    "METEOR": 0.32151,
+    "ROUGE_L": 0.56419,
+    "CIDEr": 3.05003,
+}
+EXPECTED_PER_SAMPLE = {
+    "BLEU_4": [0.43954, 0.23462, 0.0],
+    "METEOR": [0.45923, 0.29541, 0.16568],
+    "ROUGE_L": [0.86136, 0.43339, 0.39783],
+}
 
 
 def _java_children() -> list[psutil.Process]:
@@ -64,8 +74,9 @@ def test_identical_and_unrelated():
     assert same["corpus"]["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
     assert same["corpus"]["ROUGE_L"] == pytest.approx(1.0)
     assert same["corpus"]["METEOR"] is None and same["per_sample"]["METEOR"] is None
-    unrelated = caption_metrics(REFERENCES, ["banana sandwich", "quantum lattice gauge", "opera tickets"],
-                                tokenize="simple", meteor=False)
+    unrelated = caption_metrics(
+        REFERENCES, ["banana sandwich", "quantum lattice gauge", "opera tickets"], tokenize="simple", meteor=False
+    )
     assert unrelated["corpus"]["BLEU_4"] < 1e-6
     assert unrelated["corpus"]["ROUGE_L"] == 0.0 and unrelated["corpus"]["CIDEr"] == 0.0
 
@@ -109,18 +120,44 @@ def _write_csv(path, rows, fields):
 
 def test_evaluate_reports_script(tmp_path):
     rows = [
-        {"id": "cxr1", "reference": "FINDINGS: Mild cardiomegaly. XXXX XXXX. IMPRESSION: Small left pleural effusion.",
-         "generated": "FINDINGS: The heart is enlarged. IMPRESSION: No pleural effusion.", "modality": "xray"},
-        {"id": "cxr2", "reference": "The lungs are clear. No pneumothorax.", "generated": "Lungs are clear.",
-         "modality": ""},
-        {"id": "ct1", "reference": "Acute left subdural hematoma with 5 mm rightward midline shift.",
-         "generated": "Left subdural hematoma. No midline shift.", "modality": "ct"},
+        {
+            "id": "cxr1",
+            "reference": "FINDINGS: Mild cardiomegaly. XXXX XXXX. IMPRESSION: Small left pleural effusion.",
+            "generated": "FINDINGS: The heart is enlarged. IMPRESSION: No pleural effusion.",
+            "modality": "xray",
+        },
+        {
+            "id": "cxr2",
+            "reference": "The lungs are clear. No pneumothorax.",
+            "generated": "Lungs are clear.",
+            "modality": "",
+        },
+        {
+            "id": "ct1",
+            "reference": "Acute left subdural hematoma with 5 mm rightward midline shift.",
+            "generated": "Left subdural hematoma. No midline shift.",
+            "modality": "ct",
+        },
     ]
     manifest = tmp_path / "generations.csv"
     _write_csv(manifest, rows, ["id", "reference", "generated", "modality"])
     out = tmp_path / "eval"
-    assert evaluate_reports.main(["--input", str(manifest), "--output_dir", str(out), "--modality", "xray",
-                                  "--tokenize", "simple", "--no_meteor"]) == 0
+    assert (
+        evaluate_reports.main(
+            [
+                "--input",
+                str(manifest),
+                "--output_dir",
+                str(out),
+                "--modality",
+                "xray",
+                "--tokenize",
+                "simple",
+                "--no_meteor",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 3 and summary["tokenize"] == "simple"
     assert set(summary["caption_metrics"]) == set(metrics.METRIC_KEYS) and summary["caption_metrics"]["METEOR"] is None
@@ -143,15 +180,22 @@ def test_evaluate_reports_errors(tmp_path, capsys):
     from engine.cli import run_main
 
     # A bad row is a data error: one line, exit 1 (usage errors exit 2).
-    assert run_main(evaluate_reports.main, ["--input", str(missing), "--output_dir", str(tmp_path / "o"),
-                                            "--modality", "xray", "--no_meteor"]) == 1
+    assert (
+        run_main(
+            evaluate_reports.main,
+            ["--input", str(missing), "--output_dir", str(tmp_path / "o"), "--modality", "xray", "--no_meteor"],
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert str(missing) in err and "line 2" in err and "generated" in err
 
     jsonl = tmp_path / "no_modality.jsonl"
     jsonl.write_text(json.dumps({"id": "a", "reference": "No effusion.", "generated": "No effusion."}) + "\n")
-    assert run_main(evaluate_reports.main, ["--input", str(jsonl), "--output_dir", str(tmp_path / "o"),
-                                            "--no_meteor"]) == 1
+    assert (
+        run_main(evaluate_reports.main, ["--input", str(jsonl), "--output_dir", str(tmp_path / "o"), "--no_meteor"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "line 1" in err and "modality" in err
 

@@ -9,9 +9,17 @@ from tests.conftest import fixture_fill
 
 def _encoder(cfg: dict, in_chans: int = 3, window_attention: str = "padding_free") -> ImageEncoderViT:
     return ImageEncoderViT(
-        spatial_dims=2, img_size=cfg["img"], patch_size=cfg["ps"], in_chans=in_chans, embed_dim=cfg["emb"],
-        depth=cfg["depth"], num_heads=cfg["heads"], out_chans=cfg["out"], window_size=cfg["win"],
-        global_attn_indexes=tuple(cfg["glob"]), window_attention=window_attention,
+        spatial_dims=2,
+        img_size=cfg["img"],
+        patch_size=cfg["ps"],
+        in_chans=in_chans,
+        embed_dim=cfg["emb"],
+        depth=cfg["depth"],
+        num_heads=cfg["heads"],
+        out_chans=cfg["out"],
+        window_size=cfg["win"],
+        global_attn_indexes=tuple(cfg["glob"]),
+        window_attention=window_attention,
     ).eval()
 
 
@@ -23,7 +31,7 @@ def test_small_case_matches_segment_anything(sam2d_fixture, window_attention):
     assert [(prefix + k, tuple(v.shape)) for k, v in encoder.state_dict().items()] == [
         (k, tuple(s)) for k, s in case["keys"]
     ]
-    encoder.load_state_dict({k[len(prefix):]: fixture_fill(k, s) for k, s in case["keys"]})
+    encoder.load_state_dict({k[len(prefix) :]: fixture_fill(k, s) for k, s in case["keys"]})
     with torch.no_grad():
         out = encoder(case["input"])
     torch.testing.assert_close(out, case["image_embedding"], atol=1e-4, rtol=0)

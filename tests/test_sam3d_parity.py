@@ -14,7 +14,11 @@ def _build_filled(case: dict, model_type: str, window_attention: str = "padding_
     if model_type == "tiny":
         ref = case["config"]
         assert (config.img_size, config.patch_size, config.encoder_embed_dim) == (ref["img"], ref["ps"], ref["emb"])
-        assert (config.encoder_depth, config.encoder_num_heads, config.window_size) == (ref["depth"], ref["heads"], ref["win"])
+        assert (config.encoder_depth, config.encoder_num_heads, config.window_size) == (
+            ref["depth"],
+            ref["heads"],
+            ref["win"],
+        )
         assert config.global_attn_indexes == tuple(ref["glob"]) and config.prompt_embed_dim == ref["out"]
     model = build_sam3d(config).eval()
     own = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
@@ -25,9 +29,16 @@ def _build_filled(case: dict, model_type: str, window_attention: str = "padding_
 
 # The fused kernel and the explicit softmax path, the padding-free (default) and the official padded
 # window attention all must match; vit_b_ori runs the default only (the slow case).
-@pytest.mark.parametrize("model_type, use_sdpa, window_attention", [
-    ("tiny", True, "padding_free"), ("tiny", False, "padding_free"), ("tiny", True, "reference"),
-    ("tiny", False, "reference"), ("vit_b_ori", True, "padding_free")])
+@pytest.mark.parametrize(
+    "model_type, use_sdpa, window_attention",
+    [
+        ("tiny", True, "padding_free"),
+        ("tiny", False, "padding_free"),
+        ("tiny", True, "reference"),
+        ("tiny", False, "reference"),
+        ("vit_b_ori", True, "padding_free"),
+    ],
+)
 def test_reproduces_official_outputs(sam3d_fixture, model_type, use_sdpa, window_attention):
     case = sam3d_fixture[model_type]
     model = _build_filled(case, model_type, window_attention)
@@ -39,11 +50,15 @@ def test_reproduces_official_outputs(sam3d_fixture, model_type, use_sdpa, window
         torch.testing.assert_close(emb, case["image_embedding"], atol=TOL, rtol=0)
         pe = model.prompt_encoder.get_dense_pe()
         torch.testing.assert_close(pe, case["dense_pe"], atol=TOL, rtol=0)
-        sparse, dense = model.prompt_encoder(points=(case["points"], case["labels"]), boxes=None, masks=case["mask_input"])
+        sparse, dense = model.prompt_encoder(
+            points=(case["points"], case["labels"]), boxes=None, masks=case["mask_input"]
+        )
         torch.testing.assert_close(sparse, case["sparse"], atol=TOL, rtol=0)
         torch.testing.assert_close(dense, case["dense"], atol=TOL, rtol=0)
         # Decoder fed the reference embedding so each stage is judged on its own.
-        logits, iou = model.mask_decoder(case["image_embedding"], case["dense_pe"], case["sparse"], case["dense"], False)
+        logits, iou = model.mask_decoder(
+            case["image_embedding"], case["dense_pe"], case["sparse"], case["dense"], False
+        )
         torch.testing.assert_close(logits, case["low_res_logits"], atol=TOL, rtol=0)
         torch.testing.assert_close(iou, case["iou"], atol=TOL, rtol=0)
         low_res, _ = model.decode(case["image_embedding"])

@@ -26,7 +26,7 @@ SMALL = {"head_scale": 0.5, "spacing_mm": (1.2, 1.2, 2.5)}
 INDICES = (0, 1, 2, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(index: int, kind: str | None, seed: int = 0):
     return synthesize_case(index, seed, ich_type=kind, **SMALL)
 
@@ -49,6 +49,7 @@ def distance_to_skull_mm(c) -> np.ndarray:
 
 # ---------------------------------------------------------------- determinism and independence
 
+
 def test_same_seed_gives_identical_bytes_and_other_seed_differs():
     a = synthesize_case(2, 7, **SMALL)
     b = synthesize_case(2, 7, **SMALL)
@@ -63,8 +64,7 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    paths = make_synthetic_ich(out, num_cases=8, seed=3, val_fraction=0.25, test_fraction=0.25,
-                               progress=False, **SMALL)
+    paths = make_synthetic_ich(out, num_cases=8, seed=3, val_fraction=0.25, test_fraction=0.25, progress=False, **SMALL)
     return out, paths
 
 
@@ -91,6 +91,7 @@ def test_drawn_types_follow_positive_fraction():
 
 # ---------------------------------------------------------------- hemorrhage content and location
 
+
 @pytest.mark.parametrize("kind", ICH_TYPES)
 def test_mask_is_blood_and_brighter_than_the_tissue_it_replaces(kind):
     for index in INDICES[:3]:
@@ -100,7 +101,7 @@ def test_mask_is_blood_and_brighter_than_the_tissue_it_replaces(kind):
         hu = c.image_hu[m].astype(float)
         assert 55 <= np.median(hu) <= 85, (index, np.median(hu))
         assert np.percentile(hu, 5) >= 35 and np.percentile(hu, 95) <= 110, index
-        assert hu.mean() - twin.image_hu[m].mean() > 15, index   # hyperdense vs. healthy twin
+        assert hu.mean() - twin.image_hu[m].mean() > 15, index  # hyperdense vs. healthy twin
         assert c.metadata["ich"] == 1 and c.metadata["ich_type"] == kind
 
 
@@ -108,8 +109,8 @@ def test_intraparenchymal_is_inside_brain_away_from_skull():
     for index in INDICES:
         c, twin = case(index, "intraparenchymal"), case(index, "none")
         m = c.mask.astype(bool)
-        assert 20 <= np.median(twin.image_hu[m]) <= 45, index           # replaced parenchyma
-        assert distance_to_skull_mm(c)[m].min() >= 1.0, index            # never touches bone
+        assert 20 <= np.median(twin.image_hu[m]) <= 45, index  # replaced parenchyma
+        assert distance_to_skull_mm(c)[m].min() >= 1.0, index  # never touches bone
         assert c.metadata["region"] in ("frontal", "parietal", "temporal", "occipital", "basal ganglia")
 
 
@@ -118,7 +119,7 @@ def test_subdural_is_a_thin_crescent_against_the_inner_table():
         c = case(index, "subdural")
         m = c.mask.astype(bool)
         dist = distance_to_skull_mm(c)[m]
-        assert dist.min() <= 1.5 * max(c.spacing_mm[:2]), index           # touches the inner table
+        assert dist.min() <= 1.5 * max(c.spacing_mm[:2]), index  # touches the inner table
         assert np.median(dist) <= c.metadata["max_thickness_mm"], index
         assert max(c.metadata["extent_mm"]) >= 3 * c.metadata["max_thickness_mm"], index
         assert c.metadata["region"] == "convexity"
@@ -139,11 +140,11 @@ def test_intraventricular_fills_ventricles():
         m = c.mask.astype(bool)
         assert distance_to_skull_mm(c)[m].min() >= 15 * SMALL["head_scale"], index
         assert c.metadata["region"] == "lateral ventricle"
-        if c.metadata["hydrocephalus"]:   # ventricles (CSF + blood) enlarged relative to the twin
+        if c.metadata["hydrocephalus"]:  # ventricles (CSF + blood) enlarged relative to the twin
             box = central_box(c)
             assert (box & ((c.image_hu < 15) | m)).sum() > 1.2 * (box & (twin.image_hu < 15)).sum()
         else:
-            assert np.median(twin.image_hu[m]) <= 15, index               # was CSF in the twin
+            assert np.median(twin.image_hu[m]) <= 15, index  # was CSF in the twin
         hydrocephalus.add(c.metadata["hydrocephalus"])
     assert hydrocephalus == {True, False}
 
@@ -191,7 +192,7 @@ def test_mass_effect_pushes_ventricles_away_from_the_bleed():
             continue
         assert c.metadata["midline_shift_mm"] > 0
         twin = case(index, "none")
-        box = central_box(c)   # ventricular CSF = dark voxels in the central box
+        box = central_box(c)  # ventricular CSF = dark voxels in the central box
         shifted = patient_right_offset(c, box & (c.image_hu < 15), box & (twin.image_hu < 15))
         away = 1.0 if c.metadata["side"] == "left" else -1.0
         assert away * shifted * c.spacing_mm[0] >= 0.5 * c.metadata["midline_shift_mm"], index
@@ -204,17 +205,19 @@ def test_tissue_hu_ranges_are_plausible():
     img = c.image_hu.astype(float)
     assert img.min() >= -1024
     corner = img[:8, :8, :]
-    assert corner.mean() < -900 and 2.0 < corner.std() < 10.0              # air with CT noise
-    assert (img > 300).any() and np.percentile(img[img > 300], 90) > 900    # cortical bone
+    assert corner.mean() < -900 and 2.0 < corner.std() < 10.0  # air with CT noise
+    assert (img > 300).any() and np.percentile(img[img > 300], 90) > 900  # cortical bone
     i, j, k = np.ogrid[tuple(slice(0, n) for n in img.shape)]
-    x, y, z = (c.affine[a, a] * idx + c.affine[a, 3] - c.metadata["head_centre_mm"][a]
-               for a, idx in enumerate((i, j, k)))
+    x, y, z = (
+        c.affine[a, a] * idx + c.affine[a, 3] - c.metadata["head_centre_mm"][a] for a, idx in enumerate((i, j, k))
+    )
     s = SMALL["head_scale"]
     deep_brain = (x / (40 * s)) ** 2 + (y / (55 * s)) ** 2 + (z / (35 * s)) ** 2 < 1.0
     assert 20 <= img[deep_brain].mean() <= 45
 
 
 # ---------------------------------------------------------------- files, CSVs, splits
+
 
 def read_csv(path):
     with open(path, newline="") as f:
@@ -223,15 +226,23 @@ def read_csv(path):
 
 def test_csv_columns_split_by_patient_and_files(dataset):
     out, paths = dataset
-    assert set(paths) == {"train_csv", "val_csv", "test_csv", "reports_train", "reports_val", "reports_test",
-                          "mask_dir", "cases_json"}
+    assert set(paths) == {
+        "train_csv",
+        "val_csv",
+        "test_csv",
+        "reports_train",
+        "reports_val",
+        "reports_test",
+        "mask_dir",
+        "cases_json",
+    }
     patients = {}
     for split in ("train", "val", "test"):
         rows, header = read_csv(paths[f"{split}_csv"])
         assert header == list(CSV_COLUMNS) and header[:3] == ["path", "ich", "patient_id"]
         assert rows, split
         for row in rows:
-            assert patients.setdefault(row["patient_id"], split) == split   # patient in one split only
+            assert patients.setdefault(row["patient_id"], split) == split  # patient in one split only
             volume = Path(paths[f"{split}_csv"]).parent / row["path"]
             mask = np.asarray(nib.load(Path(paths["mask_dir"]) / Path(row["path"]).name).dataobj)
             assert volume.is_file()
@@ -245,7 +256,7 @@ def test_csv_columns_split_by_patient_and_files(dataset):
     positives = [c for c in cases if c["ich"]]
     assert all(c["centroid_mm"] is not None and c["centroid_voxel"] is not None for c in positives)
     leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".")]
-    assert leftovers == []                                              # no temp files left
+    assert leftovers == []  # no temp files left
 
 
 def test_nifti_affine_orientation_and_spacing(dataset):
@@ -273,17 +284,20 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert list((tmp_path / "volumes").iterdir()) == []
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"num_cases": 1}, "num_cases"),
-    ({"spacing_mm": (1.2, -1.2, 2.5)}, "spacing_mm"),
-    ({"val_fraction": 1.5}, "val_fraction"),
-    ({"val_fraction": 0.05}, "val_fraction"),
-    ({"test_fraction": -0.1}, "test_fraction"),
-    ({"positive_fraction": 2.0}, "positive_fraction"),
-    ({"val_fraction": 0.5, "test_fraction": 0.5}, "no training"),
-    ({"head_scale": 0.0}, "head_scale"),
-    ({"head_scale": 0.1, "spacing_mm": (5.0, 5.0, 5.0)}, "too coarse"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_cases": 1}, "num_cases"),
+        ({"spacing_mm": (1.2, -1.2, 2.5)}, "spacing_mm"),
+        ({"val_fraction": 1.5}, "val_fraction"),
+        ({"val_fraction": 0.05}, "val_fraction"),
+        ({"test_fraction": -0.1}, "test_fraction"),
+        ({"positive_fraction": 2.0}, "positive_fraction"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "no training"),
+        ({"head_scale": 0.0}, "head_scale"),
+        ({"head_scale": 0.1, "spacing_mm": (5.0, 5.0, 5.0)}, "too coarse"),
+    ],
+)
 def test_nonsense_arguments_are_refused(tmp_path, kwargs, name):
     args = {"num_cases": 4, "progress": False, **SMALL, **kwargs}
     with pytest.raises(ValueError, match=name):
@@ -299,9 +313,29 @@ def test_synthesize_case_refuses_unknown_type():
 def test_cli_writes_dataset_and_prints_csv_paths(tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "scripts/make_synthetic_ich.py", "--output_dir", str(out), "--num_cases", "2",
-         "--val_fraction", "0.5", "--spacing", "1.5", "1.5", "3.0", "--head_scale", "0.4", "--no_progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+        [
+            sys.executable,
+            "scripts/make_synthetic_ich.py",
+            "--output_dir",
+            str(out),
+            "--num_cases",
+            "2",
+            "--val_fraction",
+            "0.5",
+            "--spacing",
+            "1.5",
+            "1.5",
+            "3.0",
+            "--head_scale",
+            "0.4",
+            "--no_progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert f"train_csv: {out / 'train.csv'}" in result.stdout
     assert f"val_csv: {out / 'val.csv'}" in result.stdout
     rows, _ = read_csv(out / "val.csv")

@@ -18,14 +18,26 @@ from sam3d.data.synthetic import make_synthetic_ich
 from sam3d.data.synthetic_reports import write_ct_report
 
 TINY = {"head_scale": 0.4, "spacing_mm": (1.5, 1.5, 3.0)}
-SUBTYPES = {"intraparenchymal": "intraparenchymal", "subdural": "subdural hematoma",
-            "intraventricular": "intraventricular hemorrhage"}
+SUBTYPES = {
+    "intraparenchymal": "intraparenchymal",
+    "subdural": "subdural hematoma",
+    "intraventricular": "intraventricular hemorrhage",
+}
 
 
 def base(**changes) -> dict:
-    meta = {"case_id": "case_x", "ich_type": "none", "side": "none", "region": "none", "volume_ml": 0.0,
-            "midline_shift_mm": 0.0, "mass_effect": 0, "oedema": False, "hydrocephalus": False,
-            "max_thickness_mm": None}
+    meta = {
+        "case_id": "case_x",
+        "ich_type": "none",
+        "side": "none",
+        "region": "none",
+        "volume_ml": 0.0,
+        "midline_shift_mm": 0.0,
+        "mass_effect": 0,
+        "oedema": False,
+        "hydrocephalus": False,
+        "max_thickness_mm": None,
+    }
     return {**meta, **changes}
 
 
@@ -33,12 +45,26 @@ def base(**changes) -> dict:
 # without shift, which the generator does not produce but user metadata may).
 CASES = [
     base(),
-    base(ich_type="intraparenchymal", side="right", region="frontal", volume_ml=23.4, midline_shift_mm=1.6,
-         mass_effect=1, oedema=True),
+    base(
+        ich_type="intraparenchymal",
+        side="right",
+        region="frontal",
+        volume_ml=23.4,
+        midline_shift_mm=1.6,
+        mass_effect=1,
+        oedema=True,
+    ),
     base(ich_type="intraparenchymal", side="left", region="basal ganglia", volume_ml=6.4),
-    base(ich_type="intraparenchymal", side="left", region="temporal", volume_ml=12.0, mass_effect=1),   # no shift
-    base(ich_type="subdural", side="left", region="convexity", volume_ml=41.0, midline_shift_mm=5.0,
-         mass_effect=1, max_thickness_mm=14.2),
+    base(ich_type="intraparenchymal", side="left", region="temporal", volume_ml=12.0, mass_effect=1),  # no shift
+    base(
+        ich_type="subdural",
+        side="left",
+        region="convexity",
+        volume_ml=41.0,
+        midline_shift_mm=5.0,
+        mass_effect=1,
+        max_thickness_mm=14.2,
+    ),
     base(ich_type="subdural", side="right", region="convexity", volume_ml=3.6, max_thickness_mm=3.8),
     base(ich_type="intraventricular", side="bilateral", region="lateral ventricle", volume_ml=3.2, hydrocephalus=True),
     base(ich_type="intraventricular", side="right", region="lateral ventricle", volume_ml=0.4),
@@ -68,7 +94,9 @@ def label(report: str) -> dict:
             words = set(re.findall(r"[a-z]+", naming[0].lower()))
             side = "bilateral" if words & {"bilateral", "bilaterally"} else ({"left", "right"} & words).pop()
     return {
-        "ich": int(present), "ich_type": subtype or "none", "side": side or "none",
+        "ich": int(present),
+        "ich_type": subtype or "none",
+        "side": side or "none",
         "midline_shift": any(asserted(s, "midline shift") for s in all_sentences),
         "mass_effect": any(asserted(s, "mass effect") for s in all_sentences),
     }
@@ -79,22 +107,28 @@ def volume_in(text: str) -> float:
 
 
 def check_report(meta: dict, report: dict) -> None:
-    assert report["report"] == join_sections(report["findings"], report["impression"])   # blip's format
+    assert report["report"] == join_sections(report["findings"], report["impression"])  # blip's format
     assert split_sections(report["report"]) == (report["findings"], report["impression"])
     labels = label(report["report"])
-    assert labels == {"ich": int(meta["ich_type"] != "none"), "ich_type": meta["ich_type"], "side": meta["side"],
-                      "midline_shift": meta["midline_shift_mm"] > 0,
-                      "mass_effect": bool(meta["mass_effect"])}, (meta, report["report"])
+    assert labels == {
+        "ich": int(meta["ich_type"] != "none"),
+        "ich_type": meta["ich_type"],
+        "side": meta["side"],
+        "midline_shift": meta["midline_shift_mm"] > 0,
+        "mass_effect": bool(meta["mass_effect"]),
+    }, (meta, report["report"])
     if meta["ich_type"] == "none":
         return
     for section in ("findings", "impression"):
         assert abs(volume_in(report[section]) - meta["volume_ml"]) <= 0.5, report[section]
         assert SUBTYPES[meta["ich_type"]] in report[section].lower()
         assert all(other not in report["report"] for kind, other in SUBTYPES.items() if kind != meta["ich_type"])
-    if meta["midline_shift_mm"] > 0:   # direction away from the bleed, in its own sentence
+    if meta["midline_shift_mm"] > 0:  # direction away from the bleed, in its own sentence
         away = {"left": "rightward", "right": "leftward"}[meta["side"]]
-        shift = re.search(r"(\d+(?:\.\d+)?) mm (?:of )?(\w+) midline shift|(\w+) midline shift of (\d+(?:\.\d+)?) mm",
-                          report["findings"])
+        shift = re.search(
+            r"(\d+(?:\.\d+)?) mm (?:of )?(\w+) midline shift|(\w+) midline shift of (\d+(?:\.\d+)?) mm",
+            report["findings"],
+        )
         mm, direction = (shift.group(1), shift.group(2)) if shift.group(1) else (shift.group(4), shift.group(3))
         assert direction == away and abs(float(mm) - meta["midline_shift_mm"]) < 0.05
     if meta["ich_type"] == "intraparenchymal":
@@ -127,7 +161,7 @@ def test_oedema_and_hydrocephalus_are_stated_either_way():
     without = write_ct_report({**iph, "oedema": False}, np.random.default_rng(0))["findings"]
     assert re.search(r"(surrounding|perihematomal) edema", with_oedema)
     assert re.search(r"\bno\b[^.]*edema", without.lower())
-    ivh = CASES[-1]   # intraventricular, no hydrocephalus
+    ivh = CASES[-1]  # intraventricular, no hydrocephalus
     assert "no hydrocephalus" in write_ct_report(ivh, np.random.default_rng(0))["findings"].lower()
 
 
@@ -141,14 +175,17 @@ def test_same_generator_state_gives_the_same_report_and_phrasing_varies():
         for seed in range(30):
             text = write_ct_report(meta, np.random.default_rng(seed))["report"]
             forms.update(re.sub(r"\d+(?:\.\d+)?", "N", s) for s in sentences(split_sections(text)[0]))
-    assert len(forms) >= 40   # distinct findings sentence forms, numbers masked
+    assert len(forms) >= 40  # distinct findings sentence forms, numbers masked
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"ich_type": "epidural", "side": "left"}, "unknown ich_type 'epidural'"),
-    ({"ich_type": "subdural", "side": "bilateral", "max_thickness_mm": 5.0}, "side 'bilateral' is not valid"),
-    ({"ich_type": "subdural", "side": "left"}, "needs max_thickness_mm"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"ich_type": "epidural", "side": "left"}, "unknown ich_type 'epidural'"),
+        ({"ich_type": "subdural", "side": "bilateral", "max_thickness_mm": 5.0}, "side 'bilateral' is not valid"),
+        ({"ich_type": "subdural", "side": "left"}, "needs max_thickness_mm"),
+    ],
+)
 def test_refuses_metadata_it_cannot_describe(changes, message):
     with pytest.raises(ValueError, match=message):
         write_ct_report(base(**changes), np.random.default_rng(0))
@@ -158,11 +195,13 @@ def test_refuses_metadata_it_cannot_describe(changes, message):
 
 # ---------------------------------------------------------------- written with the dataset
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_reports")
-    paths = make_synthetic_ich(out, num_cases=8, seed=0, val_fraction=0.25, test_fraction=0.25,
-                               positive_fraction=0.8, progress=False, **TINY)
+    paths = make_synthetic_ich(
+        out, num_cases=8, seed=0, val_fraction=0.25, test_fraction=0.25, positive_fraction=0.8, progress=False, **TINY
+    )
     return out, paths
 
 
@@ -178,22 +217,27 @@ def test_dataset_reports_manifests_and_labels(dataset):
         for record in records:
             case = cases[record.id]
             assert record.image == str(out / case["path"]) and case["split"] == split
-            assert (record.report, record.findings, record.impression) == (case["report"], case["findings"], case["impression"])
+            assert (record.report, record.findings, record.impression) == (
+                case["report"],
+                case["findings"],
+                case["impression"],
+            )
             assert record.extra["ich_type"] == case["ich_type"] and record.extra["mask_path"] == case["mask_path"]
             check_report(case, case)
             seen.append(record.id)
     assert sorted(seen) == sorted(cases)
     header = Path(paths["train_csv"]).read_text().splitlines()[0]
-    assert "report" not in header                                   # segmentation CSVs unchanged
+    assert "report" not in header  # segmentation CSVs unchanged
 
 
 def test_dataset_reports_are_deterministic_and_per_case(dataset, tmp_path):
     out, _ = dataset
     before = json.loads((out / "cases.json").read_text())
-    again = make_synthetic_ich(tmp_path, num_cases=3, seed=0, val_fraction=0.34, positive_fraction=0.8,
-                               progress=False, **TINY)
+    again = make_synthetic_ich(
+        tmp_path, num_cases=3, seed=0, val_fraction=0.34, positive_fraction=0.8, progress=False, **TINY
+    )
     assert again["reports_test"] is None and not (tmp_path / "reports_test.jsonl").exists()
-    for case in json.loads(Path(again["cases_json"]).read_text()):   # case k's report ignores num_cases
+    for case in json.loads(Path(again["cases_json"]).read_text()):  # case k's report ignores num_cases
         assert case["report"] == before[int(case["case_id"][-3:])]["report"]
     reports = [c["report"] for c in before]
     assert len(set(reports)) == len(reports)
@@ -208,8 +252,12 @@ def test_project_labeler_recovers_the_ground_truth():
     for meta in CASES:
         for seed in range(20):
             labels = label_ct_report(write_ct_report(meta, np.random.default_rng(seed))["report"])
-            expected = {"hemorrhage": int(meta["ich_type"] != "none"), "side": meta["side"],
-                        "midline_shift": int(meta["midline_shift_mm"] > 0), "mass_effect": int(bool(meta["mass_effect"]))}
+            expected = {
+                "hemorrhage": int(meta["ich_type"] != "none"),
+                "side": meta["side"],
+                "midline_shift": int(meta["midline_shift_mm"] > 0),
+                "mass_effect": int(bool(meta["mass_effect"])),
+            }
             expected.update({abbreviation: int(meta["ich_type"] == kind) for kind, abbreviation in subtypes.items()})
             got = {key: int(labels[key] == 1) if key != "side" else labels[key] for key in expected}
             assert got == expected, (meta, seed)

@@ -23,25 +23,62 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ich")
-    return make_synthetic_ich(root, num_cases=6, seed=1, val_fraction=0.34, spacing_mm=(3.0, 3.0, 5.0),
-                              positive_fraction=0.67, head_scale=0.5, progress=False)
+    return make_synthetic_ich(
+        root,
+        num_cases=6,
+        seed=1,
+        val_fraction=0.34,
+        spacing_mm=(3.0, 3.0, 5.0),
+        positive_fraction=0.67,
+        head_scale=0.5,
+        progress=False,
+    )
 
 
 def _argv(data, output_dir, *extra):
     return [
-        sys.executable, str(REPO / "train.py"), "--train_csv", str(data["train_csv"]), "--val_csv", str(data["val_csv"]),
-        "--mask_dir", str(data["mask_dir"]), "--output_dir", str(output_dir), "--model_type", "small",
-        "--batch_size", "2", "--gradient_accumulation_steps", "1", "--num_clicks", "2", "--val_num_clicks", "2",
-        "--target_spacing", "3", "3", "3", "--num_workers", "0", "--seed", "7", "--lr", "1e-3", *extra,
+        sys.executable,
+        str(REPO / "train.py"),
+        "--train_csv",
+        str(data["train_csv"]),
+        "--val_csv",
+        str(data["val_csv"]),
+        "--mask_dir",
+        str(data["mask_dir"]),
+        "--output_dir",
+        str(output_dir),
+        "--model_type",
+        "small",
+        "--batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--num_clicks",
+        "2",
+        "--val_num_clicks",
+        "2",
+        "--target_spacing",
+        "3",
+        "3",
+        "3",
+        "--num_workers",
+        "0",
+        "--seed",
+        "7",
+        "--lr",
+        "1e-3",
+        *extra,
     ]
 
 
 def _run(argv, **kw):
     # CI may run without a UTF-8 locale while the progress bars print block characters.
-    return subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", timeout=600, **kw)
+    return subprocess.run(
+        argv, cwd=REPO, env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, **kw
+    )
 
 
+@pytest.mark.slow
 def test_missing_inputs_and_bad_config_are_named(tmp_path, data):
     result = _run([sys.executable, str(REPO / "train.py"), "--train_csv", str(data["train_csv"])])
     assert result.returncode == 2 and "--val_csv is required" in result.stderr
@@ -52,9 +89,12 @@ def test_missing_inputs_and_bad_config_are_named(tmp_path, data):
     result = _run(_argv(data, tmp_path / "out", "--mask_dir", str(tmp_path / "nowhere")))
     assert result.returncode == 2 and "nowhere" in result.stderr
     result = _run(_argv(data, tmp_path / "out", "--img_size", "36"))
-    assert result.returncode == 2 and "--img_size 36 must be a positive multiple of small's patch size 8" in result.stderr
+    assert (
+        result.returncode == 2 and "--img_size 36 must be a positive multiple of small's patch size 8" in result.stderr
+    )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     common = ["--epochs", "3", "--patience", "5"]
     reference = _run(_argv(data, tmp_path / "reference", *common))
@@ -62,8 +102,9 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     assert "patience (5) >= epochs (3)" in reference.stderr  # up-front warning
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_argv(data, killed_dir, *common), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _argv(data, killed_dir, *common), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = killed_dir / "latest_model.pth"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -85,8 +126,14 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     assert not list(killed_dir.glob(".*.tmp"))  # stale temp files cleaned on restart
 
     outputs = {p.name for p in killed_dir.iterdir()}
-    assert {"best_model.pth", "latest_model.pth", "sam_encoder.pth", "config.json", "training_curves.png",
-            "val_overlays"} <= outputs
+    assert {
+        "best_model.pth",
+        "latest_model.pth",
+        "sam_encoder.pth",
+        "config.json",
+        "training_curves.png",
+        "val_overlays",
+    } <= outputs
     assert len(list((killed_dir / "val_overlays").glob("*.png"))) == 2  # the two validation scans
     summary = json.loads(next(killed_dir.glob("training_summary_*.json")).read_text())
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
@@ -102,9 +149,22 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     tokens = projector(encoder(torch.zeros(1, 1, 64, 64, 64)))
     assert tokens.shape == (1, 512, 256)
 
-    evaluation = _run([sys.executable, str(REPO / "scripts" / "evaluate_seg.py"), "--checkpoint",
-                       str(killed_dir / "best_model.pth"), "--csv", str(data["val_csv"]), "--mask_dir",
-                       str(data["mask_dir"]), "--output_dir", str(tmp_path / "eval"), "--num_clicks", "2"])
+    evaluation = _run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate_seg.py"),
+            "--checkpoint",
+            str(killed_dir / "best_model.pth"),
+            "--csv",
+            str(data["val_csv"]),
+            "--mask_dir",
+            str(data["mask_dir"]),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--num_clicks",
+            "2",
+        ]
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     lines = (tmp_path / "eval" / "per_case.csv").read_text().strip().splitlines()
     val_rows = Path(data["val_csv"]).read_text().strip().splitlines()
@@ -114,6 +174,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
     assert summary["spacing_mm"] == [3.0, 3.0, 3.0]
 
 
+@pytest.mark.slow
 def test_img_size_travels_from_training_to_the_report_tower(tmp_path, data):
     result = _run(_argv(data, tmp_path / "run", "--epochs", "1", "--patience", "1", "--img_size", "32"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -130,6 +191,7 @@ def test_img_size_travels_from_training_to_the_report_tower(tmp_path, data):
     assert image.shape == (1, 32, 32, 32)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path, data):
     argv = _argv(data, tmp_path / "ddp", "--epochs", "1", "--patience", "1")
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"] + argv[1:]
@@ -140,6 +202,7 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     assert result.stdout.count("best val Dice") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 def test_system_check_passes_and_prints_one_line_per_check(tmp_path):
     result = _run([sys.executable, str(REPO / "train.py"), "--test", "--output_dir", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

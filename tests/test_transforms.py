@@ -108,9 +108,12 @@ def test_anisotropic_lps_scan_reaches_1p5mm_ras_with_lesion_in_place(tmp_path):
     assert abs(float(out["label"].sum()) * 1.5**3 - 10 * 10 * 15) < 0.2 * 1500  # volume in mm^3 kept
 
 
-def _meta(array, affine=np.eye(4)):
+def _meta(array, affine=None):
     """(X, Y, Z) array -> (1, X, Y, Z) MetaTensor, as LoadVolumed makes them."""
-    return MetaTensor(torch.as_tensor(array[None], dtype=torch.float32), affine=torch.as_tensor(affine))
+    return MetaTensor(
+        torch.as_tensor(array[None], dtype=torch.float32),
+        affine=torch.as_tensor(np.eye(4) if affine is None else affine),
+    )
 
 
 def test_crop_puts_lesion_centre_within_jitter_of_output_centre():
@@ -200,7 +203,10 @@ def test_random_head_crops_only_in_training(tmp_path):
     image_path, _, _ = _write_case(tmp_path)
     cfg = {"roi_size": (32, 32, 32), "negative_random_crop_prob": 1.0}
     train_crop = next(t for t in build_transforms(cfg, train=True).transforms if isinstance(t, CropAroundLesiond))
-    assert train_crop.negative_random_prob == 1.0 and train_crop.positive_random_prob == DEFAULT_TRANSFORM_CONFIG["positive_random_crop_prob"]
+    assert (
+        train_crop.negative_random_prob == 1.0
+        and train_crop.positive_random_prob == DEFAULT_TRANSFORM_CONFIG["positive_random_crop_prob"]
+    )
     validation = build_transforms(cfg, train=False)
     assert next(t for t in validation.transforms if isinstance(t, CropAroundLesiond)).negative_random_prob == 0.0
     first, second = (validation({"image": image_path, "label": None})["image"] for _ in range(2))

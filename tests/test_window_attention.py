@@ -32,15 +32,19 @@ def _forward_and_grads(module, x, upstream):
     return y, grads
 
 
-@pytest.mark.parametrize("dims, grid, window, qkv_bias, use_rel_pos", [
-    (3, 8, 14, True, True),    # SAM-Med3D vit_b_ori: one window, 2232 of 2744 tokens padding
-    (3, 9, 5, True, True),     # 8 windows, 7 of them partially padded (as a 256^3 input in 14^3 windows)
-    (3, 5, 3, True, True),     # a grid that is no multiple of the window
-    (2, 64, 14, True, True),   # segment-anything's 1024^2 grid: 64 -> 70
-    (2, 9, 4, True, True),
-    (3, 8, 14, False, True),   # no qkv bias: padded keys score by position alone, values 0
-    (3, 6, 4, True, False),    # no relative positions
-], ids=["3d-one-window", "3d-partial-windows", "3d-odd", "2d-sam", "2d-odd", "3d-no-qkv-bias", "3d-no-rel-pos"])
+@pytest.mark.parametrize(
+    "dims, grid, window, qkv_bias, use_rel_pos",
+    [
+        (3, 8, 14, True, True),  # SAM-Med3D vit_b_ori: one window, 2232 of 2744 tokens padding
+        (3, 9, 5, True, True),  # 8 windows, 7 of them partially padded (as a 256^3 input in 14^3 windows)
+        (3, 5, 3, True, True),  # a grid that is no multiple of the window
+        (2, 64, 14, True, True),  # segment-anything's 1024^2 grid: 64 -> 70
+        (2, 9, 4, True, True),
+        (3, 8, 14, False, True),  # no qkv bias: padded keys score by position alone, values 0
+        (3, 6, 4, True, False),  # no relative positions
+    ],
+    ids=["3d-one-window", "3d-partial-windows", "3d-odd", "2d-sam", "2d-odd", "3d-no-qkv-bias", "3d-no-rel-pos"],
+)
 def test_block_equals_reference_in_float64(dims, grid, window, qkv_bias, use_rel_pos):
     reference, fast = _pair(dims, grid, window, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos)
     x = torch.randn(2, *[grid] * dims, 32, dtype=torch.float64)
@@ -104,6 +108,13 @@ def test_bf16_autocast_stays_within_the_reference_paths_own_error(sam3d_fixture)
 
 def test_window_attention_choice_is_checked_and_recorded():
     with pytest.raises(ValueError, match="window_attention must be one of"):
-        ImageEncoderViT(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, global_attn_indexes=(),
-                        window_attention="fast")
+        ImageEncoderViT(
+            img_size=32,
+            patch_size=16,
+            embed_dim=16,
+            depth=1,
+            num_heads=2,
+            global_attn_indexes=(),
+            window_attention="fast",
+        )
     assert model_config("vit_b_ori").window_attention == "padding_free"

@@ -48,7 +48,8 @@ def _check_images(records: list[ReportRecord], path: Path) -> None:
     if missing:
         raise ReportManifestError(
             f"{path}: {len(missing)} of {len(records)} studies have missing images, first: id "
-            f"{missing[0].id!r} (source row {missing[0].source_row}) -> {missing[0].images}")
+            f"{missing[0].id!r} (source row {missing[0].source_row}) -> {missing[0].images}"
+        )
 
 
 def read_r2gen_annotation(path, image_root, check_files: bool = False) -> dict[str, list[ReportRecord]]:
@@ -87,9 +88,19 @@ def read_r2gen_annotation(path, image_root, check_files: bool = False) -> dict[s
             images, exists = _images(root, views)
             extra = {k: v for k, v in entry.items() if k not in ("id", "report", "image_path", "split")}
             extra["image_exists"] = exists
-            result[split].append(ReportRecord(
-                image=images, report=report, findings=report, impression="", modality="xray",
-                split=split, id=str(entry["id"]), source_row=position, extra=extra))
+            result[split].append(
+                ReportRecord(
+                    image=images,
+                    report=report,
+                    findings=report,
+                    impression="",
+                    modality="xray",
+                    split=split,
+                    id=str(entry["id"]),
+                    source_row=position,
+                    extra=extra,
+                )
+            )
     if check_files:
         _check_images([r for records in result.values() for r in records], path)
     return result
@@ -122,8 +133,9 @@ def _read_csv(path: Path, required: tuple[str, ...]):
             start = reader.line_num + 1
 
 
-def read_indiana(reports_csv, projections_csv, image_root, views=("Frontal",),
-                 check_files: bool = False) -> IndianaReports:
+def read_indiana(
+    reports_csv, projections_csv, image_root, views=("Frontal",), check_files: bool = False
+) -> IndianaReports:
     """Read the Open-i CSV pair into one record per report, with the images of the chosen ``views``.
 
     ``views``: projections to attach (``Frontal``, ``Lateral``), in that order; ``image`` is one path
@@ -138,7 +150,7 @@ def read_indiana(reports_csv, projections_csv, image_root, views=("Frontal",),
     """
     reports_csv, projections_csv, root = Path(reports_csv), Path(projections_csv), Path(image_root)
     wanted = {view.lower(): rank for rank, view in enumerate(views)}
-    by_uid = defaultdict(list)   # uid -> [(view rank, line, filename, projection)]
+    by_uid = defaultdict(list)  # uid -> [(view rank, line, filename, projection)]
     for line, row in _read_csv(projections_csv, INDIANA_PROJECTION_COLUMNS):
         rank = wanted.get(row["projection"].strip().lower())
         if rank is not None:
@@ -160,15 +172,28 @@ def read_indiana(reports_csv, projections_csv, image_root, views=("Frontal",),
         images, exists = _images(root, filenames)
         study_ids = sorted({f"CXR{m.group(1)}" for m in map(_STUDY_OF_FILENAME.match, filenames) if m})
         extra = {
-            "uid": uid, "MeSH": row["MeSH"].strip(), "Problems": row["Problems"].strip(),
-            "indication": clean_report(row["indication"]), "comparison": clean_report(row["comparison"]),
+            "uid": uid,
+            "MeSH": row["MeSH"].strip(),
+            "Problems": row["Problems"].strip(),
+            "indication": clean_report(row["indication"]),
+            "comparison": clean_report(row["comparison"]),
             "projections": [projection for _, _, _, projection in projections],
-            "r2gen_ids": study_ids, "image_exists": exists,
+            "r2gen_ids": study_ids,
+            "image_exists": exists,
         }
-        records.append(ReportRecord(
-            image=images[0] if len(images) == 1 else images, report=join_sections(findings, impression),
-            findings=findings, impression=impression, modality="xray", split="train", id=uid,
-            source_row=line, extra=extra))
+        records.append(
+            ReportRecord(
+                image=images[0] if len(images) == 1 else images,
+                report=join_sections(findings, impression),
+                findings=findings,
+                impression=impression,
+                modality="xray",
+                split="train",
+                id=uid,
+                source_row=line,
+                extra=extra,
+            )
+        )
     if check_files:
         _check_images(records, reports_csv)
     return IndianaReports(records, skipped)

@@ -105,7 +105,7 @@ _DEID_RUN = re.compile(r"X{4}(?:\s+X{4})*")
 _LIST_MARKER = re.compile(r"(?:^|(?<=[.;:!?]))\s*\d{1,2}[.)](?=\s)")
 _REPEATED_PUNCT = re.compile(r"([.,;:!?])(?:\s*\1)+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
-_MISSING_SPACE = re.compile(r"(?<=[a-z])\.(?=[A-Z][a-z])")   # "apex.There" -> "apex. There"
+_MISSING_SPACE = re.compile(r"(?<=[a-z])\.(?=[A-Z][a-z])")  # "apex.There" -> "apex. There"
 _SECTION_HEADER = re.compile(
     r"(?:^|(?<=[.!?\n]))[ \t]*(findings|impressions?|conclusions?)[ \t]*(?::|-+|–|—|$)",
     re.IGNORECASE | re.MULTILINE,
@@ -159,7 +159,7 @@ def split_sections(text) -> tuple[str, str]:
     for header, following in zip(headers, headers[1:] + [None]):
         name = "findings" if header.group(1).lower() == "findings" else "impression"
         end = following.start() if following is not None else len(text)
-        sections[name].append(text[header.end(): end])
+        sections[name].append(text[header.end() : end])
     if not sections["findings"]:
         sections["findings"].append(preamble)
     return tuple(clean_report(" ".join(sections[name])) for name in ("findings", "impression"))
@@ -167,12 +167,16 @@ def split_sections(text) -> tuple[str, str]:
 
 def join_sections(findings, impression) -> str:
     """The canonical report ``"FINDINGS: ... IMPRESSION: ..."``; an empty section is left out."""
-    parts = [f"{header} {body}" for header, body in
-             (("FINDINGS:", clean_report(findings)), ("IMPRESSION:", clean_report(impression))) if body]
+    parts = [
+        f"{header} {body}"
+        for header, body in (("FINDINGS:", clean_report(findings)), ("IMPRESSION:", clean_report(impression)))
+        if body
+    ]
     return " ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ manifests
+
 
 def infer_modality(image: str) -> str:
     """``xray`` for a 2D image file (``IMAGE_2D_SUFFIXES``), else ``ct`` (volumes, DICOM folders)."""
@@ -206,8 +210,8 @@ def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files
     has_text_column = any(k in row for k in ("report", "findings", "impression"))
     if "image" not in row or not has_text_column:
         raise ReportManifestError(
-            f"{where}: expected columns 'image' and 'report' (or 'findings'/'impression'), "
-            f"found {sorted(row)}")
+            f"{where}: expected columns 'image' and 'report' (or 'findings'/'impression'), found {sorted(row)}"
+        )
     images = [str(folder / os.path.expanduser(p)) for p in _image_list(row["image"], where)]
     if check_files:
         missing = [p for p in images if not os.path.exists(p)]
@@ -217,7 +221,7 @@ def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files
     report = clean_report(row.get("report"))
     findings, impression = clean_report(row.get("findings")), clean_report(row.get("impression"))
     if report and not (findings or impression):
-        findings, impression = split_sections(row["report"])   # raw text: bare headers end a line
+        findings, impression = split_sections(row["report"])  # raw text: bare headers end a line
     if not report:
         report = join_sections(findings, impression)
     if not report:
@@ -232,8 +236,14 @@ def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files
     extra = {k: v for k, v in row.items() if k not in _RECORD_FIELDS}
     return ReportRecord(
         image=images[0] if len(images) == 1 else images,
-        report=report, findings=findings, impression=impression, modality=modality, split=split,
-        id=_text(row.get("id")) or _default_id(images[0]), source_row=line, extra=extra,
+        report=report,
+        findings=findings,
+        impression=impression,
+        modality=modality,
+        split=split,
+        id=_text(row.get("id")) or _default_id(images[0]),
+        source_row=line,
+        extra=extra,
     )
 
 
@@ -245,10 +255,11 @@ def csv_rows(path: Path):
             return
         start = reader.line_num + 1
         for row in reader:
-            if None in row:   # more cells than header columns
+            if None in row:  # more cells than header columns
                 raise ReportManifestError(
                     f"{path}, line {start}: {len(row) - 1 + len(row[None])} cells for "
-                    f"{len(reader.fieldnames)} header columns {reader.fieldnames}")
+                    f"{len(reader.fieldnames)} header columns {reader.fieldnames}"
+                )
             if any(_text(v) for v in row.values()):
                 yield start, row
             start = reader.line_num + 1
@@ -301,7 +312,8 @@ def read_report_manifest(path, split: str | None = None, check_files: bool = Tru
         record = _record_from_row(row, line, where, path.parent, check_files)
         if record.id in first_row_of_id:
             raise ReportManifestError(
-                f"{where}: duplicate id {record.id!r} (first on line {first_row_of_id[record.id]})")
+                f"{where}: duplicate id {record.id!r} (first on line {first_row_of_id[record.id]})"
+            )
         first_row_of_id[record.id] = line
         records.append(record)
     if not records:

@@ -177,8 +177,12 @@ def _without_duplicates(rows: list[ManifestRow], reject) -> list[ManifestRow]:
             continue
         first = by_mask.get(row.mask_path) if row.mask_path else None
         if first is not None:
-            reject(row.row, row.path, f"takes the same mask {row.mask_path} as row {first.row} ({first.path}); scans "
-                                      "in different folders with one file name need a 'mask' column naming each mask")
+            reject(
+                row.row,
+                row.path,
+                f"takes the same mask {row.mask_path} as row {first.row} ({first.path}); scans "
+                "in different folders with one file name need a 'mask' column naming each mask",
+            )
             continue
         by_path[row.path] = row
         if row.mask_path:
@@ -200,8 +204,7 @@ def _read_csv(csv_path: Path) -> list[tuple[int, dict]]:
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
             if missing:
                 raise ManifestError(
-                    f"{csv_path}, row 1 (header): missing required column(s) {missing}; "
-                    f"found columns {columns}"
+                    f"{csv_path}, row 1 (header): missing required column(s) {missing}; found columns {columns}"
                 )
             records = []
             for record in reader:

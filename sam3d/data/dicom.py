@@ -38,8 +38,17 @@ from scipy import ndimage
 from .errors import VolumeReadError
 from .geometry import Geometry
 
-__all__ = ["Frame", "Series", "choose_series", "find_series", "frame_hu", "is_dicom_file", "pixel_positions",
-           "read_dicom_folder", "sample_frames"]
+__all__ = [
+    "Frame",
+    "Series",
+    "choose_series",
+    "find_series",
+    "frame_hu",
+    "is_dicom_file",
+    "pixel_positions",
+    "read_dicom_folder",
+    "sample_frames",
+]
 
 POSITION_TOLERANCE_MM = 0.1  # slice positions this close to a uniform grid need no resampling
 MISSING_STEP_RATIO = 1.5  # a step this much larger than both neighbours means a slice is missing
@@ -101,8 +110,13 @@ class Series:
         return float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
 
     def describe(self) -> dict[str, Any]:
-        return {"uid": self.uid, "description": self.description, "number": self.number,
-                "files": self.files, "frames": len(self.frames)}
+        return {
+            "uid": self.uid,
+            "description": self.description,
+            "number": self.number,
+            "files": self.files,
+            "frames": len(self.frames),
+        }
 
 
 def pixel_positions(position, orientation, rows: int, columns: int, pixel_spacing) -> np.ndarray:
@@ -120,11 +134,15 @@ def sample_frames(array: np.ndarray, affine: np.ndarray, series: Series, order: 
     values = array.astype(np.float32, copy=False)
     planes = []
     for frame in series.frames:
-        ras = pixel_positions(frame.position, frame.orientation, series.rows, series.columns,
-                              frame.pixel_spacing).reshape(-1, 3) * np.array([-1.0, -1.0, 1.0])
+        ras = pixel_positions(
+            frame.position, frame.orientation, series.rows, series.columns, frame.pixel_spacing
+        ).reshape(-1, 3) * np.array([-1.0, -1.0, 1.0])
         voxel = ras @ world_to_voxel[:3, :3].T + world_to_voxel[:3, 3]
-        planes.append(ndimage.map_coordinates(values, voxel.T, order=order, mode="constant", cval=0.0)
-                      .reshape(series.rows, series.columns))
+        planes.append(
+            ndimage.map_coordinates(values, voxel.T, order=order, mode="constant", cval=0.0).reshape(
+                series.rows, series.columns
+            )
+        )
     return np.stack(planes)
 
 
@@ -162,21 +180,39 @@ def _frames_of(ds, path: Path) -> list[Frame]:
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
                 raise VolumeReadError(f"{source}: no {tag}; the slice cannot be placed in the patient")
-        return [Frame(source, None, uid, _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", source),
-                      _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", source),
-                      _floats(ds.PixelSpacing, 2, "PixelSpacing", source),
-                      float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0))]
+        return [
+            Frame(
+                source,
+                None,
+                uid,
+                _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", source),
+                _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", source),
+                _floats(ds.PixelSpacing, 2, "PixelSpacing", source),
+                float(ds.get("RescaleSlope", 1.0) or 1.0),
+                float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            )
+        ]
     frames = []
     for i in range(count):
         plane, orientation = _functional(ds, i, "PlanePositionSequence"), _functional(ds, i, "PlaneOrientationSequence")
-        measures, rescale = _functional(ds, i, "PixelMeasuresSequence"), _functional(ds, i, "PixelValueTransformationSequence")
+        measures, rescale = (
+            _functional(ds, i, "PixelMeasuresSequence"),
+            _functional(ds, i, "PixelValueTransformationSequence"),
+        )
         if plane is None or orientation is None or measures is None:
             raise VolumeReadError(f"{source}: frame {i + 1} has no plane position, orientation or pixel spacing")
-        frames.append(Frame(source, i, uid, _floats(plane.ImagePositionPatient, 3, f"frame {i + 1} ImagePositionPatient", source),
-                            _floats(orientation.ImageOrientationPatient, 6, f"frame {i + 1} ImageOrientationPatient", source),
-                            _floats(measures.PixelSpacing, 2, f"frame {i + 1} PixelSpacing", source),
-                            float(rescale.get("RescaleSlope", 1.0)) if rescale else 1.0,
-                            float(rescale.get("RescaleIntercept", 0.0)) if rescale else 0.0))
+        frames.append(
+            Frame(
+                source,
+                i,
+                uid,
+                _floats(plane.ImagePositionPatient, 3, f"frame {i + 1} ImagePositionPatient", source),
+                _floats(orientation.ImageOrientationPatient, 6, f"frame {i + 1} ImageOrientationPatient", source),
+                _floats(measures.PixelSpacing, 2, f"frame {i + 1} PixelSpacing", source),
+                float(rescale.get("RescaleSlope", 1.0)) if rescale else 1.0,
+                float(rescale.get("RescaleIntercept", 0.0)) if rescale else 0.0,
+            )
+        )
     return frames
 
 
@@ -200,15 +236,24 @@ def find_series(folder: Path, recursive: bool = False) -> tuple[list[Series], in
         if "Rows" not in ds or "SeriesInstanceUID" not in ds:  # DICOMDIR, structured reports, SEG's own header...
             skipped += 1
             continue
-        series = by_uid.setdefault(str(ds.SeriesInstanceUID), Series(
-            str(ds.SeriesInstanceUID), str(ds.get("SeriesDescription", "")),
-            int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
-            tuple(str(v).upper() for v in (ds.get("ImageType") or ())), str(ds.get("PhotometricInterpretation", "")),
-            int(ds.Rows), int(ds.Columns),
-            float(ds.GantryDetectorTilt) if ds.get("GantryDetectorTilt") not in (None, "") else None, []))
+        series = by_uid.setdefault(
+            str(ds.SeriesInstanceUID),
+            Series(
+                str(ds.SeriesInstanceUID),
+                str(ds.get("SeriesDescription", "")),
+                int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+                tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+                str(ds.get("PhotometricInterpretation", "")),
+                int(ds.Rows),
+                int(ds.Columns),
+                float(ds.GantryDetectorTilt) if ds.get("GantryDetectorTilt") not in (None, "") else None,
+                [],
+            ),
+        )
         if (int(ds.Rows), int(ds.Columns)) != (series.rows, series.columns):
-            raise VolumeReadError(f"{path}: {ds.Rows}x{ds.Columns} pixels, but series {series.uid} has "
-                                  f"{series.rows}x{series.columns}")
+            raise VolumeReadError(
+                f"{path}: {ds.Rows}x{ds.Columns} pixels, but series {series.uid} has {series.rows}x{series.columns}"
+            )
         series.frames.extend(_frames_of(ds, path))
     return sorted(by_uid.values(), key=lambda s: s.uid), skipped
 
@@ -224,12 +269,15 @@ def choose_series(candidates: list[Series], source: str, selector: str | None = 
     it the axial, non-localizer series with the most slices wins; a tie is an error listing both.
     """
     if selector:
-        matches = [s for s in candidates if s.uid == selector] or \
-                  [s for s in candidates if selector.lower() in s.description.lower()]
+        matches = [s for s in candidates if s.uid == selector] or [
+            s for s in candidates if selector.lower() in s.description.lower()
+        ]
         if len(matches) != 1:
             found = "no series matches" if not matches else f"{len(matches)} series match"
-            raise VolumeReadError(f"{source}: {found} series {selector!r} (a SeriesInstanceUID or part of a "
-                                  f"SeriesDescription); the folder holds: {_listing(candidates)}")
+            raise VolumeReadError(
+                f"{source}: {found} series {selector!r} (a SeriesInstanceUID or part of a "
+                f"SeriesDescription); the folder holds: {_listing(candidates)}"
+            )
         chosen = matches[0]
         left_out = [{**s.describe(), "why": "not the series asked for"} for s in candidates if s is not chosen]
         return chosen, left_out
@@ -246,18 +294,24 @@ def choose_series(candidates: list[Series], source: str, selector: str | None = 
     suitable = [s for s in candidates if unsuitable(s) is None]
     if not suitable:
         if len(candidates) == 1 and len(candidates[0].frames) == 1:
-            raise VolumeReadError(f"{source}: series {candidates[0].uid} holds a single slice; a volume needs "
-                                  "at least 2 slices")
+            raise VolumeReadError(
+                f"{source}: series {candidates[0].uid} holds a single slice; a volume needs at least 2 slices"
+            )
         reasons = "; ".join(f"{s.uid} '{s.description}': {unsuitable(s)}" for s in candidates)
         raise VolumeReadError(f"{source}: no axial CT series with 2 or more slices; found {reasons}")
     most = max(len(s.frames) for s in suitable)
     best = [s for s in suitable if len(s.frames) == most]
     if len(best) > 1:
-        raise VolumeReadError(f"{source}: {len(best)} series are equally good candidates ({_listing(best)}); "
-                              "choose one with --series_uid (a UID or part of its description)")
+        raise VolumeReadError(
+            f"{source}: {len(best)} series are equally good candidates ({_listing(best)}); "
+            "choose one with --series_uid (a UID or part of its description)"
+        )
     chosen = best[0]
-    left_out = [{**s.describe(), "why": unsuitable(s) or f"fewer slices ({len(s.frames)} vs {most})"}
-                for s in candidates if s is not chosen]
+    left_out = [
+        {**s.describe(), "why": unsuitable(s) or f"fewer slices ({len(s.frames)} vs {most})"}
+        for s in candidates
+        if s is not chosen
+    ]
     return chosen, left_out
 
 
@@ -293,8 +347,9 @@ def _runs(steps: np.ndarray) -> list[list[float]]:
     return runs
 
 
-def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool = False,
-                      recursive: bool = False) -> tuple[np.ndarray, np.ndarray, Geometry, Series]:
+def read_dicom_folder(
+    folder: Path, series: str | None = None, allow_gaps: bool = False, recursive: bool = False
+) -> tuple[np.ndarray, np.ndarray, Geometry, Series]:
     """Read one CT series of ``folder``: (array (columns, rows, slices), RAS affine, geometry, series).
 
     Raises:
@@ -310,19 +365,27 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
         raise VolumeReadError(f"{source}: no DICOM series found among its {skipped} file(s)")
     chosen, left_out = choose_series(found, source, series)
     name = f"{source}: series {chosen.uid} '{chosen.description}'"
-    geometry = Geometry("dicom", "ImagePositionPatient/ImageOrientationPatient of every slice",
-                        gantry_tilt_tag_deg=chosen.gantry_tilt_tag_deg, series=chosen.describe(),
-                        series_left_out=left_out, photometric=chosen.photometric, multiframe=chosen.multiframe)
+    geometry = Geometry(
+        "dicom",
+        "ImagePositionPatient/ImageOrientationPatient of every slice",
+        gantry_tilt_tag_deg=chosen.gantry_tilt_tag_deg,
+        series=chosen.describe(),
+        series_left_out=left_out,
+        photometric=chosen.photometric,
+        multiframe=chosen.multiframe,
+    )
     frames = chosen.frames
     orientation = np.asarray(frames[0].orientation)
     spacing = np.asarray(frames[0].pixel_spacing)
     for frame in frames:
         if np.max(np.abs(np.asarray(frame.orientation) - orientation)) > 1e-3:
-            raise VolumeReadError(f"{name}: mixes image orientations ({frames[0].orientation} and "
-                                  f"{frame.orientation} in {frame.path})")
+            raise VolumeReadError(
+                f"{name}: mixes image orientations ({frames[0].orientation} and {frame.orientation} in {frame.path})"
+            )
         if np.max(np.abs(np.asarray(frame.pixel_spacing) - spacing)) > 1e-3:
-            raise VolumeReadError(f"{name}: mixes pixel spacings ({tuple(spacing)} and {frame.pixel_spacing} "
-                                  f"in {frame.path})")
+            raise VolumeReadError(
+                f"{name}: mixes pixel spacings ({tuple(spacing)} and {frame.pixel_spacing} in {frame.path})"
+            )
     normal = _normal(orientation)
     distance = np.array([np.dot(f.position, normal) for f in frames])
     order = np.argsort(distance, kind="stable")
@@ -330,11 +393,15 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
 
     duplicates = np.flatnonzero(np.diff(distance) < DUPLICATE_STEP_MM)
     if duplicates.size:
-        pairs = ", ".join(f"{Path(frames[i].path).name} and {Path(frames[i + 1].path).name} at "
-                          f"{distance[i]:.2f} mm" for i in duplicates[:3])
+        pairs = ", ".join(
+            f"{Path(frames[i].path).name} and {Path(frames[i + 1].path).name} at {distance[i]:.2f} mm"
+            for i in duplicates[:3]
+        )
         if not allow_gaps:
-            raise VolumeReadError(f"{name}: {duplicates.size} duplicate slice position(s) ({pairs}); pass "
-                                  "--allow_gaps to keep the first slice at each position")
+            raise VolumeReadError(
+                f"{name}: {duplicates.size} duplicate slice position(s) ({pairs}); pass "
+                "--allow_gaps to keep the first slice at each position"
+            )
         geometry.dropped_duplicates = [frames[i + 1].path for i in duplicates]
         keep = np.setdiff1d(np.arange(len(frames)), duplicates + 1)
         frames, distance = [frames[i] for i in keep], distance[keep]
@@ -347,19 +414,26 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
     off_line = np.linalg.norm(np.cross(positions - positions[0], axis), axis=1)
     if off_line.max() > 0.5:
         worst = int(np.argmax(off_line))
-        raise VolumeReadError(f"{name}: slice positions do not lie on one line ({frames[worst].path} is "
-                              f"{off_line.max():.2f} mm off it); the series cannot be stacked")
+        raise VolumeReadError(
+            f"{name}: slice positions do not lie on one line ({frames[worst].path} is "
+            f"{off_line.max():.2f} mm off it); the series cannot be stacked"
+        )
     geometry.tilt_deg = round(float(np.degrees(np.arccos(min(1.0, abs(axis @ normal))))), 2)
     steps = np.diff(distance)
     geometry.slice_steps_mm = _runs(steps)
     neighbours = np.maximum(np.r_[0.0, steps[:-1]], np.r_[steps[1:], 0.0])
     gaps = np.flatnonzero(steps > MISSING_STEP_RATIO * neighbours) if len(steps) > 1 else np.array([], int)
     if gaps.size:
-        where = ", ".join(f"{steps[i]:.2f} mm step between {distance[i]:.2f} and {distance[i + 1]:.2f} mm "
-                          f"({Path(frames[i].path).name}, {Path(frames[i + 1].path).name})" for i in gaps[:3])
+        where = ", ".join(
+            f"{steps[i]:.2f} mm step between {distance[i]:.2f} and {distance[i + 1]:.2f} mm "
+            f"({Path(frames[i].path).name}, {Path(frames[i + 1].path).name})"
+            for i in gaps[:3]
+        )
         if not allow_gaps:
-            raise VolumeReadError(f"{name}: missing slice(s): {where}, against neighbouring steps of "
-                                  f"{np.median(steps):.2f} mm; pass --allow_gaps to interpolate across them")
+            raise VolumeReadError(
+                f"{name}: missing slice(s): {where}, against neighbouring steps of "
+                f"{np.median(steps):.2f} mm; pass --allow_gaps to interpolate across them"
+            )
         geometry.interpolated_gaps_mm = [[round(float(distance[i]), 2), round(float(distance[i + 1]), 2)] for i in gaps]
 
     slices = np.stack([plane.T for plane in frame_hu(frames)], axis=-1)  # (columns, rows, slices)
@@ -385,20 +459,28 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
 
     if geometry.tilt_deg >= 0.1:
         tag = chosen.gantry_tilt_tag_deg
-        geometry.warn(f"{name}: gantry tilt {geometry.tilt_deg:.1f}° from the slice positions"
-                      + (f" (GantryDetectorTilt {tag:g}°)" if tag is not None else "")
-                      + "; the grid is sheared along the table so every voxel keeps its true position")
+        geometry.warn(
+            f"{name}: gantry tilt {geometry.tilt_deg:.1f}° from the slice positions"
+            + (f" (GantryDetectorTilt {tag:g}°)" if tag is not None else "")
+            + "; the grid is sheared along the table so every voxel keeps its true position"
+        )
         if tag is not None and abs(abs(tag) - geometry.tilt_deg) > 1.0:
-            geometry.warn(f"{name}: GantryDetectorTilt {tag:g}° disagrees with the {geometry.tilt_deg:.1f}° "
-                          "the slice positions give; the positions are used")
+            geometry.warn(
+                f"{name}: GantryDetectorTilt {tag:g}° disagrees with the {geometry.tilt_deg:.1f}° "
+                "the slice positions give; the positions are used"
+            )
     if geometry.resampled:
         steps_text = ", ".join(f"{s:g} mm x{int(n)}" for s, n in geometry.slice_steps_mm)
-        geometry.warn(f"{name}: uneven slice steps ({steps_text}"
-                      + (f"; {gaps.size} missing slice(s) interpolated" if gaps.size else "")
-                      + f"); resampled to {geometry.resampled_step_mm:g} mm steps along the slice axis")
+        geometry.warn(
+            f"{name}: uneven slice steps ({steps_text}"
+            + (f"; {gaps.size} missing slice(s) interpolated" if gaps.size else "")
+            + f"); resampled to {geometry.resampled_step_mm:g} mm steps along the slice axis"
+        )
     if left_out:
-        geometry.warn(f"{source}: read series {chosen.uid} '{chosen.description}' ({len(chosen.frames)} slices); "
-                      "left out " + "; ".join(f"{s['uid']} '{s['description']}' ({s['why']})" for s in left_out))
+        geometry.warn(
+            f"{source}: read series {chosen.uid} '{chosen.description}' ({len(chosen.frames)} slices); "
+            "left out " + "; ".join(f"{s['uid']} '{s['description']}' ({s['why']})" for s in left_out)
+        )
     if len({(f.slope, f.intercept) for f in frames}) > 1:
         geometry.rescale_varies = True
         geometry.notes.append("RescaleSlope/RescaleIntercept differ between slices; each slice's own was applied")
@@ -407,7 +489,12 @@ def read_dicom_folder(folder: Path, series: str | None = None, allow_gaps: bool 
 
     # Raw CT (slope 1, whole intercept) stays integer HU, as ITK returned it: known from the tags, no pass.
     integral = frames[0].slope == 1.0 and float(frames[0].intercept).is_integer()
-    if not geometry.resampled and not geometry.rescale_varies and integral \
-            and slices.min() >= -32768 and slices.max() <= 32767:
+    if (
+        not geometry.resampled
+        and not geometry.rescale_varies
+        and integral
+        and slices.min() >= -32768
+        and slices.max() <= 32767
+    ):
         slices = slices.astype(np.int16)
     return slices, affine, geometry, chosen

@@ -31,8 +31,9 @@ def mask_on_frames(mask: np.ndarray, affine: np.ndarray, series: Series) -> np.n
     return sample_frames(mask, affine, series, order=1) >= 0.5
 
 
-def write_hemorrhage_seg(path: str | Path, frames_mask: np.ndarray, series: Series, software_version: str,
-                         algorithm: str = "SAM-Med3D ICH") -> Path:
+def write_hemorrhage_seg(
+    path: str | Path, frames_mask: np.ndarray, series: Series, software_version: str, algorithm: str = "SAM-Med3D ICH"
+) -> Path:
     """Write a binary SEG of one segment, "Hemorrhage", referencing ``series``' instances frame by frame.
 
     ``frames_mask`` is (frames, rows, columns) in ``series.frames`` order (:func:`mask_on_frames`).
@@ -53,7 +54,8 @@ def write_hemorrhage_seg(path: str | Path, frames_mask: np.ndarray, series: Seri
         segmented_property_type=codes.SCT.Hemorrhage,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=algorithm, version=software_version, family=codes.cid7162.ArtificialIntelligence),
+            name=algorithm, version=software_version, family=codes.cid7162.ArtificialIntelligence
+        ),
     )
     seg = hd.seg.Segmentation(
         source_images=list(sources.values()),

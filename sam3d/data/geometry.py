@@ -14,8 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Geometry", "GeometryWarning", "axial_axis", "corner_distance_mm", "grid_corners", "slice_tilt_deg",
-           "voxel_volume_ml"]
+__all__ = [
+    "Geometry",
+    "GeometryWarning",
+    "axial_axis",
+    "corner_distance_mm",
+    "grid_corners",
+    "slice_tilt_deg",
+    "voxel_volume_ml",
+]
 
 
 class GeometryWarning(UserWarning):
@@ -97,8 +104,9 @@ class Geometry:
         """One line for a CLI or the app, e.g. ``DICOM series 1.2.3 'HEAD 5mm' (28 files); tilt 18.5°``."""
         parts = []
         if self.series:
-            parts.append(f"DICOM series {self.series['uid']} '{self.series['description']}' "
-                         f"({self.series['files']} files)")
+            parts.append(
+                f"DICOM series {self.series['uid']} '{self.series['description']}' ({self.series['files']} files)"
+            )
         else:
             parts.append(self.format + (f" ({self.affine_from})" if self.affine_from else ""))
         if self.tilt_deg >= 0.1:

@@ -122,11 +122,15 @@ def scan_inputs(spec: str | os.PathLike) -> list[str]:
     found = [str(p) for p in files if is_volume_file(p)]
     if any(is_dicom_file(p) for p in files if not is_volume_file(p)):
         found.insert(0, str(path))
-    found += [str(p) for p in entries if p.is_dir() and any(is_dicom_file(f) or is_volume_file(f)
-                                                            for f in p.iterdir() if f.is_file())]
+    found += [
+        str(p)
+        for p in entries
+        if p.is_dir() and any(is_dicom_file(f) or is_volume_file(f) for f in p.iterdir() if f.is_file())
+    ]
     if not found:
-        raise VolumeReadError(f"{path}: no volumes ({', '.join(_FILE_EXTS)}), DICOM files or DICOM series "
-                              "folders inside")
+        raise VolumeReadError(
+            f"{path}: no volumes ({', '.join(_FILE_EXTS)}), DICOM files or DICOM series folders inside"
+        )
     return found
 
 
@@ -183,8 +187,9 @@ def _read_dicom(path: Path, series: str | None, allow_gaps: bool) -> Volume:
     """A series folder, or one DICOM file standing for the series it belongs to (read from its folder)."""
     try:
         if not path.is_dir() and series is None:
-            series = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-                         .SeriesInstanceUID)
+            series = str(
+                pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+            )
         array, affine, geometry, chosen = read_dicom_folder(path if path.is_dir() else path.parent, series, allow_gaps)
     except VolumeReadError:
         raise
@@ -275,14 +280,18 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
         stored = type(image.header).from_fileobj(handle, check=False)
     pixdim = [float(v) for v in stored["pixdim"][1:4]]
     if not sform_code and any(not np.isfinite(v) or v <= 0 for v in pixdim):
-        raise VolumeReadError(f"{path}: voxel size unknown: pixdim {pixdim} has a zero or negative entry and "
-                              "there is no sform to place the grid")
+        raise VolumeReadError(
+            f"{path}: voxel size unknown: pixdim {pixdim} has a zero or negative entry and "
+            "there is no sform to place the grid"
+        )
     geometry = Geometry("nifti", used)
     if sform_code and qform_code:
         gap = corner_distance_mm(sform, qform, image.shape)
         if gap > SFORM_QFORM_TOLERANCE_MM:
-            geometry.warn(f"{path}: sform and qform place the grid up to {gap:.1f} mm apart; the sform "
-                          f"(code {int(sform_code)}) is used, as nibabel and dcm2niix do")
+            geometry.warn(
+                f"{path}: sform and qform place the grid up to {gap:.1f} mm apart; the sform "
+                f"(code {int(sform_code)}) is used, as nibabel and dcm2niix do"
+            )
     # asanyarray applies the scaling slope/intercept; unscaled integer data stays integer.
     return np.asanyarray(image.dataobj), image.affine, geometry
 
@@ -351,11 +360,20 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
             affine = np.diag([*spacing, 1.0])  # axis-aligned: voxel axes taken as R, A, S
         elif not np.allclose(_spacing(affine), spacing, atol=1e-3):
             raise VolumeReadError(
-                f"{path}: 'spacing' {spacing.tolist()} disagrees with the affine's voxel size "
-                f"{list(_spacing(affine))}"
+                f"{path}: 'spacing' {spacing.tolist()} disagrees with the affine's voxel size {list(_spacing(affine))}"
             )
-    return array, affine, Geometry("array", "pickled affine" if obj.get("affine") is not None else
-                                   "pickled spacing" if obj.get("spacing") is not None else "")
+    return (
+        array,
+        affine,
+        Geometry(
+            "array",
+            "pickled affine"
+            if obj.get("affine") is not None
+            else "pickled spacing"
+            if obj.get("spacing") is not None
+            else "",
+        ),
+    )
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -454,14 +472,17 @@ def _check_plausible_grid(affine: np.ndarray, shape: tuple[int, ...], source: st
     """A voxel grid no scanner writes (singular, sub-micron or half-decimetre voxels, a field of view
     past 2 m) is an error here, before resampling tries to allocate it."""
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < MIN_VOXEL_MM**3:
-        raise VolumeReadError(f"{source}: the affine is singular or not finite ({_format_affine(affine)}); "
-                              "the voxel size is unknown")
+        raise VolumeReadError(
+            f"{source}: the affine is singular or not finite ({_format_affine(affine)}); the voxel size is unknown"
+        )
     spacing = _spacing(affine)
     extent = [n * s for n, s in zip(shape, spacing)]
     if min(spacing) < MIN_VOXEL_MM or max(spacing) > MAX_VOXEL_MM or max(extent) > MAX_EXTENT_MM:
-        raise VolumeReadError(f"{source}: implausible grid: voxel size {[round(v, 4) for v in spacing]} mm, field "
-                              f"of view {[round(v) for v in extent]} mm (expected voxels of {MIN_VOXEL_MM:g}-"
-                              f"{MAX_VOXEL_MM:g} mm and at most {MAX_EXTENT_MM:g} mm per axis)")
+        raise VolumeReadError(
+            f"{source}: implausible grid: voxel size {[round(v, 4) for v in spacing]} mm, field "
+            f"of view {[round(v) for v in extent]} mm (expected voxels of {MIN_VOXEL_MM:g}-"
+            f"{MAX_VOXEL_MM:g} mm and at most {MAX_EXTENT_MM:g} mm per axis)"
+        )
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:

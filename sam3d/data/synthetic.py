@@ -79,8 +79,16 @@ ICH_TYPES = ("intraparenchymal", "subdural", "intraventricular")
 DEFAULT_SPACING_MM = (0.45, 0.45, 5.0)
 DEFAULT_FOV_MM = (200.0, 240.0, 160.0)
 CSV_COLUMNS = (
-    "path", "ich", "patient_id", "ich_type", "side", "region",
-    "volume_ml", "midline_shift_mm", "mass_effect", "spacing",
+    "path",
+    "ich",
+    "patient_id",
+    "ich_type",
+    "side",
+    "region",
+    "volume_ml",
+    "midline_shift_mm",
+    "mass_effect",
+    "spacing",
 )
 
 # Share of each kind among positive cases (IPH is the commonest ICH, IVH alone the rarest).
@@ -93,15 +101,15 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _ANATOMY, _LESION, _NOISE, _REPORT = 0, 1, 2, 3
 _SPLIT_STREAM = 0x5B17
 _HU_MIN, _HU_MAX = -1024, 3071
-_COARSE_STEP_MM = 1.8   # target in-plane step of the coarse geometry grid at head_scale 1
-_PSF_SIGMA_MM = 0.4     # in-plane point-spread blur (partial volume), sigma in mm
+_COARSE_STEP_MM = 1.8  # target in-plane step of the coarse geometry grid at head_scale 1
+_PSF_SIGMA_MM = 0.4  # in-plane point-spread blur (partial volume), sigma in mm
 # Sulci are where the radial unit-variance noise is near zero; a band |noise| < w is about
 # 2 * w * 2.8 mm wide: a ~0.7 mm CSF cleft lined by ~1.5 mm of grey matter on each side.
 _SULCUS_CSF, _SULCUS_GREY = 0.13, 0.55
 # Lateral-ventricle centreline: distance from the midline (mm) at antero-posterior positions y (mm).
 _VENTRICLE_Y = (-52.0, -40.0, -30.0, -15.0, 0.0, 12.0, 22.0, 30.0)
 _VENTRICLE_X = (16.0, 20.0, 19.0, 10.0, 5.5, 4.5, 6.5, 9.0)
-_LOBE_DIRECTIONS = {    # typical lobar bleed direction for the patient's right side, brain-normalised
+_LOBE_DIRECTIONS = {  # typical lobar bleed direction for the patient's right side, brain-normalised
     "frontal": (0.45, 0.80, 0.25),
     "parietal": (0.50, -0.25, 0.75),
     "temporal": (0.90, 0.05, -0.35),
@@ -132,10 +140,10 @@ class SyntheticCase:
 class _Anatomy:
     """Per-case anatomy draws. Lengths are in mm already multiplied by ``head_scale``."""
 
-    centre: np.ndarray        # head centre in world mm (3,)
-    head_semi: np.ndarray     # outer (skin) ellipsoid semi-axes, mm (3,)
-    shape_coef: np.ndarray    # head-shape quadratic form in the unit direction (3, 3)
-    skull_coef: np.ndarray    # skull-thickness quadratic form (3, 3)
+    centre: np.ndarray  # head centre in world mm (3,)
+    head_semi: np.ndarray  # outer (skin) ellipsoid semi-axes, mm (3,)
+    shape_coef: np.ndarray  # head-shape quadratic form in the unit direction (3, 3)
+    skull_coef: np.ndarray  # skull-thickness quadratic form (3, 3)
     scalp: float
     fat_start: float
     fat_end: float
@@ -153,10 +161,10 @@ class _Anatomy:
     hu_deep: float
     hu_falx: float
     ventricle_scale: float
-    choroid_hu: float         # 0 = no choroid plexus calcification
-    pineal_hu: float          # 0 = no pineal calcification
+    choroid_hu: float  # 0 = no choroid plexus calcification
+    pineal_hu: float  # 0 = no pineal calcification
     noise_hu: float
-    scale: float              # head_scale, for the anatomy templates defined at full size
+    scale: float  # head_scale, for the anatomy templates defined at full size
 
     @property
     def brain_semi(self) -> np.ndarray:
@@ -172,11 +180,11 @@ class _Lesion:
     side: str
     region: str
     hu_blood: float = 0.0
-    shift: float = 0.0                # signed midline shift along world x, mm (away from bleed)
+    shift: float = 0.0  # signed midline shift along world x, mm (away from bleed)
     hydrocephalus: bool = False
     # intraparenchymal
-    blobs: tuple = ()                 # ((centre(3,), rotation(3,3), semi(3,)), ...)
-    lobes: tuple = ()                 # ((wave vector(3,), phase), ...) boundary lobulation
+    blobs: tuple = ()  # ((centre(3,), rotation(3,3), semi(3,)), ...)
+    lobes: tuple = ()  # ((wave vector(3,), phase), ...) boundary lobulation
     radius: float = 0.0
     oedema_width: float = 0.0
     hu_oedema: float = 0.0
@@ -185,7 +193,7 @@ class _Lesion:
     max_thickness: float = 0.0
     half_angle: float = 0.0
     # intraventricular
-    fluid_level_y: float = 0.0        # blood fills the ventricle posterior to this y (mm)
+    fluid_level_y: float = 0.0  # blood fills the ventricle posterior to this y (mm)
 
     @property
     def sign(self) -> int:
@@ -197,10 +205,7 @@ class _Grid:
     """Head-centred voxel-centre coordinates (mm, float32) of a regular grid, plus box lookups."""
 
     def __init__(self, shape, spacing, origin, centre):
-        self.axes = [
-            (origin[a] + spacing[a] * np.arange(shape[a]) - centre[a]).astype(np.float32)
-            for a in range(3)
-        ]
+        self.axes = [(origin[a] + spacing[a] * np.arange(shape[a]) - centre[a]).astype(np.float32) for a in range(3)]
 
     def box(self, lo, hi) -> tuple[slice, slice, slice]:
         """Index slices of the voxels whose centres lie in the axis-aligned box [lo, hi] (mm)."""
@@ -286,7 +291,9 @@ def _draw_lesion(rng, ich_type: str, anat: _Anatomy) -> _Lesion:
         side = str(rng.choice(["left", "right", "bilateral"], p=[0.35, 0.35, 0.30]))
         casting = rng.random() < 0.2
         return _Lesion(
-            ich_type, side, "lateral ventricle",
+            ich_type,
+            side,
+            "lateral ventricle",
             hu_blood=_u(rng, 55.0, 72.0),
             hydrocephalus=bool(rng.random() < 0.35),
             fluid_level_y=(np.inf if casting else _u(rng, -32.0, -12.0) * s),
@@ -298,7 +305,9 @@ def _draw_lesion(rng, ich_type: str, anat: _Anatomy) -> _Lesion:
         direction = np.array([sign * _u(rng, 0.75, 0.95), _u(rng, -0.35, 0.45), _u(rng, 0.0, 0.5)])
         shift = -sign * min(12.0, 0.6 * (thickness - 5.0)) * s if thickness > 9.0 else 0.0
         return _Lesion(
-            ich_type, side, "convexity",
+            ich_type,
+            side,
+            "convexity",
             hu_blood=_u(rng, 60.0, 80.0),
             shift=shift,
             direction=direction / np.linalg.norm(direction),
@@ -309,7 +318,7 @@ def _draw_lesion(rng, ich_type: str, anat: _Anatomy) -> _Lesion:
     region = str(rng.choice(list(_LOBE_DIRECTIONS) + ["basal ganglia"], p=[0.2, 0.2, 0.15, 0.1, 0.35]))
     lo_ml, hi_ml = (3.0, 45.0) if region == "basal ganglia" else (4.0, 70.0)
     nominal_ml = float(math.exp(rng.uniform(math.log(lo_ml), math.log(hi_ml))))
-    radius = (3.0 * nominal_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)   # mm at full size
+    radius = (3.0 * nominal_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm at full size
     if region == "basal ganglia":
         centre = np.array([sign * 21.0, 3.0, -1.0]) + rng.normal(0.0, 2.5, 3)
     else:
@@ -329,7 +338,9 @@ def _draw_lesion(rng, ich_type: str, anat: _Anatomy) -> _Lesion:
         lobes.append((k / s, _u(rng, 0.0, 2.0 * math.pi)))
     shift = -sign * min(10.0, 1.0 + 0.14 * (nominal_ml - 25.0)) * s if nominal_ml > 25.0 else 0.0
     return _Lesion(
-        ich_type, side, region,
+        ich_type,
+        side,
+        region,
         hu_blood=_u(rng, 58.0, 78.0),
         shift=shift,
         blobs=tuple((c * s, rot, semi * s) for c, rot, semi in blobs),
@@ -378,7 +389,7 @@ def _surface_noise(rng, x, y, z, semi, sigma_mm):
     onto the brain ellipsoid makes the iso-surfaces run roughly radially (like sulci between gyri)
     while still bending with depth. Shapes follow x, y, z broadcasting.
     """
-    step_mm = sigma_mm / 1.5   # fine enough for linear interpolation of a field this smooth
+    step_mm = sigma_mm / 1.5  # fine enough for linear interpolation of a field this smooth
     half = semi + 4.0 * sigma_mm
     n = np.ceil(2.0 * half / step_mm).astype(int) + 1
     volume = ndi.gaussian_filter(rng.standard_normal(tuple(n), dtype=np.float32), 1.5, mode="wrap")
@@ -404,14 +415,15 @@ def _coarse_fields(grid_c: _Grid, anat: _Anatomy, lesion: _Lesion, rng) -> dict:
     r = np.sqrt((x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2)
     grad = np.sqrt((x / a**2) ** 2 + (y / b**2) ** 2 + (z / c**2) ** 2) / np.maximum(r, 1e-6)
     bump = _direction_form(anat.shape_coef, ux, uy, uz)
-    skin = (1.0 + bump - r) / np.maximum(grad, 1e-9)     # first-order distance to the surface
+    skin = (1.0 + bump - r) / np.maximum(grad, 1e-9)  # first-order distance to the surface
     skull = anat.skull * (1.0 + _direction_form(anat.skull_coef, ux, uy, uz))
     table = skin - anat.scalp - np.clip(skull, 0.6 * anat.skull, 1.6 * anat.skull)
     fields = {"skin": skin, "table": table}
     surface = table - anat.csf_rim
     if lesion.ich_type == "subdural":
-        angle = np.arccos(np.clip(
-            ux * lesion.direction[0] + uy * lesion.direction[1] + uz * lesion.direction[2], -1, 1))
+        angle = np.arccos(
+            np.clip(ux * lesion.direction[0] + uy * lesion.direction[1] + uz * lesion.direction[2], -1, 1)
+        )
         # Nearly uniform thickness that falls off only near the rim: a crescent, not a lens.
         taper = np.clip(1.0 - (angle / lesion.half_angle) ** 4, 0.0, 1.0) ** 0.5
         same_side = np.clip(lesion.sign * x / (3.0 * anat.scale), 0.0, 1.0)
@@ -477,9 +489,9 @@ def _paint_deep(img, brain, ventricles, grid: _Grid, anat: _Anatomy, lesion: _Le
 
     for side in (-1, 1):
         for centre, semi in (
-            ((10, -12, 0), (8, 13, 9)),      # thalamus
-            ((21, 3, -1), (5.5, 14, 10)),    # lentiform nucleus
-            ((11, 17, 9), (4, 8, 7)),        # caudate head
+            ((10, -12, 0), (8, 13, 9)),  # thalamus
+            ((21, 3, -1), (5.5, 14, 10)),  # lentiform nucleus
+            ((11, 17, 9), (4, 8, 7)),  # caudate head
         ):
             c = (side * centre[0] * s + d, centre[1] * s, centre[2] * s)
             sl, inside = _ellipsoid(grid, c, np.array(semi) * s)
@@ -489,7 +501,7 @@ def _paint_deep(img, brain, ventricles, grid: _Grid, anat: _Anatomy, lesion: _Le
     lateral = {}
     for side in (-1, 1):
         width = scale
-        if d != 0.0:   # the bleed's side (opposite to the shift) is compressed, the other dilates
+        if d != 0.0:  # the bleed's side (opposite to the shift) is compressed, the other dilates
             width *= 0.65 if side == -np.sign(d) else 1.1
         sl, inside = _lateral_ventricle(grid, side, d, width, s)
         inside &= brain[sl]
@@ -589,8 +601,8 @@ def _check_common(spacing_mm, head_scale, fov_mm):
     shape = tuple(int(round(f * head_scale / sp)) for f, sp in zip(fov, spacing))
     if min(shape) < 16:
         raise ValueError(
-            f"spacing_mm={spacing} is too coarse for head_scale={head_scale}: grid {shape} has an "
-            "axis under 16 voxels")
+            f"spacing_mm={spacing} is too coarse for head_scale={head_scale}: grid {shape} has an axis under 16 voxels"
+        )
     return spacing, shape
 
 
@@ -660,7 +672,7 @@ def synthesize_case(
     img[(skin >= anat.fat_start) & (skin < anat.fat_end)] = anat.hu_fat
     bone = (skin >= anat.scalp) & (table < 0)
     below_outer = skin[bone] - anat.scalp
-    depth_in_bone = below_outer / np.maximum(below_outer - table[bone], 1e-3)   # 0 outer .. 1 inner
+    depth_in_bone = below_outer / np.maximum(below_outer - table[bone], 1e-3)  # 0 outer .. 1 inner
     img[bone] = np.where(np.abs(depth_in_bone - 0.5) < 0.2, anat.hu_diploe, anat.hu_cortical)
     intracranial = table >= 0
     img[intracranial] = anat.hu_csf
@@ -697,7 +709,8 @@ def _metadata(case_id, index, kind, lesion: _Lesion, anat: _Anatomy, mask, affin
     if kind != "none" and count == 0:
         raise ValueError(
             f"{case_id}: the {kind} hemorrhage is not resolved at spacing_mm={spacing}; "
-            "use a finer spacing_mm or a larger head_scale")
+            "use a finer spacing_mm or a larger head_scale"
+        )
     meta = {
         "case_id": case_id,
         "patient_id": _patient_id(index),
@@ -725,8 +738,7 @@ def _metadata(case_id, index, kind, lesion: _Lesion, anat: _Anatomy, mask, affin
         centroid = np.array([v.mean() for v in voxels])
         meta["centroid_voxel"] = [round(float(v), 2) for v in centroid]
         meta["centroid_mm"] = [round(float(v), 2) for v in affine[:3, :3] @ centroid + affine[:3, 3]]
-        meta["extent_mm"] = [
-            round(float((v.max() - v.min() + 1) * sp), 1) for v, sp in zip(voxels, spacing)]
+        meta["extent_mm"] = [round(float((v.max() - v.min() + 1) * sp), 1) for v, sp in zip(voxels, spacing)]
     return meta
 
 
@@ -801,15 +813,14 @@ def make_synthetic_ich(
     n_val = _round_half_up(num_cases * val_fraction)
     n_test = _round_half_up(num_cases * test_fraction)
     if n_val < 1:
-        raise ValueError(
-            f"val_fraction={val_fraction} gives an empty validation split for num_cases={num_cases}")
+        raise ValueError(f"val_fraction={val_fraction} gives an empty validation split for num_cases={num_cases}")
     if test_fraction > 0 and n_test < 1:
-        raise ValueError(
-            f"test_fraction={test_fraction} gives an empty test split for num_cases={num_cases}")
+        raise ValueError(f"test_fraction={test_fraction} gives an empty test split for num_cases={num_cases}")
     if n_val + n_test >= num_cases:
         raise ValueError(
             f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no training cases "
-            f"for num_cases={num_cases}")
+            f"for num_cases={num_cases}"
+        )
 
     out = Path(output_dir)
     vol_dir, mask_dir = out / "volumes", out / "masks"
@@ -834,8 +845,14 @@ def make_synthetic_ich(
     for r in records:
         r["split"] = split[r["patient_id"]]
 
-    result = {"train_csv": None, "val_csv": None, "test_csv": None,
-              "reports_train": None, "reports_val": None, "reports_test": None}
+    result = {
+        "train_csv": None,
+        "val_csv": None,
+        "test_csv": None,
+        "reports_train": None,
+        "reports_val": None,
+        "reports_test": None,
+    }
     for name in ("train", "val", "test"):
         rows = [r for r in records if r["split"] == name]
         if name == "test" and n_test == 0:

@@ -24,8 +24,12 @@ __all__ = ["SeriesSpec", "table_positions", "write_ct_series", "write_enhanced_c
 HUFunction = Callable[[np.ndarray], np.ndarray]  # (N, 3) LPS mm -> (N,) HU
 
 
-def table_positions(steps_mm: Sequence[float], tilt_deg: float = 0.0, first_z_mm: float = -60.0,
-                    origin_xy_mm: tuple[float, float] = (-100.0, -100.0)) -> tuple[np.ndarray, tuple[float, ...]]:
+def table_positions(
+    steps_mm: Sequence[float],
+    tilt_deg: float = 0.0,
+    first_z_mm: float = -60.0,
+    origin_xy_mm: tuple[float, float] = (-100.0, -100.0),
+) -> tuple[np.ndarray, tuple[float, ...]]:
     """ImagePositionPatient of each slice and the ImageOrientationPatient of a gantry-tilted scan.
 
     The table moves along z, so every position shares x and y and z advances by ``steps_mm``; the
@@ -91,8 +95,9 @@ def _save(ds: Dataset, path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_ct_series(folder: str | Path, spec: SeriesSpec, hu_at: HUFunction, extension: str = ".dcm",
-                    order: Sequence[int] | None = None) -> list[Path]:
+def write_ct_series(
+    folder: str | Path, spec: SeriesSpec, hu_at: HUFunction, extension: str = ".dcm", order: Sequence[int] | None = None
+) -> list[Path]:
     """One CT Image Storage file per slice; returns the paths in slice order.
 
     ``order`` gives the InstanceNumber / file-name order of the slices (a permutation), so readers
@@ -105,8 +110,9 @@ def write_ct_series(folder: str | Path, spec: SeriesSpec, hu_at: HUFunction, ext
     order = list(range(len(spec.positions))) if order is None else list(order)
     paths = []
     for k, position in enumerate(spec.positions):
-        hu = hu_at(pixel_positions(position, spec.orientation, spec.rows, spec.columns, spec.pixel_spacing)
-                   .reshape(-1, 3)).reshape(spec.rows, spec.columns)
+        hu = hu_at(
+            pixel_positions(position, spec.orientation, spec.rows, spec.columns, spec.pixel_spacing).reshape(-1, 3)
+        ).reshape(spec.rows, spec.columns)
         stored = _stored(hu, slopes[k], intercepts[k])
         ds = _common(spec, CTImageStorage)
         ds.SOPInstanceUID = generate_uid()
@@ -143,11 +149,16 @@ def write_enhanced_ct(path: str | Path, spec: SeriesSpec, hu_at: HUFunction) -> 
     for k, position in enumerate(spec.positions):
         frame, plane, rescale = Dataset(), Dataset(), Dataset()
         plane.ImagePositionPatient = [round(float(v), 4) for v in position]
-        rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = float(slopes[k]), float(intercepts[k]), "HU"
+        rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = (
+            float(slopes[k]),
+            float(intercepts[k]),
+            "HU",
+        )
         frame.PlanePositionSequence, frame.PixelValueTransformationSequence = [plane], [rescale]
         frames.append(frame)
-        hu = hu_at(pixel_positions(position, spec.orientation, spec.rows, spec.columns, spec.pixel_spacing)
-                   .reshape(-1, 3)).reshape(spec.rows, spec.columns)
+        hu = hu_at(
+            pixel_positions(position, spec.orientation, spec.rows, spec.columns, spec.pixel_spacing).reshape(-1, 3)
+        ).reshape(spec.rows, spec.columns)
         pixels.append(_stored(hu, slopes[k], intercepts[k]))
     ds.PerFrameFunctionalGroupsSequence = frames
     ds.PixelData = np.stack(pixels).tobytes()

@@ -28,37 +28,69 @@ __all__ = ["REPORT_MANIFEST_LABELS", "report_corpus", "report_manifest_row", "wr
 # Label columns of cases.json copied into each report-manifest row, so report metrics and the
 # labeler can be checked against ground truth without re-reading cases.json.
 REPORT_MANIFEST_LABELS = (
-    "patient_id", "ich", "ich_type", "side", "region", "volume_ml", "midline_shift_mm", "mass_effect",
-    "oedema", "hydrocephalus", "mask_path",
+    "patient_id",
+    "ich",
+    "ich_type",
+    "side",
+    "region",
+    "volume_ml",
+    "midline_shift_mm",
+    "mass_effect",
+    "oedema",
+    "hydrocephalus",
+    "mask_path",
 )
 
-_TYPE_WORDS = {   # (adjectives, nouns): "acute subdural hematoma" is the term; IPH/IVH may omit "acute"
+_TYPE_WORDS = {  # (adjectives, nouns): "acute subdural hematoma" is the term; IPH/IVH may omit "acute"
     "intraparenchymal": (("", "acute "), ("intraparenchymal hematoma", "intraparenchymal hemorrhage")),
     "subdural": (("acute ",), ("subdural hematoma",)),
     "intraventricular": (("", "acute "), ("intraventricular hemorrhage",)),
 }
 _LOBES = ("frontal", "parietal", "temporal", "occipital")
-_SIDES = {"intraparenchymal": ("left", "right"), "subdural": ("left", "right"),
-          "intraventricular": ("left", "right", "bilateral")}
-_AWAY = {"left": "rightward ", "right": "leftward "}   # shift direction, away from the bleed
+_SIDES = {
+    "intraparenchymal": ("left", "right"),
+    "subdural": ("left", "right"),
+    "intraventricular": ("left", "right", "bilateral"),
+}
+_AWAY = {"left": "rightward ", "right": "leftward "}  # shift direction, away from the bleed
 
 _NEGATIVE_FINDINGS = (
-    ("There is no acute intracranial hemorrhage.", "No intracranial hemorrhage is identified.",
-     "No intra-axial or extra-axial hemorrhage is seen."),
-    ("The ventricles are normal in size.", "The ventricles and sulci are normal in size and configuration.",
-     "The ventricular system is normal in size without hydrocephalus."),
-    ("There is no mass effect or midline shift.", "No mass effect or midline shift.",
-     "Midline structures are centered, with no mass effect or midline shift."),
-    ("Gray-white matter differentiation is preserved.", "Grey-white differentiation is preserved.",
-     "The gray-white matter junction is maintained."),
+    (
+        "There is no acute intracranial hemorrhage.",
+        "No intracranial hemorrhage is identified.",
+        "No intra-axial or extra-axial hemorrhage is seen.",
+    ),
+    (
+        "The ventricles are normal in size.",
+        "The ventricles and sulci are normal in size and configuration.",
+        "The ventricular system is normal in size without hydrocephalus.",
+    ),
+    (
+        "There is no mass effect or midline shift.",
+        "No mass effect or midline shift.",
+        "Midline structures are centered, with no mass effect or midline shift.",
+    ),
+    (
+        "Gray-white matter differentiation is preserved.",
+        "Grey-white differentiation is preserved.",
+        "The gray-white matter junction is maintained.",
+    ),
 )
 _NEGATIVE_IMPRESSION_TAIL = ("", "No mass effect or midline shift.", "Normal noncontrast CT of the head.")
-_CALVARIUM = ("The calvarium is intact.", "No calvarial fracture is seen.",
-              "The visualized osseous structures are unremarkable.")
-_NO_MASS_EFFECT_NO_SHIFT = ("No significant mass effect or midline shift.", "There is no mass effect or midline shift.",
-                            "No mass effect; midline structures are centered without midline shift.")
-_MASS_EFFECT_NO_SHIFT = ("There is local mass effect without midline shift.",
-                         "Mild local mass effect is present, without midline shift.")
+_CALVARIUM = (
+    "The calvarium is intact.",
+    "No calvarial fracture is seen.",
+    "The visualized osseous structures are unremarkable.",
+)
+_NO_MASS_EFFECT_NO_SHIFT = (
+    "No significant mass effect or midline shift.",
+    "There is no mass effect or midline shift.",
+    "No mass effect; midline structures are centered without midline shift.",
+)
+_MASS_EFFECT_NO_SHIFT = (
+    "There is local mass effect without midline shift.",
+    "Mild local mass effect is present, without midline shift.",
+)
 _SHIFT = (
     "There is associated mass effect with {mm} mm of {direction}midline shift.",
     "Mass effect results in {mm} mm {direction}midline shift.",
@@ -66,16 +98,27 @@ _SHIFT = (
     "Mass effect causes {direction}midline shift of {mm} mm.",
 )
 _SHIFT_IMPRESSION = ("Mass effect with {mm} mm {direction}midline shift.", "{mm} mm {direction}midline shift.")
-_OEDEMA = ("There is surrounding perihematomal edema.",
-           "A rim of low-attenuation perihematomal edema surrounds the hematoma.",
-           "Mild surrounding edema is present.")
+_OEDEMA = (
+    "There is surrounding perihematomal edema.",
+    "A rim of low-attenuation perihematomal edema surrounds the hematoma.",
+    "Mild surrounding edema is present.",
+)
 _NO_OEDEMA = ("No significant perihematomal edema.", "There is no appreciable surrounding edema.")
-_HYDROCEPHALUS = ("The ventricles are enlarged, consistent with hydrocephalus.",
-                  "Ventricular enlargement is compatible with acute hydrocephalus.",
-                  "There is associated hydrocephalus with dilatation of the lateral and third ventricles.")
-_NO_HYDROCEPHALUS = ("No hydrocephalus.", "There is no hydrocephalus.", "Ventricular size is not enlarged; no hydrocephalus.")
-_GRAY_WHITE_ELSEWHERE = ("Gray-white matter differentiation is otherwise preserved.",
-                         "Grey-white differentiation is preserved elsewhere.", "")
+_HYDROCEPHALUS = (
+    "The ventricles are enlarged, consistent with hydrocephalus.",
+    "Ventricular enlargement is compatible with acute hydrocephalus.",
+    "There is associated hydrocephalus with dilatation of the lateral and third ventricles.",
+)
+_NO_HYDROCEPHALUS = (
+    "No hydrocephalus.",
+    "There is no hydrocephalus.",
+    "Ventricular size is not enlarged; no hydrocephalus.",
+)
+_GRAY_WHITE_ELSEWHERE = (
+    "Gray-white matter differentiation is otherwise preserved.",
+    "Grey-white differentiation is preserved elsewhere.",
+    "",
+)
 
 _MAIN = {
     "intraparenchymal": (
@@ -94,8 +137,11 @@ _MAIN = {
         "{Type} is seen {preposition} the {location}, with an estimated volume of approximately {volume} mL.",
     ),
 }
-_PREPOSITIONS = {"intraparenchymal": ("in", "within", "centered in"), "subdural": ("along",),
-                 "intraventricular": ("in", "within")}
+_PREPOSITIONS = {
+    "intraparenchymal": ("in", "within", "centered in"),
+    "subdural": ("along",),
+    "intraventricular": ("in", "within"),
+}
 _MAIN_IMPRESSION = (
     "{Type} {preposition} the {location}, approximately {volume} mL.",
     "{Adjective_location} {noun} (approximately {volume} mL).",
@@ -135,14 +181,20 @@ def _location(ich_type: str, side: str, region: str, rng) -> tuple[str, str]:
 
 
 def _check(metadata: dict) -> None:
-    missing = [k for k in ("ich_type", "side", "region", "volume_ml", "midline_shift_mm", "mass_effect") if k not in metadata]
+    missing = [
+        k for k in ("ich_type", "side", "region", "volume_ml", "midline_shift_mm", "mass_effect") if k not in metadata
+    ]
     if missing:
         raise ValueError(f"case {metadata.get('case_id', '?')}: metadata lacks {missing}, found {sorted(metadata)}")
     kind, side = metadata["ich_type"], metadata["side"]
     if kind != "none" and kind not in _TYPE_WORDS:
-        raise ValueError(f"case {metadata.get('case_id', '?')}: unknown ich_type {kind!r}, expected 'none' or one of {tuple(_TYPE_WORDS)}")
+        raise ValueError(
+            f"case {metadata.get('case_id', '?')}: unknown ich_type {kind!r}, expected 'none' or one of {tuple(_TYPE_WORDS)}"
+        )
     if kind != "none" and side not in _SIDES[kind]:
-        raise ValueError(f"case {metadata.get('case_id', '?')}: side {side!r} is not valid for {kind}, expected one of {_SIDES[kind]}")
+        raise ValueError(
+            f"case {metadata.get('case_id', '?')}: side {side!r} is not valid for {kind}, expected one of {_SIDES[kind]}"
+        )
     if kind == "subdural" and not metadata.get("max_thickness_mm"):
         raise ValueError(f"case {metadata.get('case_id', '?')}: a subdural hematoma needs max_thickness_mm")
 
@@ -177,9 +229,13 @@ def write_ct_report(metadata: dict, rng: np.random.Generator) -> dict:
     type_phrase = adjective + noun
     location, location_adjective = _location(kind, side, region, rng)
     words = {
-        "type": type_phrase, "Type": _capitalise(type_phrase), "noun": noun,
-        "a_type": _article(type_phrase), "A_type": _capitalise(_article(type_phrase)),
-        "preposition": choose(_PREPOSITIONS[kind]), "location": location,
+        "type": type_phrase,
+        "Type": _capitalise(type_phrase),
+        "noun": noun,
+        "a_type": _article(type_phrase),
+        "A_type": _capitalise(_article(type_phrase)),
+        "preposition": choose(_PREPOSITIONS[kind]),
+        "location": location,
         "Adjective_location": _capitalise(adjective + location_adjective),
         "volume": _number(float(metadata["volume_ml"]), 10.0),
         "thickness": _number(float(metadata.get("max_thickness_mm") or 0.0), 10.0),
@@ -210,8 +266,11 @@ def write_ct_report(metadata: dict, rng: np.random.Generator) -> dict:
 def _assemble(findings: list[str], impression: list[str]) -> dict:
     findings_text = " ".join(s for s in findings if s)
     impression_text = " ".join(s for s in impression if s)
-    return {"report": f"FINDINGS: {findings_text} IMPRESSION: {impression_text}",
-            "findings": findings_text, "impression": impression_text}
+    return {
+        "report": f"FINDINGS: {findings_text} IMPRESSION: {impression_text}",
+        "findings": findings_text,
+        "impression": impression_text,
+    }
 
 
 def report_manifest_row(case: dict) -> dict:
@@ -221,8 +280,15 @@ def report_manifest_row(case: dict) -> dict:
     ``image`` stays relative to the dataset folder, where the manifests are written, so the folder
     can be moved as a whole.
     """
-    row = {"image": case["path"], "report": case["report"], "findings": case["findings"],
-           "impression": case["impression"], "modality": "ct", "split": case["split"], "id": case["case_id"]}
+    row = {
+        "image": case["path"],
+        "report": case["report"],
+        "findings": case["findings"],
+        "impression": case["impression"],
+        "modality": "ct",
+        "split": case["split"],
+        "id": case["case_id"],
+    }
     row.update({key: case[key] for key in REPORT_MANIFEST_LABELS if key in case})
     return row
 
@@ -244,6 +310,12 @@ def report_corpus(cases: list[dict], variants: int, seed: int) -> list[dict]:
                     if metadata.get(key):
                         metadata[key] = round(float(case[key]) * 2.0 ** rng.uniform(-1, 1), 1)
             report = write_ct_report(metadata, rng)["report"]
-            rows.append({"report": report, "volume_ml": metadata["volume_ml"] if case["ich_type"] != "none" else 0.0,
-                         "side": case["side"] if case["ich_type"] != "none" else "none", "ich_type": case["ich_type"]})
+            rows.append(
+                {
+                    "report": report,
+                    "volume_ml": metadata["volume_ml"] if case["ich_type"] != "none" else 0.0,
+                    "side": case["side"] if case["ich_type"] != "none" else "none",
+                    "ich_type": case["ich_type"],
+                }
+            )
     return rows

@@ -92,10 +92,10 @@ class LoadVolumed(MapTransform):
     """Load ``keys`` with :func:`sam3d.data.io.load_volume` into channel-first MetaTensors.
 
     The first key is the image; later keys are its masks. An entry is a path or a
-    :class:`~sam3d.data.io.Volume` already read (read once, e.g. with a DICOM series chosen). A mask entry that is ``None`` (an
-    ``ich=0`` scan without a mask file) becomes an all-zero volume on the image's grid. A mask must
-    match the image's shape and affine; if only one of the two files carries geometry (e.g. a bare
-    ``.pkl`` array with a NIfTI mask) the other one inherits it.
+    :class:`~sam3d.data.io.Volume` already read (read once, e.g. with a DICOM series chosen). A mask
+    entry that is ``None`` (an ``ich=0`` scan without a mask file) becomes an all-zero volume on the
+    image's grid. A mask must match the image's shape and affine; if only one of the two files
+    carries geometry (e.g. a bare ``.pkl`` array with a NIfTI mask) the other one inherits it.
 
     Output per key: float32 MetaTensor (1, X, Y, Z) with ``affine`` (voxel -> RAS mm) and meta
     ``filename_or_obj`` (path, "" for a synthesised mask), ``spacing_mm`` (as read),
@@ -121,8 +121,10 @@ class LoadVolumed(MapTransform):
                 image, masks[key] = align_mask_to_volume(image, _volume(d[key]))
                 values = masks[key].array
                 if not np.all((values == 0) | (values == 1)):  # also when --validate_data paths skipped the read
-                    raise VolumeReadError(f"{masks[key].source}: a mask must hold only 0 and 1, found values "
-                                          f"{np.unique(values)[:10].tolist()}")
+                    raise VolumeReadError(
+                        f"{masks[key].source}: a mask must hold only 0 and 1, found values "
+                        f"{np.unique(values)[:10].tolist()}"
+                    )
         d[image_key] = _to_meta_tensor(image)
         for key, mask in masks.items():
             # The image's exact affine (masks agree within 1e-3 mm): Spacingd sizes its output grid
@@ -253,7 +255,10 @@ class CropAroundLesiond(Randomizable, MapTransform):
             raise ValueError(f"roi_size must be 3 positive ints, got {roi_size!r}")
         if jitter_voxels < 0:
             raise ValueError(f"jitter_voxels must be >= 0, got {jitter_voxels}")
-        for name, prob in (("negative_random_prob", negative_random_prob), ("positive_random_prob", positive_random_prob)):
+        for name, prob in (
+            ("negative_random_prob", negative_random_prob),
+            ("positive_random_prob", positive_random_prob),
+        ):
             if not 0.0 <= prob <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {prob}")
         self.label_key, self.image_key = label_key, image_key
@@ -322,8 +327,8 @@ def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
     Args:
         cfg: keys of ``DEFAULT_TRANSFORM_CONFIG`` (missing keys take the defaults, other keys are
             ignored so a larger config section can be passed).
-        train: adds centre jitter, crops centred anywhere in the head and, if ``cfg["augment"]``, augmentation. Seed it with
-            ``compose.set_random_state(seed)``; MONAI's DataLoader seeds each worker.
+        train: adds centre jitter, crops centred anywhere in the head and, if ``cfg["augment"]``,
+            augmentation. Seed it with ``compose.set_random_state(seed)``; MONAI's DataLoader seeds each worker.
 
     Items need ``"image"``; ``"label"`` may be a path, None (empty mask) or absent.
     """
@@ -342,9 +347,7 @@ def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
         )
     )
     if augment:
-        steps += [
-            RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in c["flip_axes"]
-        ]
+        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in c["flip_axes"]]
         steps.append(
             RandAffined(
                 keys,
@@ -438,9 +441,17 @@ def _resolved_config(cfg: Mapping | None) -> dict:
         if not 0.0 <= float(c[key]) <= 1.0:
             raise ValueError(f"{key} must be in [0, 1], got {c[key]}")
     windows = c["hu_windows"]
-    if (not isinstance(windows, (list, tuple)) or not windows
-            or any(not isinstance(w, (list, tuple)) or len(w) != 2 or not all(isinstance(v, (int, float)) for v in w)
-                   or w[1] <= 0 for w in windows)):
+    if (
+        not isinstance(windows, (list, tuple))
+        or not windows
+        or any(
+            not isinstance(w, (list, tuple))
+            or len(w) != 2
+            or not all(isinstance(v, (int, float)) for v in w)
+            or w[1] <= 0
+            for w in windows
+        )
+    ):
         raise ValueError(f"hu_windows must be a list of [level, width] pairs in HU with width > 0, got {windows!r}")
     if any(axis not in (0, 1, 2) for axis in c["flip_axes"]):
         raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2, got {c['flip_axes']}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 
@@ -47,8 +48,12 @@ class Sam3DConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     use_sdpa: bool = field(default=True, metadata={"help": "fused attention kernel (same outputs)"})
-    window_attention: str = field(default="padding_free", metadata={
-        "help": "'padding_free' (same outputs, real tokens only) or 'reference' (the official padded windows)"})
+    window_attention: str = field(
+        default="padding_free",
+        metadata={
+            "help": "'padding_free' (same outputs, real tokens only) or 'reference' (the official padded windows)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.global_attn_indexes = tuple(int(i) for i in self.global_attn_indexes)
@@ -69,7 +74,7 @@ class Sam3DConfig:
         return d
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "Sam3DConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> Sam3DConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -125,14 +130,25 @@ def build_from_config(config: Sam3DConfig) -> Sam3D:
 MODEL_CONFIGS: dict[str, Callable[[], Sam3DConfig]] = {
     "vit_b_ori": lambda: Sam3DConfig(),
     "tiny": lambda: Sam3DConfig(
-        img_size=64, encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
-        global_attn_indexes=(1, 3), prompt_embed_dim=48,
+        img_size=64,
+        encoder_embed_dim=96,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        global_attn_indexes=(1, 3),
+        prompt_embed_dim=48,
     ),
     # Patch 8 keeps an 8^3 token grid at 64^3 input, the released model's grid, at CPU cost; window 0:
     # every block attends globally (the demo's and the tests' models were trained so).
     "small": lambda: Sam3DConfig(
-        img_size=64, patch_size=8, encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
-        window_size=0, global_attn_indexes=(), prompt_embed_dim=96, decoder_mlp_dim=256,
+        img_size=64,
+        patch_size=8,
+        encoder_embed_dim=96,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        window_size=0,
+        global_attn_indexes=(),
+        prompt_embed_dim=96,
+        decoder_mlp_dim=256,
     ),
 }
 
@@ -152,9 +168,7 @@ def load_sam3d_weights(model: Sam3D, checkpoint: str | os.PathLike) -> None:
     load_state_dict_strict(model, state, str(checkpoint))
 
 
-def build_sam3d(
-    model_type: str | Sam3DConfig = "vit_b_ori", checkpoint: str | os.PathLike | None = None
-) -> Sam3D:
+def build_sam3d(model_type: str | Sam3DConfig = "vit_b_ori", checkpoint: str | os.PathLike | None = None) -> Sam3D:
     """Build a registry model (or one from an explicit config) and optionally load a checkpoint."""
     config = model_type if isinstance(model_type, Sam3DConfig) else model_config(model_type)
     model = build_from_config(config)
@@ -164,17 +178,17 @@ def build_sam3d(
     return model
 
 
-def load_trained_sam3d(
-    checkpoint: str | os.PathLike, model_type: str | None = None
-) -> tuple[Sam3D, dict[str, Any]]:
+def load_trained_sam3d(checkpoint: str | os.PathLike, model_type: str | None = None) -> tuple[Sam3D, dict[str, Any]]:
     """A model from a checkpoint of this toolkit (its config travels inside) or an official one
     (``model_type`` names the architecture, default ``vit_b_ori``). Returns (model, checkpoint
     metadata such as ``preprocessing``; empty for official checkpoints)."""
     payload = load_checkpoint(checkpoint)
     if isinstance(payload, Mapping) and "image_encoder_state_dict" in payload:
-        raise CheckpointError(f"{checkpoint}: an exported encoder (sam_encoder.pth: image encoder and visual "
-                              "projection only); segmentation needs the training checkpoint (best_model.pth) or an "
-                              "official SAM-Med3D checkpoint")
+        raise CheckpointError(
+            f"{checkpoint}: an exported encoder (sam_encoder.pth: image encoder and visual "
+            "projection only); segmentation needs the training checkpoint (best_model.pth) or an "
+            "official SAM-Med3D checkpoint"
+        )
     own = isinstance(payload, Mapping) and "model_config" in payload and model_type is None
     config = Sam3DConfig.from_dict(payload["model_config"]) if own else model_config(model_type or "vit_b_ori")
     model = build_from_config(config)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +121,12 @@ def padded_window_bias(
         t0 = torch.einsum("bxyzc,xkc->bxyzk", r_q, rel[0][:r0])  # (x, y, query z; key k)
         t1 = torch.einsum("bxyzc,ykc->bxyzk", q_ext, rel[1][:r1])  # (x, y; key's first index, key k)
         t2 = torch.einsum("bxyzc,zkc->bxyzk", q_ext, rel[2])  # (x, y; key's second index, key k)
-        bias = (t0[:, :, :, :, None, None, :r2] + t1[:, :, :, None, :r0, None, :r2]
-                + t2[:, :, :, None, None, :r1, :r2])
+        bias = t0[:, :, :, :, None, None, :r2] + t1[:, :, :, None, :r0, None, :r2] + t2[:, :, :, None, None, :r1, :r2]
         # For each key k the sum over the other two key axes is a product of two one-axis sums.
         whole = (t0 + (t1.logsumexp(3) + t2.logsumexp(3))[:, :, :, None, :]).logsumexp(-1)
-        box = (t0[..., :r2] + (t1[:, :, :, :r0, :r2].logsumexp(3)
-                              + t2[:, :, :, :r1, :r2].logsumexp(3))[:, :, :, None, :]).logsumexp(-1)
+        box = (
+            t0[..., :r2] + (t1[:, :, :, :r0, :r2].logsumexp(3) + t2[:, :, :, :r1, :r2].logsumexp(3))[:, :, :, None, :]
+        ).logsumexp(-1)
     # log(e^whole - e^box) without cancellation: box < whole whenever the window has padding.
     log_mass = whole + torch.log(-torch.expm1(box - whole))
     return bias.reshape(batch, tokens, tokens), log_mass.reshape(batch, tokens)
@@ -193,8 +193,9 @@ class Attention(nn.Module):
         tokens folded into a zero key with value b_v whose logit is the log of their summed exp(score)."""
         head_dim = q.shape[-1]
         if self.qkv.bias is not None:
-            pad_q, pad_k, pad_v = (b.reshape(self.num_heads, head_dim).repeat(batch, 1)
-                                   for b in self.qkv.bias.reshape(3, -1))
+            pad_q, pad_k, pad_v = (
+                b.reshape(self.num_heads, head_dim).repeat(batch, 1) for b in self.qkv.bias.reshape(3, -1)
+            )
         else:
             pad_q = pad_k = pad_v = q.new_zeros(q.shape[0], head_dim)
         # At least float32, under autocast too: the padded mass is summed in exp space.
@@ -274,8 +275,11 @@ def padding_free_window_attention(attn: Attention, x: torch.Tensor, window_size:
     batch, *grid, _ = x.shape
     if all(g <= window_size for g in grid):
         return attn(x, window_size)
-    spans = [[(0, g - g % window_size, window_size)] * (g >= window_size)
-             + [(g - g % window_size, g, g % window_size)] * (g % window_size > 0) for g in grid]
+    spans = [
+        [(0, g - g % window_size, window_size)] * (g >= window_size)
+        + [(g - g % window_size, g, g % window_size)] * (g % window_size > 0)
+        for g in grid
+    ]
     out = torch.empty_like(x)
     for group in itertools.product(*spans):
         box = (slice(None), *(slice(start, stop) for start, stop, _ in group))
