@@ -284,13 +284,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     trainer_cfg = TrainerConfig.from_flags(args, output_dir)
     run_config = {**vars(args), "model_config": config.to_dict()}
     tracker_factory = lambda run_id: Tracker(  # noqa: E731
-        args.use_wandb,
-        args.wandb_project,
-        args.wandb_entity,
-        run_config,
-        output_dir,
-        run_id,
-        name=output_dir.name,
+        args.use_wandb, args.wandb_project, args.wandb_entity, run_config, output_dir, run_id, name=output_dir.name
     )
     trainer = Trainer(
         trainer_cfg,
@@ -307,10 +301,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     skipped = [{"csv": args.train_csv, **s} for s in train_skipped] + [{"csv": args.val_csv, **s} for s in val_skipped]
-    summary_extra = {
-        "data": {"train_cases": len(train_rows), "val_cases": len(val_rows)},
-        "skipped_rows": skipped,
-    }
+    summary_extra = {"data": {"train_cases": len(train_rows), "val_cases": len(val_rows)}, "skipped_rows": skipped}
     try:
         result = trainer.fit(train_ds, val_ds, summary_extra)
         outputs = {

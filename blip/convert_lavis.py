@@ -43,13 +43,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
-from engine.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    extract_state_dict,
-    load_checkpoint,
-    load_state_dict_strict,
-)
+from engine.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict
 from engine.cli import run_main
 from engine.config import CommandLineParser
 

@@ -33,23 +33,14 @@ from engine.trainer import autocast_dtype
 from sam3d.data.transforms import build_inference_transforms
 
 from .labeler import precision_recall_f1
-from .model import (
-    TOWER_OF_MODALITY,
-    Blip2ReportModel,
-    Blip2ReportOutput,
-    attention_overlays,
-    tokenize_reports,
-)
+from .model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, attention_overlays, tokenize_reports
 from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
 
 
 def ct_image_transform(preprocessing: Mapping[str, Any] | None, img_size: int) -> Callable[[str], torch.Tensor]:
     """path → float32 (C, img_size, img_size, img_size) for the CT tower."""
     pipeline = Compose(
-        [
-            build_inference_transforms(preprocessing),
-            ResizeWithPadOrCropd("image", (img_size,) * 3, mode="minimum"),
-        ]
+        [build_inference_transforms(preprocessing), ResizeWithPadOrCropd("image", (img_size,) * 3, mode="minimum")]
     )
     # A plain tensor: MetaTensor's per-op bookkeeping would slow every layer of the model down.
     return lambda path: convert_to_tensor(pipeline({"image": path})["image"], dtype=torch.float32, track_meta=False)

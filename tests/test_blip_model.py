@@ -7,11 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip.language_model import (
-    build_tiny_gpt2,
-    load_language_model,
-    lora_target_modules,
-)
+from blip.language_model import build_tiny_gpt2, load_language_model, lora_target_modules
 from blip.model import Blip2ReportConfig, Blip2ReportModel
 from blip.vision import SAM2D_CONFIGS, VisionTowerConfig, build_vision_tower
 from engine.checkpoint import CheckpointError

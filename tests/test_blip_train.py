@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from blip.model import Blip2ReportModel
-from blip.task import (
-    ReportCollator,
-    ReportDataset,
-    image_transform,
-    xray_image_transform,
-)
+from blip.task import ReportCollator, ReportDataset, image_transform, xray_image_transform
 from blip.train import main
 from engine.checkpoint import load_checkpoint
 from tests.conftest import CT_REPORTS

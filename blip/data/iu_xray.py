@@ -21,14 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from blip.data.reports import (
-    SPLITS,
-    ReportManifestError,
-    ReportRecord,
-    clean_report,
-    join_sections,
-    split_sections,
-)
+from blip.data.reports import SPLITS, ReportManifestError, ReportRecord, clean_report, join_sections, split_sections
 
 __all__ = ["IndianaReports", "read_indiana", "read_r2gen_annotation"]
 

@@ -107,8 +107,7 @@ _REPEATED_PUNCT = re.compile(r"([.,;:!?])(?:\s*\1)+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
 _MISSING_SPACE = re.compile(r"(?<=[a-z])\.(?=[A-Z][a-z])")  # "apex.There" -> "apex. There"
 _SECTION_HEADER = re.compile(
-    r"(?:^|(?<=[.!?\n]))[ \t]*(findings|impressions?|conclusions?)[ \t]*(?::|-+|–|—|$)",
-    re.IGNORECASE | re.MULTILINE,
+    r"(?:^|(?<=[.!?\n]))[ \t]*(findings|impressions?|conclusions?)[ \t]*(?::|-+|–|—|$)", re.IGNORECASE | re.MULTILINE
 )
 
 

@@ -89,10 +89,7 @@ class _RowProblem(Exception):
 
 
 def read_manifest(
-    csv_path: str | os.PathLike,
-    mask_dir: str | os.PathLike | None,
-    validate: str = "full",
-    skip_invalid: bool = False,
+    csv_path: str | os.PathLike, mask_dir: str | os.PathLike | None, validate: str = "full", skip_invalid: bool = False
 ) -> tuple[list[ManifestRow], list[dict]]:
     """Read and check a manifest CSV.
 
@@ -309,12 +306,7 @@ def build_segmentation_dataset(
     if cache_dir is None:
         return Dataset(items, transform)
     return PersistentDataset(
-        items,
-        transform,
-        cache_dir=cache_dir,
-        hash_func=_item_hash,
-        hash_transform=pickle_hashing,
-        track_meta=True,
+        items, transform, cache_dir=cache_dir, hash_func=_item_hash, hash_transform=pickle_hashing, track_meta=True
     )
 
 

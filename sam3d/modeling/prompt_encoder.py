@@ -99,10 +99,7 @@ class PromptEncoder3D(nn.Module):
         return embedding
 
     def forward(
-        self,
-        points: tuple[torch.Tensor, torch.Tensor] | None,
-        boxes: torch.Tensor | None,
-        masks: torch.Tensor | None,
+        self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, masks: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sparse (B, N, C), dense (B, C, *E))."""
         if boxes is not None:

@@ -83,12 +83,7 @@ class TwoWayTransformer(nn.Module):
     (queries (B, N, C), keys (B, prod(E), C))."""
 
     def __init__(
-        self,
-        depth: int,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int,
-        attention_downsample_rate: int = 2,
+        self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int = 2
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
