@@ -209,6 +209,14 @@ def check_config(args: argparse.Namespace) -> list[str]:
             raise ConfigError(f"--{key} {value}: file not found{hint}")
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise ConfigError(f"--init_from {args.init_from}: not a qformer folder of a stage-1 run (no config.json)")
+    if args.stage == 1 and args.init_from:
+        from blip.stage1 import HEADS_NAME
+
+        if not (Path(args.init_from) / HEADS_NAME).is_file():
+            raise ConfigError(
+                f"--init_from {args.init_from}: no {HEADS_NAME} to continue stage 1 from "
+                "(a stage-1 run's qformer folder has it)"
+            )
     if args.init_from and args.qformer_checkpoint:
         raise ConfigError("--init_from and --qformer_checkpoint both initialise the bridge: give one")
     if args.lm and not (Path(args.lm) / "config.json").is_file():

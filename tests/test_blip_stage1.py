@@ -17,7 +17,7 @@ from blip.task import ReportCollator
 from blip.train import build_model, build_parser, main
 from blip.vision import VisionTowerConfig
 from engine.checkpoint import load_checkpoint
-from engine.config import parse_with_config
+from engine.config import ConfigError, parse_with_config
 from engine.distributed import DistributedContext
 from tests.conftest import CT_REPORTS as REPORTS
 
@@ -164,3 +164,6 @@ def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     model.load_heads(folder)
     heads = load_file(str(folder / "stage1_heads.safetensors"))
     assert all(torch.equal(v, model.heads_state_dict()[k]) for k, v in heads.items())
+    (folder / "stage1_heads.safetensors").unlink()  # a bridge alone cannot continue stage 1: one line
+    with pytest.raises(ConfigError, match="no stage1_heads.safetensors"):
+        main(common + two + ["--stage", "1"])
