@@ -141,7 +141,8 @@ def write_head_ct(path, bleed: bool, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def ct_data(tmp_path_factory):
-    """Six tiny CT volumes with report manifests (4 train, 2 val) and an exported tiny encoder."""
+    """Six tiny CT volumes with report manifests (4 train, 2 val), an exported tiny encoder and the
+    flags that point blip.train at them."""
     root = tmp_path_factory.mktemp("ct_reports")
     manifests = {}
     for split, bleeds in (("train", [True, False, True, False]), ("val", [True, False])):
@@ -164,4 +165,15 @@ def ct_data(tmp_path_factory):
     torch.manual_seed(0)
     encoder = root / "sam_encoder.pth"
     export_encoder(build_sam3d(TINY_CT), encoder, TINY_CT, visual_tokens=16, preprocessing=TINY_CT_PREPROCESSING)
-    return {"root": root, "encoder": encoder, **manifests}
+    # The report-training flags every tiny CT run starts with.
+    flags = [
+        "--config",
+        "configs/blip_tiny_ct.yaml",
+        "--train_manifest",
+        str(manifests["train"]),
+        "--val_manifest",
+        str(manifests["val"]),
+        "--encoder",
+        str(encoder),
+    ]
+    return {"root": root, "encoder": encoder, "flags": flags, **manifests}

@@ -120,20 +120,7 @@ def test_validation_retrieval_figures(stage1_model):
 
 def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     os.environ["WANDB_MODE"] = "disabled"
-    common = [
-        "--config",
-        "configs/blip_tiny_ct.yaml",
-        "--train_manifest",
-        str(ct_data["train"]),
-        "--val_manifest",
-        str(ct_data["val"]),
-        "--encoder",
-        str(ct_data["encoder"]),
-        "--epochs",
-        "2",
-        "--max_new_tokens",
-        "5",
-    ]
+    common = [*ct_data["flags"], "--epochs", "2", "--max_new_tokens", "5"]
     one = tmp_path / "stage1"
     assert main(common + ["--stage", "1", "--output_dir", str(one)]) == 0
     history = load_checkpoint(one / "latest_model.pth")["history"]

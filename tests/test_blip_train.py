@@ -22,14 +22,7 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     os.environ["WANDB_MODE"] = "disabled"
     out = tmp_path / "run"
     argv = [
-        "--config",
-        "configs/blip_tiny_ct.yaml",
-        "--train_manifest",
-        str(ct_data["train"]),
-        "--val_manifest",
-        str(ct_data["val"]),
-        "--encoder",
-        str(ct_data["encoder"]),
+        *ct_data["flags"],
         "--output_dir",
         str(out),
         "--max_new_tokens",
@@ -84,14 +77,7 @@ def test_token_cache_changes_the_speed_not_the_results(ct_data, tmp_path, monkey
         assert (
             main(
                 [
-                    "--config",
-                    "configs/blip_tiny_ct.yaml",
-                    "--train_manifest",
-                    str(ct_data["train"]),
-                    "--val_manifest",
-                    str(ct_data["val"]),
-                    "--encoder",
-                    str(ct_data["encoder"]),
+                    *ct_data["flags"],
                     "--output_dir",
                     str(out),
                     "--max_new_tokens",
@@ -122,14 +108,7 @@ def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
     assert (
         main(
             [
-                "--config",
-                "configs/blip_tiny_ct.yaml",
-                "--train_manifest",
-                str(ct_data["train"]),
-                "--val_manifest",
-                str(ct_data["val"]),
-                "--encoder",
-                str(ct_data["encoder"]),
+                *ct_data["flags"],
                 "--output_dir",
                 str(out),
                 "--max_new_tokens",
