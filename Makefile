@@ -10,16 +10,18 @@ STAMP := $(VENV)/.installed
 # The constraint keeps every dependency from swapping torch for a multi-GB CUDA build. --no-compile:
 # Python compiles the modules it imports on first use instead of all of them up front (pip 95 s
 # instead of 158 s on 2 cores).
-$(STAMP): requirements.txt
+# The package installs in editable mode with its test and app extras (pyproject.toml), so the
+# sam3d-* commands are in .venv/bin and a change to the code needs no reinstall.
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt -c $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet --no-compile -e ".[test,app]" -c $(VENV)/constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py --output_dir outputs/demo
+	$(VENV)/bin/sam3d-demo --output_dir outputs/demo
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 """Report generation: vision towers, the Q-Former bridge, language model, report data and metrics.
 
 ``blip.convert_lavis`` (LAVIS checkpoint conversion) is imported on demand so that
-``python -m blip.convert_lavis`` runs it as a fresh module.
+``sam3d-convert-lavis`` runs it as a fresh module.
 """
 
 from blip.qformer import QFormerBridge, QFormerBridgeConfig, QFormerBridgeOutput

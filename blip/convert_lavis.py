@@ -28,7 +28,7 @@ width and still load) and ``language_projection`` (a different language model, o
 that has no projection). Anything else that does not fit is an
 error naming the keys.
 
-CLI: ``python -m blip.convert_lavis --lavis ckpt.pth --output bridge.pth [--vision-width 384 ...]``
+CLI: ``sam3d-convert-lavis --lavis ckpt.pth --output bridge.pth [--vision-width 384 ...]``
 (an ``--output`` without a ``.pth``/``.pt``/``.bin`` suffix is written as a ``save_pretrained`` folder).
 """
 
@@ -37,15 +37,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
-from engine.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict
-from engine.cli import run_main
-from engine.config import CommandLineParser
+from sam3d.engine.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    extract_state_dict,
+    load_checkpoint,
+    load_state_dict_strict,
+)
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
 
 _LAYER = r"Qformer\.bert\.encoder\.layer\.(\d+)\."
 
@@ -198,5 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    sys.exit(console())

@@ -16,7 +16,7 @@ The head reads the vision tower's tokens, not the Q-Former's queries: a finding 
 region shows it, and a small bleed fills one or two of 512 tokens, which any mean over the image
 dilutes. So each token gets a score per observation and the scores are pooled by log-mean-exp, a smooth
 maximum (multiple-instance learning, as slice-level ICH detectors do). Measured with ``blip.train``
-(configs/blip_tiny_ct.yaml without the measurement sentence, 60 training scans, 80 epochs, fixed
+(sam3d/configs/blip_tiny_ct.yaml without the measurement sentence, 60 training scans, 80 epochs, fixed
 ``small`` encoders fine-tuned at 2 mm) on two synthetic sets of 40 held-out scans: generated reports
 right about hemorrhage on 32/40 and 27/40 (majority class 24/40 and 23/40; normals 16/16 and 12/17,
 subdurals 9/10 and 9/9, intraparenchymal / intraventricular 7/14 and 8/14). A head on the mean

@@ -14,8 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.config import ConfigError
 from sam3d.data.io import Volume, load_volume
+from sam3d.engine.config import ConfigError
 from sam3d.predict import Click, HemorrhageSegmenter, Measurements
 
 from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot

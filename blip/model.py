@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.checkpoint import CheckpointError, load_state_dict_strict
+from sam3d.engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
 from .diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations

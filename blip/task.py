@@ -12,7 +12,7 @@ Items are dicts ``{"image": path, "report": text, "modality": "ct"|"xray", "id":
 
 A batch holds one modality (the prompt and the tower depend on it). A dataset may mix modalities:
 it exposes each item's modality as ``group_keys``, from which the engine draws single-modality
-batches (``engine.samplers.GroupedBatchSampler``).
+batches (``sam3d.engine.samplers.GroupedBatchSampler``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from torch.utils.data import Dataset
 
-from engine.trainer import autocast_dtype
 from sam3d.data.transforms import build_inference_transforms
+from sam3d.engine.trainer import autocast_dtype
 
 from .labeler import precision_recall_f1
 from .model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, attention_overlays, tokenize_reports

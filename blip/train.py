@@ -1,8 +1,8 @@
 """Train the BLIP-2 report model on the shared engine.
 
-    python -m blip.train --config configs/blip_tiny_ct.yaml --train_manifest train.jsonl --val_manifest val.jsonl \\
+    sam3d-report-train --config sam3d/configs/blip_tiny_ct.yaml --train_manifest train.jsonl --val_manifest val.jsonl \\
         --encoder outputs/sam3d/sam_encoder.pth
-    python -m blip.train --config ... --resume                       # continue from output_dir/latest_model.pth
+    sam3d-report-train --config ... --resume                       # continue from output_dir/latest_model.pth
 
 Manifests are ``blip.data.reports`` CSV/JSONL files (columns image, report, modality ...). Without
 ``--val_manifest`` both sets come from the ``split`` column of ``--train_manifest``. Without ``--lm`` a
@@ -19,7 +19,7 @@ fixed pretrained tower is BLIP-2's recipe, and here it is measured: the report l
 tower little before it has taught the Q-Former to read it, and trained jointly from the first step the
 SAM-Med3D encoder's hemorrhage features were lost (reports the same with any study's image:
 ``val_image_gain`` 0.000), while the frozen exported encoder gave held-out reports that depend on the
-image (see configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
+image (see sam3d/configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
 labels lead each prompt (``blip.diagnosis``); it is what made held-out CT reports name a hemorrhage
 when there is one (README, "Report generation").
 
@@ -46,7 +46,8 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import (
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import (
     CommandLineParser,
     ConfigError,
     add_optimisation_arguments,
@@ -61,7 +62,7 @@ LM_FOLDER = "lm"
 REPORT_MODEL_FOLDER = "report_model"
 QFORMER_FOLDER = "qformer"
 MANIFEST_HINT = (
-    " (`make demo` or scripts/make_synthetic_ich.py write synthetic head-CT report manifests, "
+    " (`make demo` or sam3d-make-synthetic write synthetic head-CT report manifests, "
     "reports_train.jsonl and reports_val.jsonl)"
 )
 
@@ -284,7 +285,7 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
     from blip.language_model import build_tiny_gpt2
     from blip.model import Blip2ReportConfig, Blip2ReportModel
     from blip.vision import VisionTowerConfig
-    from engine.distributed import barrier
+    from sam3d.engine.distributed import barrier
 
     modalities = {modalities} if isinstance(modalities, str) else set(modalities)
     lm_path = args.lm
@@ -358,7 +359,7 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     """Train, save the best model with ``save_pretrained`` and generate one sample per validation
     modality. Returns the engine's result plus ``outputs`` and ``samples``."""
-    from engine.checkpoint import lock_output_dir
+    from sam3d.engine.checkpoint import lock_output_dir
 
     with lock_output_dir(args.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         return _run_training(args)
@@ -370,10 +371,10 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     from blip.diagnosis import diagnosis_sentence
     from blip.model import write_attention_overlays
     from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
-    from engine.checkpoint import extract_state_dict, load_checkpoint
-    from engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
-    from engine.tracking import Tracker
-    from engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT, Trainer, TrainerConfig
+    from sam3d.engine.checkpoint import extract_state_dict, load_checkpoint
+    from sam3d.engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
+    from sam3d.engine.tracking import Tracker
+    from sam3d.engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT, Trainer, TrainerConfig
 
     device = resolve_device(args.device)
     ctx = init_distributed(device)
@@ -505,7 +506,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Configuration errors end as one line (exit 2) through ``engine.cli.run_main``, before any data is read."""
+    """Configuration errors end as one line (exit 2) through ``sam3d.engine.cli.run_main``, before any data is read."""
     parser = build_parser()
     args = parse_with_config(parser, argv)
     for message in check_config(args):
@@ -516,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_training(args)
     if int(os.environ.get("RANK", "0")) == 0:
         from blip.data.reports import split_sections
-        from engine.trainer import print_outcome
+        from sam3d.engine.trainer import print_outcome
 
         for sample in result.get("samples", []):
             findings, impression = split_sections(sample["generated"])
@@ -531,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from engine.cli import run_main
+console = console_main(main)
 
-    sys.exit(run_main(main))
+if __name__ == "__main__":
+    sys.exit(console())

@@ -57,7 +57,7 @@ def run_click_rounds(
     labels = torch.zeros((batch, 0), dtype=torch.long, device=target.device)
     logits = None
     for i in range(num_clicks):
-        with record_function("sam3d.click_sampling"):  # ranges read by scripts/bench.py
+        with record_function("sam3d.click_sampling"):  # ranges read by sam3d-bench
             new_points, new_labels = sample_next_clicks(prediction, target, generator)
         points = torch.cat([points, new_points], dim=1)
         labels = torch.cat([labels, new_labels], dim=1)

@@ -49,7 +49,7 @@ class InteractiveSegmentationLoss(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.model.parameters()).device
         images, targets = model_inputs(batch, device)
-        # Named ranges (sam3d.*) let scripts/bench.py say where a training step's time goes.
+        # Named ranges (sam3d.*) let sam3d-bench say where a training step's time goes.
         with record_function("sam3d.encoder"):
             embeddings = self.model.image_encoder(images)
         positive = targets.flatten(1).amax(1) > 0.5

@@ -31,8 +31,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from engine.checkpoint import atomic_write
-from engine.config import ConfigError
+from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.config import ConfigError
 
 from . import __version__
 from .data.dicom_seg import mask_on_frames, write_hemorrhage_seg

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.trainer import autocast_dtype
+from sam3d.engine.trainer import autocast_dtype
 
 from .clicks import run_click_rounds
 from .loss import InteractiveSegmentationLoss, dice_ce_loss, model_inputs

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
+
+from blip.model import Blip2ReportConfig
+from blip.vision import VisionTowerConfig
+from sam3d.data.io import save_nifti
+from sam3d.export import export_encoder
+from sam3d.modeling.build import build_sam3d, model_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
-sys.path.insert(0, str(REPO))
-
-from sam3d.data.io import save_nifti  # noqa: E402
-from sam3d.export import export_encoder  # noqa: E402
-from sam3d.modeling.build import build_sam3d, model_config  # noqa: E402
 
 
 def fixture_fill(key: str, shape) -> torch.Tensor:
@@ -53,7 +54,7 @@ def make_tiny_models(folder: Path) -> tuple[Path, Path]:
     from blip.language_model import build_tiny_gpt2
     from blip.model import Blip2ReportConfig, Blip2ReportModel
     from blip.vision import VisionTowerConfig
-    from engine.checkpoint import atomic_save
+    from sam3d.engine.checkpoint import atomic_save
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -120,6 +121,8 @@ CT_REPORTS = {  # the two reports of the tiny report-model tests: a bleed, none
     True: "FINDINGS: Hyperdense hemorrhage in the right basal ganglia. IMPRESSION: Acute intracranial hemorrhage.",
     False: "FINDINGS: No hemorrhage or mass effect. IMPRESSION: Normal head CT.",
 }
+# The registry's "tiny" CT encoder without window attention: a 4^3 grid attended globally instead of
+# padded to one 14^3 window, which keeps CPU tests fast.
 TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())
 TINY_CT_PREPROCESSING = {
     "target_spacing_mm": (3.0, 3.0, 3.0),
@@ -168,7 +171,7 @@ def ct_data(tmp_path_factory):
     # The report-training flags every tiny CT run starts with.
     flags = [
         "--config",
-        "configs/blip_tiny_ct.yaml",
+        "sam3d/configs/blip_tiny_ct.yaml",
         "--train_manifest",
         str(manifests["train"]),
         "--val_manifest",
@@ -177,3 +180,48 @@ def ct_data(tmp_path_factory):
         str(encoder),
     ]
     return {"root": root, "encoder": encoder, "flags": flags, **manifests}
+
+
+TINY_REPORTS = [  # the two reports of the report-model unit tests
+    "FINDINGS: Acute hemorrhage in the left frontal lobe with mild edema. IMPRESSION: Intraparenchymal hemorrhage.",
+    "FINDINGS: No hemorrhage, mass effect or midline shift. IMPRESSION: Normal head CT.",
+]
+TINY_BRIDGE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def tiny_config(lm_folder, lm_mode="full", ct_checkpoint=None, freeze_ct=False, xray=True) -> Blip2ReportConfig:
+    ct = VisionTowerConfig(
+        "sam3d", checkpoint=ct_checkpoint, freeze=freeze_ct, encoder_config=None if ct_checkpoint else TINY_CT.to_dict()
+    )
+    return Blip2ReportConfig(
+        ct_tower=ct.to_dict(),
+        xray_tower=VisionTowerConfig("sam2d", "tiny").to_dict() if xray else None,
+        bridge=TINY_BRIDGE,
+        lm_path=str(lm_folder),
+        lm_mode=lm_mode,
+        num_query_tokens=4,
+    )
+
+
+def ct_images(batch=2, seed=0):
+    return torch.randn(batch, 1, 64, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+class VolumeDataset(Dataset):
+    """Random 32^3 scans; even indices carry a cubic 'hemorrhage' that is bright in the image."""
+
+    def __init__(self, n=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            label = torch.zeros(1, 32, 32, 32)
+            if i % 2 == 0:
+                label[0, 8:16, 10:18, 12:20] = 1
+            image = torch.randn(1, 32, 32, 32, generator=g) * 0.3 + 2 * label
+            self.items.append({"image": image, "label": label, "patient_id": f"P{i}"})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]

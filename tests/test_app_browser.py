@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
+from blip.app import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
 from sam3d.data.synthetic import synthesize_case
 from sam3d.predict import HemorrhageSegmenter, hyperdense_options
 from tests.conftest import REPO, make_tiny_models
@@ -124,7 +124,7 @@ def tiny_models(tmp_path_factory):
 def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tmp_path):
     """A zip as PACS exports it: series in sub-folders, files without extensions, a localizer beside the
     axial series. The axial one is read, the localizer named, and the downloads hold a DICOM SEG."""
-    from app import ReportSession
+    from blip.app import ReportSession
     from blip.grounded import ScanReporter
     from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
     from tests.conftest import head_phantom_hu
@@ -211,7 +211,7 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
 
 
 def test_a_visitors_files_go_when_the_page_closes_or_sits_idle(tiny_models, tmp_path):
-    from app import ReportSession
+    from blip.app import ReportSession
     from blip.grounded import ScanReporter
 
     seg_checkpoint, report_model = tiny_models

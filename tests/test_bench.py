@@ -1,10 +1,10 @@
-"""scripts/bench.py runs both window-attention paths side by side and records every figure (not a timed test)."""
+"""sam3d-bench runs both window-attention paths side by side and records every figure (not a timed test)."""
 
 import json
 
 import pytest
 
-from scripts.bench import main
+from sam3d.cli.bench import main
 
 
 @pytest.mark.slow

@@ -25,14 +25,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import train as segmentation_train
 from blip.labeler import label_ct_report
 from blip.model import Blip2ReportModel
 from blip.task import image_transform
 from blip.train import build_parser, run_training
-from engine.checkpoint import load_checkpoint
-from engine.config import parse_with_config
+from sam3d.cli import train as segmentation_train
 from sam3d.data.synthetic import make_synthetic_ich
+from sam3d.engine.checkpoint import load_checkpoint
+from sam3d.engine.config import parse_with_config
 
 pytestmark = pytest.mark.learning
 
@@ -79,7 +79,7 @@ def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
     _train(
         [
             "--config",
-            "configs/blip_tiny_ct.yaml",
+            "sam3d/configs/blip_tiny_ct.yaml",
             "--train_manifest",
             str(manifest),
             "--val_manifest",
@@ -136,8 +136,8 @@ def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
 def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
     """The CT path on 108 synthetic scans (2 x 2 x 4 mm): 60 train both models, 8 validate them (best
     epoch) and 40 are held out. The ``small`` SAM-Med3D model is fine-tuned from the pretrained stand-in
-    (configs/sam3d_demo.yaml) for 12 epochs with one click and no automatic round (~30% cheaper steps; the
-    report model does not use that mode). The report model (configs/blip_tiny_ct.yaml with the diagnosis
+    (sam3d/configs/sam3d_demo.yaml) for 12 epochs with one click and no automatic round (~30% cheaper steps; the
+    report model does not use that mode). The report model (sam3d/configs/blip_tiny_ct.yaml with the diagnosis
     head instead of the measurement sentence, whose segmentation this test does not run, and a small LM
     trained from scratch) trains 40 epochs on the fixed exported encoder. Run with ``-s`` for the figures;
     docs/report_generation.md records them."""
@@ -157,7 +157,7 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
             segmentation_train.build_parser(),
             [
                 "--config",
-                "configs/sam3d_demo.yaml",
+                "sam3d/configs/sam3d_demo.yaml",
                 "--train_csv",
                 data["train_csv"],
                 "--val_csv",
@@ -187,7 +187,7 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
     _train(
         [
             "--config",
-            "configs/blip_tiny_ct.yaml",
+            "sam3d/configs/blip_tiny_ct.yaml",
             "--train_manifest",
             data["reports_train"],
             "--val_manifest",

@@ -14,10 +14,10 @@ from blip.model import Blip2ReportModel
 from blip.task import ReportDataset, image_transform
 from blip.train import build_model, build_parser, main, tower_freezing
 from blip.vision import SAM2D_CHECKPOINT_PREFIX, VisionTowerConfig, build_vision_tower
-from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError
-from engine.distributed import DistributedContext
-from engine.samplers import GroupedBatchSampler
+from sam3d.engine.checkpoint import load_checkpoint
+from sam3d.engine.config import ConfigError
+from sam3d.engine.distributed import DistributedContext
+from sam3d.engine.samplers import GroupedBatchSampler
 from sam3d.export import export_encoder
 from sam3d.modeling.build import build_sam3d
 from tests.conftest import CT_REPORTS as REPORTS
@@ -150,7 +150,7 @@ def test_mixed_run_trains_both_towers_and_reloads(mixed_data, tmp_path, capsys):
         main(
             [
                 "--config",
-                "configs/blip_tiny_ct.yaml",
+                "sam3d/configs/blip_tiny_ct.yaml",
                 "--train_manifest",
                 str(mixed_data["train"]),
                 "--val_manifest",

@@ -8,20 +8,13 @@ import pytest
 import torch
 
 from blip.language_model import build_tiny_gpt2, load_language_model, lora_target_modules
-from blip.model import Blip2ReportConfig, Blip2ReportModel
+from blip.model import Blip2ReportModel
 from blip.vision import SAM2D_CONFIGS, VisionTowerConfig, build_vision_tower
-from engine.checkpoint import CheckpointError
+from sam3d.engine.checkpoint import CheckpointError
 from sam3d.export import export_encoder
-from sam3d.modeling.build import build_sam3d, model_config
-
-REPORTS = [
-    "FINDINGS: Acute hemorrhage in the left frontal lobe with mild edema. IMPRESSION: Intraparenchymal hemorrhage.",
-    "FINDINGS: No hemorrhage, mass effect or midline shift. IMPRESSION: Normal head CT.",
-]
-TINY_BRIDGE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-# The registry's "tiny" CT encoder without window attention: a 4^3 grid attended globally instead of
-# padded to one 14^3 window, which keeps CPU tests fast.
-TINY_CT = model_config("tiny", encoder_depth=2, window_size=0, global_attn_indexes=())
+from sam3d.modeling.build import build_sam3d
+from tests.conftest import TINY_CT, ct_images, tiny_config
+from tests.conftest import TINY_REPORTS as REPORTS
 
 
 @pytest.fixture(scope="module")
@@ -29,28 +22,10 @@ def lm_folder(tmp_path_factory):
     return build_tiny_gpt2(REPORTS, tmp_path_factory.mktemp("lm"), n_embd=32)
 
 
-def tiny_config(lm_folder, lm_mode="full", ct_checkpoint=None, freeze_ct=False, xray=True) -> Blip2ReportConfig:
-    ct = VisionTowerConfig(
-        "sam3d", checkpoint=ct_checkpoint, freeze=freeze_ct, encoder_config=None if ct_checkpoint else TINY_CT.to_dict()
-    )
-    return Blip2ReportConfig(
-        ct_tower=ct.to_dict(),
-        xray_tower=VisionTowerConfig("sam2d", "tiny").to_dict() if xray else None,
-        bridge=TINY_BRIDGE,
-        lm_path=str(lm_folder),
-        lm_mode=lm_mode,
-        num_query_tokens=4,
-    )
-
-
 @pytest.fixture(scope="module")
 def model(lm_folder):
     torch.manual_seed(0)
     return Blip2ReportModel(tiny_config(lm_folder))
-
-
-def ct_images(batch=2, seed=0):
-    return torch.randn(batch, 1, 64, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def test_shapes_and_labels_mask_prefix_and_padding(model):

@@ -16,9 +16,9 @@ from blip.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrain
 from blip.task import ReportCollator
 from blip.train import build_model, build_parser, main
 from blip.vision import VisionTowerConfig
-from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError, parse_with_config
-from engine.distributed import DistributedContext
+from sam3d.engine.checkpoint import load_checkpoint
+from sam3d.engine.config import ConfigError, parse_with_config
+from sam3d.engine.distributed import DistributedContext
 from tests.conftest import CT_REPORTS as REPORTS
 
 POSITIVE_LEFT = (

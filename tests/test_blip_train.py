@@ -14,7 +14,7 @@ import torch
 from blip.model import Blip2ReportModel
 from blip.task import ReportCollator, ReportDataset, image_transform, xray_image_transform
 from blip.train import main
-from engine.checkpoint import load_checkpoint
+from sam3d.engine.checkpoint import load_checkpoint
 from tests.conftest import CT_REPORTS
 
 
@@ -41,7 +41,7 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
     assert (out / "attention" / "val0_attention.png").is_file()
     samples = json.loads((out / "val_samples.json").read_text())
     assert [s["id"] for s in samples] == ["val0"] and isinstance(samples[0]["generated"], str)
-    # configs/blip_tiny_ct.yaml conditions on measurements: the manifest's volume_ml and side columns.
+    # sam3d/configs/blip_tiny_ct.yaml conditions on measurements: the manifest's volume_ml and side columns.
     assert "Segmentation: right hemorrhage, 4.2 mL." in first
     assert all(np.isfinite(h["val_image_gain"]) for h in history)  # val batches of 2 swap their images
 
@@ -188,7 +188,7 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
     out = tmp_path / "xray_run"
     argv = [
         "--config",
-        "configs/blip_tiny_ct.yaml",
+        "sam3d/configs/blip_tiny_ct.yaml",
         "--train_manifest",
         str(manifest),
         "--val_manifest",
@@ -211,7 +211,7 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
     model = Blip2ReportModel.from_pretrained(out / "report_model")
     assert model.visual_encoder is None and model.visual_encoder_2d is not None and model.config.lm_mode == "lora"
 
-    from engine.cli import run_main
+    from sam3d.engine.cli import run_main
 
     capsys.readouterr()
     assert run_main(main, argv[:4] + ["--train_manifest", str(tmp_path / "missing.jsonl")]) == 2
@@ -224,7 +224,7 @@ def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
     tensor, interfaces included, comes from the LAVIS checkpoint."""
     from blip.language_model import build_tiny_gpt2
     from blip.train import build_model, build_parser
-    from engine.distributed import DistributedContext
+    from sam3d.engine.distributed import DistributedContext
     from tests.conftest import fixture_fill, load_fixture
 
     lavis = load_fixture("lavis_qformer_parity.pt")

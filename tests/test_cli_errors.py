@@ -17,18 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from engine.checkpoint import atomic_save, atomic_write, lock_output_dir
-from engine.cli import run_main
-from engine.config import ConfigError, check_resume
-from engine.trainer import Trainer, TrainerConfig
+from sam3d.cli import train
+from sam3d.cli.predict import main as predict_main
 from sam3d.data.synthetic import synthesize_case
+from sam3d.engine.checkpoint import atomic_save, atomic_write, lock_output_dir
+from sam3d.engine.cli import run_main
+from sam3d.engine.config import ConfigError, check_resume
+from sam3d.engine.trainer import Trainer, TrainerConfig
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import Click, HemorrhageSegmenter
 from sam3d.task import SegmentationTask
-from scripts.predict import main as predict_main
-from tests.conftest import make_tiny_models
-from tests.test_engine import VolumeDataset
+from tests.conftest import VolumeDataset, make_tiny_models
 
 
 @pytest.fixture(scope="module")

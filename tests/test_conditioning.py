@@ -13,7 +13,8 @@ from blip.conditioning import context_from_measurements, context_from_row, measu
 from blip.labeler import POSITIVE, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
-from tests.test_blip_model import REPORTS, ct_images, tiny_config
+from tests.conftest import TINY_REPORTS as REPORTS
+from tests.conftest import ct_images, tiny_config
 
 LEFT = "FINDINGS: Acute left frontal hemorrhage. IMPRESSION: Left intraparenchymal hemorrhage."
 NONE = "FINDINGS: No acute intracranial hemorrhage. IMPRESSION: Normal head CT."

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.demo import figures, goals, report_labels
+from blip.cli.demo import figures, goals, report_labels
 
 LEFT_SDH = (
     "FINDINGS: There is an acute subdural hematoma along the left convexity, approximately 12 mL. "

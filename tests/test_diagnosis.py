@@ -14,7 +14,8 @@ from blip.labeler import POSITIVE, binary_observations, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
 from blip.task import ReportCollator
-from tests.test_blip_model import REPORTS, ct_images, tiny_config
+from tests.conftest import TINY_REPORTS as REPORTS
+from tests.conftest import ct_images, tiny_config
 
 SDH = "FINDINGS: Acute left subdural hematoma with mass effect. IMPRESSION: Left subdural hematoma with mass effect."
 NORMAL = "FINDINGS: No intracranial hemorrhage. IMPRESSION: Normal head CT."

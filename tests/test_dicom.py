@@ -291,8 +291,8 @@ def test_scan_inputs_take_dicom_folders_as_users_have_them(tmp_path):
 
 
 def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_geometry(tmp_path, capsys):
-    from scripts.predict import main
-    from scripts.report import main as report_main
+    from blip.cli.report import main as report_main
+    from sam3d.cli.predict import main
     from tests.conftest import make_tiny_models
 
     checkpoint, report_model = make_tiny_models(tmp_path / "models")

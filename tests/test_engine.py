@@ -4,32 +4,12 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from engine.checkpoint import load_checkpoint
-from engine.trainer import Trainer, TrainerConfig
+from sam3d.engine.checkpoint import load_checkpoint
+from sam3d.engine.trainer import Trainer, TrainerConfig
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.task import SegmentationTask
-
-
-class VolumeDataset(Dataset):
-    """Random 32^3 scans; even indices carry a cubic 'hemorrhage' that is bright in the image."""
-
-    def __init__(self, n=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.items = []
-        for i in range(n):
-            label = torch.zeros(1, 32, 32, 32)
-            if i % 2 == 0:
-                label[0, 8:16, 10:18, 12:20] = 1
-            image = torch.randn(1, 32, 32, 32, generator=g) * 0.3 + 2 * label
-            self.items.append({"image": image, "label": label, "patient_id": f"P{i}"})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+from tests.conftest import VolumeDataset
 
 
 def _train(tmp_path, epochs, resume=False, task=None, **cfg):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import pytest
@@ -61,8 +62,7 @@ def test_report_cli_end_to_end(tmp_path):
     seg_checkpoint, report_model = make_tiny_models(tmp_path / "models")
     result = subprocess.run(
         [
-            sys.executable,
-            str(REPO / "scripts" / "report.py"),
+            str(Path(sys.executable).with_name("sam3d-report")),  # the installed console script
             "--segmentation_checkpoint",
             str(seg_checkpoint),
             "--report_model",

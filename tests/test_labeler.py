@@ -112,7 +112,7 @@ def test_agreement_with_iu_human_labels():
     """Floors a little below what was measured on the 3,826 IU reports with text (see the script)."""
     if not IU_REPORTS.exists():
         pytest.skip(f"{IU_REPORTS} not present")
-    from scripts.labeler_agreement import measure
+    from blip.cli.labeler_agreement import measure
 
     observations = measure(IU_REPORTS)["observations"]
     floors = {

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from blip import metrics
+from blip.cli import evaluate as evaluate_reports
 from blip.metrics import caption_metrics, simple_tokenize
-from scripts import evaluate_reports
 
 REFERENCES = [
     "The heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.",
@@ -177,7 +177,7 @@ def test_evaluate_reports_script(tmp_path):
 def test_evaluate_reports_errors(tmp_path, capsys):
     missing = tmp_path / "missing.csv"
     _write_csv(missing, [{"id": "a", "reference": "No effusion."}], ["id", "reference"])
-    from engine.cli import run_main
+    from sam3d.engine.cli import run_main
 
     # A bad row is a data error: one line, exit 1 (usage errors exit 2).
     assert (

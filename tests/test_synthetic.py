@@ -314,8 +314,7 @@ def test_cli_writes_dataset_and_prints_csv_paths(tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
         [
-            sys.executable,
-            "scripts/make_synthetic_ich.py",
+            str(Path(sys.executable).with_name("sam3d-make-synthetic")),  # the installed console script
             "--output_dir",
             str(out),
             "--num_cases",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.tracking import Tracker, wandb_mode
+from sam3d.engine.tracking import Tracker, wandb_mode
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.checkpoint import atomic_write
-from engine.errors import UserError
 from sam3d.data.io import strip_volume_extension
+from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.errors import UserError
 
 __all__ = [
     "DEID_TOKEN",

@@ -29,7 +29,6 @@ from monai.data.utils import pickle_hashing
 from monai.utils import TraceKeys
 from tqdm import tqdm
 
-from engine.errors import UserError
 from sam3d.data.io import (
     ARRAY_PICKLE_GLOBALS,
     VolumeReadError,
@@ -37,6 +36,7 @@ from sam3d.data.io import (
     load_volume,
     strip_volume_extension,
 )
+from sam3d.engine.errors import UserError
 
 __all__ = [
     "MASK_EXTENSIONS",

@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from engine.checkpoint import atomic_write
+from sam3d.engine.checkpoint import atomic_write
 
 from .dicom import Series, is_dicom_file, read_dicom_folder
 from .errors import VolumeReadError

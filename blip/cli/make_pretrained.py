@@ -13,9 +13,9 @@
 
 All land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.
 
-    python scripts/make_pretrained.py --part sam3d
-    python scripts/make_pretrained.py --part lm
-    python scripts/make_pretrained.py --part qformer
+    sam3d-make-pretrained --part sam3d
+    sam3d-make-pretrained --part lm
+    sam3d-make-pretrained --part qformer
 """
 
 from __future__ import annotations
@@ -29,16 +29,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from sam3d import CONFIG_DIR, PRETRAINED_DIR
+from sam3d.cli import train
+from sam3d.data.synthetic import make_synthetic_ich
+from sam3d.engine.checkpoint import atomic_write, load_checkpoint
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser, parse_with_config
 
-import train  # noqa: E402
-from engine.checkpoint import atomic_write, load_checkpoint  # noqa: E402
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, parse_with_config  # noqa: E402
-from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
-
-PRETRAINED = REPO / "sam3d" / "pretrained"
 SAM3D_WEIGHTS = "sam_med3d_small_ich.pth"
 REPORT_LM = "report_lm"
 QFORMER = "qformer"
@@ -59,7 +56,7 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
     data = pretraining_data(work, num_cases, seed)
     flags = [
         "--config",
-        str(REPO / "configs" / "sam3d_small_pretrain.yaml"),
+        str(CONFIG_DIR / "sam3d_small_pretrain.yaml"),
         "--train_csv",
         data["train_csv"],
         "--val_csv",
@@ -84,7 +81,7 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
         "model_config": best["model_config"],
         "preprocessing": best["preprocessing"],
         "recipe": {
-            "command": "python scripts/make_pretrained.py --part sam3d",
+            "command": "sam3d-make-pretrained --part sam3d",
             "num_cases": num_cases,
             "seed": seed,
             "epochs": args.epochs,
@@ -112,7 +109,7 @@ def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | 
     epochs = epochs or 4
     result = pretrain_report_lm(train_rows, val_rows, out / REPORT_LM, work / "lm", epochs=epochs, seed=seed)
     recipe = {
-        "command": "python scripts/make_pretrained.py --part lm",
+        "command": "sam3d-make-pretrained --part lm",
         "num_cases": num_cases,
         "seed": seed,
         "variants": variants,
@@ -141,7 +138,7 @@ def make_qformer(work: Path, num_cases: int, seed: int, epochs: int | None, out:
         blip_train.build_parser(),
         [
             "--config",
-            str(REPO / "configs" / "blip_tiny_ct.yaml"),
+            str(CONFIG_DIR / "blip_tiny_ct.yaml"),
             "--stage",
             "1",
             "--epochs",
@@ -167,7 +164,7 @@ def make_qformer(work: Path, num_cases: int, seed: int, epochs: int | None, out:
     shutil.copytree(result["outputs"]["qformer"], out / QFORMER)
     best = result["history"][result["best_epoch"] - 1]
     recipe = {
-        "command": "python scripts/make_pretrained.py --part qformer",
+        "command": "sam3d-make-pretrained --part qformer",
         "num_cases": num_cases,
         "seed": seed,
         "epochs": epochs,
@@ -183,7 +180,7 @@ def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
     p.add_argument("--part", choices=["sam3d", "lm", "qformer"], required=True)
     p.add_argument("--work_dir", default="outputs/pretrain", help="phantoms, training runs")
-    p.add_argument("--output_dir", default=str(PRETRAINED), help="where the weights go (the package's by default)")
+    p.add_argument("--output_dir", default=str(PRETRAINED_DIR), help="where the weights go (the package's by default)")
     p.add_argument("--num_cases", type=int, default=240)
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED)
     p.add_argument(
@@ -202,5 +199,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

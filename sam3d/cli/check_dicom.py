@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check how a DICOM series was read: HU of the loaded volume at the true position of every acquired pixel.
 
-    python scripts/check_dicom_geometry.py --input path/to/series_folder [--series_uid UID] [--allow_gaps]
+    sam3d-check-dicom --input path/to/series_folder [--series_uid UID] [--allow_gaps]
 
 Reads the series as every tool here does (sam3d.data.io.load_volume), then for each acquired slice
 looks the volume up (trilinear) at the world position of each of its head pixels (HU above
@@ -18,12 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, ConfigError  # noqa: E402
-from sam3d.cli import add_scan_arguments, read_scan  # noqa: E402
-from sam3d.data.dicom import frame_hu, sample_frames  # noqa: E402
+from sam3d.cli.scans import add_scan_arguments, read_scan
+from sam3d.data.dicom import frame_hu, sample_frames
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser, ConfigError
 
 
 def main(argv=None) -> int:
@@ -70,5 +68,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

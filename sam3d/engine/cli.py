@@ -1,6 +1,6 @@
 """How every command line ends: a user's mistake is one line and an exit code, a bug a traceback.
 
-``run_main(main)`` runs ``main(argv)``; a :class:`~engine.errors.UserError` (config, file, row,
+``run_main(main)`` runs ``main(argv)``; a :class:`~sam3d.engine.errors.UserError` (config, file, row,
 checkpoint) prints ``error: <message>`` on stderr and returns its exit code (2 usage, 1 data), so
 does a full disk (naming the path) and an out-of-memory error. ``--debug`` anywhere on the command
 line shows the traceback instead. Warnings print as ``warning: <message>``, one line each.
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from .errors import UserError
 
-__all__ = ["plain_warnings", "run_main"]
+__all__ = ["console_main", "plain_warnings", "run_main"]
 
 
 @contextlib.contextmanager
@@ -65,3 +66,9 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
                 file=sys.stderr,
             )
             return 1
+
+
+def console_main(main: Callable[[list[str]], int]) -> Callable[[], int]:
+    """The function a console script (``[project.scripts]`` in pyproject.toml) calls: ``main`` on
+    ``sys.argv`` through :func:`run_main`."""
+    return functools.partial(run_main, main)

@@ -4,10 +4,10 @@ fine-tune the pretrained SAM-Med3D stand-in → export its encoder → BLIP-2 st
 stage 2 (behind the pretrained LM stand-in) → mask, measurements and report for held-out scans →
 ``<output_dir>/summary.json``. Runs on 2 CPU cores in under 10 minutes.
 
-    python scripts/demo.py --output_dir outputs/demo [--seed 1] [--image_only]
+    sam3d-demo --output_dir outputs/demo [--seed 1] [--image_only]
 
 The stand-ins for released weights (``sam3d/pretrained/``: SAM-Med3D, the report LM, the stage-1
-Q-Former) were made by ``scripts/make_pretrained.py`` on phantoms of seed 1000, which no demo seed
+Q-Former) were made by ``sam3d-make-pretrained`` on phantoms of seed 1000, which no demo seed
 renders. ``--image_only`` also trains a report model that reads no
 measurements and records its reports' figures beside the conditioned one's.
 """
@@ -26,17 +26,14 @@ from statistics import median
 import numpy as np
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from sam3d import CONFIG_DIR, PRETRAINED_DIR
+from sam3d.cli import train
+from sam3d.data.io import load_volume
+from sam3d.data.synthetic import make_synthetic_ich
+from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser, parse_with_config
 
-import train  # noqa: E402
-from engine.checkpoint import atomic_write  # noqa: E402
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, parse_with_config  # noqa: E402
-from sam3d.data.io import load_volume  # noqa: E402
-from sam3d.data.synthetic import make_synthetic_ich  # noqa: E402
-
-PRETRAINED = REPO / "sam3d" / "pretrained"
 SUBTYPE_WORDS = {"intraparenchymal": "IPH", "subdural": "SDH", "intraventricular": "IVH", "none": "none"}
 GOALS = {
     "automatic_dice": (">=", 0.75),
@@ -64,7 +61,7 @@ def report_labels(text: str) -> dict:
 def reporter_vocabulary() -> list[str]:
     from transformers import AutoTokenizer
 
-    return list(AutoTokenizer.from_pretrained(PRETRAINED / "report_lm", local_files_only=True).get_vocab())
+    return list(AutoTokenizer.from_pretrained(PRETRAINED_DIR / "report_lm", local_files_only=True).get_vocab())
 
 
 def _words(text: str) -> set[str]:
@@ -92,7 +89,7 @@ def train_report_model(
         # The pretrained LM stays fixed, as in BLIP-2: fine-tuned on a few dozen reports it unlearns
         # what it knew (the impression's side, above all).
         "--lm",
-        str(PRETRAINED / "report_lm"),
+        str(PRETRAINED_DIR / "report_lm"),
         "--lm_mode",
         "frozen",
         "--stage",
@@ -194,8 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--num_train", type=int, default=24, help="training phantoms")
     p.add_argument("--num_held_out", type=int, default=12, help="held-out phantoms (validation and the reports)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--segmentation_config", default=str(REPO / "configs" / "sam3d_demo.yaml"))
-    p.add_argument("--report_config", default=str(REPO / "configs" / "blip_tiny_ct.yaml"))
+    p.add_argument("--segmentation_config", default=str(CONFIG_DIR / "sam3d_demo.yaml"))
+    p.add_argument("--report_config", default=str(CONFIG_DIR / "blip_tiny_ct.yaml"))
     p.add_argument("--stage1_epochs", type=int, default=30)
     p.add_argument("--stage1_lr", type=float, default=3e-4)
     p.add_argument(
@@ -241,7 +238,7 @@ def main(argv=None) -> int:
             "--cache_dir",
             str(out / "cache"),
             "--checkpoint",
-            str(PRETRAINED / "sam_med3d_small_ich.pth"),
+            str(PRETRAINED_DIR / "sam_med3d_small_ich.pth"),
             "--seed",
             str(args.seed),
         ],
@@ -255,7 +252,7 @@ def main(argv=None) -> int:
     stage1, bridge = None, None
     if args.stage1:
         print("[3/6] BLIP-2 stage 1 from the pretrained Q-Former: ITC, ITM, ITG on the fine-tuned encoder", flush=True)
-        stage1 = train_report_model(args, data, encoder, out / "blip_stage1", 1, False, str(PRETRAINED / "qformer"))
+        stage1 = train_report_model(args, data, encoder, out / "blip_stage1", 1, False, str(PRETRAINED_DIR / "qformer"))
         bridge = stage1["outputs"]["qformer"]
         lap("report_stage1")
     else:
@@ -348,5 +345,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

@@ -9,12 +9,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import atomic_write
-from engine.config import ConfigError
-from engine.errors import UserError
+from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.config import ConfigError
+from sam3d.engine.errors import UserError
 
-from .data.io import Volume, load_volume, strip_volume_extension
-from .predict import MIN_COMPONENT_HU, MIN_VOXEL_HU, Click
+from ..data.io import Volume, load_volume, strip_volume_extension
+from ..predict import MIN_COMPONENT_HU, MIN_VOXEL_HU, Click
 
 __all__ = ["add_hyperdense_argument", "add_scan_arguments", "output_stems", "parse_clicks", "read_scan", "run_batch"]
 

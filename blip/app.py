@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Web app: upload a head CT or a chest X-ray, get the mask, the measurements and the report.
 
-    python app.py                                   # the demo's models (outputs/demo/...)
-    python app.py --segmentation_checkpoint best_model.pth --report_model report_model/ --port 7860
+    sam3d-app                                   # the demo's models (outputs/demo/...)
+    sam3d-app --segmentation_checkpoint best_model.pth --report_model report_model/ --port 7860
 
 CT (NIfTI, NRRD, MHA/MHD, a DICOM file or a zipped DICOM series): the scan is segmented, measured and
-reported through the same path as ``scripts/report.py`` (the report is checked against the measurements
+reported through the same path as ``sam3d-report`` (the report is checked against the measurements
 and contradictions are flagged). The page shows the axial slices in the radiological convention
 (anterior up, the patient's right on the left, lettered edges) with the mask in red under brain,
 subdural or bone windows, the measurements, how the scan's geometry was read (series, gantry tilt,
@@ -36,18 +36,17 @@ from PIL import Image
 
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
 from blip.grounded import ScanReporter, ground_report
-from engine.cli import run_main
-from engine.config import CommandLineParser, ConfigError
-from sam3d.cli import add_hyperdense_argument
+from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import VolumeReadError, is_volume_file, load_volume, strip_volume_extension
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.predict import Click, Measurements, hyperdense_options
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_SEGMENTATION_CHECKPOINT = REPO / "outputs" / "demo" / "sam3d" / "best_model.pth"
-DEFAULT_REPORT_MODEL = REPO / "outputs" / "demo" / "blip" / "report_model"
+DEFAULT_SEGMENTATION_CHECKPOINT = Path("outputs/demo/sam3d/best_model.pth")  # where `make demo` writes them
+DEFAULT_REPORT_MODEL = Path("outputs/demo/blip/report_model")
 # Level / width in HU; the radio label is what the user sees.
 WINDOWS = {"brain (40/80)": (40.0, 80.0), "subdural (75/215)": (75.0, 215.0), "bone (600/2800)": (600.0, 2800.0)}
 KEEP_UPLOADS_S = 3600.0  # a visitor's uploads and results (patient data) are deleted after this much idle time
@@ -459,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--report_model",
         default=str(DEFAULT_REPORT_MODEL),
-        help="folder written by `python -m blip.train` (default: the one `make demo` writes)",
+        help="folder written by `sam3d-report-train` (default: the one `make demo` writes)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
@@ -490,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             "missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
             "or pass --segmentation_checkpoint/--report_model."
         )
-    from engine.distributed import resolve_device
+    from sam3d.engine.distributed import resolve_device
 
     logging.basicConfig(level=logging.INFO)
     app = build_app(
@@ -505,5 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

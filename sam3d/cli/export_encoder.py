@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Export the image encoder of a SAM-Med3D checkpoint as ``sam_encoder.pth`` for report generation.
 
-    python scripts/export_encoder.py --checkpoint outputs/sam3d/best_model.pth --output outputs/sam3d/sam_encoder.pth
-    python scripts/export_encoder.py --checkpoint sam_med3d_turbo.pth --model_type vit_b_ori --output sam_encoder.pth
+    sam3d-export-encoder --checkpoint outputs/sam3d/best_model.pth --output outputs/sam3d/sam_encoder.pth
+    sam3d-export-encoder --checkpoint sam_med3d_turbo.pth --model_type vit_b_ori --output sam_encoder.pth
 
 Checkpoints written by train.py carry their model config and preprocessing; official ones need
 --model_type (default vit_b_ori) and get the official preprocessing.
@@ -11,15 +11,12 @@ Checkpoints written by train.py carry their model config and preprocessing; offi
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
-from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG  # noqa: E402
-from sam3d.export import export_encoder  # noqa: E402
-from sam3d.modeling import load_trained_sam3d  # noqa: E402
+from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
+from sam3d.export import export_encoder
+from sam3d.modeling import load_trained_sam3d
 
 
 def main(argv=None) -> int:
@@ -44,5 +41,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Score generated reports against references: caption metrics and clinical efficacy.
 
-    python scripts/evaluate_reports.py --input outputs/blip/test_generations.jsonl \\
+    sam3d-report-evaluate --input outputs/blip/test_generations.jsonl \\
         --output_dir outputs/blip/eval --modality xray
 
 Input: CSV or JSONL with columns ``id``, ``reference``, ``generated`` and optionally ``modality``
@@ -26,14 +26,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from blip.data import normalize_for_metrics, split_sections  # noqa: E402
-from blip.data.reports import ReportManifestError, table_rows  # noqa: E402
-from blip.labeler import MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive, label_report  # noqa: E402
-from blip.metrics import TOKENIZERS, caption_metrics  # noqa: E402
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
+from blip.data import normalize_for_metrics, split_sections
+from blip.data.reports import ReportManifestError, table_rows
+from blip.labeler import MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive, label_report
+from blip.metrics import TOKENIZERS, caption_metrics
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
 
 REQUIRED_COLUMNS = ("id", "reference", "generated")
 PER_SAMPLE_METRICS = ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -156,5 +154,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

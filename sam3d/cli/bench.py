@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """SAM-Med3D speed and memory, the padding-free window attention beside the official padded one.
 
-    python scripts/bench.py                                   # vit_b_ori 128^3 on this machine's device
-    python scripts/bench.py --device cuda --precision bf16 --max_batch_gb 10 --json outputs/bench_cuda.json
+    sam3d-bench                                   # vit_b_ori 128^3 on this machine's device
+    sam3d-bench --device cuda --precision bf16 --max_batch_gb 10 --json outputs/bench_cuda.json
 
 Measures, for ``window_attention`` = padding_free and reference on the same weights: encoder forward,
 encoder forward + backward (batch --batch_size, with and without gradient checkpointing), and the
@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
-from sam3d.loss import InteractiveSegmentationLoss  # noqa: E402
-from sam3d.modeling import build_sam3d, model_config  # noqa: E402
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
+from sam3d.loss import InteractiveSegmentationLoss
+from sam3d.modeling import build_sam3d, model_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KINDS = ("encoder forward", "encoder forward+backward", "training step")
@@ -280,5 +278,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

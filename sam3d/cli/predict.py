@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Segment hemorrhage in head CTs: mask in the input geometry, measurements JSON, PNG overlays.
 
-    python scripts/predict.py --checkpoint outputs/sam3d/best_model.pth --input scan.nii.gz --output_dir out/
-    python scripts/predict.py --checkpoint ... --input scans/            # every volume / DICOM folder inside
-    python scripts/predict.py --checkpoint ... --input test.csv          # the `path` column
-    python scripts/predict.py --checkpoint ... --input scan.nii.gz --click 120 98 14 --click 130 90 14 neg
+    sam3d-predict --checkpoint outputs/sam3d/best_model.pth --input scan.nii.gz --output_dir out/
+    sam3d-predict --checkpoint ... --input scans/            # every volume / DICOM folder inside
+    sam3d-predict --checkpoint ... --input test.csv          # the `path` column
+    sam3d-predict --checkpoint ... --input scan.nii.gz --click 120 98 14 --click 130 90 14 neg
 
 Without --click the whole head is covered by sliding windows (automatic mode). Clicks are voxel
 indices of the input file, or RAS millimetres with --click_space mm; "neg" marks a background click.
@@ -28,12 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
-from engine.distributed import resolve_device  # noqa: E402
-from sam3d.cli import (  # noqa: E402
+from sam3d.cli.scans import (
     add_hyperdense_argument,
     add_scan_arguments,
     output_stems,
@@ -41,8 +36,11 @@ from sam3d.cli import (  # noqa: E402
     read_scan,
     run_batch,
 )
-from sam3d.data.io import scan_inputs  # noqa: E402
-from sam3d.predict import (  # noqa: E402
+from sam3d.data.io import scan_inputs
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
+from sam3d.engine.distributed import resolve_device
+from sam3d.predict import (
     AUTOMATIC_THRESHOLD,
     BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
@@ -137,5 +135,7 @@ def main(argv=None) -> int:
     return run_batch(inputs, predict, args.fail_fast, out / "predictions.json")
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

@@ -2,7 +2,7 @@
 
 Run from the repository root, e.g.::
 
-    python scripts/make_synthetic_ich.py --output_dir outputs/synthetic --num_cases 24 --seed 0 \
+    sam3d-make-synthetic --output_dir outputs/synthetic --num_cases 24 --seed 0 \
         --val_fraction 0.25 --spacing 0.45 0.45 5.0 --positive_fraction 0.6 --head_scale 1.0
 
 See ``sam3d/data/synthetic.py`` for the phantom model, the RAS+ axis convention and the layout.
@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, ConfigError  # noqa: E402
-from sam3d.data.synthetic import (  # noqa: E402  (needs the sys.path line above)
-    DEFAULT_FOV_MM,
-    DEFAULT_SPACING_MM,
-    make_synthetic_ich,
-)
+from sam3d.data.synthetic import DEFAULT_FOV_MM, DEFAULT_SPACING_MM, make_synthetic_ich
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser, ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         paths = make_synthetic_ich(
@@ -81,8 +74,10 @@ def main(argv=None) -> dict:
     for key, path in paths.items():
         if path is not None:
             print(f"{key}: {path}")
-    return paths
+    return 0
 
+
+console = console_main(main)
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv) and 0))
+    sys.exit(console())

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Scan → hemorrhage mask → measurements → BLIP-2 report checked against the measurements.
 
-    python scripts/report.py --segmentation_checkpoint outputs/demo/sam3d/best_model.pth \\
+    sam3d-report --segmentation_checkpoint outputs/demo/sam3d/best_model.pth \\
         --report_model outputs/demo/blip/report_model --input scan.nii.gz --output_dir outputs/report
-    python scripts/report.py --report_model ... --input chest.png --modality xray   # X-ray: report only
+    sam3d-report --report_model ... --input chest.png --modality xray   # X-ray: report only
 
 Writes per scan ``<stem>_report.json`` (report, generated text, structured findings, contradiction
 flags, measurements) and ``<stem>_report.txt``, plus the mask, measurements and overlays of
-``scripts/predict.py`` for CT. Without --no_correct, an impression that contradicts the measured
+``sam3d-predict`` for CT. Without --no_correct, an impression that contradicts the measured
 hemorrhage (presence, side, volume) is replaced by one stated from the measurements; either way the
 contradictions are listed.
 """
@@ -18,22 +18,27 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from blip.data.reports import infer_modality  # noqa: E402
-from blip.grounded import ScanReporter  # noqa: E402
-from engine.checkpoint import atomic_write  # noqa: E402
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser, ConfigError  # noqa: E402
-from engine.distributed import resolve_device  # noqa: E402
-from sam3d.cli import add_hyperdense_argument, add_scan_arguments, output_stems, parse_clicks, read_scan, run_batch  # noqa: E402
-from sam3d.data.io import scan_inputs  # noqa: E402
-from sam3d.predict import hyperdense_options  # noqa: E402
+from blip.data.reports import infer_modality
+from blip.grounded import ScanReporter
+from sam3d.cli.scans import (
+    add_hyperdense_argument,
+    add_scan_arguments,
+    output_stems,
+    parse_clicks,
+    read_scan,
+    run_batch,
+)
+from sam3d.data.io import scan_inputs
+from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser, ConfigError
+from sam3d.engine.distributed import resolve_device
+from sam3d.predict import hyperdense_options
 
 
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
-    p.add_argument("--report_model", required=True, help="folder written by `python -m blip.train` (report_model/)")
+    p.add_argument("--report_model", required=True, help="folder written by `sam3d-report-train` (report_model/)")
     p.add_argument("--segmentation_checkpoint", help="SAM-Med3D checkpoint for CT (omit for X-ray only)")
     p.add_argument("--input", required=True, help="a scan, a DICOM folder, an X-ray image, a folder or a CSV")
     p.add_argument("--output_dir", required=True)
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
     if not (Path(args.report_model) / "config.json").is_file():
         p.error(
             f"--report_model {args.report_model}: not a report model folder (no config.json; "
-            "`python -m blip.train` writes one as output_dir/report_model)"
+            "`sam3d-report-train` writes one as output_dir/report_model)"
         )
     if args.segmentation_checkpoint and not Path(args.segmentation_checkpoint).is_file():
         p.error(f"--segmentation_checkpoint {args.segmentation_checkpoint}: file not found")
@@ -96,5 +101,7 @@ def main(argv=None) -> int:
     return run_batch(inputs, report, args.fail_fast, out / "reports.json")
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

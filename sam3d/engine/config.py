@@ -25,7 +25,7 @@ class ConfigError(UserError, ValueError):
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a :class:`ConfigError` (one line through ``engine.cli.run_main``,
+    """argparse whose usage errors are a :class:`ConfigError` (one line through ``sam3d.engine.cli.run_main``,
     exit 2) instead of the usage block, and whose help uses the module docstring as written."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

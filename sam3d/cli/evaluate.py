@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a SAM-Med3D checkpoint on a CSV of scans with masks (SAM-Med3D's click protocol).
 
-    python scripts/evaluate_seg.py --checkpoint outputs/sam3d/best_model.pth --csv test.csv \\
+    sam3d-evaluate --checkpoint outputs/sam3d/best_model.pth --csv test.csv \\
         --mask_dir masks/ --output_dir outputs/sam3d/eval --num_clicks 5
 
 Each scan goes through the validation preprocessing (the checkpoint's own; official checkpoints get
@@ -27,17 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
-from engine.distributed import resolve_device  # noqa: E402
-from sam3d.data.dataset import build_segmentation_dataset, read_manifest  # noqa: E402
-from sam3d.data.io import load_volume  # noqa: E402
-from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, build_transforms  # noqa: E402
-from sam3d.metrics import dice_score, surface_metrics, volume_ml  # noqa: E402
-from sam3d.modeling import load_trained_sam3d  # noqa: E402
-from sam3d.task import SegmentationTask  # noqa: E402
+from sam3d.data.dataset import build_segmentation_dataset, read_manifest
+from sam3d.data.io import load_volume
+from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, build_transforms
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
+from sam3d.engine.distributed import resolve_device
+from sam3d.metrics import dice_score, surface_metrics, volume_ml
+from sam3d.modeling import load_trained_sam3d
+from sam3d.task import SegmentationTask
 
 COLUMNS = [
     "row",
@@ -171,5 +169,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure the rule-based chest labeler against the human MeSH labels of the IU X-ray reports.
 
-    python scripts/labeler_agreement.py --reports ../shared/data/iu_xray/indiana_reports.csv \\
+    sam3d-labeler-agreement --reports ../shared/data/iu_xray/indiana_reports.csv \\
         --output outputs/labeler_agreement.json
 
 The labeler reads findings + impression; the human reference is the report's ``MeSH`` field
@@ -21,11 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from blip.labeler import is_positive, label_chest_report  # noqa: E402
-from engine.cli import run_main  # noqa: E402
-from engine.config import CommandLineParser  # noqa: E402
+from blip.labeler import is_positive, label_chest_report
+from sam3d.engine.cli import console_main
+from sam3d.engine.config import CommandLineParser
 
 # observation -> (MeSH heading, required qualifier or None). Choices, and why:
 # Edema includes Pulmonary Congestion (CheXpert's Edema mentions include vascular congestion);
@@ -154,5 +152,7 @@ def main(argv=None) -> int:
     return 0
 
 
+console = console_main(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(console())

@@ -10,7 +10,7 @@ optimizer, scheduler, scaler and bookkeeping. A run killed at any moment (even S
 therefore finishes with the same weights as an uninterrupted run with the same seed.
 
 Grouped batches: a dataset with a ``group_keys`` attribute (one key per item, e.g. the modality of
-each report study) is batched by :class:`engine.samplers.GroupedBatchSampler`, so no batch mixes
+each report study) is batched by :class:`sam3d.engine.samplers.GroupedBatchSampler`, so no batch mixes
 groups; other datasets (segmentation) use a ``DistributedSampler`` and ``batch_size``.
 """
 
@@ -89,7 +89,7 @@ class TrainerConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs (system check, tests)
     extra: dict = field(default_factory=dict)  # workflow settings recorded in checkpoints/summary
 
-    # Settings that are command-line flags of both workflows (engine.config adds them, same names).
+    # Settings that are command-line flags of both workflows (sam3d.engine.config adds them, same names).
     FLAGS = (
         "epochs",
         "batch_size",
