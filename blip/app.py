@@ -39,7 +39,7 @@ from blip.grounded import ScanReporter, ground_report
 from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.geometry import Geometry
-from sam3d.data.io import VolumeReadError, is_volume_file, load_volume, strip_volume_extension
+from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.predict import Click, Measurements, hyperdense_options
@@ -199,8 +199,8 @@ class ReportSession:
         if is_volume_file(name) or is_dicom_file(upload):
             return upload, "ct"
         raise UploadError(
-            f"{name}: unsupported file type; upload a NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, a DICOM "
-            f"file, a zipped DICOM series (.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})"
+            f"{name}: unsupported file type; upload a volume ({SUPPORTED_FORMATS}), a zipped DICOM series "
+            f"(.zip) or an X-ray image ({', '.join(IMAGE_2D_SUFFIXES)})"
         )
 
     def analyse_ct(self, path: Path, name: str, series: str | None = None, visitor: str = "local") -> dict[str, Any]:

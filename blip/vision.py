@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sam3d.data.preprocessing import Preprocessing
 from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 from sam3d.export import load_exported_encoder
 from sam3d.modeling.build import Sam3DConfig, build_image_encoder, model_config
@@ -124,7 +125,7 @@ def build_vision_tower(config: VisionTowerConfig) -> VisionTower:
         if config.checkpoint:
             encoder, _, meta = load_exported_encoder(config.checkpoint)
             config.encoder_config = dict(meta["model_config"])
-            config.preprocessing = dict(meta.get("preprocessing") or {})
+            config.preprocessing = Preprocessing.from_checkpoint(meta, str(config.checkpoint)).to_dict()
             notes.append(f"CT tower: loaded {config.checkpoint} ({meta.get('format', 'unknown format')})")
         else:
             sam3d_config = (

@@ -19,12 +19,14 @@ import torch
 
 from sam3d.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
 
+from .data.preprocessing import Preprocessing
 from .modeling.build import Sam3DConfig, build_image_encoder
 from .modeling.image_encoder import ImageEncoderViT
 from .modeling.sam3d import Sam3D
 from .modeling.visual_tokens import VisualTokenProjector
 
 EXPORT_FORMAT = "sam3d-encoder-v1"
+ENCODER_FILE = "sam_encoder.pth"  # what train.py writes beside its checkpoints
 
 
 def export_encoder(
@@ -48,7 +50,7 @@ def export_encoder(
         "model_config": config.to_dict(),
         "visual_tokens": visual_tokens,
         "embedding_shape": [config.prompt_embed_dim] + [config.image_embedding_size] * 3,
-        "preprocessing": dict(preprocessing or {}),
+        "preprocessing": Preprocessing.coerce(preprocessing).for_inference().to_dict(),
         "source_checkpoint": source,
     }
     atomic_save(payload, path)

@@ -38,7 +38,8 @@ from . import __version__
 from .data.dicom_seg import mask_on_frames, write_hemorrhage_seg
 from .data.geometry import axial_axis, grid_corners
 from .data.io import Volume, VolumeReadError, load_volume, save_nifti, strip_volume_extension
-from .data.transforms import DEFAULT_TRANSFORM_CONFIG, build_inference_transforms
+from .data.preprocessing import Preprocessing
+from .data.transforms import build_inference_transforms
 from .modeling import load_trained_sam3d
 from .modeling.sam3d import Sam3D
 from .visualize import SliceView, axial_overlay
@@ -441,7 +442,7 @@ class HemorrhageSegmenter:
         model, meta = load_trained_sam3d(checkpoint, model_type)
         self.device = torch.device(device)
         self.model: Sam3D = model.to(self.device).eval()
-        self.preprocessing = {**DEFAULT_TRANSFORM_CONFIG, **meta.get("preprocessing", {}), "augment": False}
+        self.preprocessing = Preprocessing.from_checkpoint(meta, str(checkpoint))
         self.transform = build_inference_transforms(self.preprocessing)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size

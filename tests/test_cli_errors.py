@@ -19,6 +19,7 @@ import torch
 
 from sam3d.cli import train
 from sam3d.cli.predict import main as predict_main
+from sam3d.data.preprocessing import set_preprocessing_flags
 from sam3d.data.synthetic import synthesize_case
 from sam3d.engine.checkpoint import atomic_save, atomic_write, lock_output_dir
 from sam3d.engine.cli import run_main
@@ -238,20 +239,21 @@ def test_a_crashed_run_says_so_in_its_summary(tmp_path):
 
 def test_resume_with_changed_flags_is_refused_unless_allowed(tmp_path, train_inputs):
     parser = train.build_parser()
-    first = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path)])
-    (tmp_path / "config.json").write_text(json.dumps(vars(first), default=str))
-    changed = parser.parse_args(
-        train_inputs + ["--output_dir", str(tmp_path), "--resume", "--epochs", "9", "--normalization", "brain_window"]
-    )
+
+    def parse(flags):  # as train.py's main: flags left out take the preprocessing contract's values
+        args = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path)] + flags)
+        set_preprocessing_flags(args, train.training_preprocessing(args, 128))
+        return args
+
+    (tmp_path / "config.json").write_text(json.dumps(vars(parse([])), default=str))
+    changed = parse(["--resume", "--epochs", "9", "--normalization", "brain_window"])
     with pytest.raises(
         ConfigError, match=r"--normalization 'zscore' -> 'brain_window' differ .*--allow_changed normalization"
     ):
         check_resume(changed)
     changed.allow_changed = ["normalization"]
     assert check_resume(changed) == ["normalization: 'zscore' -> 'brain_window'"]  # epochs may always grow
-    lr = parser.parse_args(
-        train_inputs + ["--output_dir", str(tmp_path), "--resume", "--lr", "3e-4", "--allow_changed", "lr"]
-    )
+    lr = parse(["--resume", "--lr", "3e-4", "--allow_changed", "lr"])
     with pytest.raises(ConfigError, match=r"--lr 0\.0001 -> 0\.0003 cannot change on resume"):
         check_resume(lr)
 

@@ -102,7 +102,7 @@ BAD_ROWS = {
     "ich=1 without mask": (
         "003.pkl,1,p3,x",
         lambda d: _write_pkl(d / "003.pkl"),
-        r"ich=1 but no mask found in .*masks \(tried 003\.nii\.gz, 003\.nii, 003\.nrrd, 003\.mha, 003\.npy\)",
+        r"ich=1 but no mask found in .*masks \(tried 003\.nii\.gz, 003\.nii, 003\.nrrd, 003\.mha, .*, 003\.pickle\)",
     ),
     "unreadable volume": (
         "003.pkl,0,p3,x",

@@ -10,8 +10,9 @@ from scipy import ndimage
 
 from sam3d.cli import predict as predict_cli
 from sam3d.data.io import Volume, load_volume
+from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.synthetic import synthesize_case
-from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, _resampling_steps
+from sam3d.data.transforms import _resampling_steps
 from sam3d.engine.checkpoint import atomic_save
 from sam3d.engine.config import ConfigError
 from sam3d.metrics import volume_ml
@@ -39,7 +40,7 @@ def case(tmp_path_factory):
 
 def test_mapping_back_to_the_input_grid_preserves_the_lesion(case):
     c, root = case
-    cfg = {**DEFAULT_TRANSFORM_CONFIG, "target_spacing_mm": (2.0, 2.0, 2.0)}
+    cfg = Preprocessing(target_spacing_mm=(2.0, 2.0, 2.0))
     item = Compose(_resampling_steps(cfg, ["image", "label"]))(
         {"image": str(root / "scan.nii.gz"), "label": str(root / "mask.nii.gz")}
     )

@@ -7,8 +7,8 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from sam3d.data.io import VolumeReadError, save_nifti
+from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import (
-    DEFAULT_TRANSFORM_CONFIG,
     BrainWindowd,
     ClampHUd,
     CropAroundLesiond,
@@ -16,7 +16,6 @@ from sam3d.data.transforms import (
     ZNormalizeForegroundd,
     build_inference_transforms,
     build_transforms,
-    num_input_channels,
 )
 
 
@@ -205,7 +204,7 @@ def test_random_head_crops_only_in_training(tmp_path):
     train_crop = next(t for t in build_transforms(cfg, train=True).transforms if isinstance(t, CropAroundLesiond))
     assert (
         train_crop.negative_random_prob == 1.0
-        and train_crop.positive_random_prob == DEFAULT_TRANSFORM_CONFIG["positive_random_crop_prob"]
+        and train_crop.positive_random_prob == Preprocessing().positive_random_crop_prob
     )
     validation = build_transforms(cfg, train=False)
     assert next(t for t in validation.transforms if isinstance(t, CropAroundLesiond)).negative_random_prob == 0.0
@@ -244,8 +243,8 @@ def test_brain_window_one_channel_per_window():
     assert out.shape == (2, 5, 1, 1)
     assert out[0].flatten().tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert out[1].flatten().tolist() == pytest.approx([0.0, 0.1, 0.3, 0.5, 1.0])
-    assert num_input_channels({"normalization": "brain_window", "hu_windows": [[40, 80], [80, 200]]}) == 2
-    assert num_input_channels({}) == 1
+    assert Preprocessing(normalization="brain_window", hu_windows=[[40, 80], [80, 200]]).num_input_channels == 2
+    assert Preprocessing().num_input_channels == 1
 
 
 @pytest.mark.parametrize("normalization", ["zscore", "brain_window"])
@@ -259,7 +258,7 @@ def test_training_pipeline_outputs_and_reproducibility(tmp_path, normalization):
         outputs.append(pipeline({"image": image_path, "label": mask_path}))
     out = outputs[0]
     assert out["image"].dtype == out["label"].dtype == torch.float32
-    assert out["image"].shape == (num_input_channels(cfg), 32, 32, 32)
+    assert out["image"].shape == (Preprocessing.coerce(cfg).num_input_channels, 32, 32, 32)
     assert out["label"].shape == (1, 32, 32, 32)
     assert set(out["label"].unique().tolist()) == {0.0, 1.0}
     torch.testing.assert_close(outputs[1]["image"].as_tensor(), out["image"].as_tensor())  # same seed
@@ -274,7 +273,7 @@ def test_bad_config_fails_before_reading_data():
         build_transforms({"normalization": "minmax"}, train=True)
     with pytest.raises(ValueError, match="roi_size"):
         build_transforms({"roi_size": (32, 32)}, train=False)
-    with pytest.raises(ValueError, match="hu_min"):
+    with pytest.raises(ValueError, match="hu_clamp"):
         build_transforms({"hu_clamp": (100, -100)}, train=False)
 
 

@@ -18,6 +18,7 @@ Writes ``per_case.csv`` and ``summary.json`` to --output_dir.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -29,7 +30,8 @@ from tqdm import tqdm
 
 from sam3d.data.dataset import build_segmentation_dataset, read_manifest
 from sam3d.data.io import load_volume
-from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG, build_transforms
+from sam3d.data.preprocessing import Preprocessing
+from sam3d.data.transforms import build_transforms
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser
 from sam3d.engine.distributed import resolve_device
@@ -98,9 +100,10 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
     model.to(device).eval()
-    preprocessing = {**DEFAULT_TRANSFORM_CONFIG, **meta.get("preprocessing", {}), "augment": False}
-    preprocessing["roi_size"] = (model.img_size,) * 3
-    spacing = tuple(float(s) for s in preprocessing["target_spacing_mm"])
+    preprocessing = dataclasses.replace(
+        Preprocessing.from_checkpoint(meta, args.checkpoint), roi_size=(model.img_size,) * 3
+    )
+    spacing = preprocessing.target_spacing_mm
     manifest, skipped = read_manifest(args.csv, args.mask_dir, validate="full", skip_invalid=args.skip_invalid)
     dataset = build_segmentation_dataset(manifest, build_transforms(preprocessing, train=False))
     task = SegmentationTask(val_num_clicks=args.num_clicks, spacing_mm=spacing, seed=args.seed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from sam3d.data.transforms import DEFAULT_TRANSFORM_CONFIG
+from sam3d.data.preprocessing import Preprocessing
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser
 from sam3d.export import export_encoder
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
     # Official checkpoints were trained with the official preprocessing, which is the default here.
-    preprocessing = meta.get("preprocessing", {**DEFAULT_TRANSFORM_CONFIG, "augment": False})
+    preprocessing = Preprocessing.from_checkpoint(meta, args.checkpoint)
     export_encoder(
         model, args.output, model.config, args.visual_tokens, preprocessing, source=args.checkpoint, seed=args.seed
     )

@@ -21,6 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sam3d.data.preprocessing import (
+    Preprocessing,
+    add_preprocessing_arguments,
+    preprocessing_from_args,
+    set_preprocessing_flags,
+)
+from sam3d.engine.checkpoint import load_checkpoint
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import (
     CommandLineParser,
@@ -32,6 +39,8 @@ from sam3d.engine.config import (
     check_training_config,
     parse_with_config,
 )
+from sam3d.engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT
+from sam3d.export import ENCODER_FILE
 
 FULL_DEFAULTS_NOTE = "defaults are those of the original training script"
 
@@ -45,41 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_csv", help="CSV with columns path,ich,patient_id (extra columns kept)")
     g.add_argument("--val_csv")
     g.add_argument("--mask_dir", help="masks named after each volume's stem (049.pkl -> 049.nii.gz)")
-    g.add_argument(
-        "--target_spacing",
-        type=float,
-        nargs=3,
-        default=[1.5, 1.5, 1.5],
-        metavar=("X", "Y", "Z"),
-        help="resampling spacing in mm",
-    )
-    g.add_argument("--hu_clamp", type=float, nargs=2, default=[-1000.0, 1000.0], metavar=("MIN", "MAX"))
-    g.add_argument(
-        "--normalization",
-        choices=["zscore", "brain_window"],
-        default="zscore",
-        help="zscore: official SAM-Med3D (stats over voxels > 0); brain_window: HU windows to [0,1]",
-    )
-    g.add_argument(
-        "--hu_windows",
-        type=json.loads,
-        default=[[40, 80]],
-        help="windows as JSON [[level, width], ...] for --normalization brain_window",
-    )
-    g.add_argument("--augment", action=bool_flag, default=True, help="random flips, small affine, intensity")
-    g.add_argument("--lesion_jitter", type=int, default=8, help="random shift (voxels) of the lesion-centred crop")
-    g.add_argument(
-        "--negative_random_crop_prob",
-        type=float,
-        default=0.5,
-        help="share of crops of hemorrhage-free scans centred anywhere in the head (else on the head)",
-    )
-    g.add_argument(
-        "--positive_random_crop_prob",
-        type=float,
-        default=0.2,
-        help="share of crops of scans with a hemorrhage centred anywhere in the head (else on the lesion)",
-    )
     g.add_argument("--cache_dir", help="cache preprocessed volumes on disk here (MONAI PersistentDataset)")
     g.add_argument(
         "--validate_data",
@@ -99,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip bad rows (listed in the run summary) instead of stopping",
     )
     g.add_argument("--num_workers", type=int, default=2)
+    add_preprocessing_arguments(p)
     g = p.add_argument_group("model")
     g.add_argument("--model_type", default="vit_b_ori", help="registry name: vit_b_ori, tiny, small")
     g.add_argument(
@@ -153,20 +128,19 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--mask_dir {cfg['mask_dir']}: folder not found")
     if cfg["checkpoint"] and not Path(cfg["checkpoint"]).is_file():
         raise ConfigError(f"--checkpoint {cfg['checkpoint']}: file not found")
-    if cfg["resume"] and not (Path(cfg["output_dir"]) / "latest_model.pth").is_file():
-        raise ConfigError(f"--resume: {Path(cfg['output_dir']) / 'latest_model.pth'} does not exist")
+    if cfg["resume"] and not (Path(cfg["output_dir"]) / LATEST_CHECKPOINT).is_file():
+        raise ConfigError(f"--resume: {Path(cfg['output_dir']) / LATEST_CHECKPOINT} does not exist")
     if cfg["num_clicks"] < 1 or cfg["val_num_clicks"] < 1:
         raise ConfigError("num_clicks and val_num_clicks must be >= 1")
-    from sam3d.data.transforms import check_transform_config
     from sam3d.modeling import MODEL_CONFIGS, model_config
 
     if cfg["model_type"] not in MODEL_CONFIGS:
         raise ConfigError(f"--model_type {cfg['model_type']!r}: unknown; choose one of {sorted(MODEL_CONFIGS)}")
     try:
-        check_transform_config({"hu_windows": cfg["hu_windows"]})  # before preprocessing_config reads them as pairs
-        check_transform_config(preprocessing_config(args, cfg["img_size"] or model_config(cfg["model_type"]).img_size))
+        contract = training_preprocessing(args, cfg["img_size"] or model_config(cfg["model_type"]).img_size)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"preprocessing: {err}") from None
+    set_preprocessing_flags(args, contract)
     if cfg["img_size"] is not None:
         patch = model_config(cfg["model_type"]).patch_size
         if cfg["img_size"] < patch or cfg["img_size"] % patch:
@@ -175,12 +149,8 @@ def check_config(args: argparse.Namespace) -> list[str]:
             )
     if cfg["visual_tokens"] < 1:
         raise ConfigError(f"visual_tokens must be >= 1, got {cfg['visual_tokens']}")
-    if any(s <= 0 for s in cfg["target_spacing"]):
-        raise ConfigError(f"target_spacing must be positive, got {cfg['target_spacing']}")
-    if cfg["hu_clamp"][0] >= cfg["hu_clamp"][1]:
-        raise ConfigError(f"hu_clamp must be MIN < MAX, got {cfg['hu_clamp']}")
     if cfg["resume"] and cfg["checkpoint"]:
-        warns.append("--checkpoint is ignored with --resume (latest_model.pth holds the weights)")
+        warns.append(f"--checkpoint is ignored with --resume ({LATEST_CHECKPOINT} holds the weights)")
     if cfg["freeze_encoder"] and cfg["use_gradient_checkpointing"]:
         warns.append("--use_gradient_checkpointing has no effect with --freeze_encoder")
     if cfg["log_images"] and not cfg["use_wandb"]:
@@ -188,18 +158,15 @@ def check_config(args: argparse.Namespace) -> list[str]:
     return warns
 
 
-def preprocessing_config(args: argparse.Namespace, roi_size: int) -> dict[str, Any]:
-    return {
-        "target_spacing_mm": tuple(args.target_spacing),
-        "roi_size": (roi_size,) * 3,
-        "hu_clamp": tuple(args.hu_clamp),
-        "normalization": args.normalization,
-        "hu_windows": [tuple(w) for w in args.hu_windows],
-        "augment": args.augment,
-        "lesion_jitter_voxels": args.lesion_jitter,
-        "negative_random_crop_prob": args.negative_random_crop_prob,
-        "positive_random_crop_prob": args.positive_random_crop_prob,
-    }
+def training_preprocessing(args: argparse.Namespace, roi_size: int) -> Preprocessing:
+    """The run's contract: flags, else what the model being fine-tuned (``--checkpoint``, or the run
+    being resumed) was trained with, else the defaults. Official checkpoints carry none."""
+    source = Path(args.output_dir) / LATEST_CHECKPOINT if args.resume else args.checkpoint
+    contract = None
+    if source and Path(source).is_file():
+        payload = load_checkpoint(source)
+        contract = payload.get("preprocessing") if isinstance(payload, dict) else None
+    return preprocessing_from_args(args, roi_size, contract, str(source))
 
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,8 +194,9 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     config = model_config(args.model_type, **({"img_size": args.img_size} if args.img_size else {}))
-    if args.normalization == "brain_window":
-        config.in_chans = len(args.hu_windows)
+    preprocessing = training_preprocessing(args, config.img_size)
+    set_preprocessing_flags(args, preprocessing)
+    config.in_chans = preprocessing.num_input_channels
     model = build_sam3d(config)
     if args.checkpoint and not args.resume:
         load_sam3d_weights(model, args.checkpoint)
@@ -236,7 +204,6 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     if args.freeze_encoder:
         model.image_encoder.requires_grad_(False)
 
-    preprocessing = preprocessing_config(args, config.img_size)
     train_rows, train_skipped = read_manifest(
         args.train_csv, args.mask_dir, validate=args.validate_data, skip_invalid=args.skip_invalid
     )
@@ -257,13 +224,15 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_main:
         (output_dir / "config.json").write_text(
             json.dumps(
-                {**vars(args), "model_config": config.to_dict(), "preprocessing": preprocessing}, indent=2, default=str
+                {**vars(args), "model_config": config.to_dict(), "preprocessing": preprocessing.to_dict()},
+                indent=2,
+                default=str,
             )
         )
     task = SegmentationTask(
         args.num_clicks,
         args.val_num_clicks,
-        args.target_spacing,
+        preprocessing.target_spacing_mm,
         args.seed,
         args.use_mixed_precision,
         args.automatic_round,
@@ -298,30 +267,27 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint_extras={
             "model_type": args.model_type,
             "model_config": config.to_dict(),
-            "preprocessing": preprocessing,
+            "preprocessing": preprocessing.to_dict(),
         },
     )
     skipped = [{"csv": args.train_csv, **s} for s in train_skipped] + [{"csv": args.val_csv, **s} for s in val_skipped]
     summary_extra = {"data": {"train_cases": len(train_rows), "val_cases": len(val_rows)}, "skipped_rows": skipped}
     try:
         result = trainer.fit(train_ds, val_ds, summary_extra)
-        outputs = {
-            "best_model": str(output_dir / "best_model.pth"),
-            "latest_model": str(output_dir / "latest_model.pth"),
-        }
-        if ctx.is_main and (output_dir / "best_model.pth").exists():
+        outputs = {"best_model": str(output_dir / BEST_CHECKPOINT), "latest_model": str(output_dir / LATEST_CHECKPOINT)}
+        if ctx.is_main and (output_dir / BEST_CHECKPOINT).exists():
             best = build_sam3d(config)
-            load_sam3d_weights(best, output_dir / "best_model.pth")
+            load_sam3d_weights(best, output_dir / BEST_CHECKPOINT)
             export_encoder(
                 best,
-                output_dir / "sam_encoder.pth",
+                output_dir / ENCODER_FILE,
                 config,
                 args.visual_tokens,
                 preprocessing,
-                source=str(output_dir / "best_model.pth"),
+                source=str(output_dir / BEST_CHECKPOINT),
                 seed=args.seed,
             )
-            outputs["sam_encoder"] = str(output_dir / "sam_encoder.pth")
+            outputs["sam_encoder"] = str(output_dir / ENCODER_FILE)
             outputs["val_overlays"] = write_validation_overlays(
                 task, best.to(device), val_ds, output_dir / "val_overlays", device
             )
@@ -402,11 +368,11 @@ def system_check_run(output_dir: Path) -> str:
     ]
     args = build_parser().parse_args(argv)
     first = run_training(args)
-    checkpoint = load_checkpoint(work / "run" / "latest_model.pth")
+    checkpoint = load_checkpoint(work / "run" / LATEST_CHECKPOINT)
     if checkpoint["epoch"] != 1 or not torch.isfinite(torch.tensor(first["history"][-1]["train_loss"])):
         raise RuntimeError(f"unexpected checkpoint after one epoch: epoch={checkpoint['epoch']}")
     resumed = run_training(build_parser().parse_args(argv + ["--epochs", "2", "--resume"]))
-    encoder, projector, meta = load_exported_encoder(work / "run" / "sam_encoder.pth")
+    encoder, projector, meta = load_exported_encoder(work / "run" / ENCODER_FILE)
     with torch.no_grad():
         tokens = projector(encoder(torch.zeros(1, 1, encoder.img_size, encoder.img_size, encoder.img_size)))
     return (

@@ -7,7 +7,7 @@ CSV columns ``path,ich,patient_id`` (any further columns are kept as per-item me
 - ``ich``: 1 if the scan shows intracranial hemorrhage, else 0.
 - ``patient_id``: used to keep one patient's scans on one side of a train/validation split.
 
-The mask of ``049.pkl`` is ``mask_dir/049.nii.gz`` (first found of ``MASK_EXTENSIONS``), voxel
+The mask of ``049.pkl`` is ``mask_dir/049.nii.gz`` (first found of ``VOLUME_EXTENSIONS``), voxel
 values 0 = background, 1 = hemorrhage, on the scan's voxel grid. ``ich=0`` scans may have no mask.
 
 Every problem is reported with the CSV file, its line number and the scan path, because a bad row
@@ -29,34 +29,19 @@ from monai.data.utils import pickle_hashing
 from monai.utils import TraceKeys
 from tqdm import tqdm
 
-from sam3d.data.io import (
-    ARRAY_PICKLE_GLOBALS,
-    VolumeReadError,
-    align_mask_to_volume,
-    load_volume,
-    strip_volume_extension,
-)
+from sam3d.data.io import VOLUME_EXTENSIONS, VolumeReadError, align_mask_to_volume, load_volume, strip_volume_extension
 from sam3d.engine.errors import UserError
+from sam3d.engine.safe_unpickling import torch_safe_globals
 
-__all__ = [
-    "MASK_EXTENSIONS",
-    "REQUIRED_COLUMNS",
-    "ManifestError",
-    "ManifestRow",
-    "build_segmentation_dataset",
-    "read_manifest",
-]
+__all__ = ["REQUIRED_COLUMNS", "ManifestError", "ManifestRow", "build_segmentation_dataset", "read_manifest"]
 
 REQUIRED_COLUMNS = ("path", "ich", "patient_id")
-MASK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".npy")  # tried in this order
 
 
 # PersistentDataset reads its cache with torch.load(weights_only=True). The cached MetaTensors' transform
 # history (kept so predictions can be inverted) holds TraceKeys and numpy arrays, which that loader
 # refuses unless allowlisted; without this every cache hit is discarded as "corrupt" and recomputed.
-torch.serialization.add_safe_globals(
-    [TraceKeys, *((obj, f"{m}.{n}") for (m, n), obj in ARRAY_PICKLE_GLOBALS.items() if "numpy" in m)]
-)
+torch.serialization.add_safe_globals(torch_safe_globals(TraceKeys))
 
 
 class ManifestError(UserError, ValueError):
@@ -244,7 +229,7 @@ def _parse_row(line: int, record: dict, csv_dir: Path, mask_dir: Path | None) ->
         mask_path = str(explicit)
     elif mask_dir is not None:
         stem = strip_volume_extension(path.name)
-        tried = [mask_dir / f"{stem}{ext}" for ext in MASK_EXTENSIONS]
+        tried = [mask_dir / f"{stem}{ext}" for ext in VOLUME_EXTENSIONS]
         mask_path = next((str(p) for p in tried if p.is_file()), None)
     if ich == 1 and mask_path is None:
         names = ", ".join(p.name for p in tried) if tried else "no mask_dir given"

@@ -14,7 +14,6 @@ data problem in a folder of thousands of scans can be found without a debugger.
 
 from __future__ import annotations
 
-import collections
 import csv
 import io
 import os
@@ -28,13 +27,14 @@ import pydicom
 import SimpleITK as sitk
 
 from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.safe_unpickling import ARRAY_PICKLE_GLOBALS
 
 from .dicom import Series, is_dicom_file, read_dicom_folder
 from .errors import VolumeReadError
 from .geometry import Geometry, corner_distance_mm, slice_tilt_deg, voxel_volume_ml
 
 __all__ = [
-    "ARRAY_PICKLE_GLOBALS",
+    "VOLUME_EXTENSIONS",
     "SUPPORTED_FORMATS",
     "Volume",
     "VolumeReadError",
@@ -51,9 +51,10 @@ _NIFTI_EXTS = (".nii.gz", ".nii")
 _ITK_EXTS = (".nrrd", ".mha", ".mhd")
 _NPZ_KEYS = ("image", "array", "arr_0", "data")
 _PICKLE_ARRAY_KEYS = ("image", "array", "data", "volume", "img")
-# Longest first so ".nii.gz" is stripped whole.
-_FILE_EXTS = _NIFTI_EXTS + _ITK_EXTS + (".npy", ".npz", ".pkl", ".pickle")
-SUPPORTED_FORMATS = ", ".join(_FILE_EXTS) + ", a DICOM file (any name) or a folder holding a DICOM series"
+# The one list of volume file extensions (masks are looked up in this order too). Longest first so
+# ".nii.gz" is stripped whole.
+VOLUME_EXTENSIONS = _NIFTI_EXTS + _ITK_EXTS + (".npy", ".npz", ".pkl", ".pickle")
+SUPPORTED_FORMATS = ", ".join(VOLUME_EXTENSIONS) + ", a DICOM file (any name) or a folder holding a DICOM series"
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Volume:
 
 def is_volume_file(path: str | os.PathLike) -> bool:
     """A file whose name says it is a volume this module reads (DICOM files are known by content)."""
-    return Path(path).name.lower().endswith(_FILE_EXTS)
+    return Path(path).name.lower().endswith(VOLUME_EXTENSIONS)
 
 
 def scan_inputs(spec: str | os.PathLike) -> list[str]:
@@ -129,7 +130,7 @@ def scan_inputs(spec: str | os.PathLike) -> list[str]:
     ]
     if not found:
         raise VolumeReadError(
-            f"{path}: no volumes ({', '.join(_FILE_EXTS)}), DICOM files or DICOM series folders inside"
+            f"{path}: no volumes ({', '.join(VOLUME_EXTENSIONS)}), DICOM files or DICOM series folders inside"
         )
     return found
 
@@ -137,7 +138,7 @@ def scan_inputs(spec: str | os.PathLike) -> list[str]:
 def strip_volume_extension(name: str) -> str:
     """Return a file or folder name without its volume extension (``049.nii.gz`` -> ``049``)."""
     lower = name.lower()
-    for ext in _FILE_EXTS:
+    for ext in VOLUME_EXTENSIONS:
         if lower.endswith(ext):
             return name[: -len(ext)]
     return name
@@ -395,39 +396,6 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
                 f"{self._source}: refused to unpickle '{module}.{name}'; only numpy arrays, numbers and "
                 f"dict/list/tuple containers are allowed in .pkl volumes"
             ) from None
-
-
-def _latin1_encode(text: str, encoding: str) -> bytes:
-    """``_codecs.encode`` as pickle protocols 0-2 use it for bytes (latin-1 only)."""
-    if encoding != "latin1":
-        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    """(module, name) -> object for every global a pickle of numeric arrays and containers needs."""
-    # The reconstructors are taken from numpy's own __reduce__ so this works whichever module path the
-    # installed numpy uses; files written by numpy 1.x name `numpy.core`, numpy 2 names `numpy._core`.
-    reconstruct = np.empty(0).__reduce__()[0]
-    frombuffer = np.empty(0).__reduce_ex__(5)[0]
-    scalar = np.float64(0).__reduce__()[0]
-    allowed: dict[tuple[str, str], object] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("_codecs", "encode"): _latin1_encode,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    for code in np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?":
-        dtype_class = type(np.dtype(code))  # numpy.dtypes.Float32DType etc.
-        allowed[("numpy.dtypes", dtype_class.__name__)] = dtype_class
-    return allowed
-
-
-ARRAY_PICKLE_GLOBALS = _allowed_globals()
 
 
 # ----------------------------------------------------------------------------------------------

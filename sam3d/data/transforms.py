@@ -22,7 +22,7 @@ Training/validation pipeline, in order (``build_transforms``):
    z-score would undo a global intensity scale or shift applied before it.
 10. label -> float32 {0, 1}
 
-Output: image float32 (C, *roi_size) with C = ``num_input_channels(cfg)``, label float32
+Output: image float32 (C, *roi_size) with C = ``Preprocessing.num_input_channels``, label float32
 (1, *roi_size) in {0, 1}. Steps 1-5 are deterministic, so ``monai.data.PersistentDataset`` caches
 them; caching stops at ``CropAroundLesiond``, which is randomised (jitter).
 """
@@ -54,9 +54,9 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from sam3d.data.io import Volume, VolumeReadError, align_mask_to_volume, load_volume
+from sam3d.data.preprocessing import Preprocessing
 
 __all__ = [
-    "DEFAULT_TRANSFORM_CONFIG",
     "BrainWindowd",
     "ClampHUd",
     "CropAroundLesiond",
@@ -64,28 +64,7 @@ __all__ = [
     "ZNormalizeForegroundd",
     "build_inference_transforms",
     "build_transforms",
-    "check_transform_config",
-    "num_input_channels",
 ]
-
-DEFAULT_TRANSFORM_CONFIG: dict = {
-    "target_spacing_mm": (1.5, 1.5, 1.5),  # SAM-Med3D's pre-training data were resampled to 1.5 mm
-    "roi_size": (128, 128, 128),  # voxels; SAM-Med3D's fixed input size
-    "hu_clamp": (-1000.0, 1000.0),  # air .. dense bone
-    "normalization": "zscore",  # or "brain_window"
-    "hu_windows": [[40.0, 80.0]],  # (level, width) in HU, used by "brain_window"; one channel each
-    "augment": True,  # training only
-    "lesion_jitter_voxels": 8,  # training only: random shift of the crop centre, per axis
-    "head_threshold_hu": -500.0,  # voxels above this are "head" when centring crops of negatives
-    # Training only: share of crops centred at a uniformly random point of the head's bounding box
-    # instead of the lesion / head centre. Automatic (whole-head sliding-window) prediction shows the
-    # model skull, scalp and air edges far from the brain's centre; with only lesion- and
-    # head-centred crops it never learns that these hold no blood and marks the inner skull table.
-    # Positives get a smaller share so most of their crops still contain the lesion.
-    "negative_random_crop_prob": 0.5,
-    "positive_random_crop_prob": 0.2,
-    "flip_axes": [0],  # RAS axis 0 = left-right; brains are near-symmetric, other flips are not anatomical
-}
 
 
 class LoadVolumed(MapTransform):
@@ -321,33 +300,32 @@ def _bbox(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
 # Builders
 
 
-def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
+def build_transforms(preprocessing: Preprocessing | Mapping | None, train: bool) -> Compose:
     """Training (``train=True``) or validation pipeline; see the module docstring for the steps.
 
     Args:
-        cfg: keys of ``DEFAULT_TRANSFORM_CONFIG`` (missing keys take the defaults, other keys are
-            ignored so a larger config section can be passed).
-        train: adds centre jitter, crops centred anywhere in the head and, if ``cfg["augment"]``,
+        preprocessing: the contract (or its dict form; None: the defaults).
+        train: adds centre jitter, crops centred anywhere in the head and, if ``augment``,
             augmentation. Seed it with ``compose.set_random_state(seed)``; MONAI's DataLoader seeds each worker.
 
     Items need ``"image"``; ``"label"`` may be a path, None (empty mask) or absent.
     """
-    c = _resolved_config(cfg)
+    c = Preprocessing.coerce(preprocessing)
     keys = ["image", "label"]
-    augment = train and c["augment"]
+    augment = train and c.augment
     steps = _resampling_steps(c, keys)
     steps.append(
         CropAroundLesiond(
             keys,
-            roi_size=c["roi_size"],
-            foreground_threshold_hu=c["head_threshold_hu"],
-            jitter_voxels=c["lesion_jitter_voxels"] if train else 0,
-            negative_random_prob=c["negative_random_crop_prob"] if train else 0.0,
-            positive_random_prob=c["positive_random_crop_prob"] if train else 0.0,
+            roi_size=c.roi_size,
+            foreground_threshold_hu=c.head_threshold_hu,
+            jitter_voxels=c.lesion_jitter_voxels if train else 0,
+            negative_random_prob=c.negative_random_crop_prob if train else 0.0,
+            positive_random_prob=c.positive_random_crop_prob if train else 0.0,
         )
     )
     if augment:
-        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in c["flip_axes"]]
+        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in c.flip_axes]
         steps.append(
             RandAffined(
                 keys,
@@ -356,7 +334,7 @@ def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
                 scale_range=(0.1,) * 3,  # zoom factor 1 +- 0.1
                 mode=("bilinear", "nearest"),
                 padding_mode=("border", "zeros"),
-                spatial_size=c["roi_size"],
+                spatial_size=c.roi_size,
                 cache_grid=True,
                 allow_missing_keys=True,
             )
@@ -376,83 +354,37 @@ def build_transforms(cfg: Mapping | None, train: bool) -> Compose:
     return Compose(steps)
 
 
-def build_inference_transforms(cfg: Mapping | None) -> Compose:
+def build_inference_transforms(preprocessing: Preprocessing | Mapping | None) -> Compose:
     """Whole-scan pipeline for sliding-window prediction: load, RAS, resample, clamp, normalise.
 
     No label, no crop: output image float32 (C, X, Y, Z) at ``target_spacing_mm``. Its
     ``applied_operations`` let ``monai.transforms.Invertd`` map a prediction back to the scan's grid.
     Z-score statistics come from the whole scan here rather than a 128^3 crop, a small difference.
     """
-    c = _resolved_config(cfg)
+    c = Preprocessing.coerce(preprocessing)
     steps = _resampling_steps(c, ["image"])
     steps += [_normalization(c), EnsureTyped("image", dtype=torch.float32, track_meta=True)]
     return Compose(steps)
 
 
-def num_input_channels(cfg: Mapping | None) -> int:
-    """Channels of the image these pipelines produce: 1 for z-score, one per window otherwise."""
-    c = _resolved_config(cfg)
-    return len(c["hu_windows"]) if c["normalization"] == "brain_window" else 1
-
-
-def _resampling_steps(c: dict, keys: list[str]) -> list:
+def _resampling_steps(c: Preprocessing, keys: list[str]) -> list:
     """Deterministic prefix shared by all pipelines: load -> float32 -> RAS -> spacing -> HU clamp."""
     return [
         LoadVolumed(keys),
         EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
-        Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+        Orientationd(keys, axcodes=c.orientation, labels=None, allow_missing_keys=True),
         Spacingd(
             keys,
-            pixdim=c["target_spacing_mm"],
+            pixdim=c.target_spacing_mm,
             mode=("bilinear", "nearest")[: len(keys)],
             dtype=np.float32,
             allow_missing_keys=True,
         ),
-        ClampHUd("image", *c["hu_clamp"]),
+        ClampHUd("image", *c.hu_clamp),
     ]
 
 
-def _normalization(c: dict) -> MapTransform:
-    if c["normalization"] == "zscore":
+def _normalization(c: Preprocessing) -> MapTransform:
+    if c.normalization == "zscore":
         return ZNormalizeForegroundd("image")
-    return BrainWindowd("image", windows=c["hu_windows"])
-
-
-def check_transform_config(cfg: Mapping | None) -> None:
-    """Raise ValueError (naming the key) for a preprocessing config the pipelines would refuse."""
-    _resolved_config(cfg)
-
-
-def _resolved_config(cfg: Mapping | None) -> dict:
-    """Defaults filled in, values checked, so a bad config fails before any data is read."""
-    given = {k: v for k, v in (cfg or {}).items() if k in DEFAULT_TRANSFORM_CONFIG}
-    c = {**DEFAULT_TRANSFORM_CONFIG, **given}
-    c["target_spacing_mm"] = tuple(float(s) for s in c["target_spacing_mm"])
-    c["roi_size"] = tuple(int(s) for s in c["roi_size"])
-    if len(c["target_spacing_mm"]) != 3 or min(c["target_spacing_mm"]) <= 0:
-        raise ValueError(f"target_spacing_mm must be 3 positive numbers, got {c['target_spacing_mm']}")
-    if len(c["roi_size"]) != 3 or min(c["roi_size"]) < 1:
-        raise ValueError(f"roi_size must be 3 positive ints, got {c['roi_size']}")
-    if c["normalization"] not in ("zscore", "brain_window"):
-        raise ValueError(f"normalization must be 'zscore' or 'brain_window', got {c['normalization']!r}")
-    if int(c["lesion_jitter_voxels"]) < 0:
-        raise ValueError(f"lesion_jitter_voxels must be >= 0, got {c['lesion_jitter_voxels']}")
-    for key in ("negative_random_crop_prob", "positive_random_crop_prob"):
-        if not 0.0 <= float(c[key]) <= 1.0:
-            raise ValueError(f"{key} must be in [0, 1], got {c[key]}")
-    windows = c["hu_windows"]
-    if (
-        not isinstance(windows, (list, tuple))
-        or not windows
-        or any(
-            not isinstance(w, (list, tuple))
-            or len(w) != 2
-            or not all(isinstance(v, (int, float)) for v in w)
-            or w[1] <= 0
-            for w in windows
-        )
-    ):
-        raise ValueError(f"hu_windows must be a list of [level, width] pairs in HU with width > 0, got {windows!r}")
-    if any(axis not in (0, 1, 2) for axis in c["flip_axes"]):
-        raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2, got {c['flip_axes']}")
-    return c
+    return BrainWindowd("image", windows=c.hu_windows)

@@ -21,31 +21,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import UserError
+from .safe_unpickling import torch_safe_globals
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
 
 
-def _numpy_globals() -> list:
-    """numpy pieces a pickled scalar/array needs, under the names numpy 1.x and 2.x write."""
-    allowed: list = [np.dtype, np.ndarray]
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [
-            (np._core.multiarray.scalar, f"{module}.scalar"),
-            (np._core.multiarray._reconstruct, f"{module}._reconstruct"),
-        ]
-    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
-        dtype_class = getattr(np.dtypes, name)
-        allowed.append((dtype_class, f"numpy.dtypes.{name}"))
-    return allowed
-
-
-SAFE_GLOBALS: list = [argparse.Namespace, *_numpy_globals()]
+SAFE_GLOBALS: list = torch_safe_globals(argparse.Namespace)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

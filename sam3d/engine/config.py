@@ -124,11 +124,21 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -
         raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values, found {type(values).__name__}")
+    # A key is a flag's name without the dashes; an older alias (--target_spacing) names its flag too.
     actions = {action.dest: action for action in parser._actions}
+    for action in parser._actions:
+        for option in action.option_strings:
+            actions.setdefault(option.lstrip("-"), action)
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {unknown}; every key must be a flag name of this command")
-    return {key: _yaml_value(path, key, value, actions[key]) for key, value in values.items()}
+    dests = {}
+    for key in values:
+        dest = actions[key].dest
+        if dest in dests:
+            raise ConfigError(f"--config {path}: keys '{dests[dest]}' and '{key}' set the same flag --{dest}")
+        dests[dest] = key
+    return {actions[key].dest: _yaml_value(path, key, value, actions[key]) for key, value in values.items()}
 
 
 def _yaml_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
