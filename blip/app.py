@@ -42,7 +42,8 @@ from sam3d.data.geometry import Geometry
 from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
-from sam3d.predict import Click, Measurements, hyperdense_options
+from sam3d.predict.postprocessing import hyperdense_options
+from sam3d.predict.records import Click, Measurements
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
 DEFAULT_SEGMENTATION_CHECKPOINT = Path("outputs/demo/sam3d/best_model.pth")  # where `make demo` writes them

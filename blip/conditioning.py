@@ -7,7 +7,7 @@ image alone. The same sentence is made from two sources, which keeps training an
 
 - training: the ``volume_ml`` and ``side`` columns of a report manifest (``make_synthetic_ich`` writes
   them from the ground-truth mask; for real data, measure the reference masks or the segmenter's output);
-- use: the :class:`sam3d.predict.Measurements` of the segmentation of the scan being reported.
+- use: the :class:`sam3d.predict.records.Measurements` of the segmentation of the scan being reported.
 
 The volume itself is never left to the language model to copy: in the reports a conditioned model
 learns from, the measured volume is written as the slot ``<|volume|>`` (:func:`volume_slot_text`),
@@ -60,7 +60,7 @@ def measurement_context(volume_ml: float, side: str, min_ml: float = MIN_HEMORRH
 
 
 def context_from_measurements(measurements: Any, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
-    """The sentence for a ``sam3d.predict.Measurements`` (``total_volume_ml``, ``side``)."""
+    """The sentence for a ``sam3d.predict.records.Measurements`` (``total_volume_ml``, ``side``)."""
     return measurement_context(measurements.total_volume_ml, measurements.side, min_ml)
 
 

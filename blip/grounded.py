@@ -16,7 +16,8 @@ from typing import Any
 
 from sam3d.data.io import Volume, load_volume
 from sam3d.engine.config import ConfigError
-from sam3d.predict import Click, HemorrhageSegmenter, Measurements
+from sam3d.predict import HemorrhageSegmenter
+from sam3d.predict.records import Click, Measurements
 
 from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
 from .data.reports import join_sections, split_sections

@@ -110,7 +110,7 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
     """One summary record per held-out scan: truth, automatic segmentation (Dice on the scan's own grid),
     the generated report and the labeler's reading of it."""
     from blip.grounded import MIN_HEMORRHAGE_ML, contradictions
-    from sam3d.predict import Measurements
+    from sam3d.predict.records import Measurements
 
     records = []
     for case in tqdm(cases, desc="reporting", unit="scan"):

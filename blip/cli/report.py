@@ -33,7 +33,7 @@ from sam3d.engine.checkpoint import atomic_write
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.engine.distributed import resolve_device
-from sam3d.predict import hyperdense_options
+from sam3d.predict.postprocessing import hyperdense_options
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,8 @@ from sam3d.engine.config import ConfigError
 from sam3d.engine.errors import UserError
 
 from ..data.io import Volume, load_volume, strip_volume_extension
-from ..predict import MIN_COMPONENT_HU, MIN_VOXEL_HU, Click
+from ..predict.postprocessing import MIN_COMPONENT_HU, MIN_VOXEL_HU
+from ..predict.records import Click
 
 __all__ = ["add_hyperdense_argument", "add_scan_arguments", "output_stems", "parse_clicks", "read_scan", "run_batch"]
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import pydicom
@@ -151,6 +151,12 @@ def _normal(orientation) -> np.ndarray:
     return normal / np.linalg.norm(normal)
 
 
+@overload
+def _floats(value, count: Literal[2], what: str, source: str) -> tuple[float, float]: ...
+@overload
+def _floats(value, count: Literal[3], what: str, source: str) -> tuple[float, float, float]: ...
+@overload
+def _floats(value, count: int, what: str, source: str) -> tuple[float, ...]: ...
 def _floats(value, count: int, what: str, source: str) -> tuple[float, ...]:
     try:
         numbers = tuple(float(v) for v in value)
@@ -317,7 +323,7 @@ def choose_series(candidates: list[Series], source: str, selector: str | None = 
 
 def frame_hu(frames: list[Frame]) -> list[np.ndarray]:
     """HU of each frame (rows, columns) float32, the rescale of its own frame applied."""
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str, tuple[np.ndarray, bool]] = {}
     out = []
     for frame in frames:
         if frame.path not in cache:

@@ -48,7 +48,7 @@ def slice_tilt_deg(affine: np.ndarray, axis: int | None = None) -> float:
     normal = np.cross(a, b)
     step = directions[:, axis]
     cosine = abs(float(normal @ step)) / (np.linalg.norm(normal) * np.linalg.norm(step))
-    return float(np.degrees(np.arccos(min(1.0, cosine))))
+    return float(np.degrees(np.arccos(min(1.0, float(cosine)))))
 
 
 def grid_corners(shape: tuple[int, ...]) -> np.ndarray:

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +90,7 @@ class Preprocessing:
     )
 
     def __post_init__(self) -> None:
-        coerce = {
+        coerce: dict[str, Callable[[Any], Any]] = {
             "target_spacing_mm": lambda v: tuple(float(s) for s in v),
             "roi_size": lambda v: tuple(int(s) for s in v),
             "hu_clamp": lambda v: tuple(float(s) for s in v),
@@ -159,7 +159,7 @@ class Preprocessing:
     @classmethod
     def coerce(cls, value: Preprocessing | Mapping[str, Any] | None) -> Preprocessing:
         """A contract from itself, its dict form (checkpoint payloads) or None (the defaults)."""
-        return value if isinstance(value, cls) else cls.from_dict(value)
+        return value if isinstance(value, Preprocessing) else cls.from_dict(value)
 
     @classmethod
     def from_checkpoint(cls, meta: Mapping[str, Any], source: str = "checkpoint") -> Preprocessing:

@@ -1,0 +1,190 @@
+"""Inference: the model's probabilities for a scan, mapped back onto the scan's own grid.
+
+Automatic mode (no clicks) covers the whole head with model-sized windows (MONAI sliding window,
+Gaussian blending), so hemorrhages larger than one window are not cut. Interactive mode takes clicks
+in voxel indices of the input file or in world millimetres (RAS), crops one window around the first
+click and refines the mask click by click, feeding back the previous low-res logits as SAM does.
+Either way the probabilities are mapped back onto the input grid through the affines (the model grid
+is RAS at the contract's spacing), so the mask has exactly the input's shape and affine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from ..data.geometry import grid_corners
+from ..data.io import Volume, VolumeReadError
+from ..data.preprocessing import Preprocessing
+from ..data.transforms import build_inference_transforms
+from ..engine.config import ConfigError
+from ..modeling.sam3d import Sam3D
+from .records import Click
+
+__all__ = [
+    "AUTOMATIC_THRESHOLD",
+    "THRESHOLD",
+    "Sam3DInferer",
+    "check_clicks_inside",
+    "check_head_ct",
+    "click_world",
+    "to_input_grid",
+]
+
+# The probability threshold of automatic mode when the hyperdense gate bounds the mask by density: the
+# model then only has to find the bleed, and a lower threshold keeps the whole of it
+# (docs/automatic_segmentation.md). Without the gate, and with clicks, 0.5.
+AUTOMATIC_THRESHOLD = 0.3
+THRESHOLD = 0.5
+
+
+def to_input_grid(values: np.ndarray, model_affine: np.ndarray, volume: Volume, order: int = 1) -> np.ndarray:
+    """Resample a model-grid array (X, Y, Z) onto the input volume's grid through both affines."""
+    voxel_to_model = np.linalg.inv(model_affine) @ volume.affine
+    return ndimage.affine_transform(
+        values,
+        voxel_to_model[:3, :3],
+        offset=voxel_to_model[:3, 3],
+        output_shape=volume.array.shape[:3],
+        order=order,
+        mode="constant",
+        cval=0.0,
+    )
+
+
+def click_world(click: Click, volume: Volume) -> np.ndarray:
+    """Homogeneous RAS mm position (4,) of a click given in voxels of ``volume`` or in mm."""
+    if click.space not in ("voxel", "mm"):
+        raise ValueError(f"click space must be 'voxel' or 'mm', got {click.space!r}")
+    position = np.append(np.asarray(click.position, dtype=float), 1.0)
+    return volume.affine @ position if click.space == "voxel" else position
+
+
+MIN_HEAD_EXTENT_MM = 60.0  # a head is ~150 mm across; less than this on two axes holds no head
+
+
+def check_head_ct(volume: Volume) -> None:
+    """A blank or constant scan is refused (a clean "no hemorrhage" would be a lie); one that does not
+    look like a head CT (no air, no bone, values outside the HU range, too small to hold a head)
+    gets a warning recorded with its geometry, shown wherever the result is."""
+    sample = volume.array[::2, ::2, ::2].astype(np.float32)
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if hi - lo < 1.0:
+        raise VolumeReadError(f"{volume.source}: the scan is constant ({lo:g} everywhere): there is nothing to segment")
+    problems = []
+    if lo < -3100 or hi > 40000:
+        problems.append(f"values {lo:g}..{hi:g} lie outside the CT range in HU (about -1024..3071)")
+    if float(np.percentile(sample, 1)) > -500:
+        problems.append(
+            f"no air (1st percentile {np.percentile(sample, 1):.0f}, air is about -1000 HU): not in HU, or not a CT"
+        )
+    if float(np.percentile(sample, 99.9)) < 300:
+        problems.append("no bone (99.9th percentile below 300 HU)")
+    shape = np.array(volume.array.shape)
+    extent_mm = shape * np.array(volume.spacing_mm)
+    if np.sort(extent_mm)[1] < MIN_HEAD_EXTENT_MM:
+        problems.append(f"a field of view of {np.round(extent_mm).astype(int).tolist()} mm is too small to hold a head")
+    for problem in problems:
+        volume.geometry.warn(f"{volume.source}: does not look like a head CT: {problem}; read the result with care")
+
+
+def check_clicks_inside(clicks: Sequence[Click], volume: Volume) -> None:
+    """A click outside the scan is a mistake, not a prompt: ConfigError with the scan's bounds."""
+    shape = np.array(volume.array.shape)
+    to_voxel = np.linalg.inv(volume.affine)
+    for click in clicks:
+        voxel = (to_voxel @ click_world(click, volume))[:3]
+        if np.all(voxel >= -0.5) and np.all(voxel <= shape - 0.5):
+            continue
+        world = volume.affine[:3, :3] @ grid_corners(volume.array.shape) + volume.affine[:3, 3:]
+        bounds = (
+            f"voxel indices 0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1}"
+            if click.space == "voxel"
+            else "RAS mm " + ", ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(world.min(1), world.max(1)))
+        )
+        raise ConfigError(
+            f"--click {' '.join(f'{v:g}' for v in click.position)} ({click.space}): outside "
+            f"{volume.source}, which spans {bounds}"
+        )
+
+
+class Sam3DInferer:
+    """A SAM-Med3D model behind its preprocessing contract: ``probabilities(volume, clicks)`` is the
+    hemorrhage probability of every voxel of the scan's own grid (float32, the scan's shape)."""
+
+    def __init__(
+        self,
+        model: Sam3D,
+        preprocessing: Preprocessing,
+        device: torch.device,
+        overlap: float = 0.5,
+        sw_batch_size: int = 1,
+    ) -> None:
+        self.model = model
+        self.preprocessing = preprocessing
+        self.transform = build_inference_transforms(preprocessing)
+        self.device = device
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+
+    def probabilities(self, volume: Volume, clicks: Sequence[Click] = ()) -> np.ndarray:
+        image, model_affine = self._preprocess(volume)
+        if clicks:
+            on_model_grid = self._interactive(image, model_affine, volume, clicks)
+        else:
+            on_model_grid = self._automatic(image)
+        return to_input_grid(on_model_grid.float().cpu().numpy(), model_affine, volume, order=1)
+
+    def _preprocess(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
+        item = self.transform({"image": volume})
+        image = item["image"]
+        return image.as_tensor()[None].float().to(self.device), np.asarray(image.affine, dtype=np.float64)
+
+    @torch.no_grad()
+    def _automatic(self, image: torch.Tensor) -> torch.Tensor:
+        size = (self.model.img_size,) * 3
+
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            low_res, _ = self.model.decode(self.model.image_encoder(window))
+            return torch.sigmoid(self.model.upsample_logits(low_res))
+
+        return sliding_window_inference(
+            image,
+            size,
+            self.sw_batch_size,
+            predictor,
+            overlap=self.overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(image.min()),
+        )[0, 0]
+
+    @torch.no_grad()
+    def _interactive(
+        self, image: torch.Tensor, model_affine: np.ndarray, volume: Volume, clicks: Sequence[Click]
+    ) -> torch.Tensor:
+        points = [(np.linalg.inv(model_affine) @ click_world(click, volume))[:3] for click in clicks]
+        size = self.model.img_size
+        grid = np.array(image.shape[-3:])
+        # One window around the first click, shifted inside the scan where possible.
+        start = np.clip(np.round(points[0]).astype(int) - size // 2, 0, np.maximum(grid - size, 0))
+        window = torch.full((1, image.shape[1], size, size, size), float(image.min()), device=self.device)
+        stop = np.minimum(start + size, grid)
+        crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        window[(..., *[slice(0, int(b - a)) for a, b in zip(start, stop)])] = image[(..., *crop)]
+        embeddings = self.model.image_encoder(window)
+        coords = torch.tensor(np.stack(points) - start, dtype=torch.float32, device=self.device)[None]
+        labels = torch.tensor([[1 if c.positive else 0 for c in clicks]], device=self.device)
+        low_res = torch.zeros(
+            (1, 1, *(4 * s for s in self.model.prompt_encoder.image_embedding_size)), device=self.device
+        )
+        for i in range(len(clicks)):  # refine click by click, as a user would
+            low_res, _ = self.model.decode(embeddings, coords[:, : i + 1], labels[:, : i + 1], low_res)
+        probabilities = torch.zeros(image.shape[-3:], device=self.device)
+        window_probs = torch.sigmoid(self.model.upsample_logits(low_res))[0, 0]
+        probabilities[crop] = window_probs[tuple(slice(0, int(b - a)) for a, b in zip(start, stop))]
+        return probabilities

@@ -1,0 +1,137 @@
+"""The predictor: a scan (read once, a :class:`~sam3d.data.io.Volume`) → inference → post-processing →
+measurement → files. Load once, predict many."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.dicom_seg import mask_on_frames, write_hemorrhage_seg
+from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
+from ..data.preprocessing import Preprocessing
+from ..engine.checkpoint import atomic_write
+from ..modeling import load_trained_sam3d
+from ..modeling.sam3d import Sam3D
+from ..visualize import SliceView, axial_overlay
+from .inference import AUTOMATIC_THRESHOLD, THRESHOLD, Sam3DInferer, check_clicks_inside, check_head_ct, click_world
+from .measurement import measure
+from .postprocessing import (
+    BONE_THRESHOLD_HU,
+    INTRACRANIAL_MARGIN_MM,
+    MIN_COMPONENT_HU,
+    MIN_COMPONENT_ML,
+    MIN_VOXEL_HU,
+    postprocess_mask,
+)
+from .records import Click, SegmentationResult
+
+__all__ = ["HemorrhageSegmenter"]
+
+
+class HemorrhageSegmenter:
+    """Load once, predict many: ``HemorrhageSegmenter("best_model.pth").predict("scan.nii.gz")``.
+
+    Post-processing (see :func:`postprocess_mask`), on by default:
+
+    - ``restrict_intracranial``: clear predictions outside the skull's cavity, found from the scan by
+      a ``bone_hu`` threshold, slice-wise hole filling and a ``margin_mm`` erosion off the inner table.
+      It assumes an intact skull; turn it off for skull-stripped images or after a craniectomy.
+    - ``min_component_hu`` / ``min_voxel_hu``: keep hyperdense (acute) blood only; None turns it off
+      (subacute or chronic hemorrhage, contrast-free scans of anaemic patients).
+    - ``min_component_ml``: drop connected components smaller than this (mL); 0 keeps every one.
+
+    In interactive mode a component holding a positive click is never removed or trimmed.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        model_type: str | None = None,
+        overlap: float = 0.5,
+        sw_batch_size: int = 1,
+        restrict_intracranial: bool = True,
+        min_component_ml: float = MIN_COMPONENT_ML,
+        bone_hu: float = BONE_THRESHOLD_HU,
+        margin_mm: float = INTRACRANIAL_MARGIN_MM,
+        min_component_hu: float | None = MIN_COMPONENT_HU,
+        min_voxel_hu: float | None = MIN_VOXEL_HU,
+    ) -> None:
+        if min_component_ml < 0 or margin_mm < 0:
+            raise ValueError(f"min_component_ml and margin_mm must be >= 0, got {min_component_ml} and {margin_mm}")
+        model, meta = load_trained_sam3d(checkpoint, model_type)
+        self.device = torch.device(device)
+        self.model: Sam3D = model.to(self.device).eval()
+        self.preprocessing = Preprocessing.from_checkpoint(meta, str(checkpoint))
+        self.inferer = Sam3DInferer(self.model, self.preprocessing, self.device, overlap, sw_batch_size)
+        self.postprocessing = {
+            "restrict_intracranial": restrict_intracranial,
+            "min_component_ml": min_component_ml,
+            "bone_hu": bone_hu,
+            "margin_mm": margin_mm,
+            "min_component_hu": min_component_hu,
+            "min_voxel_hu": min_voxel_hu,
+        }
+
+    def predict(
+        self, scan: str | os.PathLike | Volume, clicks: Sequence[Click] | None = None, threshold: float | None = None
+    ) -> SegmentationResult:
+        """Segment ``scan``: a path (any format :func:`load_volume` reads) or a Volume already read
+        (read it yourself to choose a DICOM series or accept gaps). ``threshold``: the probability above which
+        a voxel is blood; default AUTOMATIC_THRESHOLD without clicks when the hyperdense gate is on, else THRESHOLD."""
+        volume = scan if isinstance(scan, Volume) else load_volume(scan)
+        check_clicks_inside(clicks or [], volume)
+        check_head_ct(volume)
+        on_input = self.inferer.probabilities(volume, clicks or [])
+        keep_points = [(np.linalg.inv(volume.affine) @ click_world(c, volume))[:3] for c in clicks or [] if c.positive]
+        if threshold is None:
+            gated = self.postprocessing["min_component_hu"] is not None
+            threshold = AUTOMATIC_THRESHOLD if gated and not clicks else THRESHOLD
+        mask, record = postprocess_mask(on_input > threshold, volume, keep_points, **self.postprocessing)
+        record["threshold"] = threshold
+        return SegmentationResult(
+            volume.source, mask, volume, measure(mask, volume), "interactive" if clicks else "automatic", record
+        )
+
+    def save(
+        self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3, stem: str | None = None
+    ) -> SegmentationResult:
+        """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json``, axial PNG overlays (radiological
+        convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
+        slices as DICOM SEG referencing them. Every file is written atomically."""
+        from PIL import Image
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = stem or strip_volume_extension(Path(result.source).name)
+        mask_path = out / f"{stem}_mask.nii.gz"
+        save_nifti(mask_path, result.mask, result.affine)
+        result.files["mask"] = str(mask_path)
+        volume = result.volume
+        if volume.dicom is not None:
+            seg_path = write_hemorrhage_seg(
+                out / f"{stem}_seg.dcm",
+                mask_on_frames(result.mask, volume.affine, volume.dicom),
+                volume.dicom,
+                __version__,
+            )
+            result.files["dicom_seg"] = str(seg_path)
+        view = SliceView.from_affine(result.affine)
+        counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
+        chosen = np.argsort(counts)[::-1][:max_overlays] if counts.max() > 0 else [result.mask.shape[view.axis] // 2]
+        for k in sorted(int(c) for c in chosen):
+            picture = axial_overlay(volume.array, k, view, result.mask)
+            png = out / f"{stem}_slice{k:03d}.png"
+            atomic_write(png, lambda tmp, picture=picture: Image.fromarray(picture).save(tmp, format="PNG"))
+            result.files.setdefault("overlays", []).append(str(png))
+        json_path = out / f"{stem}_measurements.json"
+        result.files["measurements"] = str(json_path)
+        text = json.dumps(result.to_json(), indent=2)
+        atomic_write(json_path, lambda tmp: tmp.write_text(text))
+        return result
