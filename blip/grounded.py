@@ -142,11 +142,7 @@ class ScanReporter:
     ) -> str:
         """The model's report for one image (a path, or a CT Volume already read); ``measurements``
         are required by (and only given to) a conditioned model's CT reports, whose volume slot they fill."""
-        from .task import image_transform
-
-        image = image_transform(self.model, modality)(scan if isinstance(scan, Volume) else str(scan))[None].to(
-            self.device
-        )
+        image = self.model.processor.images([scan if isinstance(scan, Volume) else str(scan)], modality).to(self.device)
         if not (self.conditioned and modality == "ct"):
             return self.model.generate(image, modality, None, **self.generation)[0]
         if measurements is None:

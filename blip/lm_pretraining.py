@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from sam3d.engine.trainer import BEST_CHECKPOINT, Trainer, TrainerConfig
 
 from .conditioning import VOLUME_SLOT, measurement_context, volume_slot_text
 from .language_model import build_tiny_gpt2, load_language_model
-from .model import DEFAULT_PROMPTS, prompt_text
+from .processor import DEFAULT_PROMPTS, prompt_text
 
 __all__ = ["LanguageModelTask", "PromptedReports", "pretrain_report_lm"]
 
@@ -35,7 +35,7 @@ class PromptedReports(Dataset):
     """Rows ``{'report', 'volume_ml', 'side'}`` → ``input_ids`` / ``labels`` (prompt tokens -100). A
     row given the measurement sentence has its volume as the slot, as conditioned report models see it."""
 
-    def __init__(self, rows: list[Mapping[str, Any]], tokenizer, max_len: int, conditioned_share: float, seed: int):
+    def __init__(self, rows: Sequence[Mapping[str, Any]], tokenizer, max_len: int, conditioned_share: float, seed: int):
         rng = np.random.default_rng(seed)
         self.items = []
         for row in rows:
@@ -107,8 +107,8 @@ class LanguageModelTask:
 
 
 def pretrain_report_lm(
-    train_rows: list[Mapping[str, Any]],
-    val_rows: list[Mapping[str, Any]],
+    train_rows: Sequence[Mapping[str, Any]],
+    val_rows: Sequence[Mapping[str, Any]],
     folder: str | os.PathLike,
     work_dir: str | os.PathLike,
     epochs: int = 3,
@@ -155,6 +155,6 @@ def pretrain_report_lm(
     trainer = Trainer(cfg, LanguageModelTask(), model, groups, torch.device("cpu"), collate_fn=train_set.collate)
     result = trainer.fit(train_set, val_set)
     model.load_state_dict(load_checkpoint(Path(work_dir) / BEST_CHECKPOINT)["model_state_dict"])
-    model.save_pretrained(folder)
+    model.save_pretrained(str(folder))
     tokenizer.save_pretrained(folder)
     return result

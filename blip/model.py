@@ -43,38 +43,21 @@ from torch import nn
 from sam3d.engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
-from .diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations
+from .diagnosis import DiagnosisHead, diagnosis_sentence
 from .labeler import binary_observations
 from .language_model import LM_MODES, load_language_model
+from .processor import PROCESSOR_NAME, Blip2ReportProcessor
 from .qformer import QFormerBridge, QFormerBridgeConfig
 from .vision import VisionTowerConfig, build_vision_tower, encoder_tokens, tower_width
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LM_FOLDER = "lm"
-DEFAULT_PROMPTS = {"ct": "Head CT report:", "xray": "Chest X-ray report:"}
 TOWER_OF_MODALITY = {"ct": "visual_encoder", "xray": "visual_encoder_2d"}
 LM_PREFIX = "language_model."
-
-
-def prompt_text(prompt: str, context: str | None = None) -> str:
-    """The text the LM reads after the soft prompt: ``context`` (measurement / diagnosis sentences),
-    then the modality's prompt. Text-only LM pretraining (``blip.lm_pretraining``) writes the same."""
-    return f"{context} {prompt}" if context else prompt
-
-
-def tokenize_reports(tokenizer, reports: list[str], max_text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (B, T ≤ max_text_len): each report + end-of-text (so the LM
-    learns to stop), right-padded; no BOS, since the soft prompt starts the sequence."""
-    encoded = tokenizer(
-        [text.strip() + tokenizer.eos_token for text in reports],
-        add_special_tokens=False,
-        truncation=True,
-        max_length=max_text_len,
-        padding="longest",
-        return_tensors="pt",
-    )
-    return encoded.input_ids, encoded.attention_mask
+# Keys of configs saved before the processor: read by the processor (prompts, max_text_len) or the
+# training run (diagnosis_loss_weight, diagnosis_dropout) instead.
+LEGACY_CONFIG_KEYS = ("prompts", "max_text_len", "diagnosis_loss_weight", "diagnosis_dropout")
 
 
 @dataclass
@@ -94,12 +77,8 @@ class Blip2ReportConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     num_query_tokens: int = 32
-    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
-    max_text_len: int = 128
     condition_on_measurements: bool = False  # CT prompts start with a measurement sentence
     diagnosis_prompt: bool = False  # a findings head; prompts start with its diagnosis sentence
-    diagnosis_loss_weight: float = 1.0  # of the head's binary cross-entropy, added to the LM loss
-    diagnosis_dropout: float = 0.3  # training: share of present observations left out of the sentence
 
     def __post_init__(self) -> None:
         if self.lm_mode not in LM_MODES:
@@ -109,15 +88,17 @@ class Blip2ReportConfig:
         fixed = sorted({"vision_width", "lm_hidden_size", "num_query_tokens"} & set(self.bridge))
         if fixed:
             raise ValueError(f"bridge overrides {fixed} are set by the towers, the LM and num_query_tokens")
-        if not 0.0 <= self.diagnosis_dropout < 1.0:
-            raise ValueError(f"diagnosis_dropout must be in [0, 1), got {self.diagnosis_dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Blip2ReportConfig:
+        """Also reads folders saved before the processor existed: their prompts and text length are
+        the processor's now (``Blip2ReportProcessor.from_pretrained`` reads them from this file), the
+        diagnosis loss weight and dropout the training run's."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in LEGACY_CONFIG_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown Blip2ReportConfig keys {unknown}; expected a subset of {sorted(known)}")
@@ -143,7 +124,16 @@ class Blip2ReportOutput:
 class Blip2ReportModel(nn.Module):
     """Image (B, C, *spatial) of one modality → report text."""
 
-    def __init__(self, config: Blip2ReportConfig, language_model: nn.Module | None = None, tokenizer=None) -> None:
+    def __init__(
+        self,
+        config: Blip2ReportConfig,
+        language_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        prompts: Mapping[str, str] | None = None,
+        max_text_len: int = 128,
+    ) -> None:
+        """``prompts`` and ``max_text_len`` go to the model's :class:`~blip.processor.Blip2ReportProcessor`
+        (``self.processor``), which builds its prompts and tokenises its reports."""
         super().__init__()
         config = copy.deepcopy(config)  # the towers write their resolved configs into it
         if language_model is None:
@@ -182,8 +172,20 @@ class Blip2ReportModel(nn.Module):
             else {}
         )
         self.language_model = language_model
-        self.tokenizer = tokenizer
         self.config = config
+        ct, xray = self.visual_encoder, self.visual_encoder_2d
+        self.processor = Blip2ReportProcessor(
+            tokenizer,
+            prompts,
+            max_text_len,
+            ct_preprocessing=config.ct_tower.get("preprocessing") if config.ct_tower else None,
+            ct_img_size=None if ct is None else ct.img_size,
+            xray_img_size=None if xray is None else xray.img_size,
+        )
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
 
     def _tower(self, config: Blip2ReportConfig, key: str) -> nn.Module | None:
         """Build the tower of ``config.<key>`` and store its resolved config back (architecture and
@@ -246,13 +248,6 @@ class Blip2ReportModel(nn.Module):
             tokens = self.vision_adapters[modality](tokens)
         return tokens
 
-    def prompt_ids(self, modality: str, context: str | None = None) -> torch.Tensor:
-        """(P,) token ids of the modality's prompt text, preceded by ``context`` when given."""
-        if modality not in self.config.prompts:
-            raise KeyError(f"no prompt for modality '{modality}'; config.prompts has {sorted(self.config.prompts)}")
-        text = prompt_text(self.config.prompts[modality], context)
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids)
-
     def _contexts(self, modality: str, contexts: list[str] | None, batch: int) -> list[str | None]:
         """One context per study: required for CT when the model is conditioned, refused otherwise
         (a model never trained with them would read words it has not seen in that place)."""
@@ -313,7 +308,7 @@ class Blip2ReportModel(nn.Module):
         texts = [" ".join(t for t in (c, d) if t) or None for c, d in zip(contexts, sentences)]
         embed = self.language_model.get_input_embeddings()
         queries = bridge_out.projected.to(embed.weight.dtype)
-        prompts = [self.prompt_ids(modality, text).to(images.device) for text in texts]
+        prompts = [self.processor.prompt_ids(modality, text).to(images.device) for text in texts]
         longest = max(len(p) for p in prompts)
         batch, num_queries, width = queries.shape
         prefix = queries.new_zeros(batch, longest + num_queries, width)
@@ -325,10 +320,6 @@ class Blip2ReportModel(nn.Module):
             mask[i, pad:] = 1
         return prefix, mask, bridge_out, logits
 
-    def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), each (B, T ≤ max_text_len): see :func:`tokenize_reports`."""
-        return tokenize_reports(self.tokenizer, reports, self.config.max_text_len)
-
     # ------------------------------------------------------------------ training and generation
     def forward(
         self,
@@ -339,19 +330,21 @@ class Blip2ReportModel(nn.Module):
         contexts: list[str] | None = None,
         diagnosis: torch.Tensor | None = None,
         tower_tokens: torch.Tensor | None = None,
+        diagnosis_in_prompt: torch.Tensor | None = None,
+        diagnosis_loss_weight: float = 1.0,
     ) -> Blip2ReportOutput:
-        """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from ``tokenize_reports``;
-        ``contexts``: one measurement sentence per study for a conditioned model; ``diagnosis`` (B, K):
-        the reference labels (``blip.diagnosis.reference_diagnosis``) for a model with a diagnosis head,
-        the head's targets and the sentence the LM reads; ``tower_tokens``: see ``image_tokens``."""
+        """``images`` (B, C, *spatial), ``input_ids`` / ``attention_mask`` (B, T) from the processor's
+        ``tokenize_reports``; ``contexts``: one measurement sentence per study for a conditioned model;
+        ``diagnosis`` (B, K): the reference labels (``blip.diagnosis.reference_diagnosis``) for a model
+        with a diagnosis head, the head's targets and (unless ``diagnosis_in_prompt`` gives other labels,
+        e.g. training's ``drop_observations``) the sentence the LM reads; ``diagnosis_loss_weight``: of
+        the head's loss in ``loss``; ``tower_tokens``: see ``image_tokens``."""
         if self.config.diagnosis_prompt and diagnosis is None:
             raise ValueError(
                 "this report model has a diagnosis head (config.diagnosis_prompt): pass the reference "
                 "labels, blip.diagnosis.reference_diagnosis(report, modality) per study"
             )
-        sentence_labels = diagnosis
-        if diagnosis is not None and self.training and self.config.diagnosis_dropout > 0:
-            sentence_labels = drop_observations(diagnosis, self.config.diagnosis_dropout)
+        sentence_labels = diagnosis if diagnosis_in_prompt is None else diagnosis_in_prompt
         prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(
             images, modality, contexts, sentence_labels, tower_tokens=tower_tokens
         )
@@ -374,7 +367,7 @@ class Blip2ReportModel(nn.Module):
             return Blip2ReportOutput(loss=out.loss, lm_loss=out.loss, logits=out.logits, labels=labels)
         diagnosis_loss = F.binary_cross_entropy_with_logits(diagnosis_logits.float(), diagnosis.float())
         return Blip2ReportOutput(
-            loss=out.loss + self.config.diagnosis_loss_weight * diagnosis_loss,
+            loss=out.loss + diagnosis_loss_weight * diagnosis_loss,
             lm_loss=out.loss,
             logits=out.logits,
             labels=labels,
@@ -427,7 +420,7 @@ class Blip2ReportModel(nn.Module):
             eos_token_id=self.tokenizer.eos_token_id,
             **sampling,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return self.processor.decode(tokens)
 
     @torch.no_grad()
     def cross_attention_map(self, images: torch.Tensor, modality: str) -> torch.Tensor:
@@ -461,6 +454,7 @@ class Blip2ReportModel(nn.Module):
             language_model = copy.deepcopy(language_model).merge_and_unload()
         language_model.save_pretrained(folder / LM_FOLDER)
         self.tokenizer.save_pretrained(folder / LM_FOLDER)
+        self.processor.save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Blip2ReportModel:
@@ -470,10 +464,12 @@ class Blip2ReportModel(nn.Module):
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a Blip2ReportModel folder")
-        config = Blip2ReportConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
+        saved = json.loads(config_path.read_text())
+        config = Blip2ReportConfig.from_dict({**saved, **overrides})
         if config.lm_path and not Path(config.lm_path).is_absolute():
             config.lm_path = str(folder / config.lm_path)
-        model = cls(config)
+        text = json.loads((folder / PROCESSOR_NAME).read_text()) if (folder / PROCESSOR_NAME).is_file() else saved
+        model = cls(config, prompts=text.get("prompts"), max_text_len=text.get("max_text_len", 128))
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file():
             raise CheckpointError(f"{weights_path} not found")

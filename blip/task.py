@@ -1,172 +1,26 @@
-"""Report generation as a task of the shared training engine: data, collation, loss and validation.
+"""Report generation as a task of the shared training engine: frozen-tower token cache, loss and validation.
 
-Items are dicts ``{"image": path, "report": text, "modality": "ct"|"xray", "id": str}`` (rows of a
-``blip.data.reports`` manifest). Image pipelines, per modality:
-
-- ``ct``: ``sam3d.data.transforms.build_inference_transforms`` with the exported encoder's
-  ``preprocessing`` (RAS, resampling, HU clamp, normalisation), then a centred crop or pad to the
-  tower's input size. Padding uses the volume's minimum, i.e. air after normalisation.
-- ``xray``: grayscale → resized to the tower's square input → repeated to 3 channels → normalised with
-  segment-anything's pixel statistics (what the 2-D encoder was trained on). The resize does not keep
-  the aspect ratio, as R2Gen and R2GenGPT do for chest films.
-
-A batch holds one modality (the prompt and the tower depend on it). A dataset may mix modalities:
-it exposes each item's modality as ``group_keys``, from which the engine draws single-modality
-batches (``sam3d.engine.samplers.GroupedBatchSampler``).
+Batches come from ``blip.data.dataset`` (``ReportDataset`` + ``ReportCollator``; images and text go
+through the model's ``blip.processor.Blip2ReportProcessor``). A batch holds one modality (the prompt
+and the tower depend on it).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, ResizeWithPadOrCropd
-from monai.utils import convert_to_tensor
 from torch import nn
-from torch.utils.data import Dataset
 
-from sam3d.data.transforms import build_inference_transforms
 from sam3d.engine.trainer import autocast_dtype
 
+from .diagnosis import drop_observations
 from .labeler import precision_recall_f1
-from .model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, attention_overlays, tokenize_reports
-from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
-
-
-def ct_image_transform(preprocessing: Mapping[str, Any] | None, img_size: int) -> Callable[[str], torch.Tensor]:
-    """path → float32 (C, img_size, img_size, img_size) for the CT tower."""
-    pipeline = Compose(
-        [build_inference_transforms(preprocessing), ResizeWithPadOrCropd("image", (img_size,) * 3, mode="minimum")]
-    )
-    # A plain tensor: MetaTensor's per-op bookkeeping would slow every layer of the model down.
-    return lambda path: convert_to_tensor(pipeline({"image": path})["image"], dtype=torch.float32, track_meta=False)
-
-
-def xray_image_transform(img_size: int) -> Callable[[str], torch.Tensor]:
-    """path → float32 (3, img_size, img_size) for the X-ray tower."""
-    from PIL import Image
-
-    mean = torch.tensor(SAM2D_PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(SAM2D_PIXEL_STD).view(3, 1, 1)
-
-    def load(path: str) -> torch.Tensor:
-        with Image.open(path) as image:
-            gray = image.convert("L").resize((img_size, img_size), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(gray, dtype=np.float32))
-        return (pixels.expand(3, -1, -1) - mean) / std
-
-    return load
-
-
-def image_transform(model: Blip2ReportModel, modality: str) -> Callable[[str], torch.Tensor]:
-    """The pipeline that feeds ``model``'s tower for ``modality``, sized from the tower itself."""
-    tower = model.tower(modality)
-    if modality == "ct":
-        return ct_image_transform(model.config.ct_tower.get("preprocessing"), tower.img_size)
-    return xray_image_transform(tower.img_size)
-
-
-class ReportDataset(Dataset):
-    """Rows ``{"image", "report", "modality", "id"}`` → ``{"image": tensor, ...}``. ``transform`` is
-    one pipeline (rows of one modality) or a mapping modality → pipeline (rows of several).
-    ``group_keys`` (each row's modality) lets the engine batch one modality at a time. A row with
-    several images (frontal + lateral views) uses the first. ``cache``: keep each preprocessed image
-    in memory after its first use — the pipelines are deterministic, and re-reading and resampling a CT
-    volume every epoch costs more than the small models' step (RAM: studies × channels × size³ × 4
-    bytes, 8 MB per 128³ CT; each data-loader worker keeps its own copy)."""
-
-    def __init__(
-        self,
-        rows: Sequence[Mapping[str, Any]],
-        transform: Callable[[str], torch.Tensor] | Mapping[str, Callable[[str], torch.Tensor]],
-        source: str = "",
-        cache: bool = False,
-    ) -> None:
-        source = source or "report rows"
-        self.modalities = sorted({row["modality"] for row in rows})
-        if not isinstance(transform, Mapping):
-            if len(self.modalities) > 1:
-                raise ValueError(
-                    f"{source}: one modality per dataset with a single transform, found "
-                    f"{self.modalities}; pass a mapping modality -> transform for mixed rows"
-                )
-            transform = {modality: transform for modality in self.modalities}
-        missing = [m for m in self.modalities if m not in transform]
-        if missing:
-            raise ValueError(
-                f"{source}: no image transform for modality {missing} (transforms for {sorted(transform)})"
-            )
-        self.rows = [dict(row) for row in rows]
-        self.group_keys = [row["modality"] for row in self.rows]
-        self.transforms = dict(transform)
-        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def path(self, index: int) -> str:
-        """The row's image file (the first of several views)."""
-        image = self.rows[index]["image"]
-        return image if isinstance(image, str) else image[0]
-
-    def image(self, index: int) -> torch.Tensor:
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        image = self.transforms[self.rows[index]["modality"]](self.path(index))
-        if self.cache is not None:
-            self.cache[index] = image
-        return image
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        return {
-            "image": self.image(index),
-            "path": self.path(index),
-            "report": row["report"],
-            "modality": row["modality"],
-            "id": str(row.get("id", index)),
-            "context": row.get("context"),
-            "diagnosis": row.get("diagnosis"),
-        }
-
-
-class ReportCollator:
-    """Items → ``{"image" (B, C, *S), "modality", "input_ids" (B, T), "attention_mask" (B, T),
-    "report", "id", "path", "contexts", "diagnosis"}``; the reports are tokenized here, once per batch.
-    ``contexts`` is the studies' measurement sentences and ``diagnosis`` (B, K) their reference labels
-    (``blip.diagnosis``), each None when the items carry none."""
-
-    def __init__(self, tokenizer, max_text_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_text_len = max_text_len
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        modalities = sorted({item["modality"] for item in items})
-        if len(modalities) != 1:
-            raise ValueError(f"a batch must hold one modality, found {modalities} (ids {[i['id'] for i in items]})")
-        reports = [item["report"] for item in items]
-        input_ids, attention_mask = tokenize_reports(self.tokenizer, reports, self.max_text_len)
-        contexts = [item.get("context") for item in items]
-        if any(c is None for c in contexts) and any(c is not None for c in contexts):
-            raise ValueError(f"measurement contexts for some studies only (ids {[i['id'] for i in items]})")
-        diagnosis = [item.get("diagnosis") for item in items]
-        if any(d is None for d in diagnosis) and any(d is not None for d in diagnosis):
-            raise ValueError(f"diagnosis labels for some studies only (ids {[i['id'] for i in items]})")
-        return {
-            "image": torch.stack([item["image"] for item in items]),
-            "modality": modalities[0],
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "report": reports,
-            "id": [item["id"] for item in items],
-            "path": [item.get("path") for item in items],
-            "contexts": None if contexts[0] is None else contexts,
-            "diagnosis": None if diagnosis[0] is None else torch.tensor(diagnosis, dtype=torch.float32),
-        }
+from .model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, attention_overlays
 
 
 class TowerTokenCache:
@@ -199,20 +53,29 @@ def batch_output(
     batch: Mapping[str, Any],
     images: torch.Tensor | None = None,
     tower_tokens: torch.Tensor | None = None,
+    diagnosis_loss_weight: float = 1.0,
+    diagnosis_dropout: float = 0.0,
 ) -> Blip2ReportOutput:
     """The model's output on ``batch``; ``images`` (or their ``tower_tokens``) replace the batch's own
-    (see ``ReportTask.validate``)."""
+    (see ``ReportTask.validate``). In training mode each present observation is left out of the
+    diagnosis sentence with probability ``diagnosis_dropout`` (``blip.diagnosis.drop_observations``)."""
     device = next(model.bridge.parameters()).device
     images = batch["image"] if images is None else images
     diagnosis = batch.get("diagnosis")
+    diagnosis = None if diagnosis is None else diagnosis.to(device)
+    in_prompt = None
+    if diagnosis is not None and model.training and diagnosis_dropout > 0:
+        in_prompt = drop_observations(diagnosis, diagnosis_dropout)
     return model(
         images.to(device, non_blocking=True),
         batch["modality"],
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         batch.get("contexts"),
-        None if diagnosis is None else diagnosis.to(device),
+        diagnosis,
         tower_tokens,
+        diagnosis_in_prompt=in_prompt,
+        diagnosis_loss_weight=diagnosis_loss_weight,
     )
 
 
@@ -221,15 +84,23 @@ class ReportLoss(nn.Module):
     loss is LM + weighted head loss, and both parts are logged. ``token_cache``: frozen towers' outputs
     are looked up there."""
 
-    def __init__(self, model: Blip2ReportModel, token_cache: TowerTokenCache | None = None) -> None:
+    def __init__(
+        self,
+        model: Blip2ReportModel,
+        token_cache: TowerTokenCache | None = None,
+        diagnosis_loss_weight: float = 1.0,
+        diagnosis_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.token_cache = token_cache
+        self.diagnosis_loss_weight = diagnosis_loss_weight
+        self.diagnosis_dropout = diagnosis_dropout
 
     def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.model.bridge.parameters()).device
         tokens = self.token_cache(self.model, batch, device) if self.token_cache is not None else None
-        out = batch_output(self.model, batch, tower_tokens=tokens)
+        out = batch_output(self.model, batch, None, tokens, self.diagnosis_loss_weight, self.diagnosis_dropout)
         if out.diagnosis_loss is None:
             return out.loss, {}
         return out.loss, {"lm_loss": out.lm_loss.item(), "diagnosis_loss": out.diagnosis_loss.item()}
@@ -257,7 +128,13 @@ class ReportTask:
         samples_path: str | Path | None = None,
         use_mixed_precision: bool = False,
         cache_tokens: bool = False,
+        diagnosis_loss_weight: float = 1.0,
+        diagnosis_dropout: float = 0.0,
     ) -> None:
+        if not 0.0 <= diagnosis_dropout < 1.0:
+            raise ValueError(f"diagnosis_dropout must be in [0, 1), got {diagnosis_dropout}")
+        self.diagnosis_loss_weight = diagnosis_loss_weight
+        self.diagnosis_dropout = diagnosis_dropout
         self.num_samples = num_samples
         self.generation = dict(generation or {})
         self.samples_path = Path(samples_path) if samples_path else None
@@ -266,7 +143,7 @@ class ReportTask:
         self.samples: list[dict[str, str]] = []
 
     def training_module(self, model: Blip2ReportModel) -> nn.Module:
-        return ReportLoss(model, self.token_cache)
+        return ReportLoss(model, self.token_cache, self.diagnosis_loss_weight, self.diagnosis_dropout)
 
     @torch.no_grad()
     def validate(self, model: Blip2ReportModel, loader: Iterable, device: torch.device) -> dict[str, float]:
@@ -280,7 +157,7 @@ class ReportTask:
             for batch in loader:
                 modality, size = batch["modality"], len(batch["report"])
                 tokens = self.token_cache(model, batch, device) if self.token_cache is not None else None
-                out = batch_output(model, batch, tower_tokens=tokens)
+                out = batch_output(model, batch, None, tokens, self.diagnosis_loss_weight)
                 totals[modality] = totals.get(modality, 0.0) + out.loss.item() * size
                 counts[modality] = counts.get(modality, 0) + size
                 if size > 1:

@@ -334,14 +334,12 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         num_query_tokens=args.num_query_tokens,
-        prompts={"ct": args.prompt_ct, "xray": args.prompt_xray},
-        max_text_len=args.max_text_len,
         condition_on_measurements=args.condition_on_measurements,
         diagnosis_prompt=args.diagnosis_prompt,
-        diagnosis_loss_weight=args.diagnosis_loss_weight,
-        diagnosis_dropout=args.diagnosis_dropout,
     )
-    model = Blip2ReportModel(config)
+    model = Blip2ReportModel(
+        config, prompts={"ct": args.prompt_ct, "xray": args.prompt_xray}, max_text_len=args.max_text_len
+    )
     if args.qformer_checkpoint and not args.resume:  # a resumed run has its trained bridge in the checkpoint
         from blip.convert_lavis import load_lavis_into_bridge
 
@@ -368,9 +366,10 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from blip.data.dataset import ReportCollator, ReportDataset
     from blip.diagnosis import diagnosis_sentence
     from blip.model import write_attention_overlays
-    from blip.task import ReportCollator, ReportDataset, ReportTask, image_transform
+    from blip.task import ReportTask
     from sam3d.engine.checkpoint import extract_state_dict, load_checkpoint
     from sam3d.engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
     from sam3d.engine.tracking import Tracker
@@ -395,7 +394,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args, modalities, texts, ctx)
     for note in model.notes:
         print(note)
-    transforms = {m: image_transform(model, m) for m in modalities}
+    transforms = {m: model.processor.image_transform(m) for m in modalities}
     train_ds = ReportDataset(train_rows, transforms, args.train_manifest, args.cache_images)
     val_ds = ReportDataset(val_rows, transforms, args.val_manifest or args.train_manifest, args.cache_images)
 
@@ -426,6 +425,8 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
             output_dir / "val_samples.json",
             args.use_mixed_precision,
             args.cache_tokens,
+            args.diagnosis_loss_weight,
+            args.diagnosis_dropout,
         )
         heads = {id(p) for p in model.diagnosis_heads.parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
@@ -454,7 +455,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         device,
         ctx,
         tracker_factory,
-        collate_fn=ReportCollator(report_model.tokenizer, args.max_text_len),
+        collate_fn=ReportCollator(report_model.processor),
         checkpoint_extras={"report_model_config": report_model.config.to_dict(), "stage": args.stage},
     )
     summary_extra = {

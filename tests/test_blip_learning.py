@@ -27,7 +27,6 @@ import torch
 
 from blip.labeler import label_ct_report
 from blip.model import Blip2ReportModel
-from blip.task import image_transform
 from blip.train import build_parser, run_training
 from sam3d.cli import train as segmentation_train
 from sam3d.data.synthetic import make_synthetic_ich
@@ -111,7 +110,7 @@ def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
     trained = time.perf_counter()
     history = load_checkpoint(out / "latest_model.pth")["history"]
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
-    transform = image_transform(model, "xray")
+    transform = model.processor.image_transform("xray")
     images = torch.stack([transform(row["image"]) for row in rows])
     with torch.no_grad():
         generated = model.generate(images, "xray", num_beams=1, max_new_tokens=200)
@@ -213,7 +212,7 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
     reported = time.perf_counter()
 
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
-    transform = image_transform(model, "ct")
+    transform = model.processor.image_transform("ct")
     rows = [json.loads(line) for line in Path(data["reports_test"]).read_text().splitlines()]
     images = torch.stack([transform(str(Path(data["reports_test"]).parent / row["image"])) for row in rows])
     with torch.no_grad():

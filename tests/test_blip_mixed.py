@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from blip.data.dataset import ReportDataset
 from blip.model import Blip2ReportModel
-from blip.task import ReportDataset, image_transform
 from blip.train import build_model, build_parser, main, tower_freezing
 from blip.vision import SAM2D_CHECKPOINT_PREFIX, VisionTowerConfig, build_vision_tower
 from sam3d.engine.checkpoint import load_checkpoint
@@ -200,7 +200,7 @@ def test_mixed_run_trains_both_towers_and_reloads(mixed_data, tmp_path, capsys):
         ("ct", "val_ct0.nii.gz", ["Segmentation: left hemorrhage, 3.0 mL."]),
         ("xray", "val_film0.png", None),
     ):
-        pixels = image_transform(model, modality)(str(mixed_data["root"] / image))
+        pixels = model.processor.image_transform(modality)(str(mixed_data["root"] / image))
         texts = model.generate(pixels[None], modality, contexts, num_beams=1, max_new_tokens=5)
         assert len(texts) == 1 and isinstance(texts[0], str)
 

@@ -29,11 +29,11 @@ def model(lm_folder):
 
 
 def test_shapes_and_labels_mask_prefix_and_padding(model):
-    input_ids, attention_mask = model.tokenize_reports(REPORTS)
+    input_ids, attention_mask = model.processor.tokenize_reports(REPORTS)
     assert attention_mask[1].sum() < attention_mask[0].sum()  # the short report is padded
     assert input_ids[0, attention_mask[0].sum() - 1] == model.tokenizer.eos_token_id
     out = model(ct_images(), "ct", input_ids, attention_mask)
-    prefix = 4 + len(model.prompt_ids("ct"))
+    prefix = 4 + len(model.processor.prompt_ids("ct"))
     assert out.logits.shape == (2, prefix + input_ids.shape[1], len(model.tokenizer))
     assert torch.isfinite(out.loss)
     assert (out.labels[:, :prefix] == -100).all()
@@ -47,7 +47,7 @@ def test_a_few_steps_reduce_the_loss(lm_folder):
     torch.manual_seed(0)
     model = Blip2ReportModel(tiny_config(lm_folder, xray=False))
     images = ct_images()
-    input_ids, attention_mask = model.tokenize_reports(REPORTS)
+    input_ids, attention_mask = model.processor.tokenize_reports(REPORTS)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for _ in range(6):
@@ -162,7 +162,7 @@ def test_save_and_from_pretrained_give_the_same_model(tmp_path, lm_folder, lm_mo
                 torch.nn.init.normal_(param, std=0.1)
     model.save_pretrained(tmp_path / "report_model")
     reloaded = Blip2ReportModel.from_pretrained(tmp_path / "report_model").eval()
-    input_ids, attention_mask = model.tokenize_reports(REPORTS)
+    input_ids, attention_mask = model.processor.tokenize_reports(REPORTS)
     images = ct_images()
     with torch.no_grad():
         expected = model(images, "ct", input_ids, attention_mask).logits
@@ -195,3 +195,32 @@ def test_generation_stops_at_the_language_models_last_position(tmp_path):
     prefix_length = model.soft_prompt(ct_images(1), "ct")[0].shape[1]
     texts = model.generate(ct_images(1), "ct", num_beams=2, max_new_tokens=100)  # GPT-2 fails past position 24
     assert len(model.tokenizer(texts[0]).input_ids) <= 24 - prefix_length
+
+
+def test_processor_saves_and_loads_beside_the_model(tmp_path, lm_folder, ct_data):
+    """Blip2ReportProcessor: prompts, tokenisation and per-modality image transforms travel with the
+    model (processor_config.json); a folder saved before the processor (prompts in config.json) loads."""
+    import json
+
+    from blip.processor import PROCESSOR_NAME, Blip2ReportProcessor
+
+    model = Blip2ReportModel(tiny_config(lm_folder), prompts={"ct": "CT:", "xray": "CXR:"}, max_text_len=12)
+    model.save_pretrained(tmp_path / "m")
+    processor = Blip2ReportProcessor.from_pretrained(tmp_path / "m")
+    assert processor.to_dict() == model.processor.to_dict()
+    assert processor.prompt_text("ct", "Segmentation: no hemorrhage.") == "Segmentation: no hemorrhage. CT:"
+    ids, mask = processor.tokenize_reports(REPORTS)
+    assert ids.shape[1] <= 12 and torch.equal(ids, model.processor.tokenize_reports(REPORTS)[0])
+    scan = str(ct_data["root"] / "val_0.nii.gz")
+    batch = processor(images=[scan], modality="ct", reports=REPORTS[:1])
+    assert batch["images"].shape == (1, 1, 64, 64, 64) and batch["input_ids"].shape[0] == 1
+    torch.testing.assert_close(batch["images"][0], model.processor.image_transform("ct")(scan))
+    with pytest.raises(KeyError, match="no prompt for modality 'mri'"):
+        processor.prompt_text("mri")
+    # The layout before the processor: prompts and text length inside config.json.
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(prompts={"ct": "Old CT:", "xray": "Old CXR:"}, max_text_len=10, diagnosis_dropout=0.3)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "m" / PROCESSOR_NAME).unlink()
+    old = Blip2ReportModel.from_pretrained(tmp_path / "m")
+    assert old.processor.prompts["ct"] == "Old CT:" and old.processor.max_text_len == 10

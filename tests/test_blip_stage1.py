@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blip.data.dataset import ReportCollator
 from blip.language_model import build_tiny_gpt2, load_language_model
 from blip.model import Blip2ReportConfig, Blip2ReportModel
 from blip.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask, findings_key
-from blip.task import ReportCollator
 from blip.train import build_model, build_parser, main
 from blip.vision import VisionTowerConfig
 from sam3d.engine.checkpoint import load_checkpoint
@@ -49,7 +49,7 @@ def stage1_model(tmp_path_factory):
 
 
 def _batch(model, reports):
-    collate = ReportCollator(model.report_model.tokenizer, 64)
+    collate = ReportCollator(model.report_model.processor)
     torch.manual_seed(1)
     items = [
         {"image": torch.randn(1, 64, 64, 64), "report": r, "modality": "ct", "id": str(i)}

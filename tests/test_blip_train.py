@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from blip.data.dataset import ReportCollator, ReportDataset
 from blip.model import Blip2ReportModel
-from blip.task import ReportCollator, ReportDataset, image_transform, xray_image_transform
+from blip.processor import Blip2ReportProcessor, xray_image_transform
 from blip.train import main
 from sam3d.engine.checkpoint import load_checkpoint
 from tests.conftest import CT_REPORTS
@@ -52,7 +53,7 @@ def test_train_resume_reload_generate(ct_data, tmp_path, capsys):
 
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
     # The CT pipeline is rebuilt from the preprocessing saved with the model.
-    image = image_transform(model, "ct")(str(ct_data["root"] / "val_0.nii.gz"))
+    image = model.processor.image_transform("ct")(str(ct_data["root"] / "val_0.nii.gz"))
     assert image.shape == (1, 64, 64, 64)
     assert model.config.condition_on_measurements
     texts = model.generate(image[None], "ct", ["Segmentation: no hemorrhage."], num_beams=2, max_new_tokens=12)
@@ -138,11 +139,11 @@ def test_diagnosis_prompt_run(ct_data, tmp_path, capsys):
     )
     model = Blip2ReportModel.from_pretrained(out / "report_model").eval()
     assert model.config.diagnosis_prompt and model.config.condition_on_measurements
-    image = image_transform(model, "ct")(str(ct_data["root"] / "val_0.nii.gz"))[None]
+    image = model.processor.image_transform("ct")(str(ct_data["root"] / "val_0.nii.gz"))[None]
     assert model.diagnose(image, "ct").shape == (1, 8)
     prompt = model.soft_prompt(image, "ct", ["Segmentation: no hemorrhage."], torch.zeros(1, 8))[0]
     both = "Segmentation: no hemorrhage. Diagnosis: no hemorrhage."
-    assert prompt.shape[1] == model.config.num_query_tokens + len(model.prompt_ids("ct", both))
+    assert prompt.shape[1] == model.config.num_query_tokens + len(model.processor.prompt_ids("ct", both))
 
 
 def test_xray_pipeline_and_one_modality_batches(tmp_path):
@@ -166,7 +167,7 @@ def test_xray_pipeline_and_one_modality_batches(tmp_path):
 
     items = [{"image": torch.zeros(1), "report": "r", "modality": m, "id": m} for m in ("ct", "xray")]
     with pytest.raises(ValueError, match="one modality"):
-        ReportCollator(Tokenizer(), 8)(items)
+        ReportCollator(Blip2ReportProcessor(Tokenizer(), max_text_len=8))(items)
 
 
 def test_xray_run_and_config_errors(tmp_path, capsys):

@@ -74,14 +74,16 @@ def test_left_padding_gives_each_study_its_own_result(conditioned):
     study alone, so padding and position ids are right in training and in generation."""
     conditioned.eval()
     contexts = ["Segmentation: no hemorrhage.", "Segmentation: bilateral hemorrhage, 123.4 mL."]
-    assert len(conditioned.prompt_ids("ct", contexts[0])) < len(conditioned.prompt_ids("ct", contexts[1]))
+    assert len(conditioned.processor.prompt_ids("ct", contexts[0])) < len(
+        conditioned.processor.prompt_ids("ct", contexts[1])
+    )
     images = ct_images(2)
-    ids, mask = conditioned.tokenize_reports([LEFT, NONE])
+    ids, mask = conditioned.processor.tokenize_reports([LEFT, NONE])
     with torch.no_grad():
         batch_logits = conditioned(images, "ct", ids, mask, contexts).logits
         batched = conditioned.generate(images, "ct", contexts, num_beams=1, max_new_tokens=8)
         for i in range(2):
-            alone_ids, alone_mask = conditioned.tokenize_reports([[LEFT, NONE][i]])
+            alone_ids, alone_mask = conditioned.processor.tokenize_reports([[LEFT, NONE][i]])
             alone = conditioned(images[i : i + 1], "ct", alone_ids, alone_mask, contexts[i : i + 1]).logits[0]
             report_len = int(alone_mask.sum())
             torch.testing.assert_close(
@@ -100,7 +102,7 @@ def test_a_conditioned_model_learns_to_follow_the_measurement(conditioned):
     model = Blip2ReportModel(conditioned.config)
     image = ct_images(1).expand(2, -1, -1, -1, -1)
     contexts = [measurement_context(12.3, "left"), measurement_context(0.0, "none")]
-    ids, mask = model.tokenize_reports([LEFT, NONE])
+    ids, mask = model.processor.tokenize_reports([LEFT, NONE])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(60):
         loss = model(image, "ct", ids, mask, contexts).loss

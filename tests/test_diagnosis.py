@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 
+from blip.data.dataset import ReportCollator
 from blip.diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations, reference_diagnosis
 from blip.labeler import POSITIVE, binary_observations, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
-from blip.task import ReportCollator
+from blip.processor import Blip2ReportProcessor
+from blip.task import ReportTask, batch_output
 from tests.conftest import TINY_REPORTS as REPORTS
 from tests.conftest import ct_images, tiny_config
 
@@ -55,15 +57,15 @@ def diagnosed(lm, **changes) -> Blip2ReportModel:
 
 
 def test_the_head_joins_the_loss_and_the_prompt(lm, tmp_path):
-    model = diagnosed(lm, diagnosis_loss_weight=0.5)
+    model = diagnosed(lm)
     assert {m: head.score.out_features for m, head in model.diagnosis_heads.items()} == {"ct": 8, "xray": 14}
-    ids, mask = model.tokenize_reports([SDH, NORMAL])
+    ids, mask = model.processor.tokenize_reports([SDH, NORMAL])
     labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")])
     with pytest.raises(ValueError, match="pass the reference labels"):
         model(ct_images(), "ct", ids, mask)
     with pytest.raises(ValueError, match=r"shape \(2, 3\), expected \(2, 8\)"):
         model(ct_images(), "ct", ids, mask, diagnosis=labels[:, :3])
-    out = model(ct_images(), "ct", ids, mask, diagnosis=labels)
+    out = model(ct_images(), "ct", ids, mask, diagnosis=labels, diagnosis_loss_weight=0.5)
     assert out.diagnosis_logits.shape == (2, 8)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(out.diagnosis_logits, labels)
     torch.testing.assert_close(out.diagnosis_loss, expected)
@@ -72,7 +74,7 @@ def test_the_head_joins_the_loss_and_the_prompt(lm, tmp_path):
     prefix_sdh = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[:1])[0].shape[1]
     prefix_normal = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[1:])[0].shape[1]
     sentence = diagnosis_sentence(labels[0].tolist(), "ct")
-    assert prefix_sdh == 4 + len(model.prompt_ids("ct", sentence))
+    assert prefix_sdh == 4 + len(model.processor.prompt_ids("ct", sentence))
     assert prefix_sdh > prefix_normal
     # Labels only mean something to a model with a head.
     plain = Blip2ReportModel(tiny_config(lm))
@@ -101,18 +103,21 @@ def test_observation_dropout_thins_sentences_but_never_empties_them(lm):
     assert diagnosis_sentence(dropped[0].tolist(), "ct").startswith("Diagnosis: ")
     torch.testing.assert_close(drop_observations(labels, 0.0), labels)
     # In training the LM reads the thinned sentence while the head still learns every label; eval reads all.
-    model = diagnosed(lm, diagnosis_dropout=0.5)
-    ids, mask = model.tokenize_reports([SDH])
+    # Dropout is a training setting (blip.train --diagnosis_dropout), applied by the task's batches.
+    model = diagnosed(lm)
+    ids, mask = model.processor.tokenize_reports([SDH])
     full = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[:1])[0].shape[1]
+    batch = {"image": ct_images(1), "modality": "ct", "input_ids": ids, "attention_mask": mask}
+    batch["diagnosis"] = labels[:1]
     torch.manual_seed(0)
-    out = model.train()(ct_images(1), "ct", ids, mask, diagnosis=labels[:1])
+    out = batch_output(model.train(), batch, diagnosis_dropout=0.5)
     torch.testing.assert_close(
         out.diagnosis_loss, torch.nn.functional.binary_cross_entropy_with_logits(out.diagnosis_logits, labels[:1])
     )
     assert out.logits.shape[1] < full + ids.shape[1]
-    assert model.eval()(ct_images(1), "ct", ids, mask, diagnosis=labels[:1]).logits.shape[1] == full + ids.shape[1]
+    assert batch_output(model.eval(), batch, diagnosis_dropout=0.5).logits.shape[1] == full + ids.shape[1]
     with pytest.raises(ValueError, match=r"diagnosis_dropout must be in \[0, 1\), got 1.0"):
-        diagnosed(lm, diagnosis_dropout=1.0)
+        ReportTask(diagnosis_dropout=1.0)
 
 
 def test_one_region_showing_a_finding_is_enough_for_the_head():
@@ -134,7 +139,7 @@ def test_one_region_showing_a_finding_is_enough_for_the_head():
 def test_collation_stacks_the_labels_of_every_study_or_none(lm):
     from transformers import AutoTokenizer
 
-    collate = ReportCollator(AutoTokenizer.from_pretrained(lm), 8)
+    collate = ReportCollator(Blip2ReportProcessor(AutoTokenizer.from_pretrained(lm), max_text_len=8))
     item = {"image": torch.zeros(1, 4, 4, 4), "report": SDH, "modality": "ct", "id": "a", "context": None}
     batch = collate([{**item, "diagnosis": [1.0] * 8}, {**item, "id": "b", "diagnosis": [0.0] * 8}])
     assert batch["diagnosis"].shape == (2, 8) and batch["diagnosis"][0].sum() == 8
@@ -148,9 +153,9 @@ def test_reports_follow_the_diagnosis_the_head_reads_from_the_image(lm):
     follows its own predicted diagnosis (no labels given at generation). Without observation dropout: with
     two studies the queries tell them apart as well as the sentence, and a thinned SDH sentence tips the
     LM towards the queries, which the override below would then not move."""
-    model = diagnosed(lm, diagnosis_dropout=0.0)
+    model = diagnosed(lm)
     images = ct_images(2, seed=3)
-    ids, mask = model.tokenize_reports([SDH, NORMAL])
+    ids, mask = model.processor.tokenize_reports([SDH, NORMAL])
     labels = torch.tensor([reference_diagnosis(SDH, "ct"), reference_diagnosis(NORMAL, "ct")])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(60):

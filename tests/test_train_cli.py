@@ -182,7 +182,7 @@ def test_img_size_travels_from_training_to_the_report_tower(tmp_path, data):
     assert meta["model_config"]["img_size"] == 32 and tuple(meta["preprocessing"]["roi_size"]) == (32, 32, 32)
     assert projector(encoder(torch.zeros(1, 1, 32, 32, 32))).shape == (1, 64, 256)  # (32 / 8)^3 tokens
 
-    from blip.task import ct_image_transform
+    from blip.processor import ct_image_transform
     from blip.vision import VisionTowerConfig, build_vision_tower
 
     tower = build_vision_tower(VisionTowerConfig("sam3d", checkpoint=str(tmp_path / "run" / "sam_encoder.pth")))
