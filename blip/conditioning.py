@@ -69,7 +69,7 @@ def context_from_row(row: Mapping[str, Any], where: str, min_ml: float = MIN_HEM
     in the error raised when a column is missing or unreadable."""
     value = row.get("volume_ml")
     try:
-        volume_ml = float(value)
+        volume_ml = math.nan if value is None else float(value)
     except (TypeError, ValueError):
         volume_ml = math.nan
     if not math.isfinite(volume_ml) or volume_ml < 0:

@@ -303,7 +303,7 @@ def _ct_side(sentences: list[str]) -> str:
     Directions of a shift ("rightward", "to the left") are removed first: a left hematoma pushes the
     midline to the right.
     """
-    sides = set()
+    sides: set[str] = set()
     for sentence in sentences:
         if any(state != NEGATIVE for state in _mention_states(sentence, CT_OBSERVATIONS[0].mention)):
             sentence = _DIRECTION.sub(" ", sentence)

@@ -21,6 +21,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -28,11 +29,14 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    GPT2TokenizerFast,
+    GPT2Tokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 LM_MODES = ("frozen", "full", "lora")
 END_OF_TEXT = "<|endoftext|>"
@@ -67,7 +71,7 @@ def load_language_model(
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     load_in_4bit: bool = False,
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a local HF causal-LM folder, prepared for ``mode``.
 
     A tokenizer without a pad token (GPT-2, Llama) gets its end-of-text token as pad: report batches
@@ -99,7 +103,7 @@ def load_language_model(
         from peft import LoraConfig, get_peft_model
 
         targets = lora_target_modules(model)
-        model = get_peft_model(
+        lora_model = get_peft_model(
             model,
             LoraConfig(
                 r=lora_r,
@@ -110,7 +114,8 @@ def load_language_model(
                 task_type="CAUSAL_LM",
             ),
         )
-    elif mode == "frozen" or load_in_4bit:
+        return lora_model, tokenizer
+    if mode == "frozen" or load_in_4bit:
         model.requires_grad_(False)
     return model, tokenizer
 
@@ -150,7 +155,8 @@ def _train_bpe_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Pre
         texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[END_OF_TEXT, PAD], show_progress=False
     )
     bpe.save_model(str(folder))
-    return GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=PAD)
+    # transformers 5: GPT2Tokenizer is the tokenizers-backed class (GPT2TokenizerFast only an alias of it)
+    return GPT2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=PAD)
 
 
 def build_tiny_gpt2(

@@ -31,6 +31,10 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pycocoevalcap.meteor.meteor import Meteor
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ def tokenize_texts(texts: list[str], tokenize: str) -> list[str]:
 
 
 @contextmanager
-def _meteor_scorer() -> Iterator[object]:
+def _meteor_scorer() -> Iterator[Meteor]:
     """A pycocoevalcap ``Meteor`` whose JVM subprocess is shut down on exit.
 
     ``Meteor`` starts ``java -jar meteor-1.5.jar`` in its constructor and only stops it in

@@ -77,7 +77,8 @@ class QFormerBridgeConfig:
             vocab_size=max(self.text_vocab_size, 1),
             max_position_embeddings=self.max_text_positions,
             pad_token_id=None,
-            attn_implementation="eager",
+            # transformers 5 configs take attn_implementation through an __init__ wrapper their typed signature lacks
+            attn_implementation="eager",  # type: ignore[call-arg]
         )
 
 
@@ -129,9 +130,9 @@ class QFormerBridge(nn.Module):
 
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, hidden) for text alone (ITC's text side): no queries, no image."""
-        self._require_text()
+        text_embeddings = self._require_text()
         return self.qformer(
-            query_embeds=self.text_embeddings(input_ids), query_length=0, attention_mask=attention_mask
+            query_embeds=text_embeddings(input_ids), query_length=0, attention_mask=attention_mask
         ).last_hidden_state
 
     def image_grounded_text(
@@ -140,11 +141,11 @@ class QFormerBridge(nn.Module):
         """(B, Q + T, hidden): queries and text in one pass, the queries reading the image. ``causal``
         False (ITM): every position sees every other. True (ITG): queries see only queries, text sees the
         queries and the text before it, so the text is generated from what the queries took from the image."""
-        self._require_text()
+        text_embeddings = self._require_text()
         image_embeds = self.ln_vision(image_embeds)
         batch, num_queries = image_embeds.shape[0], self.config.num_query_tokens
         queries = self.query_tokens.expand(batch, -1, -1)
-        embeds = self.text_embeddings(input_ids, query_embeds=queries)
+        embeds = text_embeddings(input_ids, query_embeds=queries)
         keys = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1).bool()
         length = num_queries + input_ids.shape[1]
         allowed = keys[:, None, :].expand(batch, length, length).clone()
@@ -159,12 +160,14 @@ class QFormerBridge(nn.Module):
             query_embeds=embeds, query_length=num_queries, attention_mask=additive, encoder_hidden_states=image_embeds
         ).last_hidden_state
 
-    def _require_text(self) -> None:
+    def _require_text(self) -> Blip2TextEmbeddings:
+        """The text embeddings; a ValueError for a bridge built without them."""
         if self.text_embeddings is None:
             raise ValueError(
                 "this Q-Former reads no text (QFormerBridgeConfig.text_vocab_size is 0): "
                 "stage-1 objectives need a bridge built with text_vocab_size > 0"
             )
+        return self.text_embeddings
 
     def forward(
         self,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
@@ -108,7 +109,9 @@ class VisionTower:
 
 def tower_width(encoder: ImageEncoderViT) -> int:
     """Channels of the neck output, the width of every token."""
-    return encoder.neck[0].out_channels
+    first = encoder.neck[0]
+    assert isinstance(first, (nn.Conv2d, nn.Conv3d))  # the neck starts with a 1x1 convolution (conv_nd)
+    return first.out_channels
 
 
 def encoder_tokens(encoder: ImageEncoderViT, images: torch.Tensor) -> torch.Tensor:

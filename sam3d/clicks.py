@@ -30,7 +30,7 @@ def sample_next_clicks(
         error = (prediction[b, 0] ^ target[b, 0]).nonzero()
         if len(error) == 0:
             continue
-        pick = error[torch.randint(len(error), (1,), generator=generator).item()]
+        pick = error[int(torch.randint(len(error), (1,), generator=generator).item())]
         points[b, 0] = pick.float()
         labels[b, 0] = int(target[b, 0][tuple(pick)])
     return points, labels
@@ -48,6 +48,8 @@ def run_click_rounds(
 
     ``on_round(i, logits)`` sees each round's logits (the training loss sums over rounds).
     """
+    if num_clicks < 1:
+        raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
     batch = target.shape[0]
     mask_size = tuple(4 * s for s in model.prompt_encoder.image_embedding_size)
     low_res = torch.zeros((batch, 1, *mask_size), device=target.device, dtype=image_embeddings.dtype)
@@ -55,7 +57,7 @@ def run_click_rounds(
     prediction = torch.zeros_like(target)
     points = torch.zeros((batch, 0, 3), device=target.device)
     labels = torch.zeros((batch, 0), dtype=torch.long, device=target.device)
-    logits = None
+    logits: torch.Tensor | None = None
     for i in range(num_clicks):
         with record_function("sam3d.click_sampling"):  # ranges read by sam3d-bench
             new_points, new_labels = sample_next_clicks(prediction, target, generator)
@@ -69,4 +71,5 @@ def run_click_rounds(
         prediction = logits.detach() > 0
         if on_round is not None:
             on_round(i, logits)
+    assert logits is not None  # num_clicks >= 1 rounds ran
     return logits

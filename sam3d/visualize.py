@@ -84,7 +84,7 @@ class SliceView:
             column = shape[self.across] - 1 - column
         voxel = [0, 0, 0]
         voxel[self.axis], voxel[self.down], voxel[self.across] = index, row, column
-        return tuple(int(v) for v in voxel)
+        return int(voxel[0]), int(voxel[1]), int(voxel[2])
 
 
 RAS_VIEW = SliceView.from_affine(np.eye(4))  # model-grid arrays: axes already R, A, S

@@ -85,7 +85,8 @@ def evaluate(samples: list[dict], tokenize: str | None, meteor: bool) -> tuple[l
     scores = caption_metrics(
         [s["reference"] for s in samples], [s["generated"] for s in samples], tokenize=tokenize, meteor=meteor
     )
-    per_sample, by_modality = [], {}
+    per_sample: list[dict] = []
+    by_modality: dict[str, tuple[list[dict], list[dict]]] = {}  # modality -> (reference, generated) labels
     for i, sample in enumerate(samples):
         modality = sample["modality"]
         reference_labels = label_report(sample["reference"], modality)

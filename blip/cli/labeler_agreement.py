@@ -31,7 +31,7 @@ from sam3d.engine.config import CommandLineParser
 # Lung Lesion is Nodule and Mass (Calcified Granuloma stays out: CheXpert does not label granulomas);
 # Enlarged Cardiomediastinum is Mediastinum/enlarged or /prominent; Pleural Other is pleural Thickening
 # or Cicatrix (scar); Support Devices are the device headings; No Finding is MeSH "normal".
-MESH_TO_OBSERVATION = {
+MESH_TO_OBSERVATION: dict[str, list[tuple[str, str | None]]] = {
     "No Finding": [("normal", None)],
     "Enlarged Cardiomediastinum": [("Mediastinum", "enlarged"), ("Mediastinum", "prominent")],
     "Cardiomegaly": [("Cardiomegaly", None)],
@@ -100,7 +100,9 @@ def measure(reports_csv: Path) -> dict:
     missing = {"MeSH", "findings", "impression"} - set(rows[0] if rows else {})
     if missing:
         raise ValueError(f"{reports_csv}: missing columns {sorted(missing)}")
-    human, labeler, certain = ({obs: [] for obs in MESH_TO_OBSERVATION} for _ in range(3))
+    human: dict[str, list[bool]] = {obs: [] for obs in MESH_TO_OBSERVATION}
+    labeler: dict[str, list[bool]] = {obs: [] for obs in MESH_TO_OBSERVATION}
+    certain: dict[str, list[bool]] = {obs: [] for obs in MESH_TO_OBSERVATION}  # uncertain mentions negative
     for row in rows:
         text = " ".join(part for part in (row["findings"], row["impression"]) if part)
         if not text.strip():

@@ -149,7 +149,8 @@ def read_indiana(
         if rank is not None:
             by_uid[row["uid"].strip()].append((rank, line, row["filename"].strip(), row["projection"].strip()))
 
-    records, skipped = [], {"no findings and no impression": [], f"no {'/'.join(views)} image": []}
+    records: list[ReportRecord] = []
+    skipped: dict[str, list[str]] = {"no findings and no impression": [], f"no {'/'.join(views)} image": []}
     for line, row in _read_csv(reports_csv, INDIANA_REPORT_COLUMNS):
         uid = row["uid"].strip()
         findings, impression = split_sections(row["findings"])

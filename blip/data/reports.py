@@ -153,7 +153,7 @@ def split_sections(text) -> tuple[str, str]:
     headers = list(_SECTION_HEADER.finditer(text))
     if not headers:
         return clean_report(text), ""
-    sections = {"findings": [], "impression": []}
+    sections: dict[str, list[str]] = {"findings": [], "impression": []}
     preamble = text[: headers[0].start()]
     for header, following in zip(headers, headers[1:] + [None]):
         name = "findings" if header.group(1).lower() == "findings" else "impression"
@@ -161,7 +161,7 @@ def split_sections(text) -> tuple[str, str]:
         sections[name].append(text[header.end() : end])
     if not sections["findings"]:
         sections["findings"].append(preamble)
-    return tuple(clean_report(" ".join(sections[name])) for name in ("findings", "impression"))
+    return clean_report(" ".join(sections["findings"])), clean_report(" ".join(sections["impression"]))
 
 
 def join_sections(findings, impression) -> str:
@@ -305,7 +305,8 @@ def read_report_manifest(path, split: str | None = None, check_files: bool = Tru
     if not path.is_file():
         raise FileNotFoundError(f"report manifest not found: {path}")
     rows = table_rows(path)
-    records, first_row_of_id = [], {}
+    records: list[ReportRecord] = []
+    first_row_of_id: dict[str, int] = {}
     for line, row in rows:
         where = f"{path}, line {line}"
         record = _record_from_row(row, line, where, path.parent, check_files)

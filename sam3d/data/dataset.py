@@ -291,7 +291,12 @@ def build_segmentation_dataset(
     if cache_dir is None:
         return Dataset(items, transform)
     return PersistentDataset(
-        items, transform, cache_dir=cache_dir, hash_func=_item_hash, hash_transform=pickle_hashing, track_meta=True
+        items,
+        transform,
+        cache_dir=Path(cache_dir),
+        hash_func=_item_hash,
+        hash_transform=pickle_hashing,
+        track_meta=True,
     )
 
 

@@ -18,6 +18,7 @@ import csv
 import io
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,7 @@ def load_volume(path: str | os.PathLike, series: str | None = None, allow_gaps: 
     lower = p.name.lower()
     if p.is_dir() or is_dicom_file(p):
         return _read_dicom(p, series, allow_gaps)
+    reader: Callable[[Path], tuple[np.ndarray, np.ndarray | None, Geometry]]
     if lower.endswith(_NIFTI_EXTS):
         reader = _read_nifti
     elif lower.endswith(_ITK_EXTS):
@@ -273,6 +275,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
     two differ there by design; which one a tool uses decides where every voxel is.
     """
     image = nib.load(str(path), mmap=False)  # no file handle left open behind the array
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is one too
+        raise VolumeReadError(f"{path}: not a NIfTI image (nibabel read it as {type(image).__name__})")
     sform, sform_code = image.header.get_sform(coded=True)
     qform, qform_code = image.header.get_qform(coded=True)
     used = "sform" if sform_code else "qform" if qform_code else "pixdim (no sform or qform code)"
@@ -454,7 +458,8 @@ def _check_plausible_grid(affine: np.ndarray, shape: tuple[int, ...], source: st
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    x, y, z = np.linalg.norm(affine[:3, :3], axis=0)
+    return float(x), float(y), float(z)
 
 
 def _format_affine(affine: np.ndarray) -> str:

@@ -209,10 +209,11 @@ class _Grid:
 
     def box(self, lo, hi) -> tuple[slice, slice, slice]:
         """Index slices of the voxels whose centres lie in the axis-aligned box [lo, hi] (mm)."""
-        return tuple(
+        x, y, z = (
             slice(int(np.searchsorted(c, a, "left")), int(np.searchsorted(c, b, "right")))
             for c, a, b in zip(self.axes, lo, hi)
         )
+        return x, y, z
 
     def local(self, sl):
         """Broadcastable x (n,1,1), y (1,n,1), z (1,1,n) coordinates of a box."""
@@ -421,9 +422,9 @@ def _coarse_fields(grid_c: _Grid, anat: _Anatomy, lesion: _Lesion, rng) -> dict:
     fields = {"skin": skin, "table": table}
     surface = table - anat.csf_rim
     if lesion.ich_type == "subdural":
-        angle = np.arccos(
-            np.clip(ux * lesion.direction[0] + uy * lesion.direction[1] + uz * lesion.direction[2], -1, 1)
-        )
+        direction = lesion.direction
+        assert direction is not None  # every subdural draw has one (_draw_lesion)
+        angle = np.arccos(np.clip(ux * direction[0] + uy * direction[1] + uz * direction[2], -1, 1))
         # Nearly uniform thickness that falls off only near the rim: a crescent, not a lens.
         taper = np.clip(1.0 - (angle / lesion.half_angle) ** 4, 0.0, 1.0) ** 0.5
         same_side = np.clip(lesion.sign * x / (3.0 * anat.scale), 0.0, 1.0)
@@ -532,6 +533,7 @@ def _paint_iph(img, mask, brain, ventricles, grid: _Grid, lesion: _Lesion, s: fl
         dx, dy, dz = x - c[0], y - c[1], z - c[2]
         q = sum(((rot[0, k] * dx + rot[1, k] * dy + rot[2, k] * dz) / semi[k]) ** 2 for k in range(3))
         r2 = q if r2 is None else np.minimum(r2, q)
+    assert r2 is not None  # an intraparenchymal lesion has at least one blob (blobs[0] is its centre)
     dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
     lobulation = 1.0 + 0.08 * sum(np.cos(k[0] * dx + k[1] * dy + k[2] * dz + ph) for k, ph in lesion.lobes)
     f = np.sqrt(r2) * lobulation
@@ -838,14 +840,14 @@ def make_synthetic_ich(
         meta.update(write_ct_report(meta, np.random.default_rng([int(seed), index, _REPORT])))
         records.append(meta)
 
-    labels = {}
+    labels: dict[str, int] = {}
     for r in records:
         labels[r["patient_id"]] = max(labels.get(r["patient_id"], 0), r["ich"])
     split = _assign_splits(labels, n_val, n_test, int(seed))
     for r in records:
         r["split"] = split[r["patient_id"]]
 
-    result = {
+    result: dict[str, str | None] = {
         "train_csv": None,
         "val_csv": None,
         "test_csv": None,

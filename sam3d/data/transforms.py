@@ -29,6 +29,7 @@ them; caching stops at ``CropAroundLesiond``, which is randomised (jitter).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -113,7 +114,11 @@ class LoadVolumed(MapTransform):
 
 
 def _volume(entry: object) -> Volume:
-    return entry if isinstance(entry, Volume) else load_volume(entry)
+    if isinstance(entry, Volume):
+        return entry
+    if not isinstance(entry, (str, os.PathLike)):
+        raise TypeError(f"a volume entry must be a path or a Volume, got {type(entry).__name__}")
+    return load_volume(entry)
 
 
 def _to_meta_tensor(volume: Volume, affine: np.ndarray | None = None) -> MetaTensor:

@@ -63,7 +63,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a hidden temp file in ``path``'s folder, then rename it over ``path``.
 
     Temp names end in ``.tmp`` (what a restarted run cleans up), or ``.tmp.nii[.gz]`` for NIfTI,

@@ -132,7 +132,7 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {unknown}; every key must be a flag name of this command")
-    dests = {}
+    dests: dict[str, str] = {}
     for key in values:
         dest = actions[key].dest
         if dest in dests:
@@ -173,6 +173,8 @@ def _yaml_value(path: Path, key: str, value: Any, action: argparse.Action) -> An
         # json.loads flags (e.g. --hu_windows) take YAML's structure as it is.
         if action.type not in (None, json.loads) and not isinstance(item, bool):
             try:
+                if not callable(action.type):  # a type registered by name: only argparse's registry resolves it
+                    raise TypeError(action.type)
                 item = action.type(item)
             except (TypeError, ValueError):
                 raise ConfigError(

@@ -94,7 +94,9 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """RNG states in a form ``torch.load(weights_only=True)`` accepts (tensors, ints, lists)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)  # numpy's stubs type the default call as the dict form
+    assert isinstance(legacy, tuple), "the global RandomState is MT19937: its legacy state is a tuple"
+    kind, keys, pos, has_gauss, cached = legacy
     state = {
         "python": random.getstate(),
         "numpy": {

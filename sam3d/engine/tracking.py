@@ -11,7 +11,7 @@ import netrc
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
-def wandb_mode(requested: bool) -> str:
+def wandb_mode(requested: bool) -> Literal["disabled", "offline", "online"]:
     """'disabled', 'offline' or 'online' for this machine."""
     if not requested or os.environ.get("WANDB_MODE") == "disabled":
         return "disabled"

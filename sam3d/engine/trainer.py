@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -121,8 +121,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, monitor_mode: str):
     if cfg.scheduler_type == "reduce_on_plateau":
+        if monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
+        mode: Literal["min", "max"] = "max" if monitor_mode == "max" else "min"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=monitor_mode, factor=cfg.scheduler_gamma, patience=cfg.scheduler_patience, min_lr=cfg.min_lr
+            optimizer, mode=mode, factor=cfg.scheduler_gamma, patience=cfg.scheduler_patience, min_lr=cfg.min_lr
         )
     if cfg.scheduler_type == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1), eta_min=cfg.min_lr)
@@ -246,6 +249,7 @@ class Trainer:
         from monai.data import DataLoader as MonaiDataLoader
 
         group_keys = getattr(dataset, "group_keys", None)
+        batching: dict[str, object]
         if group_keys is not None:
             batching = {
                 "batch_sampler": GroupedBatchSampler(
@@ -292,7 +296,12 @@ class Trainer:
             if step >= steps:
                 break
             boundary = (step + 1) % accum == 0 or step + 1 == steps
-            sync = contextlib.nullcontext() if boundary or not self.ctx.enabled else self.train_module.no_sync()
+            module = self.train_module  # DDP when distributed: it syncs gradients only on accumulation boundaries
+            sync: contextlib.AbstractContextManager[object]
+            if isinstance(module, nn.parallel.DistributedDataParallel) and not boundary:
+                sync = module.no_sync()
+            else:
+                sync = contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                     loss, logs = self.train_module(batch)
@@ -354,7 +363,9 @@ class Trainer:
                 seed_everything(epoch_seed)
                 _set_transform_seed(train_dataset, epoch_seed)
                 grouped = isinstance(train_loader.batch_sampler, GroupedBatchSampler)
-                (train_loader.batch_sampler if grouped else train_loader.sampler).set_epoch(epoch)
+                sampler = train_loader.batch_sampler if grouped else train_loader.sampler
+                assert isinstance(sampler, (GroupedBatchSampler, DistributedSampler))  # as _loader builds them
+                sampler.set_epoch(epoch)
                 record: dict[str, Any] = {"epoch": epoch + 1, **self._train_epoch(train_loader, epoch)}
                 metrics = None
                 if self.ctx.is_main:

@@ -14,6 +14,8 @@ from .common import LayerNorm3d
 class PositionEmbeddingRandom3D(nn.Module):
     """Random-Fourier positional encoding; output width is 3 x num_pos_feats ([sin, cos, sin])."""
 
+    positional_encoding_gaussian_matrix: torch.Tensor  # a buffer (register_buffer), saved with the weights
+
     def __init__(self, num_pos_feats: int = 128, scale: float | None = None) -> None:
         super().__init__()
         scale = 1.0 if scale is None or scale <= 0.0 else scale
@@ -93,9 +95,11 @@ class PromptEncoder3D(nn.Module):
             labels = torch.cat([labels, -labels.new_ones((labels.shape[0], 1))], dim=1)
         embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
         labels = labels[..., None]
+        negative, positive = self.point_embeddings
+        assert isinstance(negative, nn.Embedding) and isinstance(positive, nn.Embedding)
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        embedding = embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        embedding = embedding + torch.where(labels == 0, negative.weight, 0.0)
+        embedding = embedding + torch.where(labels == 1, positive.weight, 0.0)
         return embedding
 
     def forward(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,12 +12,17 @@ from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
 
+if TYPE_CHECKING:
+    from .build import Sam3DConfig
+
 
 class Sam3D(nn.Module):
     """SAM-Med3D. The encoder runs once per scan; the light decoder runs once per click round.
 
     State-dict keys are the official ones (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
     """
+
+    config: Sam3DConfig  # the architecture it was built from; set by build_sam3d and load_trained_sam3d
 
     def __init__(
         self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder3D, mask_decoder: MaskDecoder3D
