@@ -61,48 +61,79 @@ LEGACY_CONFIG_KEYS = ("prompts", "max_text_len", "diagnosis_loss_weight", "diagn
 
 
 @dataclass
-class Blip2ReportConfig:
-    """Everything needed to rebuild a report model. ``ct_tower`` / ``xray_tower`` are
-    ``VisionTowerConfig`` dicts (None: no such modality); ``bridge`` overrides ``QFormerBridgeConfig``
-    fields except ``vision_width``, ``lm_hidden_size`` and ``num_query_tokens``, which come from the
-    tower, the LM and this config. ``lm_path`` is a local Hugging Face folder (relative paths in a
-    saved model are relative to its folder)."""
+class LanguageModelConfig:
+    """The causal LM: ``path`` is a local Hugging Face folder (relative paths in a saved model are
+    relative to its folder); ``mode`` frozen / full / lora, with the LoRA adapter's rank, alpha and dropout."""
 
-    ct_tower: dict[str, Any] | None = field(default_factory=lambda: VisionTowerConfig("sam3d").to_dict())
-    xray_tower: dict[str, Any] | None = None
-    bridge: dict[str, Any] = field(default_factory=dict)
-    lm_path: str | None = None
-    lm_mode: str = "frozen"
+    path: str | None = None
+    mode: str = "frozen"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mode not in LM_MODES:
+            raise ValueError(f"language_model.mode must be one of {LM_MODES}, got '{self.mode}'")
+
+
+# Flat LM keys of configs saved before LanguageModelConfig, and where they live now.
+LEGACY_LM_KEYS = {
+    "lm_path": "path",
+    "lm_mode": "mode",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+}
+
+
+@dataclass
+class Blip2ReportConfig:
+    """Everything needed to rebuild a report model, as typed sub-configs (Hugging Face's Blip2Config
+    has vision, Q-Former and text configs the same way): ``ct_tower`` / ``xray_tower`` (None: no such
+    modality), ``bridge`` (the Q-Former: its ``vision_width``, ``lm_hidden_size`` and
+    ``num_query_tokens`` are set when the model is built, from the first tower, the LM and
+    ``num_query_tokens`` here) and ``language_model``. Dicts are accepted for each (a saved
+    ``config.json``). Training settings (loss weights, dropout of the diagnosis sentence) are the
+    training run's; prompts and text length the processor's."""
+
+    ct_tower: VisionTowerConfig | None = field(default_factory=lambda: VisionTowerConfig("sam3d"))
+    xray_tower: VisionTowerConfig | None = None
+    bridge: QFormerBridgeConfig = field(default_factory=QFormerBridgeConfig)
+    language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     num_query_tokens: int = 32
     condition_on_measurements: bool = False  # CT prompts start with a measurement sentence
     diagnosis_prompt: bool = False  # a findings head; prompts start with its diagnosis sentence
 
     def __post_init__(self) -> None:
-        if self.lm_mode not in LM_MODES:
-            raise ValueError(f"lm_mode must be one of {LM_MODES}, got '{self.lm_mode}'")
+        for key in ("ct_tower", "xray_tower"):
+            if isinstance(getattr(self, key), Mapping):
+                setattr(self, key, VisionTowerConfig.from_dict(getattr(self, key)))
+        if isinstance(self.bridge, Mapping):
+            self.bridge = QFormerBridgeConfig.from_dict(self.bridge)
+        if isinstance(self.language_model, Mapping):
+            self.language_model = LanguageModelConfig(**self.language_model)
         if self.ct_tower is None and self.xray_tower is None:
             raise ValueError("a report model needs at least one vision tower (ct_tower or xray_tower)")
-        fixed = sorted({"vision_width", "lm_hidden_size", "num_query_tokens"} & set(self.bridge))
-        if fixed:
-            raise ValueError(f"bridge overrides {fixed} are set by the towers, the LM and num_query_tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Blip2ReportConfig:
-        """Also reads folders saved before the processor existed: their prompts and text length are
-        the processor's now (``Blip2ReportProcessor.from_pretrained`` reads them from this file), the
-        diagnosis loss weight and dropout the training run's."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Also reads the layouts of older folders: flat ``lm_path`` / ``lm_mode`` / ``lora_*`` keys (and
+        such overrides of ``from_pretrained``) go into ``language_model``; ``prompts`` and
+        ``max_text_len`` are the processor's now (``Blip2ReportModel.from_pretrained`` reads them from
+        this file), the diagnosis loss weight and dropout the training run's."""
         values = {k: v for k, v in values.items() if k not in LEGACY_CONFIG_KEYS}
+        language_model = dict(values.pop("language_model", None) or {})
+        for old, new in LEGACY_LM_KEYS.items():
+            if old in values:
+                language_model[new] = values.pop(old)
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown Blip2ReportConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**values)
+        return cls(**values, language_model=LanguageModelConfig(**language_model))
 
 
 @dataclass
@@ -137,11 +168,10 @@ class Blip2ReportModel(nn.Module):
         super().__init__()
         config = copy.deepcopy(config)  # the towers write their resolved configs into it
         if language_model is None:
-            if not config.lm_path:
-                raise ValueError("Blip2ReportConfig.lm_path is empty and no language model was given")
-            language_model, tokenizer = load_language_model(
-                config.lm_path, config.lm_mode, config.lora_r, config.lora_alpha, config.lora_dropout
-            )
+            lm = config.language_model
+            if not lm.path:
+                raise ValueError("Blip2ReportConfig.language_model.path is empty and no language model was given")
+            language_model, tokenizer = load_language_model(lm.path, lm.mode, lm.lora_r, lm.lora_alpha, lm.lora_dropout)
         elif tokenizer is None:
             raise ValueError("a language model passed in needs its tokenizer too")
         self.notes: list[str] = []
@@ -157,14 +187,10 @@ class Blip2ReportModel(nn.Module):
             {m: nn.Linear(w, vision_width) for m, w in widths.items() if w != vision_width}
         )
         lm_hidden = language_model.get_input_embeddings().embedding_dim
-        self.bridge = QFormerBridge(
-            QFormerBridgeConfig(
-                **config.bridge,
-                vision_width=vision_width,
-                lm_hidden_size=lm_hidden,
-                num_query_tokens=config.num_query_tokens,
-            )
+        config.bridge = dataclasses.replace(
+            config.bridge, vision_width=vision_width, lm_hidden_size=lm_hidden, num_query_tokens=config.num_query_tokens
         )
+        self.bridge = QFormerBridge(config.bridge)
         # One head per modality on the tower's tokens: its observations are the labeler's for that modality.
         self.diagnosis_heads = nn.ModuleDict(
             {m: DiagnosisHead(vision_width, len(binary_observations(m))) for m in widths}
@@ -178,7 +204,7 @@ class Blip2ReportModel(nn.Module):
             tokenizer,
             prompts,
             max_text_len,
-            ct_preprocessing=config.ct_tower.get("preprocessing") if config.ct_tower else None,
+            ct_preprocessing=config.ct_tower.preprocessing if config.ct_tower else None,
             ct_img_size=None if ct is None else ct.img_size,
             xray_img_size=None if xray is None else xray.img_size,
         )
@@ -190,11 +216,11 @@ class Blip2ReportModel(nn.Module):
     def _tower(self, config: Blip2ReportConfig, key: str) -> nn.Module | None:
         """Build the tower of ``config.<key>`` and store its resolved config back (architecture and
         preprocessing read from the checkpoint travel with the model)."""
-        values = getattr(config, key)
-        if values is None:
+        tower_config = getattr(config, key)
+        if tower_config is None:
             return None
-        tower = build_vision_tower(VisionTowerConfig.from_dict(values))
-        setattr(config, key, tower.config.to_dict())
+        tower = build_vision_tower(tower_config)
+        setattr(config, key, tower.config)
         self.notes += tower.notes
         return tower.encoder
 
@@ -202,7 +228,7 @@ class Blip2ReportModel(nn.Module):
     def train(self, mode: bool = True) -> Blip2ReportModel:
         """Frozen parts stay in eval mode (no dropout), as LAVIS does for its frozen LM."""
         super().train(mode)
-        if self.config.lm_mode == "frozen":
+        if self.config.language_model.mode == "frozen":
             self.language_model.eval()
         for modality, name in TOWER_OF_MODALITY.items():
             if getattr(self, name) is not None and not self.tower_trains(modality):
@@ -214,7 +240,7 @@ class Blip2ReportModel(nn.Module):
         for name in TOWER_OF_MODALITY.values():
             if getattr(self, name) is not None:
                 getattr(self, name).gradient_checkpointing = True
-        if self.config.lm_mode != "frozen":
+        if self.config.language_model.mode != "frozen":
             self.language_model.gradient_checkpointing_enable()
 
     # ------------------------------------------------------------------ encoding
@@ -442,15 +468,17 @@ class Blip2ReportModel(nn.Module):
         first, so the folder is self-contained; ``from_pretrained`` re-adds fresh (zero) adapters."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = dataclasses.replace(self.config, lm_path=LM_FOLDER)
+        config = dataclasses.replace(
+            self.config, language_model=dataclasses.replace(self.config.language_model, path=LM_FOLDER)
+        )
         for key in ("ct_tower", "xray_tower"):
             if getattr(config, key) is not None:  # weights are in model.safetensors now
-                setattr(config, key, {**getattr(config, key), "checkpoint": None})
+                setattr(config, key, dataclasses.replace(getattr(config, key), checkpoint=None))
         (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(LM_PREFIX)}
         save_file(weights, str(folder / WEIGHTS_NAME))
         language_model = self.language_model
-        if self.config.lm_mode == "lora":
+        if self.config.language_model.mode == "lora":
             language_model = copy.deepcopy(language_model).merge_and_unload()
         language_model.save_pretrained(folder / LM_FOLDER)
         self.tokenizer.save_pretrained(folder / LM_FOLDER)
@@ -459,15 +487,16 @@ class Blip2ReportModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Blip2ReportModel:
         """Rebuild from a ``save_pretrained`` folder; ``overrides`` replace config fields (e.g.
-        ``lm_mode="lora"`` to continue training with adapters)."""
+        ``lm_mode="lora"`` to continue training with adapters; the flat LM keys are understood)."""
         folder = Path(folder)
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a Blip2ReportModel folder")
         saved = json.loads(config_path.read_text())
         config = Blip2ReportConfig.from_dict({**saved, **overrides})
-        if config.lm_path and not Path(config.lm_path).is_absolute():
-            config.lm_path = str(folder / config.lm_path)
+        lm = config.language_model
+        if lm.path and not Path(lm.path).is_absolute():
+            lm.path = str(folder / lm.path)
         text = json.loads((folder / PROCESSOR_NAME).read_text()) if (folder / PROCESSOR_NAME).is_file() else saved
         model = cls(config, prompts=text.get("prompts"), max_text_len=text.get("max_text_len", 128))
         weights_path = folder / WEIGHTS_NAME

@@ -283,7 +283,8 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
     Without --lm the tiny GPT-2 (its tokenizer trained on ``train_texts``) is built once (rank 0; the
     other ranks wait) into output_dir/lm, where a resumed run finds it again."""
     from blip.language_model import build_tiny_gpt2
-    from blip.model import Blip2ReportConfig, Blip2ReportModel
+    from blip.model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig
+    from blip.qformer import QFormerBridgeConfig
     from blip.vision import VisionTowerConfig
     from sam3d.engine.distributed import barrier
 
@@ -326,13 +327,10 @@ def build_model(args: argparse.Namespace, modalities: str | Collection[str], tra
     ct = VisionTowerConfig("sam3d", args.ct_model_type, args.encoder, frozen["ct"])
     xray = VisionTowerConfig("sam2d", args.xray_model_type, args.xray_encoder, frozen["xray"])
     config = Blip2ReportConfig(
-        ct_tower=ct.to_dict() if "ct" in modalities else None,
-        xray_tower=xray.to_dict() if "xray" in modalities else None,
-        bridge=bridge,
-        lm_path=lm_path,
-        lm_mode=args.lm_mode,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
+        ct_tower=ct if "ct" in modalities else None,
+        xray_tower=xray if "xray" in modalities else None,
+        bridge=QFormerBridgeConfig.from_dict(bridge),
+        language_model=LanguageModelConfig(lm_path, args.lm_mode, args.lora_r, args.lora_alpha),
         num_query_tokens=args.num_query_tokens,
         condition_on_measurements=args.condition_on_measurements,
         diagnosis_prompt=args.diagnosis_prompt,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from blip.model import Blip2ReportConfig
+from blip.model import Blip2ReportConfig, LanguageModelConfig
+from blip.qformer import QFormerBridgeConfig
 from blip.vision import VisionTowerConfig
 from sam3d.data.io import save_nifti
 from sam3d.export import export_encoder
@@ -72,10 +73,9 @@ def make_tiny_models(folder: Path) -> tuple[Path, Path]:
     config = Blip2ReportConfig(
         ct_tower=VisionTowerConfig(
             "sam3d", encoder_config=encoder.to_dict(), preprocessing={"target_spacing_mm": (3.0, 3.0, 3.0)}
-        ).to_dict(),
-        bridge={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-        lm_path=str(lm),
-        lm_mode="full",
+        ),
+        bridge=QFormerBridgeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        language_model=LanguageModelConfig(str(lm), "full"),
         num_query_tokens=4,
         condition_on_measurements=True,  # as the demo's
     )
@@ -194,11 +194,10 @@ def tiny_config(lm_folder, lm_mode="full", ct_checkpoint=None, freeze_ct=False, 
         "sam3d", checkpoint=ct_checkpoint, freeze=freeze_ct, encoder_config=None if ct_checkpoint else TINY_CT.to_dict()
     )
     return Blip2ReportConfig(
-        ct_tower=ct.to_dict(),
-        xray_tower=VisionTowerConfig("sam2d", "tiny").to_dict() if xray else None,
-        bridge=TINY_BRIDGE,
-        lm_path=str(lm_folder),
-        lm_mode=lm_mode,
+        ct_tower=ct,
+        xray_tower=VisionTowerConfig("sam2d", "tiny") if xray else None,
+        bridge=QFormerBridgeConfig(**TINY_BRIDGE),
+        language_model=LanguageModelConfig(str(lm_folder), lm_mode),
         num_query_tokens=4,
     )
 

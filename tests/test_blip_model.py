@@ -88,8 +88,8 @@ def test_exported_encoder_loads_from_config_and_the_users_way(tmp_path, lm_folde
     from_export = Blip2ReportModel(tiny_config(lm_folder, ct_checkpoint=str(path), xray=False))
     for key, value in from_export.visual_encoder.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    assert from_export.config.ct_tower["encoder_config"] == TINY_CT.to_dict()
-    assert tuple(from_export.config.ct_tower["preprocessing"]["roi_size"]) == (64, 64, 64)
+    assert from_export.config.ct_tower.encoder_config == TINY_CT.to_dict()
+    assert tuple(from_export.config.ct_tower.preprocessing["roi_size"]) == (64, 64, 64)
 
     users_way = Blip2ReportModel(tiny_config(lm_folder, xray=False))
     users_way.visual_encoder.load_state_dict(torch.load(path)["image_encoder_state_dict"])
@@ -168,7 +168,7 @@ def test_save_and_from_pretrained_give_the_same_model(tmp_path, lm_folder, lm_mo
         expected = model(images, "ct", input_ids, attention_mask).logits
         found = reloaded(images, "ct", input_ids, attention_mask).logits
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
-    assert reloaded.config.ct_tower["checkpoint"] is None and reloaded.config.lm_mode == lm_mode
+    assert reloaded.config.ct_tower.checkpoint is None and reloaded.config.language_model.mode == lm_mode
 
 
 def test_cross_attention_maps_and_overlays(model, tmp_path):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from blip.data.dataset import ReportCollator
 from blip.language_model import build_tiny_gpt2, load_language_model
-from blip.model import Blip2ReportConfig, Blip2ReportModel
+from blip.model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig
+from blip.qformer import QFormerBridgeConfig
 from blip.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask, findings_key
 from blip.train import build_model, build_parser, main
 from blip.vision import VisionTowerConfig
@@ -34,16 +35,16 @@ def stage1_model(tmp_path_factory):
     _, tokenizer = load_language_model(lm, "frozen")
     torch.manual_seed(0)
     config = Blip2ReportConfig(
-        ct_tower=VisionTowerConfig("sam3d", "tiny", None, True).to_dict(),
-        lm_path=str(lm),
+        ct_tower=VisionTowerConfig("sam3d", "tiny", None, True),
+        language_model=LanguageModelConfig(str(lm)),
         num_query_tokens=4,
-        bridge={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "text_vocab_size": len(tokenizer) + len(SPECIAL_TEXT_TOKENS),
-        },
+        bridge=QFormerBridgeConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            text_vocab_size=len(tokenizer) + len(SPECIAL_TEXT_TOKENS),
+        ),
     )
     return QFormerPretraining(Blip2ReportModel(config), embed_dim=16)
 

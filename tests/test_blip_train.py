@@ -210,7 +210,11 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
     assert main(argv) == 0  # without --val_manifest the split column separates train and val
     assert "sample film2" in capsys.readouterr().out and (out / "attention" / "film2_attention.png").is_file()
     model = Blip2ReportModel.from_pretrained(out / "report_model")
-    assert model.visual_encoder is None and model.visual_encoder_2d is not None and model.config.lm_mode == "lora"
+    assert (
+        model.visual_encoder is None
+        and model.visual_encoder_2d is not None
+        and model.config.language_model.mode == "lora"
+    )
 
     from sam3d.engine.cli import run_main
 
