@@ -138,6 +138,14 @@ def test_predict_flags_fail_in_one_line(models, scan, tmp_path, capsys, flags, r
     _one_line_error(capsys, code, rc, pattern)
 
 
+def test_evaluate_refuses_zero_clicks_before_reading_anything(tmp_path, capsys):
+    from sam3d.cli.evaluate import main as evaluate_main
+
+    flags = ["--checkpoint", str(tmp_path / "none.pth"), "--csv", "none.csv", "--mask_dir", str(tmp_path)]
+    code = run_main(evaluate_main, [*flags, "--output_dir", str(tmp_path / "out"), "--num_clicks", "0"])
+    _one_line_error(capsys, code, 2, "--num_clicks must be >= 1")
+
+
 def test_wrong_or_empty_checkpoints_are_named(models, scan, tmp_path, capsys):
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")

@@ -33,7 +33,7 @@ from sam3d.data.io import load_volume
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import build_transforms
 from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
+from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.engine.distributed import resolve_device
 from sam3d.metrics import dice_score, surface_metrics, volume_ml
 from sam3d.modeling import load_trained_sam3d
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip_invalid", action="store_true", help="skip bad rows (listed in summary.json)")
     args = p.parse_args(argv)
+    if args.num_clicks < 1:
+        raise ConfigError(f"--num_clicks must be >= 1 (each scan is scored after its clicks), got {args.num_clicks}")
 
     device = resolve_device(args.device)
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
