@@ -210,10 +210,10 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> argparse._Ar
     for f in dataclasses.fields(Preprocessing):
         if f.name == "roi_size":
             continue
-        default = f.default
-        shown = json.dumps(default) if f.name == "hu_windows" else default
         flags = [f"--{f.name}"] + ([f"--{aliases[f.name]}"] if f.name in aliases else [])
-        g.add_argument(*flags, default=None, help=f"{f.metadata['help']} (default: {shown})", **_FLAG_TYPES[f.name])
+        inherited = "" if f.metadata["training_only"] else "the --checkpoint's, else "
+        help_text = f"{f.metadata['help']} (default: {inherited}{_flag_value(f.default)})"
+        g.add_argument(*flags, default=None, help=help_text, **_FLAG_TYPES[f.name])
     return g
 
 
@@ -252,6 +252,17 @@ def set_preprocessing_flags(args: argparse.Namespace, contract: Preprocessing) -
     for key, value in contract.to_dict().items():
         if hasattr(args, key):
             setattr(args, key, value)
+
+
+def _flag_value(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 def _shown(value: Any) -> str:
