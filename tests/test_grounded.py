@@ -89,3 +89,21 @@ def test_report_cli_end_to_end(tmp_path):
     assert saved["structured_findings"] in saved["report"]
     assert nib.load(saved["segmentation"]["files"]["mask"]).shape == case.image_hu.shape
     assert (tmp_path / "out" / "scan_report.txt").read_text().startswith("FINDINGS:")
+
+
+def test_a_report_reads_the_scan_once(tmp_path):
+    """sam3d-report: the scan is read once and passed along as a Volume (segmentation, saving, the
+    report model's CT transform)."""
+    from unittest import mock
+
+    from blip.cli.report import main as report_main
+
+    case = synthesize_case(2, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(case.image_hu, case.affine), scan)
+    seg_checkpoint, report_model = make_tiny_models(tmp_path / "models")
+    flags = ["--segmentation_checkpoint", str(seg_checkpoint), "--report_model", str(report_model)]
+    flags += ["--input", str(scan), "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4", "--num_beams", "1"]
+    with mock.patch("nibabel.load", wraps=nib.load) as reads:
+        assert report_main(flags) == 0
+    assert [c.args[0] for c in reads.call_args_list if str(c.args[0]) == str(scan)] == [str(scan)]

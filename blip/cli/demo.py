@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="BLIP-2 stage 1 from the pretrained Q-Former before stage 2; --no-stage1: stage 2 alone, "
-        "from a fresh bridge (the comparison in the README)",
+        "from a fresh bridge (the comparison in docs/results.md)",
     )
     p.add_argument(
         "--image_only", action="store_true", help="also train and score a report model without measurement conditioning"

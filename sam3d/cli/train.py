@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 train.py --config ...        # DDP (NCCL on GPUs, gloo on CPUs)
 
 Outputs in --output_dir: best_model.pth, latest_model.pth, sam_encoder.pth, config.json,
-training_summary_<timestamp>.json. See README.md for the CSV format and every flag.
+training_summary_<timestamp>.json. The CSV format: docs/training.md; every flag: docs/cli.md.
 """
 
 from __future__ import annotations
