@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (the main job on the embedded synthetic default) and `make test`;
-# `make test-fast` (no slow, browser or learning tests) for the edit-test loop, `make lint` (ruff).
+# `make test-fast` (no slow, browser or learning tests) for the edit-test loop, `make lint` (ruff and mypy).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) outputs

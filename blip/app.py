@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,8 @@ class ReportSession:
         measurements by a conditioned model, kept otherwise), write the downloads."""
         clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
         segmenter = self.reporter.segmenter
+        if segmenter is None:  # a reporter built without a segmentation checkpoint
+            raise UploadError(f"{case['name']}: this app has no segmentation model, so it cannot read CT scans")
         out = self._new_dir(case["visitor"])
         segmentation = segmenter.save(segmenter.predict(case["scan"], clicks or None), out)
         if self.reporter.conditioned:
@@ -307,7 +310,7 @@ def build_app(
     device: str = "cpu",
     generation: dict | None = None,
     keep_s: float = KEEP_UPLOADS_S,
-    segmenter_options: dict | None = None,
+    segmenter_options: Mapping[str, Any] | None = None,
 ) -> gr.Blocks:
     """The whole page; the models are loaded here, once, and shared by every visitor. Requests
     queue and run one at a time (one model in memory, never several passes in parallel); each

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ _VOLUME = re.compile(r"(\d+(?:\.\d+)?)\s*(?:ml|mL|cc|milliliters?)\b")
 
 def structured_findings(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
     """One sentence a radiologist can check against the mask."""
-    if m.total_volume_ml < min_ml:
+    if m.slice_extent is None or m.total_volume_ml < min_ml:  # no extent: an empty mask
         return f"Automated segmentation: no hemorrhage detected ({m.total_volume_ml:.1f} mL)."
     parts = f"{m.num_components} component" + ("s" if m.num_components != 1 else "")
     largest = f", largest {m.component_volumes_ml[0]:.1f} mL" if m.num_components > 1 else ""
@@ -116,7 +117,7 @@ class ScanReporter:
         device: str = "cpu",
         correct: bool = True,
         generation: dict | None = None,
-        segmenter_options: dict | None = None,
+        segmenter_options: Mapping[str, Any] | None = None,
     ) -> None:
         """``segmenter_options``: ``HemorrhageSegmenter`` keywords (post-processing)."""
         from .model import Blip2ReportModel

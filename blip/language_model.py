@@ -38,6 +38,9 @@ from transformers import (
 if TYPE_CHECKING:
     from peft import PeftModel
 
+    # What AutoModelForCausalLM.from_pretrained is annotated to return: a PreTrainedModel that generates.
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
+
 LM_MODES = ("frozen", "full", "lora")
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -71,7 +74,7 @@ def load_language_model(
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     load_in_4bit: bool = False,
-) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+) -> tuple[CausalLM | PeftModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a local HF causal-LM folder, prepared for ``mode``.
 
     A tokenizer without a pad token (GPT-2, Llama) gets its end-of-text token as pad: report batches

@@ -32,7 +32,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sam3d.engine.checkpoint import CheckpointError, load_state_dict_strict
+from sam3d.modeling.image_encoder import ImageEncoderViT
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
 from .diagnosis import DiagnosisHead, diagnosis_sentence
@@ -49,6 +50,11 @@ from .language_model import LM_MODES, load_language_model
 from .processor import PROCESSOR_NAME, Blip2ReportProcessor
 from .qformer import QFormerBridge, QFormerBridgeConfig
 from .vision import VisionTowerConfig, build_vision_tower, encoder_tokens, tower_width
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from .language_model import CausalLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -158,7 +164,7 @@ class Blip2ReportModel(nn.Module):
     def __init__(
         self,
         config: Blip2ReportConfig,
-        language_model: nn.Module | None = None,
+        language_model: CausalLM | PeftModel | None = None,
         tokenizer: Any = None,
         prompts: Mapping[str, str] | None = None,
         max_text_len: int = 128,
@@ -186,7 +192,7 @@ class Blip2ReportModel(nn.Module):
         self.vision_adapters = nn.ModuleDict(
             {m: nn.Linear(w, vision_width) for m, w in widths.items() if w != vision_width}
         )
-        lm_hidden = language_model.get_input_embeddings().embedding_dim
+        lm_hidden = input_embeddings(language_model).embedding_dim
         config.bridge = dataclasses.replace(
             config.bridge, vision_width=vision_width, lm_hidden_size=lm_hidden, num_query_tokens=config.num_query_tokens
         )
@@ -197,7 +203,7 @@ class Blip2ReportModel(nn.Module):
             if config.diagnosis_prompt
             else {}
         )
-        self.language_model = language_model
+        self.language_model: CausalLM | PeftModel = language_model
         self.config = config
         ct, xray = self.visual_encoder, self.visual_encoder_2d
         self.processor = Blip2ReportProcessor(
@@ -213,7 +219,7 @@ class Blip2ReportModel(nn.Module):
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def _tower(self, config: Blip2ReportConfig, key: str) -> nn.Module | None:
+    def _tower(self, config: Blip2ReportConfig, key: str) -> ImageEncoderViT | None:
         """Build the tower of ``config.<key>`` and store its resolved config back (architecture and
         preprocessing read from the checkpoint travel with the model)."""
         tower_config = getattr(config, key)
@@ -244,10 +250,10 @@ class Blip2ReportModel(nn.Module):
             self.language_model.gradient_checkpointing_enable()
 
     # ------------------------------------------------------------------ encoding
-    def tower(self, modality: str) -> nn.Module:
+    def tower(self, modality: str) -> ImageEncoderViT:
         if modality not in TOWER_OF_MODALITY:
             raise ValueError(f"modality must be one of {sorted(TOWER_OF_MODALITY)}, got '{modality}'")
-        tower = getattr(self, TOWER_OF_MODALITY[modality])
+        tower: ImageEncoderViT | None = getattr(self, TOWER_OF_MODALITY[modality])
         if tower is None:
             raise ValueError(
                 f"this model has no {modality} tower (config.{'ct' if modality == 'ct' else 'xray'}_tower is None)"
@@ -330,9 +336,9 @@ class Blip2ReportModel(nn.Module):
         bridge_out = self.bridge(tokens, output_attentions=output_attentions)
         logits = self._diagnosis_logits(tokens, modality)
         sentences = self._diagnosis_sentences(logits, diagnosis, modality, len(images))
-        contexts = self._contexts(modality, contexts, len(images))
-        texts = [" ".join(t for t in (c, d) if t) or None for c, d in zip(contexts, sentences)]
-        embed = self.language_model.get_input_embeddings()
+        study_contexts = self._contexts(modality, contexts, len(images))
+        texts = [" ".join(t for t in (c, d) if t) or None for c, d in zip(study_contexts, sentences)]
+        embed = input_embeddings(self.language_model)
         queries = bridge_out.projected.to(embed.weight.dtype)
         prompts = [self.processor.prompt_ids(modality, text).to(images.device) for text in texts]
         longest = max(len(p) for p in prompts)
@@ -374,7 +380,7 @@ class Blip2ReportModel(nn.Module):
         prefix, prefix_mask, _, diagnosis_logits = self.soft_prompt(
             images, modality, contexts, sentence_labels, tower_tokens=tower_tokens
         )
-        report_embeds = self.language_model.get_input_embeddings()(input_ids)
+        report_embeds = input_embeddings(self.language_model)(input_ids)
         attention_mask = torch.cat([prefix_mask, attention_mask.to(prefix_mask)], dim=1)
         labels = torch.cat(
             [
@@ -391,6 +397,7 @@ class Blip2ReportModel(nn.Module):
         )
         if diagnosis_logits is None:
             return Blip2ReportOutput(loss=out.loss, lm_loss=out.loss, logits=out.logits, labels=labels)
+        assert diagnosis is not None  # a model with heads refuses a batch without labels (above)
         diagnosis_loss = F.binary_cross_entropy_with_logits(diagnosis_logits.float(), diagnosis.float())
         return Blip2ReportOutput(
             loss=out.loss + diagnosis_loss_weight * diagnosis_loss,
@@ -406,7 +413,9 @@ class Blip2ReportModel(nn.Module):
         """(B, K) probabilities of ``blip.labeler.binary_observations(modality)`` from the diagnosis head."""
         if not self.config.diagnosis_prompt:
             raise ValueError("this report model has no diagnosis head (config.diagnosis_prompt is False)")
-        return torch.sigmoid(self._diagnosis_logits(self.image_tokens(images, modality), modality).float())
+        logits = self._diagnosis_logits(self.image_tokens(images, modality), modality)
+        assert logits is not None  # config.diagnosis_prompt: the model has its heads
+        return torch.sigmoid(logits.float())
 
     @torch.no_grad()
     def generate(
@@ -479,8 +488,11 @@ class Blip2ReportModel(nn.Module):
         save_file(weights, str(folder / WEIGHTS_NAME))
         language_model = self.language_model
         if self.config.language_model.mode == "lora":
+            from peft import PeftModel
+
+            assert isinstance(language_model, PeftModel)  # load_language_model wraps a LoRA LM in one
             language_model = copy.deepcopy(language_model).merge_and_unload()
-        language_model.save_pretrained(folder / LM_FOLDER)
+        language_model.save_pretrained(str(folder / LM_FOLDER))
         self.tokenizer.save_pretrained(folder / LM_FOLDER)
         self.processor.save_pretrained(folder)
 
@@ -508,6 +520,13 @@ class Blip2ReportModel(nn.Module):
                 vision_and_bridge.add_module(name, child)
         load_state_dict_strict(vision_and_bridge, load_file(str(weights_path)), str(weights_path))
         return model
+
+
+def input_embeddings(language_model: CausalLM | PeftModel) -> nn.Embedding:
+    """The LM's token embedding table (an ``nn.Embedding`` or a subclass in Hugging Face causal LMs)."""
+    embed = language_model.get_input_embeddings()
+    assert isinstance(embed, nn.Embedding)
+    return embed
 
 
 def attention_overlays(

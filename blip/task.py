@@ -151,7 +151,8 @@ class ReportTask:
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         gain_total, gain_count = 0.0, 0
-        head: dict[str, float] = {"lm_loss": 0.0, "diagnosis_loss": 0.0, "tp": 0, "fp": 0, "fn": 0}
+        head_losses = {"lm_loss": 0.0, "diagnosis_loss": 0.0}
+        head_counts = {"tp": 0, "fp": 0, "fn": 0}
         self.samples = []
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=self.use_mixed_precision):
             for batch in loader:
@@ -167,12 +168,13 @@ class ReportTask:
                     gain_total += (swapped - out.lm_loss.item()) * size
                     gain_count += size
                 if out.diagnosis_logits is not None:
+                    assert out.diagnosis_loss is not None  # the model sets both or neither
                     predicted, reference = out.diagnosis_logits > 0, batch["diagnosis"].to(device) >= 0.5
-                    head["lm_loss"] += out.lm_loss.item() * size
-                    head["diagnosis_loss"] += out.diagnosis_loss.item() * size
-                    head["tp"] += (predicted & reference).sum().item()
-                    head["fp"] += (predicted & ~reference).sum().item()
-                    head["fn"] += (~predicted & reference).sum().item()
+                    head_losses["lm_loss"] += out.lm_loss.item() * size
+                    head_losses["diagnosis_loss"] += out.diagnosis_loss.item() * size
+                    head_counts["tp"] += int((predicted & reference).sum())
+                    head_counts["fp"] += int((predicted & ~reference).sum())
+                    head_counts["fn"] += int((~predicted & reference).sum())
                 wanted = self.num_samples - sum(s["modality"] == modality for s in self.samples)
                 if wanted > 0:
                     contexts = batch["contexts"][:wanted] if batch.get("contexts") else None
@@ -195,9 +197,9 @@ class ReportTask:
         if model.config.diagnosis_prompt and count:
             metrics.update(
                 {
-                    "val_lm_loss": head["lm_loss"] / count,
-                    "val_diagnosis_loss": head["diagnosis_loss"] / count,
-                    "val_diagnosis_f1": precision_recall_f1(head["tp"], head["fp"], head["fn"])["f1"],
+                    "val_lm_loss": head_losses["lm_loss"] / count,
+                    "val_diagnosis_loss": head_losses["diagnosis_loss"] / count,
+                    "val_diagnosis_f1": precision_recall_f1(**head_counts)["f1"],
                 }
             )
         return metrics

@@ -410,7 +410,8 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
         model = QFormerPretraining(report_model, token_cache=TowerTokenCache() if args.cache_tokens else None)
         if args.init_from and not args.resume:
             model.load_heads(args.init_from)
-        task = QFormerPretrainingTask()
+        # Each stage's task goes with its model: QFormerPretraining here, the report model in stage 2.
+        task: QFormerPretrainingTask | ReportTask = QFormerPretrainingTask()
         # The LM and the projection into it take no part in stage 1.
         unused = {id(p) for p in report_model.language_model.parameters()}
         unused |= {id(p) for p in report_model.bridge.language_projection.parameters()}

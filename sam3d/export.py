@@ -34,7 +34,7 @@ def export_encoder(
     path: str | os.PathLike,
     config: Sam3DConfig,
     visual_tokens: int = 256,
-    preprocessing: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     source: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:

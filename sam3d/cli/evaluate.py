@@ -23,6 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,11 +57,11 @@ COLUMNS = [
 ]
 
 
-def _summary(rows: list[dict]) -> dict:
+def _summary(rows: list[dict]) -> dict[str, Any]:
     positives = [r for r in rows if r["ich"] == 1]
     negatives = [r for r in rows if r["ich"] == 0]
 
-    def stats(key: str, subset: list[dict]) -> dict:
+    def stats(key: str, subset: list[dict]) -> dict[str, float | int | None]:
         values = np.array([r[key] for r in subset], dtype=float)
         finite = values[np.isfinite(values)]
         if finite.size == 0:
@@ -72,7 +73,11 @@ def _summary(rows: list[dict]) -> dict:
             "n_undefined": int(values.size - finite.size),
         }
 
-    summary = {"cases": len(rows), "hemorrhage_cases": len(positives), "hemorrhage_free_cases": len(negatives)}
+    summary: dict[str, Any] = {
+        "cases": len(rows),
+        "hemorrhage_cases": len(positives),
+        "hemorrhage_free_cases": len(negatives),
+    }
     for key in ("dice_first_click", "dice", "dice_automatic", "nsd", "hd95_mm", "volume_error_ml"):
         summary[key] = stats(key, positives)
     summary["abs_volume_error_ml"] = stats("abs_volume_error_ml", positives)
@@ -144,9 +149,9 @@ def main(argv=None) -> int:
             }
         )
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "per_case.csv", "w", newline="") as handle:
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "per_case.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in results:
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
         **_summary(results),
         "skipped_rows": skipped,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def fmt(key: str) -> str:
         value = summary[key]["mean"]
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
         f"{summary['hemorrhage_cases']} hemorrhage scans: Dice {fmt('dice')}, NSD {fmt('nsd')}, "
         f"HD95 {fmt('hd95_mm')} mm, |volume error| {fmt('abs_volume_error_ml')} mL"
     )
-    print(f"written: {out / 'per_case.csv'}, {out / 'summary.json'}")
+    print(f"written: {output_dir / 'per_case.csv'}, {output_dir / 'summary.json'}")
     return 0
 
 

@@ -65,7 +65,7 @@ def parse_clicks(raw: list[list[str]] | None, space: str) -> list[Click]:
         if len(values) not in (3, 4) or (len(values) == 4 and values[3] not in ("pos", "neg")):
             raise ConfigError(f"--click {' '.join(values)}: expected X Y Z [pos|neg]")
         try:
-            position = tuple(float(v) for v in values[:3])
+            position = (float(values[0]), float(values[1]), float(values[2]))
         except ValueError:
             raise ConfigError(f"--click {' '.join(values)}: X Y Z must be numbers") from None
         clicks.append(Click(position, positive=len(values) == 3 or values[3] == "pos", space=space))

@@ -264,7 +264,7 @@ def _check_files(row: ManifestRow) -> bool:
 
 def build_segmentation_dataset(
     rows: list[ManifestRow], transform, cache_dir: str | os.PathLike | None = None
-) -> torch.utils.data.Dataset:
+) -> Dataset:
     """Dataset of transformed manifest rows, ready for ``monai.data.DataLoader``.
 
     Each item: ``image`` (C, D, H, W) float32, ``label`` (1, D, H, W) float32, ``ich`` (int),

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -51,19 +51,24 @@ BEST_CHECKPOINT = "best_model.pth"
 LATEST_CHECKPOINT = "latest_model.pth"
 
 
-class TrainingTask(Protocol):
-    """What a workflow plugs into the engine."""
+# The model a task works on (a task takes the model class it was written for, e.g. Sam3D).
+ModelT = TypeVar("ModelT", bound=nn.Module)
+ModelT_contra = TypeVar("ModelT_contra", bound=nn.Module, contravariant=True)
+
+
+class TrainingTask(Protocol[ModelT_contra]):
+    """What a workflow plugs into the engine; the trainer hands it the model it was given."""
 
     monitor: str  # validation metric that selects the best model and drives early stopping
     monitor_mode: str  # "max" or "min"
 
-    def training_module(self, model: nn.Module) -> nn.Module:
+    def training_module(self, model: ModelT_contra) -> nn.Module:
         """The module whose forward(batch) returns (loss, logs); DDP wraps this one."""
 
-    def validate(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+    def validate(self, model: ModelT_contra, loader: Iterable, device: torch.device) -> dict[str, float]:
         """Metrics on the validation set; must contain ``monitor``."""
 
-    def visualize(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, np.ndarray]:
+    def visualize(self, model: ModelT_contra, loader: Iterable, device: torch.device) -> dict[str, np.ndarray]:
         """Named RGB uint8 images for the tracker (may be empty)."""
 
 
@@ -146,12 +151,12 @@ def _set_transform_seed(dataset: Dataset, seed: int) -> None:
         transform.set_random_state(seed=seed % 2**32)
 
 
-class Trainer:
+class Trainer(Generic[ModelT]):
     def __init__(
         self,
         cfg: TrainerConfig,
-        task: TrainingTask,
-        model: nn.Module,
+        task: TrainingTask[ModelT],
+        model: ModelT,
         param_groups: list[dict],
         device: torch.device,
         ctx: DistributedContext = DistributedContext(),

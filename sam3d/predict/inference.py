@@ -11,6 +11,7 @@ is RAS at the contract's spacing), so the mask has exactly the input's shape and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import EllipsisType
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ class Sam3DInferer:
             low_res, _ = self.model.decode(self.model.image_encoder(window))
             return torch.sigmoid(self.model.upsample_logits(low_res))
 
-        return sliding_window_inference(
+        probabilities = sliding_window_inference(
             image,
             size,
             self.sw_batch_size,
@@ -161,7 +162,9 @@ class Sam3DInferer:
             mode="gaussian",
             padding_mode="constant",
             cval=float(image.min()),
-        )[0, 0]
+        )
+        assert isinstance(probabilities, torch.Tensor)  # one tensor per window in, one tensor out
+        return probabilities[0, 0]
 
     @torch.no_grad()
     def _interactive(
@@ -174,8 +177,10 @@ class Sam3DInferer:
         start = np.clip(np.round(points[0]).astype(int) - size // 2, 0, np.maximum(grid - size, 0))
         window = torch.full((1, image.shape[1], size, size, size), float(image.min()), device=self.device)
         stop = np.minimum(start + size, grid)
-        crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-        window[(..., *[slice(0, int(b - a)) for a, b in zip(start, stop)])] = image[(..., *crop)]
+        crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # on the scan's grid
+        inside = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))  # the same voxels in the window
+        batch_and_channels: tuple[EllipsisType | slice, ...] = (...,)
+        window[batch_and_channels + inside] = image[batch_and_channels + crop]
         embeddings = self.model.image_encoder(window)
         coords = torch.tensor(np.stack(points) - start, dtype=torch.float32, device=self.device)[None]
         labels = torch.tensor([[1 if c.positive else 0 for c in clicks]], device=self.device)
@@ -186,5 +191,5 @@ class Sam3DInferer:
             low_res, _ = self.model.decode(embeddings, coords[:, : i + 1], labels[:, : i + 1], low_res)
         probabilities = torch.zeros(image.shape[-3:], device=self.device)
         window_probs = torch.sigmoid(self.model.upsample_logits(low_res))[0, 0]
-        probabilities[crop] = window_probs[tuple(slice(0, int(b - a)) for a, b in zip(start, stop))]
+        probabilities[crop] = window_probs[inside]
         return probabilities

@@ -12,7 +12,7 @@ by every step. The returned record says what ran and what it removed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from scipy import ndimage
@@ -26,6 +26,8 @@ __all__ = [
     "MIN_COMPONENT_HU",
     "MIN_COMPONENT_ML",
     "MIN_VOXEL_HU",
+    "HyperdenseOptions",
+    "PostprocessingOptions",
     "hyperdense_gate",
     "hyperdense_options",
     "intracranial_mask",
@@ -48,7 +50,23 @@ MIN_VOXEL_HU = 40.0
 HYPERDENSE_SHARE = 0.25
 
 
-def hyperdense_options(on: bool) -> dict[str, float | None]:
+class HyperdenseOptions(TypedDict):
+    """The hyperdense gate's keywords of :func:`postprocess_mask` and ``HemorrhageSegmenter``; None: off."""
+
+    min_component_hu: float | None
+    min_voxel_hu: float | None
+
+
+class PostprocessingOptions(HyperdenseOptions):
+    """Every post-processing keyword of :func:`postprocess_mask`."""
+
+    restrict_intracranial: bool
+    min_component_ml: float
+    bone_hu: float
+    margin_mm: float
+
+
+def hyperdense_options(on: bool) -> HyperdenseOptions:
     """``HemorrhageSegmenter`` keywords for the hyperdense gate: the defaults, or off."""
     return {"min_component_hu": MIN_COMPONENT_HU if on else None, "min_voxel_hu": MIN_VOXEL_HU if on else None}
 
@@ -57,14 +75,17 @@ def _ellipsoid(radius_mm: float, spacing_mm: Sequence[float], flat_axis: int | N
     """Boolean ball of ``radius_mm`` on a grid of ``spacing_mm``; one voxel thick along ``flat_axis``."""
     radii = [0 if axis == flat_axis else int(radius_mm // s) for axis, s in enumerate(spacing_mm)]
     grid = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
-    return sum((g * s) ** 2 for g, s in zip(grid, spacing_mm)) <= radius_mm**2
+    squared_mm = np.zeros([1] * len(radii))  # the open grids broadcast to the full ball
+    for g, s in zip(grid, spacing_mm):
+        squared_mm = squared_mm + (g * s) ** 2
+    return squared_mm <= radius_mm**2
 
 
 def _block_any(mask: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Downsample a boolean array by integer ``factors``: a block is True if any voxel in it is."""
     padded = np.pad(mask, [(0, -n % f) for n, f in zip(mask.shape, factors)])
     blocks = padded.reshape([x for n, f in zip(padded.shape, factors) for x in (n // f, f)])
-    return blocks.any(axis=(1, 3, 5))
+    return np.asarray(blocks.any(axis=(1, 3, 5)))
 
 
 def _block_repeat(mask: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:

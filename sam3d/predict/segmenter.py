@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .postprocessing import (
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
     MIN_VOXEL_HU,
+    PostprocessingOptions,
     postprocess_mask,
 )
 from .records import Click, SegmentationResult
@@ -70,7 +72,7 @@ class HemorrhageSegmenter:
         self.model: Sam3D = model.to(self.device).eval()
         self.preprocessing = Preprocessing.from_checkpoint(meta, str(checkpoint))
         self.inferer = Sam3DInferer(self.model, self.preprocessing, self.device, overlap, sw_batch_size)
-        self.postprocessing = {
+        self.postprocessing: PostprocessingOptions = {
             "restrict_intracranial": restrict_intracranial,
             "min_component_ml": min_component_ml,
             "bone_hu": bone_hu,
@@ -128,7 +130,7 @@ class HemorrhageSegmenter:
         for k in sorted(int(c) for c in chosen):
             picture = axial_overlay(volume.array, k, view, result.mask)
             png = out / f"{stem}_slice{k:03d}.png"
-            atomic_write(png, lambda tmp, picture=picture: Image.fromarray(picture).save(tmp, format="PNG"))
+            atomic_write(png, partial(Image.fromarray(picture).save, format="PNG"))
             result.files.setdefault("overlays", []).append(str(png))
         json_path = out / f"{stem}_measurements.json"
         result.files["measurements"] = str(json_path)
