@@ -15,13 +15,10 @@ validation covers both (``val_loss`` over all studies, ``val_loss_ct`` / ``val_l
 A tower loaded from a checkpoint (``--encoder``, ``--xray_encoder``) stays fixed and a randomly
 initialised one trains, unless ``--freeze_vision`` / ``--no-freeze_vision`` (both towers) or
 ``--freeze_ct_tower`` / ``--freeze_xray_tower`` (or their ``--no-`` forms, per tower) say otherwise. The
-fixed pretrained tower is BLIP-2's recipe, and here it is measured: the report loss alone teaches a
-tower little before it has taught the Q-Former to read it, and trained jointly from the first step the
-SAM-Med3D encoder's hemorrhage features were lost (reports the same with any study's image:
-``val_image_gain`` 0.000), while the frozen exported encoder gave held-out reports that depend on the
-image (see sam3d/configs/blip_tiny_ct.yaml). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
-labels lead each prompt (``blip.diagnosis``); it is what made held-out CT reports name a hemorrhage
-when there is one (README, "Report generation").
+fixed pretrained tower is BLIP-2's recipe: the report loss alone teaches a tower little before it has
+taught the Q-Former to read it (what joint training from the first step did here:
+docs/report_generation.md). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
+labels lead each prompt (``blip.diagnosis``).
 
 BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.stage1``;
 no language model runs) and writes the bridge to ``output_dir/qformer`` (``QFormerBridge.save_pretrained``
