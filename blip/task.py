@@ -26,10 +26,10 @@ from .model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, atten
 class TowerTokenCache:
     """The output of a frozen tower per image file, kept in CPU memory, so each image goes through its
     tower once per run instead of once per epoch: with a frozen tower the tower is most of a stage-2
-    step (docs/report_generation.md). RAM: studies x tokens x width x 4 bytes (512 x 96 for ``small``: 0.2 MB a study; the
-    released ``vit_b_ori``: 512 x 384, 0.8 MB; a 2-D ``vit_b`` X-ray: 4096 x 256, 4 MB). A trainable
-    tower is never cached; a frozen one gives the same tokens in training and evaluation mode (SAM
-    towers have no dropout or batch norm)."""
+    step (docs/report_generation.md). RAM: studies x tokens x width x 4 bytes (512 x 96 for ``small``:
+    0.2 MB a study; the released ``vit_b_ori``: 512 x 384, 0.8 MB; a 2-D ``vit_b`` X-ray: 4096 x 256,
+    4 MB). A trainable tower is never cached; a frozen one gives the same tokens in training and
+    evaluation mode (SAM towers have no dropout or batch norm)."""
 
     def __init__(self) -> None:
         self.tokens: dict[tuple[str, str], torch.Tensor] = {}
