@@ -151,8 +151,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, data):
 
     evaluation = _run(
         [
-            sys.executable,
-            str(REPO / "scripts" / "evaluate_seg.py"),
+            str(Path(sys.executable).with_name("sam3d-evaluate")),  # the installed console script
             "--checkpoint",
             str(killed_dir / "best_model.pth"),
             "--csv",
