@@ -50,24 +50,27 @@ MIN_VOXEL_HU = 40.0
 HYPERDENSE_SHARE = 0.25
 
 
-class HyperdenseOptions(TypedDict):
-    """The hyperdense gate's keywords of :func:`postprocess_mask` and ``HemorrhageSegmenter``; None: off."""
-
-    min_component_hu: float | None
-    min_voxel_hu: float | None
-
-
-class PostprocessingOptions(HyperdenseOptions):
-    """Every post-processing keyword of :func:`postprocess_mask`."""
+class PostprocessingOptions(TypedDict, total=False):
+    """Keywords of :func:`postprocess_mask` (and of ``HemorrhageSegmenter``, which passes them on);
+    a keyword left out takes :func:`postprocess_mask`'s default."""
 
     restrict_intracranial: bool
     min_component_ml: float
     bone_hu: float
     margin_mm: float
+    min_component_hu: float | None  # None: the hyperdense gate is off
+    min_voxel_hu: float | None
+
+
+class HyperdenseOptions(TypedDict):
+    """The hyperdense gate's two keywords of :class:`PostprocessingOptions`."""
+
+    min_component_hu: float | None
+    min_voxel_hu: float | None
 
 
 def hyperdense_options(on: bool) -> HyperdenseOptions:
-    """``HemorrhageSegmenter`` keywords for the hyperdense gate: the defaults, or off."""
+    """The hyperdense gate's keywords: the defaults, or off."""
     return {"min_component_hu": MIN_COMPONENT_HU if on else None, "min_voxel_hu": MIN_VOXEL_HU if on else None}
 
 

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Unpack
 
 import numpy as np
 import torch
@@ -23,11 +24,9 @@ from ..visualize import SliceView, axial_overlay
 from .inference import AUTOMATIC_THRESHOLD, THRESHOLD, Sam3DInferer, check_clicks_inside, check_head_ct, click_world
 from .measurement import measure
 from .postprocessing import (
-    BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
-    MIN_VOXEL_HU,
     PostprocessingOptions,
     postprocess_mask,
 )
@@ -58,28 +57,19 @@ class HemorrhageSegmenter:
         model_type: str | None = None,
         overlap: float = 0.5,
         sw_batch_size: int = 1,
-        restrict_intracranial: bool = True,
-        min_component_ml: float = MIN_COMPONENT_ML,
-        bone_hu: float = BONE_THRESHOLD_HU,
-        margin_mm: float = INTRACRANIAL_MARGIN_MM,
-        min_component_hu: float | None = MIN_COMPONENT_HU,
-        min_voxel_hu: float | None = MIN_VOXEL_HU,
+        **postprocessing: Unpack[PostprocessingOptions],
     ) -> None:
-        if min_component_ml < 0 or margin_mm < 0:
-            raise ValueError(f"min_component_ml and margin_mm must be >= 0, got {min_component_ml} and {margin_mm}")
+        """``postprocessing``: keywords of :func:`postprocess_mask` (its defaults for those left out)."""
+        min_ml = postprocessing.get("min_component_ml", MIN_COMPONENT_ML)
+        margin_mm = postprocessing.get("margin_mm", INTRACRANIAL_MARGIN_MM)
+        if min_ml < 0 or margin_mm < 0:
+            raise ValueError(f"min_component_ml and margin_mm must be >= 0, got {min_ml} and {margin_mm}")
         model, meta = load_trained_sam3d(checkpoint, model_type)
         self.device = torch.device(device)
         self.model: Sam3D = model.to(self.device).eval()
         self.preprocessing = Preprocessing.from_checkpoint(meta, str(checkpoint))
         self.inferer = Sam3DInferer(self.model, self.preprocessing, self.device, overlap, sw_batch_size)
-        self.postprocessing: PostprocessingOptions = {
-            "restrict_intracranial": restrict_intracranial,
-            "min_component_ml": min_component_ml,
-            "bone_hu": bone_hu,
-            "margin_mm": margin_mm,
-            "min_component_hu": min_component_hu,
-            "min_voxel_hu": min_voxel_hu,
-        }
+        self.postprocessing = postprocessing
 
     def predict(
         self, scan: str | os.PathLike | Volume, clicks: Sequence[Click] | None = None, threshold: float | None = None
@@ -93,7 +83,7 @@ class HemorrhageSegmenter:
         on_input = self.inferer.probabilities(volume, clicks or [])
         keep_points = [(np.linalg.inv(volume.affine) @ click_world(c, volume))[:3] for c in clicks or [] if c.positive]
         if threshold is None:
-            gated = self.postprocessing["min_component_hu"] is not None
+            gated = self.postprocessing.get("min_component_hu", MIN_COMPONENT_HU) is not None
             threshold = AUTOMATIC_THRESHOLD if gated and not clicks else THRESHOLD
         mask, record = postprocess_mask(on_input > threshold, volume, keep_points, **self.postprocessing)
         record["threshold"] = threshold
