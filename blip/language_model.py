@@ -67,6 +67,16 @@ def lora_target_modules(model: PreTrainedModel) -> list[str]:
     )
 
 
+def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A local LM folder's tokenizer as reports are tokenised here: GPT-2 has no pad token, so the
+    end-of-text one pads (padding is masked anyway), on the right (reports follow the soft prompt)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def load_language_model(
     path: str | os.PathLike,
     mode: str = "frozen",
@@ -97,10 +107,7 @@ def load_language_model(
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model

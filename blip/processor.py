@@ -192,18 +192,15 @@ class Blip2ReportProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Blip2ReportProcessor:
         """From a ``save_pretrained`` folder (a report model's)."""
-        from transformers import AutoTokenizer
+        from .language_model import load_tokenizer
 
         folder = Path(folder)
         path = folder / PROCESSOR_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a report model folder with a processor")
         values = json.loads(path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / values["tokenizer"]), local_files_only=True)
-        if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked anyway
-            tokenizer.pad_token = tokenizer.eos_token
         return cls(
-            tokenizer,
+            load_tokenizer(folder / values["tokenizer"]),
             values["prompts"],
             values["max_text_len"],
             values["ct_preprocessing"],

@@ -164,7 +164,7 @@ def training_preprocessing(args: argparse.Namespace, roi_size: int) -> Preproces
     source = Path(args.output_dir) / LATEST_CHECKPOINT if args.resume else args.checkpoint
     contract = None
     if source and Path(source).is_file():
-        payload = load_checkpoint(source)
+        payload = load_checkpoint(source, mmap=True)  # only its preprocessing entry is read
         contract = payload.get("preprocessing") if isinstance(payload, dict) else None
     return preprocessing_from_args(args, roi_size, contract, str(source))
 

@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -34,8 +35,9 @@ class CheckpointError(UserError, RuntimeError):
 SAFE_GLOBALS: list = torch_safe_globals(argparse.Namespace)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a torch checkpoint without executing arbitrary code."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """Load a torch checkpoint without executing arbitrary code. ``mmap``: tensors stay on disk until
+    read (zip checkpoints, torch's format since 1.6), for reading a checkpoint's small entries cheaply."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -46,7 +48,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     registered = set(torch.serialization.get_safe_globals())
     try:
         with torch.serialization.safe_globals([g for g in SAFE_GLOBALS if g not in registered]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(
+                path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+            )
     except pickle.UnpicklingError as err:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
