@@ -22,6 +22,7 @@ from sam3d.predict import (
     MIN_VOXEL_HU,
     Click,
     HemorrhageSegmenter,
+    hyperdense_gate,
     intracranial_mask,
     measure,
     postprocess_mask,
@@ -184,6 +185,41 @@ def test_hyperdense_gate_drops_brain_and_csf_components_and_trims_a_coarse_mask_
     assert clicked[rim].all()
     off, record = postprocess_mask(coarse | rim, volume, min_component_ml=0, min_component_hu=None)
     assert off[rim].all() and "hyperdense" not in record
+
+
+def test_hyperdense_gate_in_component_boxes_equals_the_whole_scan_computation(small_head):
+    """The gate works in each component's box (so its cost is linear in the scan, not components x
+    scan); it must give what the same rule computed over the whole scan gives, for blobs anywhere,
+    including against the scan's edges where the box is clipped."""
+    c, volume = small_head
+    rng = np.random.default_rng(3)
+    mask = np.zeros(volume.array.shape, bool)
+    for centre in rng.integers(0, volume.array.shape, size=(25, 3)):
+        mask[tuple(slice(max(0, p - 2), p + 2) for p in centre)] = True
+    mask |= ndimage.binary_dilation(c.mask > 0, np.ones((3, 3, 1), bool))
+    mask[0:3, 0:4, 0:2] = True  # a corner: the box is clipped by the scan
+    gated, record = hyperdense_gate(mask, volume, np.zeros_like(mask), MIN_COMPONENT_HU, MIN_VOXEL_HU)
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    hu = volume.array
+    sigma = [0.5 / s if axis != 2 else 0.0 for axis, s in enumerate(volume.spacing_mm)]
+    blurred = ndimage.gaussian_filter(hu, sigma)
+    radius = [int(3.0 // s) for s in volume.spacing_mm]
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    shell = sum((g * s) ** 2 for g, s in zip(grid, volume.spacing_mm)) <= 9.0
+    expected = np.zeros_like(mask)
+    kept = 0
+    for label in range(1, count + 1):
+        component = labels == label
+        if np.mean(hu[component] >= MIN_COMPONENT_HU) < 0.25:
+            continue
+        kept += 1
+        around = ndimage.binary_dilation(component, shell) & ~mask & (hu > -100) & (hu < 300)
+        background = np.median(hu[around]) if around.any() else MIN_VOXEL_HU
+        edge = max(MIN_VOXEL_HU, (np.median(hu[component & (hu >= MIN_COMPONENT_HU)]) + background) / 2)
+        expected |= component & (blurred >= edge)
+    assert count > 10 and 1 <= kept < count and record["components_removed"] == count - kept
+    assert np.array_equal(gated, expected)
 
 
 def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatch):

@@ -164,17 +164,29 @@ def hyperdense_gate(
     shares = np.asarray(ndimage.mean(dense, labels, index)) if count else np.zeros(0)
     axial = axial_axis(volume.affine)
     sigma = [0.0 if axis == axial else blur_mm / s for axis, s in enumerate(volume.spacing_mm)]
-    blurred = ndimage.gaussian_filter(volume.array.astype(np.float32), sigma)
     shell = _ellipsoid(shell_mm, volume.spacing_mm)
-    soft_tissue = (volume.array > -100) & (volume.array < BONE_THRESHOLD_HU)  # the table is not background
+    reach = [n // 2 for n in shell.shape]
+    # The blur's Gaussian is truncated at 4 sigma (scipy's default): the box needs that margin for
+    # the blurred values inside it to equal the whole scan's.
+    blur_reach = [int(np.ceil(4 * s)) + 1 for s in sigma]
     gated = mask & protected
     edges = []
+    # Each component is handled in its bounding box grown by the shell (and the blur's reach), so
+    # the cost is the scan once plus the components' boxes, not components x scan.
+    boxes = ndimage.find_objects(labels)
     for label in index[shares >= HYPERDENSE_SHARE]:
-        component = labels == label
-        around = ndimage.binary_dilation(component, shell) & ~mask & soft_tissue
-        background = float(np.median(volume.array[around])) if around.any() else min_voxel_hu
-        edge = max(min_voxel_hu, (float(np.median(volume.array[component & dense])) + background) / 2)
-        gated |= component & (blurred >= edge)
+        box = tuple(
+            slice(max(0, b.start - max(r, q)), min(n, b.stop + max(r, q)))
+            for b, r, q, n in zip(boxes[label - 1], reach, blur_reach, mask.shape)
+        )
+        hu = volume.array[box]
+        component = labels[box] == label
+        soft_tissue = (hu > -100) & (hu < BONE_THRESHOLD_HU)  # the table is not background
+        around = ndimage.binary_dilation(component, shell) & ~mask[box] & soft_tissue
+        background = float(np.median(hu[around])) if around.any() else min_voxel_hu
+        edge = max(min_voxel_hu, (float(np.median(hu[component & dense[box]])) + background) / 2)
+        blurred = ndimage.gaussian_filter(hu.astype(np.float32), sigma)
+        gated[box] |= component & (blurred >= edge)
         edges.append(round(edge, 1))
     voxel_ml = volume.voxel_volume_ml
     return gated, {
