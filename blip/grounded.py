@@ -171,10 +171,10 @@ class ScanReporter:
             return result
         volume = scan if isinstance(scan, Volume) else load_volume(scan)
         segmentation = self.segmenter.predict(volume, clicks)
-        if output_dir is not None:
-            segmentation = self.segmenter.save(segmentation, output_dir)
         text = self.generate(volume, modality, segmentation.measurements)
         grounded = ground_report(text, segmentation.measurements, self.correct)
+        if output_dir is not None:  # after the report: a scan whose report fails leaves no mask files behind
+            segmentation = self.segmenter.save(segmentation, output_dir)
         findings, impression = split_sections(grounded.report)
         result.update(segmentation=segmentation.to_json(), findings=findings, impression=impression, **asdict(grounded))
         return result

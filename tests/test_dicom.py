@@ -24,7 +24,7 @@ from sam3d.data.io import VolumeReadError, load_volume, scan_inputs
 from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series, write_enhanced_ct
 from sam3d.predict import measure
 from sam3d.visualize import SliceView, axial_overlay
-from tests.conftest import bleed_volume_ml, head_phantom_hu, in_bleed
+from tests.conftest import bleed_volume_ml, dciodvfy_errors, head_phantom_hu, in_bleed
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
@@ -145,6 +145,43 @@ def test_dicom_seg_references_each_source_slice(tmp_path):
             atol=1e-3,
         )
         np.testing.assert_array_equal(plane.astype(bool), frames[by_uid[uid]])
+
+
+# How anonymisers leave a series: Type 2 attributes deleted (PS3.15 "X") or emptied ("Z"), odd VRs
+# (an empty DA, a PN of only the component separators).
+ANONYMISED = {
+    "deleted": {keyword: None for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber")}
+    | {"ReferringPhysicianName": None},
+    "emptied": {"PatientName": "", "PatientBirthDate": "", "PatientSex": "", "StudyDate": "", "AccessionNumber": ""},
+    "odd": {"PatientName": "^^^^", "PatientID": "", "StudyTime": "", "PatientBirthDate": None},
+}
+
+
+@pytest.mark.parametrize("anonymised", ["none", *ANONYMISED])
+def test_dicom_seg_is_valid_for_full_and_anonymised_sources(tmp_path, anonymised):
+    """dciodvfy finds 0 errors in the SEG whatever the source kept of its patient and study; what the
+    source has is copied, an attribute it lacks is present and empty, and no patient data is made up."""
+    spec = _spec([3.0] * 10)
+    paths = write_ct_series(tmp_path / "ct", spec, head_phantom_hu)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in ANONYMISED.get(anonymised, {}).items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    if anonymised == "none":
+        assert dciodvfy_errors(paths[0]) == []  # the synthetic scanner writes valid CT
+    volume, _ = _load(tmp_path / "ct")
+    mask = in_bleed(_voxel_world_lps(volume)).reshape(volume.array.shape)
+    seg_path = write_hemorrhage_seg(
+        tmp_path / "seg.dcm", mask_on_frames(mask, volume.affine, volume.dicom), volume.dicom, "t"
+    )
+    assert dciodvfy_errors(seg_path) == []
+    seg, source = pydicom.dcmread(seg_path), pydicom.dcmread(paths[0])
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber"):
+        assert str(seg.get(keyword, "MISSING")) == str(source.get(keyword, ""))
 
 
 def test_missing_and_duplicate_slices_stop_with_positions_unless_accepted(tmp_path):
@@ -290,7 +327,7 @@ def test_scan_inputs_take_dicom_folders_as_users_have_them(tmp_path):
         scan_inputs(tmp_path / "study" / "notes")
 
 
-def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_geometry(tmp_path, capsys):
+def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_geometry(tmp_path, capsys, monkeypatch):
     from blip.cli.report import main as report_main
     from sam3d.cli.predict import main
     from tests.conftest import make_tiny_models
@@ -338,6 +375,22 @@ def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_ge
     assert record["measurements"]["total_volume_ml"] == pytest.approx(
         mask.array.sum() * volume.voxel_volume_ml, abs=0.01
     )
+    assert dciodvfy_errors(record["files"]["dicom_seg"]) == []
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no staging left
+
+    # A scan whose SEG cannot be written leaves none of its files, only the batch record of the failure.
+    def broken_seg(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("sam3d.predict.segmenter.write_hemorrhage_seg", broken_seg)
+    failed_args = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "ct"), "--output_dir"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeometryWarning)
+        assert main([*failed_args, str(tmp_path / "failed"), "--device", "cpu", "--no-hyperdense_only"]) == 1
+    assert [p.name for p in (tmp_path / "failed").iterdir()] == ["predictions.json"]
+    (failure,) = json.loads((tmp_path / "failed" / "predictions.json").read_text())
+    assert "No space left on device" in failure["error"]
+    monkeypatch.undo()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeometryWarning)

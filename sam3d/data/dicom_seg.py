@@ -19,7 +19,31 @@ from sam3d.engine.checkpoint import atomic_write
 
 from .dicom import Series, sample_frames
 
-__all__ = ["mask_on_frames", "write_hemorrhage_seg"]
+__all__ = ["TYPE2_COPIED_ATTRIBUTES", "mask_on_frames", "with_type2_attributes", "write_hemorrhage_seg"]
+
+# Type 2 attributes of the Patient and General Study modules, which a derived object copies from its
+# source images. Anonymisers delete them (PS3.15's basic profile allows "X": remove) though the
+# source's IOD requires them present, possibly empty; a derived object must have them all the same.
+TYPE2_COPIED_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
+    """``source`` (in memory, changed in place) with each of :data:`TYPE2_COPIED_ATTRIBUTES` it lacks
+    present and empty: what it has is copied as it is, and no patient data is ever made up."""
+    for keyword in TYPE2_COPIED_ATTRIBUTES:
+        if keyword not in source:
+            setattr(source, keyword, "")
+    return source
 
 
 def mask_on_frames(mask: np.ndarray, affine: np.ndarray, series: Series) -> np.ndarray:
@@ -46,7 +70,7 @@ def write_hemorrhage_seg(
     sources: dict[str, pydicom.Dataset] = {}
     for frame in series.frames:
         if frame.path not in sources:
-            sources[frame.path] = pydicom.dcmread(frame.path, stop_before_pixels=True)
+            sources[frame.path] = with_type2_attributes(pydicom.dcmread(frame.path, stop_before_pixels=True))
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="Hemorrhage",

@@ -84,6 +84,7 @@ def _common(spec: SeriesSpec, sop_class: str) -> Dataset:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, spec.photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.KVP, ds.GantryDetectorTilt = 120, spec.gantry_tilt_deg
+    ds.BodyPartExamined, ds.PatientPosition, ds.AcquisitionNumber = "HEAD", "HFS", 1
     return ds
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Unpack
 
@@ -17,7 +18,6 @@ from .. import __version__
 from ..data.dicom_seg import mask_on_frames, write_hemorrhage_seg
 from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from ..data.preprocessing import Preprocessing
-from ..engine.checkpoint import atomic_write
 from ..modeling import load_trained_sam3d
 from ..modeling.sam3d import Sam3D
 from ..visualize import SliceView, axial_overlay
@@ -96,34 +96,58 @@ class HemorrhageSegmenter:
     ) -> SegmentationResult:
         """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json``, axial PNG overlays (radiological
         convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
-        slices as DICOM SEG referencing them. Every file is written atomically."""
+        slices as DICOM SEG referencing them. The files appear together or, on an error, not at all."""
         from PIL import Image
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or strip_volume_extension(Path(result.source).name)
-        mask_path = out / f"{stem}_mask.nii.gz"
-        save_nifti(mask_path, result.mask, result.affine)
-        result.files["mask"] = str(mask_path)
-        volume = result.volume
-        if volume.dicom is not None:
-            seg_path = write_hemorrhage_seg(
-                out / f"{stem}_seg.dcm",
-                mask_on_frames(result.mask, volume.affine, volume.dicom),
-                volume.dicom,
-                __version__,
+        # Every file is written into a hidden staging folder first and moved into ``out`` only when
+        # all of them were written, the measurements last: a scan whose SEG (or any file) cannot be
+        # written leaves none of its files behind beside a batch record saying it failed.
+        stage = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=out))
+        files: dict = {}
+        moved: list[Path] = []
+        try:
+            save_nifti(stage / f"{stem}_mask.nii.gz", result.mask, result.affine)
+            files["mask"] = f"{stem}_mask.nii.gz"
+            volume = result.volume
+            if volume.dicom is not None:
+                write_hemorrhage_seg(
+                    stage / f"{stem}_seg.dcm",
+                    mask_on_frames(result.mask, volume.affine, volume.dicom),
+                    volume.dicom,
+                    __version__,
+                )
+                files["dicom_seg"] = f"{stem}_seg.dcm"
+            view = SliceView.from_affine(result.affine)
+            counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
+            chosen = (
+                np.argsort(counts)[::-1][:max_overlays] if counts.max() > 0 else [result.mask.shape[view.axis] // 2]
             )
-            result.files["dicom_seg"] = str(seg_path)
-        view = SliceView.from_affine(result.affine)
-        counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
-        chosen = np.argsort(counts)[::-1][:max_overlays] if counts.max() > 0 else [result.mask.shape[view.axis] // 2]
-        for k in sorted(int(c) for c in chosen):
-            picture = axial_overlay(volume.array, k, view, result.mask)
-            png = out / f"{stem}_slice{k:03d}.png"
-            atomic_write(png, partial(Image.fromarray(picture).save, format="PNG"))
-            result.files.setdefault("overlays", []).append(str(png))
-        json_path = out / f"{stem}_measurements.json"
-        result.files["measurements"] = str(json_path)
-        text = json.dumps(result.to_json(), indent=2)
-        atomic_write(json_path, lambda tmp: tmp.write_text(text))
+            for k in sorted(int(c) for c in chosen):
+                picture = axial_overlay(volume.array, k, view, result.mask)
+                Image.fromarray(picture).save(stage / f"{stem}_slice{k:03d}.png", format="PNG")
+                files.setdefault("overlays", []).append(f"{stem}_slice{k:03d}.png")
+            files["measurements"] = f"{stem}_measurements.json"
+            named = {k: [str(out / n) for n in v] if isinstance(v, list) else str(out / v) for k, v in files.items()}
+            result.files.update(named)
+            (stage / files["measurements"]).write_text(json.dumps(result.to_json(), indent=2))
+            umask = os.umask(0)
+            os.umask(umask)
+            for name in sorted(p.name for p in stage.iterdir()):
+                os.chmod(stage / name, 0o666 & ~umask)  # the files get a new file's mode, as a plain open gives
+            for name in sorted(p.name for p in stage.iterdir() if p.name != files["measurements"]) + [
+                files["measurements"]
+            ]:
+                os.replace(stage / name, out / name)
+                moved.append(out / name)
+        except BaseException:
+            for path in moved:
+                path.unlink(missing_ok=True)
+            for key in files:
+                result.files.pop(key, None)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return result
