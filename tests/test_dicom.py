@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
@@ -182,6 +183,88 @@ def test_dicom_seg_is_valid_for_full_and_anonymised_sources(tmp_path, anonymised
     seg, source = pydicom.dcmread(seg_path), pydicom.dcmread(paths[0])
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber"):
         assert str(seg.get(keyword, "MISSING")) == str(source.get(keyword, ""))
+
+
+def _other_object(path, modality: str, sop_class: str, **attributes) -> None:
+    """A non-CT object as archives hold them beside the slices (an SR, an MR slice), written with pydicom."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, pydicom.uid.generate_uid(), modality
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1", pydicom.uid.generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_cd_export_with_dicomdir_nested_folders_and_non_image_objects_opens_from_its_top(tmp_path, capsys):
+    """A CD/PACS export: DICOMDIR at the top (pydicom's FileSet writes it and the PT/ST/SE folders of
+    files without extensions), two axial CT series, a localizer, an MR series, a SEG and an SR. The
+    top folder reads the CT series with most slices; the other objects are skipped, counted by kind."""
+    from pydicom.fileset import FileSet
+
+    thick = write_ct_series(tmp_path / "src" / "thick", _spec([5.0] * 6, description="HEAD 5mm"), head_phantom_hu)
+    thin_spec = _spec([2.5] * 12, description="HEAD 2.5mm")
+    thin = write_ct_series(tmp_path / "src" / "thin", thin_spec, head_phantom_hu)
+    scout_positions, _ = table_positions([0.0], 0.0, first_z_mm=0.0, origin_xy_mm=(-96.0, -110.0))
+    scout = SeriesSpec(
+        scout_positions,
+        (1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
+        rows=96,
+        columns=80,
+        pixel_spacing=(2.4, 2.4),
+        description="SCOUT",
+        series_number=1,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
+    localizer = write_ct_series(tmp_path / "src" / "scout", scout, head_phantom_hu)
+    mr = []
+    for i, path in enumerate(thin[:4]):  # MR slices of the same head: Modality and storage class say so
+        ds = pydicom.dcmread(path)
+        ds.Modality, ds.SeriesInstanceUID = "MR", "1.2.826.0.1.3680043.8.498.77"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.77.{i + 1}"
+        ds.save_as(tmp_path / "src" / f"mr{i}.dcm")
+        mr.append(tmp_path / "src" / f"mr{i}.dcm")
+    export = FileSet()
+    for path in [*thick, *thin, *localizer, *mr]:
+        export.add(path)
+    export.write(tmp_path / "cd")
+    series_folder = next((tmp_path / "cd").rglob("IM000000")).parent
+    volume, _ = _load(series_folder)
+    seg = write_hemorrhage_seg(
+        series_folder / "SEG0001", mask_on_frames(volume.array > 60, volume.affine, volume.dicom), volume.dicom, "t"
+    )
+    _other_object(
+        tmp_path / "cd" / "PT000000" / "ST000000" / "SR000000" / "SR0001",
+        "SR",
+        "1.2.840.10008.5.1.4.1.1.88.11",
+        ValueType="CONTAINER",
+    )
+    assert (tmp_path / "cd" / "DICOMDIR").is_file() and seg.is_file()
+
+    volume, _ = _load(tmp_path / "cd")
+    geometry = volume.geometry
+    assert geometry.series is not None and geometry.series["uid"] == thin_spec.series_uid
+    assert geometry.series["frames"] == 13  # 12 steps
+    assert geometry.objects_skipped == {"DICOMDIR": 1, "MR": 4, "SEG": 1, "SR": 1}
+    assert {s["why"] for s in geometry.series_left_out} == {"localizer", "fewer slices (7 vs 13)"}
+    assert "skipped 1 DICOMDIR, 4 MR, 1 SEG, 1 SR" in geometry.summary()
+    from sam3d.cli.check_dicom import main as check_dicom
+
+    assert check_dicom(["--list", str(tmp_path / "cd")]) == 0
+    listing = capsys.readouterr().out
+    assert "3 CT series" in listing and "*      2      13  HEAD 2.5mm" in listing
+    assert "(localizer)" in listing and "skipped: 1 DICOMDIR, 4 MR, 1 SEG, 1 SR" in listing
+
+    # An MR-only folder is one line naming what it holds, never a CT read of MR intensities.
+    for path in mr:
+        (tmp_path / "mr_only").mkdir(exist_ok=True)
+        (tmp_path / "mr_only" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(VolumeReadError, match=r"mr_only: no CT image series found .*it holds 4 MR$"):
+        load_volume(tmp_path / "mr_only")
 
 
 def test_missing_and_duplicate_slices_stop_with_positions_unless_accepted(tmp_path):

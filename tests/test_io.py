@@ -116,7 +116,9 @@ def test_dicom_folder_errors_name_the_folder(tmp_path):
     no_dicom = tmp_path / "notes"
     no_dicom.mkdir()
     (no_dicom / "readme.txt").write_text("not an image")
-    with pytest.raises(VolumeReadError, match=r"notes: no DICOM series found among its 1 file"):
+    with pytest.raises(
+        VolumeReadError, match=r"notes: no CT image series found \(only CT slices are read\); it holds 1 non-DICOM$"
+    ):
         load_volume(no_dicom)
 
 

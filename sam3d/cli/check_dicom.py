@@ -2,6 +2,8 @@
 """Check how a DICOM series was read: HU of the loaded volume at the true position of every acquired pixel.
 
     sam3d-check-dicom --input path/to/series_folder [--series_uid UID] [--allow_gaps]
+    sam3d-check-dicom --list path/to/export      # the CT series of a folder, a CD or PACS export
+
 
 Reads the series as every tool here does (sam3d.data.io.load_volume), then for each acquired slice
 looks the volume up (trilinear) at the world position of each of its head pixels (HU above
@@ -19,18 +21,53 @@ from pathlib import Path
 import numpy as np
 
 from sam3d.cli.scans import add_scan_arguments, read_scan
-from sam3d.data.dicom import frame_hu, sample_frames
+from sam3d.data.dicom import choose_series, find_series, frame_hu, sample_frames
+from sam3d.data.errors import VolumeReadError
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 
 
+def list_series(folder: Path) -> int:
+    """Print the table of ``folder``'s CT series (the default choice marked) and the skipped objects."""
+    if not folder.is_dir():
+        raise ConfigError(f"--list {folder}: not a folder")
+    found, skipped = find_series(folder)
+    print(f"{folder}: {len(found)} CT series")
+    print(f"  {'':2}{'number':>6}  {'slices':>6}  {'description':<28} uid")
+    try:
+        chosen, left_out = choose_series(found, str(folder)) if found else (None, [])
+        why = {s["uid"]: s["why"] for s in left_out}
+    except VolumeReadError as err:  # a tie: listed all the same, the reason under the table
+        chosen, why = None, {}
+        print(f"  no default: {err}")
+    for s in found:
+        mark = "*" if s is chosen else " "
+        number = "" if s.number is None else str(s.number)
+        reason = f"  ({why[s.uid]})" if s.uid in why else ""
+        print(f"  {mark} {number:>6}  {len(s.frames):>6}  {s.description[:28]:<28} {s.uid}{reason}")
+    if chosen is not None:
+        print("  * read by default")
+    if skipped:
+        print("skipped: " + ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())))
+    return 0
+
+
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
-    p.add_argument("--input", required=True, help="a DICOM series folder or one of its files")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--input", help="a DICOM series folder or one of its files")
+    task.add_argument(
+        "--list",
+        metavar="FOLDER",
+        help="print the CT series found in FOLDER and below it, which one is read by default and why the "
+        "others are not, and the objects skipped; reads no pixels",
+    )
     p.add_argument("--head_hu", type=float, default=-500.0, help="pixels above this HU are compared")
     p.add_argument("--output", help="write the figures as JSON here")
     add_scan_arguments(p)
     args = p.parse_args(argv)
+    if args.list:
+        return list_series(Path(args.list))
     volume = read_scan(args.input, args)
     if volume.dicom is None:
         raise ConfigError(f"--input {args.input}: not a DICOM series (it read as {volume.geometry.format})")

@@ -33,6 +33,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from scipy import ndimage
 
 from .errors import VolumeReadError
@@ -222,25 +223,53 @@ def _frames_of(ds, path: Path) -> list[Frame]:
     return frames
 
 
-def find_series(folder: Path, recursive: bool = False) -> tuple[list[Series], int]:
-    """Every image series among the files of ``folder`` (and below it with ``recursive``).
+# The storage classes whose objects are CT slices. Everything else in an export (DICOMDIR, SR, SEG,
+# RT, presentation states, secondary captures, other modalities' images) is skipped and counted.
+CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 
-    Files are recognised by content, not by name. Returns (series sorted by UID, number of files
-    that are not DICOM images).
+
+def _not_a_ct_image(ds) -> str | None:
+    """Why a DICOM object is not a CT slice (a short kind, as counted in the skipped objects), or None."""
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", ""))
+    if sop_class == MEDIA_DIRECTORY_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return "DICOMDIR"
+    modality = str(ds.get("Modality", "") or "no Modality")
+    if modality != "CT":
+        return modality
+    if sop_class not in CT_IMAGE_SOP_CLASSES:
+        return f"CT non-image ({UID(sop_class).name or sop_class})"
+    if "Rows" not in ds or "SeriesInstanceUID" not in ds:
+        return "CT without pixel rows or series"
+    return None
+
+
+def find_series(folder: Path, recursive: bool = True) -> tuple[list[Series], dict[str, int]]:
+    """Every CT image series among the files of ``folder`` and, with ``recursive``, the folders below
+    it (a CD or PACS export: DICOMDIR at the top, nested patient/study/series folders).
+
+    Files are recognised by content, not by name. Only CT image objects are slices. Returns (series
+    sorted by UID, count of the files skipped by kind: "non-DICOM", "DICOMDIR", a modality such as
+    "MR" or "SEG" or "SR", "CT non-image (...)").
     """
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
     by_uid: dict[str, Series] = {}
-    skipped = 0
+    skipped: dict[str, int] = {}
     for path in files:
         if not is_dicom_file(path):
-            skipped += 1
+            skipped["non-DICOM"] = skipped.get("non-DICOM", 0) + 1
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError) as e:
             raise VolumeReadError(f"{path}: unreadable DICOM file ({e})") from e
-        if "Rows" not in ds or "SeriesInstanceUID" not in ds:  # DICOMDIR, structured reports, SEG's own header...
-            skipped += 1
+        kind = _not_a_ct_image(ds)
+        if kind is not None:
+            skipped[kind] = skipped.get(kind, 0) + 1
             continue
         series = by_uid.setdefault(
             str(ds.SeriesInstanceUID),
@@ -354,7 +383,7 @@ def _runs(steps: np.ndarray) -> list[list[float]]:
 
 
 def read_dicom_folder(
-    folder: Path, series: str | None = None, allow_gaps: bool = False, recursive: bool = False
+    folder: Path, series: str | None = None, allow_gaps: bool = False, recursive: bool = True
 ) -> tuple[np.ndarray, np.ndarray, Geometry, Series]:
     """Read one CT series of ``folder``: (array (columns, rows, slices), RAS affine, geometry, series).
 
@@ -368,7 +397,8 @@ def read_dicom_folder(
         raise VolumeReadError(f"{source}: DICOM folder is empty")
     found, skipped = find_series(folder, recursive)
     if not found:
-        raise VolumeReadError(f"{source}: no DICOM series found among its {skipped} file(s)")
+        held = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())) or "no files"
+        raise VolumeReadError(f"{source}: no CT image series found (only CT slices are read); it holds {held}")
     chosen, left_out = choose_series(found, source, series)
     name = f"{source}: series {chosen.uid} '{chosen.description}'"
     geometry = Geometry(
@@ -377,6 +407,7 @@ def read_dicom_folder(
         gantry_tilt_tag_deg=chosen.gantry_tilt_tag_deg,
         series=chosen.describe(),
         series_left_out=left_out,
+        objects_skipped=skipped,
         photometric=chosen.photometric,
         multiframe=chosen.multiframe,
     )

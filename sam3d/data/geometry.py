@@ -70,7 +70,8 @@ class Geometry:
     ``tilt_deg`` is measured from the slice positions (DICOM) or the affine's shear (NIfTI);
     ``slice_steps_mm`` lists each distinct step along the slice normal with its count, in slice
     order; ``resampled`` says the grid is not the file's own (uneven steps equalised, missing
-    slices interpolated). ``series``/``series_left_out`` describe DICOM series choice.
+    slices interpolated). ``series``/``series_left_out`` describe DICOM series choice, ``objects_skipped``
+    the files beside it that are not CT slices.
     """
 
     format: str
@@ -84,6 +85,7 @@ class Geometry:
     dropped_duplicates: list[str] = field(default_factory=list)
     series: dict[str, Any] | None = None
     series_left_out: list[dict[str, Any]] = field(default_factory=list)
+    objects_skipped: dict[str, int] = field(default_factory=dict)  # files not read as slices, by kind
     rescale_varies: bool = False
     photometric: str | None = None
     multiframe: bool = False
@@ -117,4 +119,6 @@ class Geometry:
             parts.append(f"resampled to {self.resampled_step_mm:g} mm steps")
         if self.series_left_out:
             parts.append(f"{len(self.series_left_out)} other series left out")
+        if self.objects_skipped:
+            parts.append("skipped " + ", ".join(f"{n} {kind}" for kind, n in sorted(self.objects_skipped.items())))
         return "; ".join(parts)
