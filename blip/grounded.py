@@ -173,8 +173,8 @@ class ScanReporter:
         segmentation = self.segmenter.predict(volume, clicks)
         text = self.generate(volume, modality, segmentation.measurements)
         grounded = ground_report(text, segmentation.measurements, self.correct)
-        if output_dir is not None:  # after the report: a scan whose report fails leaves no mask files behind
-            segmentation = self.segmenter.save(segmentation, output_dir)
         findings, impression = split_sections(grounded.report)
+        if output_dir is not None:  # after the report: a scan whose report fails leaves no mask files behind
+            segmentation = self.segmenter.save(segmentation, output_dir, report_sections=(findings, impression))
         result.update(segmentation=segmentation.to_json(), findings=findings, impression=impression, **asdict(grounded))
         return result

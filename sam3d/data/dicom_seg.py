@@ -19,7 +19,16 @@ from sam3d.engine.checkpoint import atomic_write
 
 from .dicom import Series, sample_frames
 
-__all__ = ["TYPE2_COPIED_ATTRIBUTES", "mask_on_frames", "with_type2_attributes", "write_hemorrhage_seg"]
+__all__ = [
+    "HEMORRHAGE_SEGMENT_NUMBER",
+    "TYPE2_COPIED_ATTRIBUTES",
+    "mask_on_frames",
+    "source_headers",
+    "with_type2_attributes",
+    "write_hemorrhage_seg",
+]
+
+HEMORRHAGE_SEGMENT_NUMBER = 1  # the SEG's one segment, which the SR's measurements refer to
 
 # Type 2 attributes of the Patient and General Study modules, which a derived object copies from its
 # source images. Anonymisers delete them (PS3.15's basic profile allows "X": remove) though the
@@ -46,6 +55,16 @@ def with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
     return source
 
 
+def source_headers(series: Series) -> list[pydicom.Dataset]:
+    """The header (no pixels) of each of ``series``' files, in frame order, with the Type 2 attributes a
+    derived object copies: single-frame files each hold one frame, a multi-frame file holds them all."""
+    sources: dict[str, pydicom.Dataset] = {}
+    for frame in series.frames:
+        if frame.path not in sources:
+            sources[frame.path] = with_type2_attributes(pydicom.dcmread(frame.path, stop_before_pixels=True))
+    return list(sources.values())
+
+
 def mask_on_frames(mask: np.ndarray, affine: np.ndarray, series: Series) -> np.ndarray:
     """bool (frames, rows, columns): ``mask`` (on the grid of RAS ``affine``) at every acquired pixel.
 
@@ -65,14 +84,8 @@ def write_hemorrhage_seg(
     gets a SEG with one empty frame, so a viewer shows "no finding" rather than a missing file.
     """
     path = Path(path)
-    # One dataset per file, in frame order: single-frame files each hold one frame, a multi-frame
-    # file holds them all in series.frames' order.
-    sources: dict[str, pydicom.Dataset] = {}
-    for frame in series.frames:
-        if frame.path not in sources:
-            sources[frame.path] = with_type2_attributes(pydicom.dcmread(frame.path, stop_before_pixels=True))
     description = hd.seg.SegmentDescription(
-        segment_number=1,
+        segment_number=HEMORRHAGE_SEGMENT_NUMBER,
         segment_label="Hemorrhage",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Hemorrhage,
@@ -82,7 +95,7 @@ def write_hemorrhage_seg(
         ),
     )
     seg = hd.seg.Segmentation(
-        source_images=list(sources.values()),
+        source_images=source_headers(series),
         pixel_array=frames_mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],

@@ -16,6 +16,7 @@ import torch
 
 from .. import __version__
 from ..data.dicom_seg import mask_on_frames, write_hemorrhage_seg
+from ..data.dicom_sr import write_hemorrhage_sr
 from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from ..data.preprocessing import Preprocessing
 from ..modeling import load_trained_sam3d
@@ -92,11 +93,18 @@ class HemorrhageSegmenter:
         )
 
     def save(
-        self, result: SegmentationResult, output_dir: str | os.PathLike, max_overlays: int = 3, stem: str | None = None
+        self,
+        result: SegmentationResult,
+        output_dir: str | os.PathLike,
+        max_overlays: int = 3,
+        stem: str | None = None,
+        report_sections: tuple[str, str] | None = None,
     ) -> SegmentationResult:
         """Write ``<stem>_mask.nii.gz``, ``<stem>_measurements.json``, axial PNG overlays (radiological
         convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
-        slices as DICOM SEG referencing them. The files appear together or, on an error, not at all."""
+        slices as DICOM SEG referencing them, and ``<stem>_sr.dcm``: the measurements as a DICOM SR
+        Measurement Report referring to that SEG, with the report's (FINDINGS, IMPRESSION)
+        ``report_sections`` when a report was written. The files appear together or, on an error, not at all."""
         from PIL import Image
 
         out = Path(output_dir)
@@ -120,6 +128,15 @@ class HemorrhageSegmenter:
                     __version__,
                 )
                 files["dicom_seg"] = f"{stem}_seg.dcm"
+                write_hemorrhage_sr(
+                    stage / f"{stem}_sr.dcm",
+                    result.measurements,
+                    stage / files["dicom_seg"],
+                    volume.dicom,
+                    __version__,
+                    report_sections,
+                )
+                files["dicom_sr"] = f"{stem}_sr.dcm"
             view = SliceView.from_affine(result.affine)
             counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
             chosen = (
