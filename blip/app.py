@@ -44,7 +44,7 @@ from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, lo
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.predict.postprocessing import hyperdense_options
-from sam3d.predict.records import Click, Measurements
+from sam3d.predict.records import Click, Measurements, SegmentationResult
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
 DEFAULT_SEGMENTATION_CHECKPOINT = Path("outputs/demo/sam3d/best_model.pth")  # where `make demo` writes them
@@ -55,6 +55,11 @@ KEEP_UPLOADS_S = 3600.0  # a visitor's uploads and results (patient data) are de
 MAX_UPLOAD_MB = 2048
 MAX_ZIP_BYTES = 4 << 30  # uncompressed; a larger "DICOM series" is more likely a zip bomb than a head CT
 MASK_ALPHA = 0.45
+# What an upload's automatic segmentation and report leave in a case, restored when the clicks are cleared.
+AUTOMATIC_RESULT_KEYS = ("mask", "measurements", "report", "flags", "corrected", "downloads")
+# A click re-segments from the cached embeddings in about a second; writing the report (and the
+# downloads that carry it) waits until the user asks, so clicking stays interactive.
+STALE_REPORT = " The report and downloads are from before the clicks: **Update report** rewrites them."
 VIEWER_PIXELS = 512  # small slices are enlarged by a whole factor (nearest) so voxels stay sharp and clickable
 
 log = logging.getLogger("app")
@@ -220,11 +225,16 @@ class ReportSession:
             volume.geometry.notes.append(
                 f"{name}: left out " + "; ".join(f"{s['uid']} '{s['description']}' ({s['why']})" for s in left_out)
             )
+        segmenter = self.reporter.segmenter
+        if segmenter is None:  # a reporter built without a segmentation checkpoint
+            raise UploadError(f"{name}: this app has no segmentation model, so it cannot read CT scans")
         # An unconditioned model's text does not depend on the segmentation: written once, re-grounded after clicks.
         generated = None if self.reporter.conditioned else self.reporter.generate(volume, "ct")
         case = {
             "modality": "ct",
             "scan": volume,
+            # Preprocessed once; each window's image embedding is kept, so a click costs the decoder.
+            "prepared": segmenter.prepare(volume),
             "name": name,
             "volume": volume.array.astype(np.float32),
             "view": SliceView.from_affine(volume.affine),
@@ -232,17 +242,28 @@ class ReportSession:
             "clicks": [],
             "visitor": visitor,
         }
-        return self.segment_and_report(case)
+        case = self.segment_and_report(case)
+        return {**case, "automatic": {k: case[k] for k in AUTOMATIC_RESULT_KEYS}}
+
+    def refine(self, case: dict[str, Any]) -> dict[str, Any]:
+        """Re-segment with the case's clicks from the prepared scan; the report and the downloads stay
+        as they were (``report_stale``) until :meth:`segment_and_report` is asked for them."""
+        if not case["clicks"]:  # back to the automatic result, kept from the upload
+            return {**case, **case["automatic"], "report_stale": False}
+        segmentation = self._segment(case)
+        return {**case, "mask": segmentation.mask, "measurements": segmentation.measurements, "report_stale": True}
+
+    def _segment(self, case: dict[str, Any]) -> SegmentationResult:
+        clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
+        assert self.reporter.segmenter is not None  # analyse_ct refuses a CT without one
+        return self.reporter.segmenter.predict(case["prepared"], clicks or None)
 
     def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
-        """(Re)segment with the case's clicks, ground the generated text (rewritten from the new
+        """Segment with the case's clicks, ground the generated text (rewritten from the new
         measurements by a conditioned model, kept otherwise), write the downloads."""
-        clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
-        segmenter = self.reporter.segmenter
-        if segmenter is None:  # a reporter built without a segmentation checkpoint
-            raise UploadError(f"{case['name']}: this app has no segmentation model, so it cannot read CT scans")
+        assert self.reporter.segmenter is not None  # analyse_ct refuses a CT without one
         out = self._new_dir(case["visitor"])
-        segmentation = segmenter.save(segmenter.predict(case["scan"], clicks or None), out)
+        segmentation = self.reporter.segmenter.save(self._segment(case), out)
         if self.reporter.conditioned:
             case = {**case, "generated": self.reporter.generate(case["scan"], "ct", segmentation.measurements)}
         grounded = ground_report(case["generated"], segmentation.measurements, self.reporter.correct)
@@ -263,6 +284,7 @@ class ReportSession:
         report_txt.write_text(grounded.report + "\n")
         return {
             **case,
+            "report_stale": False,
             "mask": segmentation.mask,
             "measurements": segmentation.measurements,
             "report": grounded.report,
@@ -388,17 +410,31 @@ def build_app(
         voxel = display_to_voxel(int(x), int(y), k, case["view"], case["volume"].shape)
         case = {**case, "clicks": [*case["clicks"], [*voxel, polarity == "positive"]]}
         try:
-            case = session.segment_and_report(case)
+            case = session.refine(case)
         except Exception as e:
             log.exception("refinement failed")
             raise gr.Error(f"refinement failed ({type(e).__name__}: {e})") from e
-        return show(case, f"Re-segmented **{case['name']}** with {len(case['clicks'])} click(s).", k, window)
+        return show(
+            case, f"Re-segmented **{case['name']}** with {len(case['clicks'])} click(s).{STALE_REPORT}", k, window
+        )
 
     def clear_clicks(case: dict | None, slice_index: float, window: str) -> tuple:
         if case is None or case["modality"] != "ct" or not case["clicks"]:
             raise gr.Error("There are no clicks to clear.")
-        case = session.segment_and_report({**case, "clicks": []})
+        case = session.refine({**case, "clicks": []})
         return show(case, f"Automatic segmentation of **{case['name']}** restored.", int(slice_index), window)
+
+    def update_report(case: dict | None, slice_index: float, window: str) -> tuple:
+        if case is None or case["modality"] != "ct":
+            raise gr.Error("Upload a CT scan first.")
+        if not case["report_stale"]:
+            raise gr.Error("The report already follows the mask shown.")
+        try:
+            case = session.segment_and_report(case)
+        except Exception as e:
+            log.exception("report update failed")
+            raise gr.Error(f"report update failed ({type(e).__name__}: {e})") from e
+        return show(case, f"Report of **{case['name']}** rewritten for the refined mask.", int(slice_index), window)
 
     def end_visit(request: gr.Request) -> None:  # the page was closed: its patient data goes
         session.end_visit(request.session_hash or "anonymous")
@@ -434,6 +470,7 @@ def build_app(
                 with gr.Row():
                     polarity = gr.Radio(["positive", "negative"], value="positive", label="Click adds")
                     clear = gr.Button("Clear clicks")
+                    update = gr.Button("Update report", elem_id="update_report")
                 clicks_md = gr.Markdown("", elem_id="clicks")
             with gr.Column(scale=2):
                 measurements = gr.Markdown("", elem_id="measurements")
@@ -448,6 +485,7 @@ def build_app(
         window.change(render, [case_state, slice_slider, window], viewer, show_progress="hidden")
         viewer.select(refine, [case_state, slice_slider, window, polarity], outputs)
         clear.click(clear_clicks, [case_state, slice_slider, window], outputs)
+        update.click(update_report, [case_state, slice_slider, window], outputs)
         app.unload(end_visit)
     return app.queue(default_concurrency_limit=1)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sam3d.data.io import Volume, load_volume
 from sam3d.engine.config import ConfigError
+from sam3d.engine.stage_timing import stage
 from sam3d.predict import HemorrhageSegmenter
 from sam3d.predict.records import Click, Measurements
 
@@ -143,13 +144,16 @@ class ScanReporter:
     ) -> str:
         """The model's report for one image (a path, or a CT Volume already read); ``measurements``
         are required by (and only given to) a conditioned model's CT reports, whose volume slot they fill."""
-        image = self.model.processor.images([scan if isinstance(scan, Volume) else str(scan)], modality).to(self.device)
-        if not (self.conditioned and modality == "ct"):
-            return self.model.generate(image, modality, None, **self.generation)[0]
-        if measurements is None:
+        if self.conditioned and modality == "ct" and measurements is None:
             raise ValueError("this report model is conditioned on measurements: segment the scan first")
-        text = self.model.generate(image, modality, [context_from_measurements(measurements)], **self.generation)[0]
-        return fill_volume_slot(text, measurements.total_volume_ml)
+        with stage("report LM"):
+            image = self.model.processor.images([scan if isinstance(scan, Volume) else str(scan)], modality)
+            if not (self.conditioned and modality == "ct"):
+                return self.model.generate(image.to(self.device), modality, None, **self.generation)[0]
+            assert measurements is not None
+            context = [context_from_measurements(measurements)]
+            text = self.model.generate(image.to(self.device), modality, context, **self.generation)[0]
+            return fill_volume_slot(text, measurements.total_volume_ml)
 
     def run(
         self,

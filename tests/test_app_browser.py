@@ -166,6 +166,40 @@ def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tm
         session.analyse_ct(session.resolve_upload(archive, archive.name)[0], archive.name, "bone")
 
 
+def test_a_click_resegments_from_the_cached_embedding_and_leaves_the_report_until_asked(tiny_models, tmp_path):
+    from blip.app import ReportSession
+    from blip.grounded import ScanReporter
+    from sam3d.engine.stage_timing import StageTimes
+
+    c = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(c.image_hu, c.affine), scan)
+    seg_checkpoint, report_model = tiny_models
+    reporter = ScanReporter(
+        seg_checkpoint,
+        report_model,
+        "cpu",
+        generation={"max_new_tokens": 8, "num_beams": 1},
+        segmenter_options={"min_component_ml": 0, **hyperdense_options(False)},
+    )
+    session = ReportSession(reporter, tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    automatic = session.analyse_ct(scan, scan.name)
+    centre = [int(v) for v in np.argwhere(c.mask).mean(0)]
+    first = session.refine({**automatic, "clicks": [[*centre, True]]})
+    with StageTimes() as times:
+        second = session.refine({**first, "clicks": [*first["clicks"], [centre[0] + 1, centre[1], centre[2], False]]})
+    assert "encoder" not in times.calls and "report LM" not in times.calls  # decoder and post-processing only
+    assert second["report_stale"] and second["report"] == automatic["report"]
+    assert second["downloads"] == automatic["downloads"]  # nothing rewritten yet
+    assert not np.array_equal(second["mask"], automatic["mask"])
+    written = session.segment_and_report(second)
+    assert not written["report_stale"] and np.array_equal(written["mask"], second["mask"])
+    assert written["downloads"] != automatic["downloads"] and all(Path(d).exists() for d in written["downloads"])
+    cleared = session.refine({**written, "clicks": []})
+    assert np.array_equal(cleared["mask"], automatic["mask"]) and cleared["downloads"] == automatic["downloads"]
+
+
 def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
     from playwright.sync_api import expect
 
@@ -199,7 +233,10 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
         )
         page.locator("#viewer img").click()  # a refinement click in the middle of the slice
         expect(page.locator("#status")).to_contain_text("with 1 click(s)", timeout=TIMEOUT_MS)
+        expect(page.locator("#status")).to_contain_text("Update report")  # the click did not rewrite the report
         expect(page.locator("#clicks")).to_contain_text("+(")
+        page.locator("#update_report").click()
+        expect(page.locator("#status")).to_contain_text("rewritten for the refined mask", timeout=TIMEOUT_MS)
         if os.environ.get("APP_SCREENSHOT"):
             (REPO / "outputs").mkdir(exist_ok=True)
             page.screenshot(path=str(REPO / "outputs" / "app_screenshot.png"), full_page=True)

@@ -1,8 +1,17 @@
 #!/usr/bin/env python
-"""SAM-Med3D speed and memory, the padding-free window attention beside the official padded one.
+"""SAM-Med3D speed and memory: the padding-free window attention beside the official padded one, or
+where the time of one scan's prediction goes.
 
     sam3d-bench                                   # vit_b_ori 128^3 on this machine's device
     sam3d-bench --device cuda --precision bf16 --max_batch_gb 10 --json outputs/bench_cuda.json
+    sam3d-bench --predict scan.nii.gz --checkpoint best_model.pth [--report_model report/]
+
+With --predict, one scan goes through what ``sam3d-predict`` (or, with --report_model,
+``sam3d-report``) runs, in this process, and a table gives the seconds and peak resident memory of
+each stage (read, resampling to the model grid and back, encoder, decoder, post-processing,
+measurement, overlays, NIfTI and DICOM SEG writing, report LM); then two clicks are answered on the
+prepared scan, as the app does: the first at the largest component (or the head's centre), which may
+cost the encoder, the second beside it from the cached window.
 
 Measures, for ``window_attention`` = padding_free and reference on the same weights: encoder forward,
 encoder forward + backward (batch --batch_size, with and without gradient checkpointing), and the
@@ -24,13 +33,16 @@ import json
 import multiprocessing
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser
+from sam3d.engine.stage_timing import StageTimes, stage
 from sam3d.loss import InteractiveSegmentationLoss
 from sam3d.modeling import build_sam3d, model_config
 
@@ -180,8 +192,73 @@ def print_pair(kind: str, batch: int, pair: dict, flush: bool = False) -> None:
             )
 
 
+def _print_stages(times: StageTimes, total_s: float) -> None:
+    print(f"{'stage':<24}{'seconds':>9}{'calls':>7}{'peak GB':>9}")
+    for row in times.table():
+        print(f"{row['stage']:<24}{row['seconds']:>9.2f}{row['calls']:>7}{row['peak_gb']:>9.2f}")
+    unmarked = total_s - sum(times.seconds.values())
+    print(f"{'(between stages)':<24}{unmarked:>9.2f}")
+    print(f"{'total':<24}{total_s:>9.2f}{'':>7}{max(times.peak_gb.values(), default=0.0):>9.2f}")
+
+
+def predict_stages(args) -> dict:
+    """One scan through the predict (or report) path, then two clicks: seconds and memory per stage."""
+    from sam3d.data.io import load_volume
+    from sam3d.predict import Click, HemorrhageSegmenter
+
+    rows: dict = {"scan": args.predict, "checkpoint": args.checkpoint, "report_model": args.report_model}
+    with tempfile.TemporaryDirectory() as out, StageTimes() as times:
+        start = time.perf_counter()
+        with stage("model load"):
+            if args.report_model:
+                from blip.grounded import ScanReporter
+
+                reporter = ScanReporter(args.checkpoint, args.report_model, args.device)
+                assert reporter.segmenter is not None
+                segmenter = reporter.segmenter
+            else:
+                segmenter = HemorrhageSegmenter(args.checkpoint, args.device)
+        volume = load_volume(args.predict)
+        if args.report_model:
+            result = reporter.run(volume, "ct", output_dir=out)
+            measurements = result["segmentation"]["measurements"]
+        else:
+            segmentation = segmenter.save(segmenter.predict(volume), out)
+            measurements = segmentation.to_json()["measurements"]
+        total_s = time.perf_counter() - start
+    print(f"{args.predict}: {volume.array.shape} voxels, spacing {[round(s, 3) for s in volume.spacing_mm]} mm")
+    print(f"automatic {'report' if args.report_model else 'prediction'}: {measurements['total_volume_ml']} mL")
+    _print_stages(times, total_s)
+    rows.update(shape=list(volume.array.shape), automatic=times.table(), automatic_total_s=total_s)
+
+    # Clicks as the app sends them: on the scan prepared once (its own preprocessing, not the run's above).
+    prepared = segmenter.prepare(volume)
+    if measurements["centroid_voxel"] is not None:
+        first = np.round(measurements["centroid_voxel"]).astype(int)
+    else:
+        first = np.array(volume.array.shape) // 2
+    second = np.clip(first + 2, 0, np.array(volume.array.shape) - 1)
+    clicks: list = []
+    for name, voxel in (("first click", first), ("second click", second)):
+        clicks.append(Click(tuple(float(v) for v in voxel)))
+        with StageTimes() as times:
+            start = time.perf_counter()
+            segmenter.predict(prepared, clicks)
+            seconds = time.perf_counter() - start
+        print(
+            f"{name} at voxel {voxel.tolist()}: {seconds:.2f} s ("
+            + ", ".join(f"{r['stage']} {r['seconds']:.2f}" for r in times.table())
+            + ")"
+        )
+        rows[name.replace(" ", "_")] = {"voxel": voxel.tolist(), "seconds": seconds, "stages": times.table()}
+    return rows
+
+
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
+    p.add_argument("--predict", default=None, metavar="SCAN", help="time one scan's prediction by stage instead")
+    p.add_argument("--checkpoint", default=None, help="--predict: the segmentation checkpoint")
+    p.add_argument("--report_model", default=None, help="--predict: a report model folder (the sam3d-report path)")
     p.add_argument("--model_type", default="vit_b_ori")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -208,6 +285,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
+    if args.predict is not None:
+        if args.checkpoint is None or not Path(args.checkpoint).is_file():
+            p.error(f"--predict needs --checkpoint, a segmentation checkpoint file; got {args.checkpoint}")
+        if not Path(args.predict).exists():
+            p.error(f"--predict {args.predict}: file or folder not found")
+        rows = predict_stages(args)
+        rows.update(device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+        print(f"written: {out}")
+        return 0
 
     base = {
         "model_type": args.model_type,

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from sam3d.engine.checkpoint import atomic_write
 from sam3d.engine.safe_unpickling import ARRAY_PICKLE_GLOBALS
+from sam3d.engine.stage_timing import stage
 
 from .dicom import Series, is_dicom_file, read_dicom_folder
 from .errors import VolumeReadError
@@ -157,6 +158,11 @@ def load_volume(path: str | os.PathLike, series: str | None = None, allow_gaps: 
         VolumeReadError: missing, unreadable or unsupported file, refused pickle content, a shape that
             is not 3-D, or NaN/Inf voxels. The message names the file.
     """
+    with stage("read"):
+        return _load_volume(path, series, allow_gaps)
+
+
+def _load_volume(path: str | os.PathLike, series: str | None, allow_gaps: bool) -> Volume:
     source = str(path)
     p = Path(path)
     if not p.exists():

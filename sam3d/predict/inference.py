@@ -11,6 +11,7 @@ is RAS at the contract's spacing), so the mask has exactly the input's shape and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from types import EllipsisType
 
 import numpy as np
@@ -23,16 +24,19 @@ from ..data.io import Volume, VolumeReadError
 from ..data.preprocessing import Preprocessing
 from ..data.transforms import build_inference_transforms
 from ..engine.config import ConfigError
+from ..engine.stage_timing import stage
 from ..modeling.sam3d import Sam3D
 from .records import Click
 
 __all__ = [
     "AUTOMATIC_THRESHOLD",
     "THRESHOLD",
+    "ModelInput",
     "Sam3DInferer",
     "check_clicks_inside",
     "check_head_ct",
     "click_world",
+    "input_box",
     "to_input_grid",
 ]
 
@@ -43,18 +47,43 @@ AUTOMATIC_THRESHOLD = 0.3
 THRESHOLD = 0.5
 
 
-def to_input_grid(values: np.ndarray, model_affine: np.ndarray, volume: Volume, order: int = 1) -> np.ndarray:
-    """Resample a model-grid array (X, Y, Z) onto the input volume's grid through both affines."""
+def to_input_grid(
+    values: np.ndarray, model_affine: np.ndarray, volume: Volume, order: int = 1, box: tuple[slice, ...] | None = None
+) -> np.ndarray:
+    """Resample a model-grid array (X, Y, Z) onto the input volume's grid through both affines; with
+    ``box`` only that part of the input grid is computed (the rest is 0), where ``values`` can be non-zero."""
     voxel_to_model = np.linalg.inv(model_affine) @ volume.affine
-    return ndimage.affine_transform(
+    shape = volume.array.shape[:3]
+    box = box or tuple(slice(0, n) for n in shape)
+    start = np.array([b.start for b in box], dtype=float)
+    inside = ndimage.affine_transform(
         values,
         voxel_to_model[:3, :3],
-        offset=voxel_to_model[:3, 3],
-        output_shape=volume.array.shape[:3],
+        offset=voxel_to_model[:3, :3] @ start + voxel_to_model[:3, 3],
+        output_shape=tuple(b.stop - b.start for b in box),
         order=order,
         mode="constant",
         cval=0.0,
     )
+    if inside.shape == shape:
+        return inside
+    on_input = np.zeros(shape, dtype=inside.dtype)
+    on_input[box] = inside
+    return on_input
+
+
+def input_box(
+    model_start: np.ndarray, model_stop: np.ndarray, model_affine: np.ndarray, volume: Volume
+) -> tuple[slice, ...]:
+    """The input-grid voxels (slices, clipped to the scan) whose positions fall in the model-grid box
+    [start, stop) widened by one model voxel, where linear interpolation can still reach."""
+    corners = grid_corners(tuple(int(n) for n in model_stop - model_start + 2)) + (model_start - 1.0)[:, None]
+    to_input = np.linalg.inv(volume.affine) @ model_affine
+    on_input = to_input[:3, :3] @ corners + to_input[:3, 3:]
+    shape = volume.array.shape[:3]
+    low = np.clip(np.floor(on_input.min(1)).astype(int), 0, shape)
+    high = np.clip(np.ceil(on_input.max(1)).astype(int) + 1, 0, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
 
 
 def click_world(click: Click, volume: Volume) -> np.ndarray:
@@ -113,6 +142,17 @@ def check_clicks_inside(clicks: Sequence[Click], volume: Volume) -> None:
         )
 
 
+@dataclass(eq=False)
+class ModelInput:
+    """A scan preprocessed by the model's contract, and the image embedding of every window computed on
+    it so far: segment-anything's ``SamPredictor.set_image`` state, in 3-D. A new click inside a window
+    already seen costs the decoder only."""
+
+    image: torch.Tensor  # (1, C, X, Y, Z) on the model grid (RAS, the contract's spacing)
+    affine: np.ndarray  # model-grid voxel -> RAS mm
+    embeddings: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+
+
 class Sam3DInferer:
     """A SAM-Med3D model behind its preprocessing contract: ``probabilities(volume, clicks)`` is the
     hemorrhage probability of every voxel of the scan's own grid (float32, the scan's shape)."""
@@ -132,26 +172,43 @@ class Sam3DInferer:
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
 
-    def probabilities(self, volume: Volume, clicks: Sequence[Click] = ()) -> np.ndarray:
-        image, model_affine = self._preprocess(volume)
-        if clicks:
-            on_model_grid = self._interactive(image, model_affine, volume, clicks)
-        else:
-            on_model_grid = self._automatic(image)
-        return to_input_grid(on_model_grid.float().cpu().numpy(), model_affine, volume, order=1)
+    def prepare(self, volume: Volume) -> ModelInput:
+        """The scan on the model's grid, by the contract; reuse it for every click on this scan."""
+        with stage("resample to model grid"):
+            item = self.transform({"image": volume})
+            image = item["image"]
+            return ModelInput(image.as_tensor()[None].float().to(self.device), np.asarray(image.affine, np.float64))
 
-    def _preprocess(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
-        item = self.transform({"image": volume})
-        image = item["image"]
-        return image.as_tensor()[None].float().to(self.device), np.asarray(image.affine, dtype=np.float64)
+    def probabilities(
+        self, volume: Volume, clicks: Sequence[Click] = (), model_input: ModelInput | None = None
+    ) -> np.ndarray:
+        """``model_input``: :meth:`prepare`'s result for ``volume``, kept between calls (made if None)."""
+        model_input = model_input or self.prepare(volume)
+        if clicks:
+            on_model_grid, start, stop = self._interactive(model_input, volume, clicks)
+            box = input_box(start, stop, model_input.affine, volume)
+        else:
+            on_model_grid, box = self._automatic(model_input.image), None
+        with stage("resample to scan grid"):
+            return to_input_grid(on_model_grid.float().cpu().numpy(), model_input.affine, volume, 1, box)
+
+    def _embed(self, window: torch.Tensor) -> torch.Tensor:
+        with stage("encoder"):
+            return self.model.image_encoder(window)
+
+    def _decode(self, embeddings: torch.Tensor, *prompts: torch.Tensor | None) -> torch.Tensor:
+        with stage("decoder"):
+            low_res, _ = self.model.decode(embeddings, *prompts)
+            return low_res
 
     @torch.no_grad()
     def _automatic(self, image: torch.Tensor) -> torch.Tensor:
         size = (self.model.img_size,) * 3
 
         def predictor(window: torch.Tensor) -> torch.Tensor:
-            low_res, _ = self.model.decode(self.model.image_encoder(window))
-            return torch.sigmoid(self.model.upsample_logits(low_res))
+            low_res = self._decode(self._embed(window))
+            with stage("decoder"):
+                return torch.sigmoid(self.model.upsample_logits(low_res))
 
         probabilities = sliding_window_inference(
             image,
@@ -168,28 +225,34 @@ class Sam3DInferer:
 
     @torch.no_grad()
     def _interactive(
-        self, image: torch.Tensor, model_affine: np.ndarray, volume: Volume, clicks: Sequence[Click]
-    ) -> torch.Tensor:
-        points = [(np.linalg.inv(model_affine) @ click_world(click, volume))[:3] for click in clicks]
+        self, model_input: ModelInput, volume: Volume, clicks: Sequence[Click]
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Probabilities on the model grid (0 outside the window) and the window's [start, stop) there."""
+        image = model_input.image
+        points = [(np.linalg.inv(model_input.affine) @ click_world(click, volume))[:3] for click in clicks]
         size = self.model.img_size
         grid = np.array(image.shape[-3:])
         # One window around the first click, shifted inside the scan where possible.
         start = np.clip(np.round(points[0]).astype(int) - size // 2, 0, np.maximum(grid - size, 0))
-        window = torch.full((1, image.shape[1], size, size, size), float(image.min()), device=self.device)
         stop = np.minimum(start + size, grid)
         crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # on the scan's grid
         inside = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))  # the same voxels in the window
-        batch_and_channels: tuple[EllipsisType | slice, ...] = (...,)
-        window[batch_and_channels + inside] = image[batch_and_channels + crop]
-        embeddings = self.model.image_encoder(window)
+        key = (int(start[0]), int(start[1]), int(start[2]))
+        if key not in model_input.embeddings:
+            window = torch.full((1, image.shape[1], size, size, size), float(image.min()), device=self.device)
+            batch_and_channels: tuple[EllipsisType | slice, ...] = (...,)
+            window[batch_and_channels + inside] = image[batch_and_channels + crop]
+            model_input.embeddings[key] = self._embed(window)
+        embeddings = model_input.embeddings[key]
         coords = torch.tensor(np.stack(points) - start, dtype=torch.float32, device=self.device)[None]
         labels = torch.tensor([[1 if c.positive else 0 for c in clicks]], device=self.device)
         low_res = torch.zeros(
             (1, 1, *(4 * s for s in self.model.prompt_encoder.image_embedding_size)), device=self.device
         )
         for i in range(len(clicks)):  # refine click by click, as a user would
-            low_res, _ = self.model.decode(embeddings, coords[:, : i + 1], labels[:, : i + 1], low_res)
+            low_res = self._decode(embeddings, coords[:, : i + 1], labels[:, : i + 1], low_res)
         probabilities = torch.zeros(image.shape[-3:], device=self.device)
-        window_probs = torch.sigmoid(self.model.upsample_logits(low_res))[0, 0]
+        with stage("decoder"):
+            window_probs = torch.sigmoid(self.model.upsample_logits(low_res))[0, 0]
         probabilities[crop] = window_probs[inside]
-        return probabilities
+        return probabilities, start, stop

@@ -9,9 +9,21 @@ from ..data.geometry import axial_axis
 from ..data.io import Volume
 from .records import Measurements
 
-__all__ = ["HEAD_THRESHOLD_HU", "measure"]
+__all__ = ["HEAD_THRESHOLD_HU", "head_centre_x_mm", "measure"]
 
 HEAD_THRESHOLD_HU = -500.0  # voxels above this are the head (its midline splits left from right)
+
+
+def head_centre_x_mm(volume: Volume) -> float:
+    """World x (RAS mm) of the head's centre: the mean position of the voxels above HEAD_THRESHOLD_HU."""
+    head = volume.array > HEAD_THRESHOLD_HU
+    # The mean index along each axis from the head's projections, not from every head voxel's index
+    # (tens of millions on a thin-slice scan).
+    mean_index = [
+        float(np.average(np.arange(n), weights=head.sum(axis=tuple(a for a in range(3) if a != axis))))
+        for axis, n in enumerate(head.shape)
+    ]
+    return float(volume.affine[0, :3] @ mean_index + volume.affine[0, 3])
 
 
 def measure(mask: np.ndarray, volume: Volume, head_midline_x_mm: float | None = None) -> Measurements:
@@ -27,8 +39,7 @@ def measure(mask: np.ndarray, volume: Volume, head_midline_x_mm: float | None = 
     idx = np.argwhere(mask)
     world = idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
     if head_midline_x_mm is None:
-        head = np.argwhere(volume.array > HEAD_THRESHOLD_HU)
-        head_midline_x_mm = float((head.mean(0) @ volume.affine[:3, :3].T + volume.affine[:3, 3])[0])
+        head_midline_x_mm = head_centre_x_mm(volume)
     # RAS+: world x grows toward the patient's right. A side holding < 10% of the blood is noise.
     right = float((world[:, 0] > head_midline_x_mm).mean())
     side = "bilateral" if 0.1 <= right <= 0.9 else ("right" if right > 0.9 else "left")

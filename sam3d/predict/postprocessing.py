@@ -12,6 +12,7 @@ by every step. The returned record says what ran and what it removed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, TypedDict
 
 import numpy as np
@@ -48,6 +49,8 @@ MIN_COMPONENT_ML = 0.2
 MIN_COMPONENT_HU = 45.0
 MIN_VOXEL_HU = 40.0
 HYPERDENSE_SHARE = 0.25
+HYPERDENSE_BLUR_MM = 0.5  # in-plane Gaussian sigma against noise before the half-maximum trim
+HYPERDENSE_SHELL_MM = 3.0  # the background around a component is measured in a shell this thick
 
 
 class PostprocessingOptions(TypedDict, total=False):
@@ -144,14 +147,53 @@ def intracranial_mask(
     return cavity
 
 
+def _per_component(labels: np.ndarray, count: int, values: np.ndarray) -> np.ndarray:
+    """Sum of ``values`` over each component 1..count of ``labels`` (float64, count entries)."""
+    where = labels > 0
+    return np.bincount(labels[where], weights=values[where], minlength=count + 1)[1:]
+
+
+def _blur_sigma(volume: Volume, blur_mm: float) -> list[float]:
+    """The hyperdense gate's Gaussian sigma in voxels: in plane only (slices may be 5 mm apart)."""
+    axial = axial_axis(volume.affine)
+    return [0.0 if axis == axial else blur_mm / s for axis, s in enumerate(volume.spacing_mm)]
+
+
+def _gate_reach(volume: Volume, blur_mm: float, shell_mm: float) -> list[int]:
+    """Voxels around a component that the hyperdense gate reads: its shell, and the blur's Gaussian,
+    which scipy truncates at 4 sigma, so a box with this margin blurs exactly as the whole scan does."""
+    shell_reach = [int(shell_mm // s) for s in volume.spacing_mm]
+    blur_reach = [int(np.ceil(4 * sigma)) + 1 for sigma in _blur_sigma(volume, blur_mm)]
+    return [max(a, b) for a, b in zip(shell_reach, blur_reach)]
+
+
+def _grown_box(mask: np.ndarray, grow: Sequence[int]) -> tuple[slice, ...]:
+    """``mask``'s bounding box grown by ``grow`` voxels on each side, clipped to the grid (an empty mask:
+    its first voxel, so the steps after it still see a 3-D array)."""
+    box = []
+    for axis, g in enumerate(grow):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if along.size == 0:
+            return tuple(slice(0, 1) for _ in mask.shape)
+        box.append(slice(max(0, int(along[0]) - g), min(mask.shape[axis], int(along[-1]) + 1 + g)))
+    return tuple(box)
+
+
+def _cropped(volume: Volume, box: tuple[slice, ...]) -> Volume:
+    """The part ``box`` of ``volume``, its affine moved so every voxel keeps its world position."""
+    shift = np.eye(4)
+    shift[:3, 3] = [b.start for b in box]
+    return replace(volume, array=volume.array[box], affine=volume.affine @ shift, dicom=None)
+
+
 def hyperdense_gate(
     mask: np.ndarray,
     volume: Volume,
     protected: np.ndarray,
     min_component_hu: float,
     min_voxel_hu: float,
-    blur_mm: float = 0.5,
-    shell_mm: float = 3.0,
+    blur_mm: float = HYPERDENSE_BLUR_MM,
+    shell_mm: float = HYPERDENSE_SHELL_MM,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Drop components of ``mask`` of which less than ``HYPERDENSE_SHARE`` is at or above
     ``min_component_hu``; trim each kept one to the voxels (HU blurred by ``blur_mm`` in plane against
@@ -161,14 +203,10 @@ def hyperdense_gate(
     labels, count = ndimage.label(mask & ~protected, structure=np.ones((3, 3, 3)))
     index = np.arange(1, count + 1)
     dense = volume.array >= min_component_hu
-    shares = np.asarray(ndimage.mean(dense, labels, index)) if count else np.zeros(0)
-    axial = axial_axis(volume.affine)
-    sigma = [0.0 if axis == axial else blur_mm / s for axis, s in enumerate(volume.spacing_mm)]
+    shares = _per_component(labels, count, dense) / np.maximum(_per_component(labels, count, labels > 0), 1)
+    sigma = _blur_sigma(volume, blur_mm)
     shell = _ellipsoid(shell_mm, volume.spacing_mm)
-    reach = [n // 2 for n in shell.shape]
-    # The blur's Gaussian is truncated at 4 sigma (scipy's default): the box needs that margin for
-    # the blurred values inside it to equal the whole scan's.
-    blur_reach = [int(np.ceil(4 * s)) + 1 for s in sigma]
+    reach = _gate_reach(volume, blur_mm, shell_mm)
     gated = mask & protected
     edges = []
     # Each component is handled in its bounding box grown by the shell (and the blur's reach), so
@@ -176,8 +214,7 @@ def hyperdense_gate(
     boxes = ndimage.find_objects(labels)
     for label in index[shares >= HYPERDENSE_SHARE]:
         box = tuple(
-            slice(max(0, b.start - max(r, q)), min(n, b.stop + max(r, q)))
-            for b, r, q, n in zip(boxes[label - 1], reach, blur_reach, mask.shape)
+            slice(max(0, b.start - r), min(n, b.stop + r)) for b, r, n in zip(boxes[label - 1], reach, mask.shape)
         )
         hu = volume.array[box]
         component = labels[box] == label
@@ -208,30 +245,23 @@ def postprocess_mask(
     margin_mm: float = INTRACRANIAL_MARGIN_MM,
     min_component_hu: float | None = MIN_COMPONENT_HU,
     min_voxel_hu: float | None = MIN_VOXEL_HU,
+    intracranial: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Clear voxels outside the intracranial space, keep hyperdense components (:func:`hyperdense_gate`;
     ``min_component_hu=None`` turns it off), then drop components under ``min_component_ml``.
 
     ``keep_points`` are voxel indices (input grid) of positive clicks: a component of ``mask`` holding
     one is kept whole by every step. ``min_component_ml=0`` disables the size filter. Components are
-    26-connected, as in :func:`measure`. Returns the new uint8 mask and a record of what ran.
+    26-connected, as in :func:`measure`. ``intracranial``: ``intracranial_mask(volume, bone_hu, margin_mm)``
+    computed before for this scan (the scan's part that does not change from click to click); computed
+    here if None. Returns the new uint8 mask and a record of what ran.
     """
     mask = mask.astype(bool)
     voxel_ml = volume.voxel_volume_ml
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    shape = np.array(mask.shape)
-    clicked = {
-        int(labels[tuple(p)])
-        for p in np.round(np.asarray(keep_points, dtype=float).reshape(-1, 3)).astype(int)
-        if np.all((p >= 0) & (p < shape))
-    } - {0}
-    protected = np.isin(labels, sorted(clicked))
-    record: dict[str, Any] = {
-        "volume_before_ml": round(float(mask.sum()) * voxel_ml, 2),
-        "clicked_components_kept": len(clicked),
-    }
+    record: dict[str, Any] = {"volume_before_ml": round(float(mask.sum()) * voxel_ml, 2)}
+    inside = None
     if restrict_intracranial:
-        inside = intracranial_mask(volume, bone_hu, margin_mm)
+        inside = intracranial_mask(volume, bone_hu, margin_mm) if intracranial is None else intracranial
         inside_ml = float(inside.sum()) * voxel_ml
         step: dict[str, Any] = {
             "bone_hu": bone_hu,
@@ -241,19 +271,33 @@ def postprocess_mask(
         if inside_ml < MIN_INTRACRANIAL_ML:
             step["applied"] = False
             step["reason"] = f"under {MIN_INTRACRANIAL_ML:g} mL enclosed by bone: no skull found in the scan"
-        else:
-            kept = mask & (inside | protected)
-            step.update(applied=True, removed_ml=round(float((mask & ~kept).sum()) * voxel_ml, 2))
-            mask = kept
+            inside = None
         record["intracranial_mask"] = step
+    # Every step looks at the mask's voxels and, at most, a shell and a blur's reach around them: the
+    # steps run in the mask's bounding box grown by that reach, so their cost follows the prediction,
+    # not the scan (a click's window is a small part of a thin-slice scan).
+    full_shape = mask.shape
+    box = _grown_box(mask, _gate_reach(volume, HYPERDENSE_BLUR_MM, HYPERDENSE_SHELL_MM))
+    mask, volume = mask[box], _cropped(volume, box)
+    inside = None if inside is None else inside[box]
+    keep_points = np.asarray(keep_points, dtype=float).reshape(-1, 3) - [b.start for b in box]
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    shape = np.array(mask.shape)
+    clicked = {int(labels[tuple(p)]) for p in np.round(keep_points).astype(int) if np.all((p >= 0) & (p < shape))} - {0}
+    protected = np.isin(labels, sorted(clicked))
+    record["clicked_components_kept"] = len(clicked)
+    if inside is not None:
+        kept = mask & (inside | protected)
+        record["intracranial_mask"].update(applied=True, removed_ml=round(float((mask & ~kept).sum()) * voxel_ml, 2))
+        mask = kept
     if min_component_hu is not None:
         mask, record["hyperdense"] = hyperdense_gate(
             mask, volume, protected, min_component_hu, min_component_hu if min_voxel_hu is None else min_voxel_hu
         )
     if min_component_ml > 0:
         labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        sizes_ml = np.asarray(ndimage.sum_labels(mask, labels, index=range(1, count + 1))) * voxel_ml
-        touches_click = np.asarray(ndimage.maximum(protected, labels, index=range(1, count + 1)), dtype=bool)
+        sizes_ml = _per_component(labels, count, mask) * voxel_ml
+        touches_click = _per_component(labels, count, protected) > 0
         small = np.flatnonzero((sizes_ml < min_component_ml) & ~touches_click) + 1
         record["min_component"] = {
             "min_component_ml": min_component_ml,
@@ -262,4 +306,6 @@ def postprocess_mask(
         }
         mask = mask & ~np.isin(labels, small)
     record["volume_after_ml"] = round(float(mask.sum()) * voxel_ml, 2)
-    return mask.astype(np.uint8), record
+    on_scan = np.zeros(full_shape, dtype=np.uint8)
+    on_scan[box] = mask
+    return on_scan, record

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Unpack
 
@@ -19,21 +20,60 @@ from ..data.dicom_seg import mask_on_frames, write_hemorrhage_seg
 from ..data.dicom_sr import write_hemorrhage_sr
 from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from ..data.preprocessing import Preprocessing
+from ..engine.stage_timing import stage
 from ..modeling import load_trained_sam3d
 from ..modeling.sam3d import Sam3D
 from ..visualize import SliceView, axial_overlay
-from .inference import AUTOMATIC_THRESHOLD, THRESHOLD, Sam3DInferer, check_clicks_inside, check_head_ct, click_world
-from .measurement import measure
+from .inference import (
+    AUTOMATIC_THRESHOLD,
+    THRESHOLD,
+    ModelInput,
+    Sam3DInferer,
+    check_clicks_inside,
+    check_head_ct,
+    click_world,
+)
+from .measurement import head_centre_x_mm, measure
 from .postprocessing import (
+    BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
     PostprocessingOptions,
+    intracranial_mask,
     postprocess_mask,
 )
 from .records import Click, SegmentationResult
 
-__all__ = ["HemorrhageSegmenter"]
+__all__ = ["HemorrhageSegmenter", "PreparedScan"]
+
+
+@dataclass(eq=False)
+class PreparedScan:
+    """A scan ready for repeated prediction (:meth:`HemorrhageSegmenter.prepare`): the volume as read,
+    its model input with the image embeddings computed so far, and the parts of post-processing and
+    measurement that depend on the scan alone, each computed on first use."""
+
+    volume: Volume
+    model_input: ModelInput
+    _intracranial: dict[tuple[float, float], np.ndarray] = field(default_factory=dict, repr=False)
+    _head_centre_x_mm: float | None = field(default=None, repr=False)
+
+    def intracranial(self, options: PostprocessingOptions) -> np.ndarray | None:
+        """The intracranial space for ``options``' bone threshold and margin (None when not restricted)."""
+        if not options.get("restrict_intracranial", True):
+            return None
+        key = (options.get("bone_hu", BONE_THRESHOLD_HU), options.get("margin_mm", INTRACRANIAL_MARGIN_MM))
+        if key not in self._intracranial:
+            with stage("post-processing"):
+                self._intracranial[key] = intracranial_mask(self.volume, *key)
+        return self._intracranial[key]
+
+    def head_centre_x_mm(self) -> float:
+        if self._head_centre_x_mm is None:
+            with stage("measurement"):
+                self._head_centre_x_mm = head_centre_x_mm(self.volume)
+        return self._head_centre_x_mm
 
 
 class HemorrhageSegmenter:
@@ -72,24 +112,49 @@ class HemorrhageSegmenter:
         self.inferer = Sam3DInferer(self.model, self.preprocessing, self.device, overlap, sw_batch_size)
         self.postprocessing = postprocessing
 
-    def predict(
-        self, scan: str | os.PathLike | Volume, clicks: Sequence[Click] | None = None, threshold: float | None = None
-    ) -> SegmentationResult:
-        """Segment ``scan``: a path (any format :func:`load_volume` reads) or a Volume already read
-        (read it yourself to choose a DICOM series or accept gaps). ``threshold``: the probability above which
-        a voxel is blood; default AUTOMATIC_THRESHOLD without clicks when the hyperdense gate is on, else THRESHOLD."""
+    def prepare(self, scan: str | os.PathLike | Volume | PreparedScan) -> PreparedScan:
+        """Read (if a path), check and preprocess a scan once; pass the result to :meth:`predict` for
+        every click on it, as segment-anything's ``SamPredictor.set_image`` is called once per image."""
+        if isinstance(scan, PreparedScan):
+            return scan
         volume = scan if isinstance(scan, Volume) else load_volume(scan)
-        check_clicks_inside(clicks or [], volume)
         check_head_ct(volume)
-        on_input = self.inferer.probabilities(volume, clicks or [])
+        return PreparedScan(volume, self.inferer.prepare(volume))
+
+    def predict(
+        self,
+        scan: str | os.PathLike | Volume | PreparedScan,
+        clicks: Sequence[Click] | None = None,
+        threshold: float | None = None,
+    ) -> SegmentationResult:
+        """Segment ``scan``: a path (any format :func:`load_volume` reads), a Volume already read (read
+        it yourself to choose a DICOM series or accept gaps), or :meth:`prepare`'s PreparedScan, which
+        keeps what does not change between clicks (the preprocessed scan, the image embedding of each
+        window seen, the intracranial space), so a new click costs the decoder and the post-processing.
+        ``threshold``: the probability above which a voxel is blood; default AUTOMATIC_THRESHOLD without
+        clicks when the hyperdense gate is on, else THRESHOLD."""
+        if isinstance(scan, PreparedScan):
+            check_clicks_inside(clicks or [], scan.volume)
+        else:
+            volume = scan if isinstance(scan, Volume) else load_volume(scan)
+            check_clicks_inside(clicks or [], volume)  # before the scan is preprocessed
+        prepared = self.prepare(scan if isinstance(scan, PreparedScan) else volume)
+        volume = prepared.volume
+        on_input = self.inferer.probabilities(volume, clicks or [], prepared.model_input)
         keep_points = [(np.linalg.inv(volume.affine) @ click_world(c, volume))[:3] for c in clicks or [] if c.positive]
         if threshold is None:
             gated = self.postprocessing.get("min_component_hu", MIN_COMPONENT_HU) is not None
             threshold = AUTOMATIC_THRESHOLD if gated and not clicks else THRESHOLD
-        mask, record = postprocess_mask(on_input > threshold, volume, keep_points, **self.postprocessing)
+        inside, head_centre_x_mm = prepared.intracranial(self.postprocessing), prepared.head_centre_x_mm()
+        with stage("post-processing"):
+            mask, record = postprocess_mask(
+                on_input > threshold, volume, keep_points, intracranial=inside, **self.postprocessing
+            )
         record["threshold"] = threshold
+        with stage("measurement"):
+            measurements = measure(mask, volume, head_centre_x_mm)
         return SegmentationResult(
-            volume.source, mask, volume, measure(mask, volume), "interactive" if clicks else "automatic", record
+            volume.source, mask, volume, measurements, "interactive" if clicks else "automatic", record
         )
 
     def save(
@@ -113,29 +178,32 @@ class HemorrhageSegmenter:
         # Every file is written into a hidden staging folder first and moved into ``out`` only when
         # all of them were written, the measurements last: a scan whose SEG (or any file) cannot be
         # written leaves none of its files behind beside a batch record saying it failed.
-        stage = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=out))
+        staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=out))
         files: dict = {}
         moved: list[Path] = []
         try:
-            save_nifti(stage / f"{stem}_mask.nii.gz", result.mask, result.affine)
+            with stage("NIfTI writing"):
+                save_nifti(staging / f"{stem}_mask.nii.gz", result.mask, result.affine)
             files["mask"] = f"{stem}_mask.nii.gz"
             volume = result.volume
             if volume.dicom is not None:
-                write_hemorrhage_seg(
-                    stage / f"{stem}_seg.dcm",
-                    mask_on_frames(result.mask, volume.affine, volume.dicom),
-                    volume.dicom,
-                    __version__,
-                )
+                with stage("DICOM SEG writing"):
+                    write_hemorrhage_seg(
+                        staging / f"{stem}_seg.dcm",
+                        mask_on_frames(result.mask, volume.affine, volume.dicom),
+                        volume.dicom,
+                        __version__,
+                    )
                 files["dicom_seg"] = f"{stem}_seg.dcm"
-                write_hemorrhage_sr(
-                    stage / f"{stem}_sr.dcm",
-                    result.measurements,
-                    stage / files["dicom_seg"],
-                    volume.dicom,
-                    __version__,
-                    report_sections,
-                )
+                with stage("DICOM SR writing"):
+                    write_hemorrhage_sr(
+                        staging / f"{stem}_sr.dcm",
+                        result.measurements,
+                        staging / files["dicom_seg"],
+                        volume.dicom,
+                        __version__,
+                        report_sections,
+                    )
                 files["dicom_sr"] = f"{stem}_sr.dcm"
             view = SliceView.from_affine(result.affine)
             counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
@@ -143,21 +211,22 @@ class HemorrhageSegmenter:
                 np.argsort(counts)[::-1][:max_overlays] if counts.max() > 0 else [result.mask.shape[view.axis] // 2]
             )
             for k in sorted(int(c) for c in chosen):
-                picture = axial_overlay(volume.array, k, view, result.mask)
-                Image.fromarray(picture).save(stage / f"{stem}_slice{k:03d}.png", format="PNG")
+                with stage("overlays"):
+                    picture = axial_overlay(volume.array, k, view, result.mask)
+                    Image.fromarray(picture).save(staging / f"{stem}_slice{k:03d}.png", format="PNG")
                 files.setdefault("overlays", []).append(f"{stem}_slice{k:03d}.png")
             files["measurements"] = f"{stem}_measurements.json"
             named = {k: [str(out / n) for n in v] if isinstance(v, list) else str(out / v) for k, v in files.items()}
             result.files.update(named)
-            (stage / files["measurements"]).write_text(json.dumps(result.to_json(), indent=2))
+            (staging / files["measurements"]).write_text(json.dumps(result.to_json(), indent=2))
             umask = os.umask(0)
             os.umask(umask)
-            for name in sorted(p.name for p in stage.iterdir()):
-                os.chmod(stage / name, 0o666 & ~umask)  # the files get a new file's mode, as a plain open gives
-            for name in sorted(p.name for p in stage.iterdir() if p.name != files["measurements"]) + [
+            for name in sorted(p.name for p in staging.iterdir()):
+                os.chmod(staging / name, 0o666 & ~umask)  # the files get a new file's mode, as a plain open gives
+            for name in sorted(p.name for p in staging.iterdir() if p.name != files["measurements"]) + [
                 files["measurements"]
             ]:
-                os.replace(stage / name, out / name)
+                os.replace(staging / name, out / name)
                 moved.append(out / name)
         except BaseException:
             for path in moved:
@@ -166,5 +235,5 @@ class HemorrhageSegmenter:
                 result.files.pop(key, None)
             raise
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         return result
