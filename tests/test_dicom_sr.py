@@ -110,7 +110,8 @@ def test_sr_holds_the_total_and_each_component_and_reads_back_the_same(tmp_path)
     measurements = Measurements(
         24.62, 2, [21.37, 3.25], "bilateral", [3, 9], 40.0, None, None, 24.0, "intraparenchymal", components
     )
-    report = ("Hyperdense blood in the left basal ganglia.", "Acute left intraparenchymal hemorrhage.")
+    # Generated text is any Unicode, not only what Latin-1 encodes.
+    report = ("Hyperdense blood (≈ 21 mL, 60–80 HU) in the left basal ganglia.", "Acute left ICH \ufffd.")
     sr_path = write_hemorrhage_sr(tmp_path / "sr.dcm", measurements, seg_path, volume.dicom, "t", report)
 
     assert dciodvfy_errors(sr_path) == []

@@ -7,7 +7,9 @@
 
 Writes per scan ``<stem>_report.json`` (report, generated text, structured findings, contradiction
 flags, measurements) and ``<stem>_report.txt``, plus the mask, measurements and overlays of
-``sam3d-predict`` for CT. Without --no_correct, an impression that contradicts the measured
+``sam3d-predict`` for CT; for DICOM, the SEG and an SR holding the measurements and the report's
+FINDINGS and IMPRESSION. ``--dicomweb URL --study UID [--store]`` reads from and stores back to an
+archive, as in ``sam3d-predict``. Without --no_correct, an impression that contradicts the measured
 hemorrhage (presence, side, volume) is replaced by one stated from the measurements; either way the
 contradictions are listed.
 """
@@ -21,14 +23,15 @@ from pathlib import Path
 from blip.data.reports import infer_modality
 from blip.grounded import ScanReporter
 from sam3d.cli.scans import (
+    add_archive_arguments,
     add_hyperdense_argument,
     add_scan_arguments,
+    check_source_arguments,
+    open_scans,
     output_stems,
     parse_clicks,
-    read_scan,
     run_batch,
 )
-from sam3d.data.io import scan_inputs
 from sam3d.engine.checkpoint import atomic_write
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
     p.add_argument("--report_model", required=True, help="folder written by `sam3d-report-train` (report_model/)")
     p.add_argument("--segmentation_checkpoint", help="SAM-Med3D checkpoint for CT (omit for X-ray only)")
-    p.add_argument("--input", required=True, help="a scan, a DICOM folder, an X-ray image, a folder or a CSV")
+    p.add_argument("--input", help="a scan, a DICOM folder, an X-ray image, a folder or a CSV (or --dicomweb)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--modality", choices=["auto", "ct", "xray"], default="auto")
     p.add_argument("--click", nargs="+", action="append", metavar="X Y Z [pos|neg]")
@@ -52,8 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("--no_repeat_ngram_size", type=int, default=0)
     add_scan_arguments(p)
     add_hyperdense_argument(p)
+    add_archive_arguments(p)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    check_source_arguments(p, args)
 
     if not (Path(args.report_model) / "config.json").is_file():
         p.error(
@@ -62,43 +67,51 @@ def main(argv=None) -> int:
         )
     if args.segmentation_checkpoint and not Path(args.segmentation_checkpoint).is_file():
         p.error(f"--segmentation_checkpoint {args.segmentation_checkpoint}: file not found")
+    if args.dicomweb and args.modality == "xray":
+        p.error(f"--dicomweb {args.dicomweb}: studies are read as CT; --modality xray reads image files only")
     clicks = parse_clicks(args.click, args.click_space)
-    inputs = scan_inputs(args.input)  # every input named, and output names checked, before the models load
-    stems = output_stems(inputs)
     generation = {
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
-    reporter = ScanReporter(
-        args.segmentation_checkpoint,
-        args.report_model,
-        str(resolve_device(args.device)),
-        correct=not args.no_correct,
-        generation=generation,
-        segmenter_options=hyperdense_options(args.hyperdense_only),
-    )
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Every input named, the study retrieved and output names checked, before the models load.
+    with open_scans(args) as scans:
+        stems = output_stems(scans.inputs)
+        reporter = ScanReporter(
+            args.segmentation_checkpoint,
+            args.report_model,
+            str(resolve_device(args.device)),
+            correct=not args.no_correct,
+            generation=generation,
+            segmenter_options=hyperdense_options(args.hyperdense_only),
+        )
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
 
-    def report(path: str) -> dict:
-        modality = infer_modality(path) if args.modality == "auto" else args.modality
-        if modality == "ct" and reporter.segmenter is None:
-            raise ConfigError(f"{path}: CT needs --segmentation_checkpoint (the report is checked against the mask)")
-        result = reporter.run(read_scan(path, args) if modality == "ct" else path, modality, clicks, out)
-        text = json.dumps(result, indent=2, default=str)
-        atomic_write(out / f"{stems[path]}_report.json", lambda tmp: tmp.write_text(text))
-        atomic_write(out / f"{stems[path]}_report.txt", lambda tmp: tmp.write_text(result["report"] + "\n"))
-        print(f"== {path} ({modality})")
-        if "segmentation" in result:
-            print(f"geometry: {result['segmentation']['geometry_summary']}")
-        print(result["report"])
-        for flag in result.get("flags", []):
-            print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
-        return {"source": path, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
+        def report(path: str) -> dict:
+            name = scans.name(path)
+            modality = "ct" if scans.archive else infer_modality(path) if args.modality == "auto" else args.modality
+            if modality == "ct" and reporter.segmenter is None:
+                raise ConfigError(
+                    f"{name}: CT needs --segmentation_checkpoint (the report is checked against the mask)"
+                )
+            result = reporter.run(scans.read(path, args) if modality == "ct" else path, modality, clicks, out)
+            text = json.dumps(result, indent=2, default=str)
+            atomic_write(out / f"{stems[path]}_report.json", lambda tmp: tmp.write_text(text))
+            atomic_write(out / f"{stems[path]}_report.txt", lambda tmp: tmp.write_text(result["report"] + "\n"))
+            print(f"== {name} ({modality})")
+            if "segmentation" in result:
+                print(f"geometry: {result['segmentation']['geometry_summary']}")
+            print(result["report"])
+            for flag in result.get("flags", []):
+                print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
+            if args.store:
+                print(scans.store(result["segmentation"]["files"]))
+            return {"source": name, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
 
-    return run_batch(inputs, report, args.fail_fast, out / "reports.json")
+        return run_batch(scans.inputs, report, args.fail_fast, out / "reports.json", scans.name)
 
 
 console = console_main(main)

@@ -11,7 +11,13 @@ indices of the input file, or RAS millimetres with --click_space mm; "neg" marks
 
 DICOM series are stacked from every slice's own position: gantry tilt and uneven slice steps keep
 their true geometry (recorded under "geometry" in each measurements JSON), and the mask is also
-written as DICOM SEG on the original slices (<stem>_seg.dcm). See --series_uid and --allow_gaps.
+written as DICOM SEG on the original slices (<stem>_seg.dcm), the measurements as DICOM SR
+(<stem>_sr.dcm). See --series_uid and --allow_gaps.
+
+    sam3d-predict --checkpoint ... --dicomweb http://pacs:8042/dicom-web --study UID --store
+
+reads the study from a DICOMweb archive instead of --input and, with --store, stores the SEG and SR
+back into it (credentials from SAM3D_DICOMWEB_USER / SAM3D_DICOMWEB_PASSWORD or SAM3D_DICOMWEB_TOKEN).
 
 Post-processing, on by default and recorded under "postprocessing" in each measurements JSON:
 predictions outside the intracranial space (found in the scan: bone above --bone_hu, the cavity it
@@ -29,14 +35,15 @@ import sys
 from pathlib import Path
 
 from sam3d.cli.scans import (
+    add_archive_arguments,
     add_hyperdense_argument,
     add_scan_arguments,
+    check_source_arguments,
+    open_scans,
     output_stems,
     parse_clicks,
-    read_scan,
     run_batch,
 )
-from sam3d.data.io import scan_inputs
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser
 from sam3d.engine.distributed import resolve_device
@@ -56,9 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument(
         "--input",
-        required=True,
         help="a volume, a DICOM file or series folder (files with or without extensions), a folder of "
-        "volumes and series folders, or a CSV with a 'path' column",
+        "volumes and series folders, or a CSV with a 'path' column (or --dicomweb)",
     )
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model_type", default=None, help="architecture of an official checkpoint (default vit_b_ori)")
@@ -93,8 +99,10 @@ def main(argv=None) -> int:
     )
     add_hyperdense_argument(p)
     add_scan_arguments(p)
+    add_archive_arguments(p)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    check_source_arguments(p, args)
     if args.min_component_ml < 0 or args.intracranial_margin_mm < 0:
         p.error("--min_component_ml and --intracranial_margin_mm must be >= 0")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
@@ -105,34 +113,37 @@ def main(argv=None) -> int:
         p.error(f"--checkpoint {args.checkpoint}: file not found")
     device = resolve_device(args.device)
     clicks = parse_clicks(args.click, args.click_space)
-    inputs = scan_inputs(args.input)  # every input named, and output names checked, before the model loads
-    stems = output_stems(inputs)
-
-    segmenter = HemorrhageSegmenter(
-        args.checkpoint,
-        device,
-        args.model_type,
-        args.overlap,
-        restrict_intracranial=args.intracranial_mask,
-        min_component_ml=args.min_component_ml,
-        bone_hu=args.bone_hu,
-        margin_mm=args.intracranial_margin_mm,
-        **hyperdense_options(args.hyperdense_only),
-    )
-    out = Path(args.output_dir)
-
-    def predict(path: str) -> dict:
-        volume = read_scan(path, args)
-        result = segmenter.save(segmenter.predict(volume, clicks, args.threshold), out, stem=stems[path])
-        m = result.measurements
-        print(
-            f"{path}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side} "
-            f"-> {result.files['mask']}" + (f", {result.files['dicom_seg']}" if "dicom_seg" in result.files else "")
+    # Every input named, the study retrieved and output names checked, before the model loads.
+    with open_scans(args) as scans:
+        stems = output_stems(scans.inputs)
+        segmenter = HemorrhageSegmenter(
+            args.checkpoint,
+            device,
+            args.model_type,
+            args.overlap,
+            restrict_intracranial=args.intracranial_mask,
+            min_component_ml=args.min_component_ml,
+            bone_hu=args.bone_hu,
+            margin_mm=args.intracranial_margin_mm,
+            **hyperdense_options(args.hyperdense_only),
         )
-        print(f"  geometry: {volume.geometry.summary()}")
-        return result.to_json()
+        out = Path(args.output_dir)
 
-    return run_batch(inputs, predict, args.fail_fast, out / "predictions.json")
+        def predict(path: str) -> dict:
+            volume = scans.read(path, args)
+            result = segmenter.save(segmenter.predict(volume, clicks, args.threshold), out, stem=stems[path])
+            m = result.measurements
+            dicom = [result.files[key] for key in ("dicom_seg", "dicom_sr") if key in result.files]
+            print(
+                f"{volume.source}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side} "
+                f"-> {', '.join([result.files['mask'], *dicom])}"
+            )
+            print(f"  geometry: {volume.geometry.summary()}")
+            if args.store:
+                print(f"  {scans.store(result.files)}")
+            return result.to_json()
+
+        return run_batch(scans.inputs, predict, args.fail_fast, out / "predictions.json", scans.name)
 
 
 console = console_main(main)

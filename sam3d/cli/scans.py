@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,22 @@ from sam3d.engine.checkpoint import atomic_write
 from sam3d.engine.config import ConfigError
 from sam3d.engine.errors import UserError
 
-from ..data.io import Volume, load_volume, strip_volume_extension
+from ..data.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DICOMwebArchive
+from ..data.io import Volume, load_volume, scan_inputs, strip_volume_extension
 from ..predict.postprocessing import MIN_COMPONENT_HU, MIN_VOXEL_HU
 from ..predict.records import Click
 
-__all__ = ["add_hyperdense_argument", "add_scan_arguments", "output_stems", "parse_clicks", "read_scan", "run_batch"]
+__all__ = [
+    "ScanSource",
+    "add_archive_arguments",
+    "add_hyperdense_argument",
+    "add_scan_arguments",
+    "open_scans",
+    "output_stems",
+    "parse_clicks",
+    "read_scan",
+    "run_batch",
+]
 
 
 def add_hyperdense_argument(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +50,11 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     """--series_uid and --allow_gaps: how a DICOM folder becomes one volume (see sam3d.data.dicom)."""
     parser.add_argument(
         "--series_uid",
+        "--series",
         default=None,
-        help="DICOM folders holding several series: the SeriesInstanceUID, or part of the "
+        help="DICOM folders and studies holding several series: the SeriesInstanceUID, or part of the "
         "SeriesDescription, of the one to read (default: the axial, non-localizer series "
-        "with the most slices)",
+        "with the most slices); with --dicomweb only that series is retrieved",
     )
     parser.add_argument(
         "--fail_fast",
@@ -56,6 +71,90 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_scan(path: str, args: argparse.Namespace) -> Volume:
     return load_volume(path, series=args.series_uid, allow_gaps=args.allow_gaps)
+
+
+def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
+    """--input's alternative, a study in a DICOMweb archive, and --store (see sam3d.data.dicomweb)."""
+    g = parser.add_argument_group("DICOMweb archive (instead of --input)")
+    g.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="the archive's DICOMweb root (e.g. http://pacs:8042/dicom-web): the study's CT series are "
+        f"retrieved (QIDO-RS, WADO-RS) and read as a DICOM folder; credentials from {TOKEN_ENV} (bearer) "
+        f"or {USER_ENV} and {PASSWORD_ENV} (basic), a private CA from REQUESTS_CA_BUNDLE",
+    )
+    g.add_argument("--study", metavar="UID", help="the StudyInstanceUID to read from --dicomweb")
+    g.add_argument(
+        "--store",
+        action="store_true",
+        help="store the SEG and the SR back into the study, in one STOW-RS request (nothing is stored without it)",
+    )
+    g.add_argument("--dicomweb_timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    g.add_argument(
+        "--dicomweb_retries",
+        type=int,
+        default=3,
+        help="tries after the first when the archive cannot be reached or is busy (429, 502, 503, 504)",
+    )
+
+
+def check_source_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of --input and --dicomweb (with --study); --store only with --dicomweb."""
+    if args.input is not None and args.dicomweb is not None:
+        parser.error(f"--input {args.input} and --dicomweb {args.dicomweb}: give one source of scans, not both")
+    if args.input is None and args.dicomweb is None:
+        parser.error("no scans: give --input (a file, folder or CSV) or --dicomweb URL --study UID")
+    if args.dicomweb and not args.study:
+        parser.error(f"--dicomweb {args.dicomweb}: --study UID (the StudyInstanceUID to read) is missing")
+    if args.study and not args.dicomweb:
+        parser.error(f"--study {args.study}: needs --dicomweb URL (the archive holding it)")
+    if args.store and not args.dicomweb:
+        parser.error(
+            "--store stores results into the --dicomweb archive they were read from; give --dicomweb and --study"
+        )
+    if args.dicomweb_timeout <= 0 or args.dicomweb_retries < 0:
+        parser.error("--dicomweb_timeout must be > 0 and --dicomweb_retries >= 0")
+
+
+@dataclass
+class ScanSource:
+    """The scans a command reads: ``--input``'s, or the study ``--dicomweb`` retrieved into a folder."""
+
+    inputs: list[str]
+    archive: DICOMwebArchive | None = None
+    study_uid: str | None = None
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name(self, path: str) -> str:
+        """How an input is shown and recorded: a retrieved study by its DICOMweb address, not the
+        temporary folder it was read from."""
+        return self.names.get(path, path)
+
+    def read(self, path: str, args: argparse.Namespace) -> Volume:
+        volume = read_scan(path, args)
+        volume.source = self.name(path)
+        return volume
+
+    def store(self, files: Mapping[str, Any]) -> str:
+        """``--store``: one scan's SEG and SR into the study they were measured on; returns a line saying so."""
+        if self.archive is None or self.study_uid is None:
+            raise ValueError("only a study read from --dicomweb is stored back")
+        paths = [Path(files["dicom_seg"]), Path(files["dicom_sr"])]
+        self.archive.store(self.study_uid, paths)
+        return f"stored {', '.join(p.name for p in paths)} in {self.name(self.inputs[0])}"
+
+
+@contextlib.contextmanager
+def open_scans(args: argparse.Namespace) -> Iterator[ScanSource]:
+    """``--input``'s scans, or the ``--dicomweb`` study's CT series retrieved into a temporary folder
+    named by the study UID (so outputs are named by it), deleted when the command ends."""
+    if args.dicomweb is None:
+        yield ScanSource(scan_inputs(args.input))
+        return
+    archive = DICOMwebArchive(args.dicomweb, args.dicomweb_timeout, args.dicomweb_retries)
+    with tempfile.TemporaryDirectory(prefix="sam3d-dicomweb-") as tmp:
+        folder = str(archive.retrieve_ct(args.study, args.series_uid, Path(tmp) / args.study))
+        yield ScanSource([folder], archive, args.study, {folder: f"{archive.url}/studies/{args.study}"})
 
 
 def parse_clicks(raw: list[list[str]] | None, space: str) -> list[Click]:
@@ -90,11 +189,16 @@ def output_stems(inputs: Sequence[str]) -> dict[str, str]:
 
 
 def run_batch(
-    inputs: Sequence[str], process: Callable[[str], dict[str, Any]], fail_fast: bool, record_path: Path
+    inputs: Sequence[str],
+    process: Callable[[str], dict[str, Any]],
+    fail_fast: bool,
+    record_path: Path,
+    name: Callable[[str], str] = str,
 ) -> int:
     """``process`` each input and write the records to ``record_path`` (JSON list, atomically); a scan
     that fails is recorded as ``{"source", "error"}`` and the batch goes on (``fail_fast``: the error
-    ends the batch instead). Returns the exit code: 1 if any scan failed."""
+    ends the batch instead); ``name`` says how an input is shown and recorded. Returns the exit
+    code: 1 if any scan failed."""
     records = []
     for path in inputs:
         try:
@@ -103,8 +207,9 @@ def run_batch(
             if fail_fast:
                 raise
             reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            print(f"error: {path}: {reason}" if path not in reason else f"error: {reason}", file=sys.stderr)
-            records.append({"source": path, "error": reason})
+            source = name(path)
+            print(f"error: {source}: {reason}" if source not in reason else f"error: {reason}", file=sys.stderr)
+            records.append({"source": source, "error": reason})
     text = json.dumps(records, indent=2)
     atomic_write(record_path, lambda tmp: tmp.write_text(text))
     failed = sum("error" in r for r in records)

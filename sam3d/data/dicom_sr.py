@@ -152,5 +152,8 @@ def write_hemorrhage_sr(
         manufacturer=DEVICE_NAME,
         series_description="Hemorrhage measurements (automated)",
     )
+    # Generated text is any Unicode (a language model's "≈", "µ", a replacement character), and the
+    # patient's name may be in any script: UTF-8 encodes all of it, highdicom's Latin-1 default does not.
+    sr.SpecificCharacterSet = "ISO_IR 192"
     atomic_write(path, lambda tmp: sr.save_as(tmp))
     return path
