@@ -7,10 +7,13 @@ clashes), and a batch that survives one bad scan.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import stat
 import struct
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -245,6 +248,24 @@ def test_a_crashed_run_says_so_in_its_summary(tmp_path):
     assert summary["epochs_trained"] == 1
 
 
+def test_a_save_that_fails_after_the_last_epoch_is_not_called_a_later_epoch(tmp_path, monkeypatch):
+    import sam3d.engine.trainer as trainer_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "atomic_save", full_disk)
+    torch.manual_seed(0)
+    model = build_sam3d(model_config("small", img_size=32))
+    config = TrainerConfig(output_dir=str(tmp_path), epochs=1, batch_size=2, seed=3, patience=10)
+    task = SegmentationTask(num_clicks=1, val_num_clicks=1, seed=0)
+    trainer = Trainer(config, task, model, [{"params": list(model.parameters()), "lr": 1e-3}], torch.device("cpu"))
+    with pytest.raises(OSError):
+        trainer.fit(VolumeDataset(2), VolumeDataset(2, seed=1))
+    summary = json.loads(next(tmp_path.glob("training_summary_*.json")).read_text())
+    assert summary["stop_reason"].startswith("failed after epoch 1, saving its checkpoint (OSError:")
+
+
 def test_resume_with_changed_flags_is_refused_unless_allowed(tmp_path, train_inputs):
     parser = train.build_parser()
 
@@ -298,9 +319,9 @@ def test_scans_that_are_no_head_ct_are_refused_or_flagged(models, tmp_path):
     assert any("no bone" in note for note in result.to_json()["geometry"]["notes"])
 
 
-def _scan_and_mask(folder, name, mask_value=1):
+def _scan_and_mask(folder, name, mask_value=1, hu=40):
     folder.mkdir(parents=True, exist_ok=True)
-    image = np.full((8, 8, 8), 40, np.int16)
+    image = np.full((8, 8, 8), hu, np.int16)
     mask = np.zeros((8, 8, 8), np.uint8)
     mask[2:4, 2:4, 2:4] = mask_value
     nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"{name}.nii.gz")
@@ -311,7 +332,7 @@ def test_masks_matched_by_stem_across_sites_are_refused_and_a_mask_column_works(
     from sam3d.data.dataset import ManifestError, read_manifest
 
     a, mask = _scan_and_mask(tmp_path / "site1", "scan")
-    b, _ = _scan_and_mask(tmp_path / "site2", "scan")
+    b, _ = _scan_and_mask(tmp_path / "site2", "scan", hu=41)  # another scan with the same file name
     (tmp_path / "masks").mkdir()
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "masks" / "scan.nii.gz")
     (tmp_path / "train.csv").write_text(f"path,ich,patient_id\n{a},1,P1\n{b},1,P2\n")
@@ -346,6 +367,46 @@ def test_mask_values_are_checked_when_a_mask_is_read_even_without_full_validatio
     rows, _ = read_manifest(tmp_path / "train.csv", tmp_path / "masks", validate="paths")
     with pytest.raises(VolumeReadError, match=r"s1\.nii\.gz: a mask must hold only 0 and 1, found values \[0, 2\]"):
         LoadVolumed()({"image": rows[0].path, "label": rows[0].mask_path})
+
+
+def test_a_bad_mask_met_by_a_loader_worker_is_one_line_naming_the_csv_row(tmp_path, capsys):
+    from sam3d.data.synthetic import make_synthetic_ich
+
+    data = make_synthetic_ich(
+        tmp_path / "data",
+        num_cases=3,
+        seed=0,
+        val_fraction=0.34,
+        spacing_mm=(3.0, 3.0, 5.0),
+        head_scale=0.5,
+        progress=False,
+    )
+    first = Path(next(csv.DictReader(open(data["train_csv"])))["path"])
+    mask_path = Path(data["mask_dir"]) / first.name
+    mask = nib.load(mask_path)
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj) * 2, mask.affine), mask_path)  # {0, 2}
+    flags = [
+        "--train_csv",
+        str(data["train_csv"]),
+        "--val_csv",
+        str(data["val_csv"]),
+        "--mask_dir",
+        str(data["mask_dir"]),
+    ]
+    code = run_main(
+        train.main,
+        [*flags, "--output_dir", str(tmp_path / "run"), "--model_type", "small", "--img_size", "32", "--epochs", "1"]
+        + ["--validate_data", "paths", "--num_workers", "1", "--batch_size", "1", "--target_spacing_mm", "4", "4", "4"],
+    )
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1, errors
+    assert re.fullmatch(
+        rf"error: \S*train\.csv, row \d \(\S*{first.name}\): \S*{first.name}: a mask must hold only 0 and 1, "
+        r"found values \[0, 2\]",
+        errors[0],
+    )
+    summary = json.loads(next((tmp_path / "run").glob("training_summary_*.json")).read_text())
+    assert "a mask must hold only 0 and 1" in summary["stop_reason"]
 
 
 def test_patients_shared_by_train_and_val_are_refused(tmp_path, capsys):

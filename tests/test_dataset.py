@@ -10,8 +10,9 @@ import torch
 from monai.data import DataLoader, PersistentDataset
 
 import sam3d.data.transforms as transforms_module
-from sam3d.data.dataset import ManifestError, build_segmentation_dataset, read_manifest
+from sam3d.data.dataset import ManifestError, build_segmentation_dataset, check_no_scan_in_both, read_manifest
 from sam3d.data.io import save_nifti
+from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import build_transforms
 
 SHAPE = (40, 40, 20)
@@ -45,7 +46,7 @@ def data(tmp_path):
     (tmp_path / "masks").mkdir()
     _write_pkl(tmp_path / "000.pkl")
     save_nifti(tmp_path / "masks" / "000.nii.gz", _lesion_mask(), AFFINE)
-    _write_pkl(tmp_path / "sub" / "001.pkl")
+    _write_pkl(tmp_path / "sub" / "001.pkl", _scan(1))  # another scan: equal voxels would be a duplicate
     return tmp_path
 
 
@@ -135,6 +136,21 @@ BAD_ROWS = {
         lambda d: _mask(d, _lesion_mask()),
         r"ich=0 but mask .* marks 144 hemorrhage voxel",
     ),
+    "more cells than the header": (
+        "003.pkl,0,p3,x,extra,cells",
+        lambda d: _write_pkl(d / "003.pkl"),
+        r"has 6 cell\(s\), the header has 4 \(path, ich, patient_id, site\)",
+    ),
+    "fewer cells than the header": (
+        "003.pkl,0,p3",
+        lambda d: _write_pkl(d / "003.pkl"),
+        r"has 3 cell\(s\), the header has 4",
+    ),
+    "the same scan under another name and patient": (
+        "003.pkl,0,P_0,x",
+        lambda d: (d / "003.pkl").write_bytes((d / "sub" / "001.pkl").read_bytes()),
+        r"the same scan as row 2 \(.*001\.pkl\): equal voxels and affine",
+    ),
 }
 
 
@@ -142,7 +158,8 @@ BAD_ROWS = {
 def test_bad_row_is_reported_with_file_row_and_path(data, case):
     line, make_files, reason = BAD_ROWS[case]
     make_files(data)
-    csv = _csv(data, "000.pkl,1,p0,a", line)
+    first = "sub/001.pkl,0,p1,a" if "same scan" in case else "000.pkl,1,p0,a"
+    csv = _csv(data, first, line)
     with pytest.raises(ManifestError, match=r"manifest\.csv, row 3 \(.*003\.pkl\): .*" + reason):
         read_manifest(csv, data / "masks")
 
@@ -151,6 +168,33 @@ def test_bad_row_is_reported_with_file_row_and_path(data, case):
     assert [r.row for r in rows] == [2]
     assert len(skipped) == 1 and skipped[0]["row"] == 3 and skipped[0]["path"].endswith("003.pkl")
     assert re.search(reason, skipped[0]["reason"])
+
+
+def test_the_same_scan_in_training_and_validation_is_refused_whatever_its_path_or_patient(data):
+    (data / "val").mkdir()
+    (data / "val" / "copy.pkl").write_bytes((data / "000.pkl").read_bytes())
+    save_nifti(data / "masks" / "copy.nii.gz", _lesion_mask(), AFFINE)
+    train, _ = read_manifest(_csv(data, "000.pkl,1,SYN000,a", "sub/001.pkl,0,SYN001,a"), data / "masks")
+    (data / "val" / "val.csv").write_text("path,ich,patient_id\ncopy.pkl,1,P_0\n")
+    val, _ = read_manifest(data / "val" / "val.csv", data / "masks")
+    with pytest.raises(
+        ManifestError, match=r"val\.csv, row 2 \(.*copy\.pkl\) is the same scan as .*manifest\.csv, row 2"
+    ):
+        check_no_scan_in_both(train, val)
+    check_no_scan_in_both(train, val, allowed=True)  # --allow_patient_overlap
+    check_no_scan_in_both(train[1:], val)  # another scan: no error
+
+
+def test_a_data_error_met_while_loading_names_the_csv_row_in_one_line(data):
+    save_nifti(data / "masks" / "000.nii.gz", _lesion_mask() * 2, AFFINE)  # {0, 2}: not a mask
+    rows, _ = read_manifest(_csv(data, "000.pkl,1,p0,a"), data / "masks", validate="paths")
+    dataset = build_segmentation_dataset(rows, build_transforms(Preprocessing(roi_size=(16, 16, 16)), train=False))
+    with pytest.raises(
+        ManifestError,
+        match=r"^\S*manifest\.csv, row 2 \(\S*000\.pkl\): \S*000\.nii\.gz: a mask must hold only 0 and 1, "
+        r"found values \[0, 2\]$",
+    ):
+        dataset[0]
 
 
 def test_paths_mode_only_checks_existence(data):

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--allow_patient_overlap",
         action="store_true",
-        help="let --train_csv and --val_csv share patients (leakage: validation then overstates)",
+        help="let --train_csv and --val_csv share patients, or scans (found by content; leakage: validation "
+        "then overstates)",
     )
     g.add_argument(
         "--skip_invalid",
@@ -178,7 +179,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_training(args: argparse.Namespace) -> dict[str, Any]:
-    from sam3d.data.dataset import build_segmentation_dataset, read_manifest
+    from sam3d.data.dataset import build_segmentation_dataset, check_no_scan_in_both, read_manifest
     from sam3d.data.transforms import build_transforms
     from sam3d.engine.distributed import cleanup, init_distributed, resolve_device, seed_everything
     from sam3d.engine.tracking import Tracker
@@ -217,6 +218,7 @@ def _run_training(args: argparse.Namespace) -> dict[str, Any]:
             f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): validation would score scans of "
             "patients it trained on; split by patient, or pass --allow_patient_overlap"
         )
+    check_no_scan_in_both(train_rows, val_rows, args.allow_patient_overlap)
     cache = lambda split: None if not args.cache_dir else str(Path(args.cache_dir) / split)  # noqa: E731
     train_ds = build_segmentation_dataset(train_rows, build_transforms(preprocessing, train=True), cache("train"))
     val_ds = build_segmentation_dataset(val_rows, build_transforms(preprocessing, train=False), cache("val"))

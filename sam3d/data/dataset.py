@@ -17,8 +17,10 @@ in a few thousand otherwise only shows up as a crash deep inside a DataLoader wo
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +31,29 @@ from monai.data.utils import pickle_hashing
 from monai.utils import TraceKeys
 from tqdm import tqdm
 
-from sam3d.data.io import VOLUME_EXTENSIONS, VolumeReadError, align_mask_to_volume, load_volume, strip_volume_extension
+from sam3d.data.io import (
+    VOLUME_EXTENSIONS,
+    Volume,
+    VolumeReadError,
+    align_mask_to_volume,
+    load_volume,
+    strip_volume_extension,
+)
 from sam3d.engine.errors import UserError
 from sam3d.engine.safe_unpickling import torch_safe_globals
 
-__all__ = ["REQUIRED_COLUMNS", "ManifestError", "ManifestRow", "build_segmentation_dataset", "read_manifest"]
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "ManifestError",
+    "ManifestRow",
+    "build_segmentation_dataset",
+    "check_no_scan_in_both",
+    "read_manifest",
+    "scan_fingerprint",
+]
 
 REQUIRED_COLUMNS = ("path", "ich", "patient_id")
+_RAGGED = "\0ragged"  # a key no CSV header can hold: the row's cell count differs from the header's
 
 
 # PersistentDataset reads its cache with torch.load(weights_only=True). The cached MetaTensors' transform
@@ -59,6 +77,9 @@ class ManifestRow:
         patient_id: as written in the CSV.
         mask_path: absolute mask path, or None for an ``ich=0`` scan without a mask.
         extra: the CSV's other columns for this row, as strings.
+        csv: the CSV the row is in.
+        fingerprint: a hash of the scan's decoded voxels and affine (``validate="full"`` only), the
+            same for the same scan under any file name, path or patient ID.
     """
 
     row: int
@@ -67,6 +88,8 @@ class ManifestRow:
     patient_id: str
     mask_path: str | None
     extra: dict = field(default_factory=dict)
+    csv: str = ""
+    fingerprint: str | None = None
 
 
 class _RowProblem(Exception):
@@ -118,7 +141,7 @@ def read_manifest(
     for line, record in records:
         path = record.get("path", "")
         try:
-            checks.append(_parse_row(line, record, csv_path.parent, mask_dir))
+            checks.append(_parse_row(line, record, csv_path, mask_dir))
         except _RowProblem as problem:
             reject(line, path, str(problem))
     checks = _without_duplicates(checks, reject)
@@ -126,10 +149,14 @@ def read_manifest(
     if validate == "paths":
         rows = checks
     else:
+        by_content: dict[str, ManifestRow] = {}
         for row in tqdm(checks, desc=f"checking {csv_path.name}", unit="scan"):
             try:
                 if not _check_files(row):
                     unknown_geometry.append(row.path)
+                first = by_content.setdefault(row.fingerprint or "", row)
+                if first is not row:
+                    raise _RowProblem(f"the same scan as row {first.row} ({first.path}): equal voxels and affine")
                 rows.append(row)
             except _RowProblem as problem:
                 reject(row.row, row.path, str(problem))
@@ -144,6 +171,21 @@ def read_manifest(
     if not rows:
         raise ManifestError(f"{csv_path}: no usable rows left; all {len(skipped)} were skipped: {skipped}")
     return rows, skipped
+
+
+def check_no_scan_in_both(train: list[ManifestRow], val: list[ManifestRow], allowed: bool = False) -> None:
+    """The same scan (by :func:`scan_fingerprint`) in training and validation, under any path or patient
+    ID, makes validation score what was trained on: ManifestError naming both rows, unless ``allowed``
+    (``--allow_patient_overlap``: one scan is one patient's)."""
+    trained = {r.fingerprint: r for r in train if r.fingerprint}
+    both = [(trained[r.fingerprint], r) for r in val if r.fingerprint in trained]
+    if both and not allowed:
+        t, v = both[0]
+        raise ManifestError(
+            f"{v.csv}, row {v.row} ({v.path}) is the same scan as {t.csv}, row {t.row} ({t.path}): equal voxels "
+            f"and affine{f', and {len(both) - 1} more such pair(s)' if len(both) > 1 else ''}; validation would "
+            "score scans it trained on: take them out of one split, or pass --allow_patient_overlap"
+        )
 
 
 def _without_duplicates(rows: list[ManifestRow], reject) -> list[ManifestRow]:
@@ -190,7 +232,13 @@ def _read_csv(csv_path: Path) -> list[tuple[int, dict]]:
                 )
             records = []
             for record in reader:
+                # DictReader puts the cells past the header's under the key None and fills a short
+                # row's missing columns with None: both are a row that does not say what it seems to.
+                extra, missing = record.get(None) or [], [k for k, v in record.items() if k is not None and v is None]
                 values = {k: (v or "").strip() for k, v in record.items() if k is not None}
+                if extra or missing:
+                    cells = len(columns) + len(extra) - len(missing)
+                    values[_RAGGED] = f"has {cells} cell(s), the header has {len(columns)} ({', '.join(columns)})"
                 if any(values.values()):
                     records.append((reader.line_num, values))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -203,8 +251,11 @@ def _read_csv(csv_path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _parse_row(line: int, record: dict, csv_dir: Path, mask_dir: Path | None) -> ManifestRow:
-    """Cheap checks: values well-formed, scan exists, a mask exists where ``ich=1``."""
+def _parse_row(line: int, record: dict, csv_path: Path, mask_dir: Path | None) -> ManifestRow:
+    """Cheap checks: as many cells as the header, values well-formed, scan exists, a mask exists where ``ich=1``."""
+    if _RAGGED in record:
+        raise _RowProblem(record[_RAGGED])
+    csv_dir = csv_path.parent
     if not record["path"]:
         raise _RowProblem("'path' is empty")
     if not record["patient_id"]:
@@ -235,13 +286,25 @@ def _parse_row(line: int, record: dict, csv_dir: Path, mask_dir: Path | None) ->
         names = ", ".join(p.name for p in tried) if tried else "no mask_dir given"
         raise _RowProblem(f"ich=1 but no mask found in {mask_dir} (tried {names})")
     extra = {k: v for k, v in record.items() if k not in (*REQUIRED_COLUMNS, "mask")}
-    return ManifestRow(line, str(path), int(ich), record["patient_id"], mask_path, extra)
+    return ManifestRow(line, str(path), int(ich), record["patient_id"], mask_path, extra, str(csv_path))
+
+
+def scan_fingerprint(volume: Volume) -> str:
+    """A hash of the decoded voxels (values, shape, type) and the affine (to 1 µm): one scan copied under
+    another name, path or patient ID has the same one."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{volume.array.shape}{volume.array.dtype}".encode())
+    digest.update(np.ascontiguousarray(volume.array).tobytes())
+    digest.update(np.round(volume.affine, 3).tobytes())
+    return digest.hexdigest()
 
 
 def _check_files(row: ManifestRow) -> bool:
-    """Read the scan and mask once and check them; returns whether the geometry is known."""
+    """Read the scan and mask once and check them (and take the scan's fingerprint); returns whether
+    the geometry is known."""
     try:
         volume = load_volume(row.path)  # also rejects NaN/Inf and non-3-D shapes
+        row.fingerprint = scan_fingerprint(volume)
         if row.mask_path is None:
             return volume.geometry_known
         volume, mask = align_mask_to_volume(volume, load_volume(row.mask_path))
@@ -284,13 +347,14 @@ def build_segmentation_dataset(
             "patient_id": r.patient_id,
             "path": r.path,
             "row": r.row,
+            "csv": r.csv,
             "extra": dict(r.extra),
         }
         for r in rows
     ]
     if cache_dir is None:
-        return Dataset(items, transform)
-    return PersistentDataset(
+        return _ManifestDataset(items, transform)
+    return _PersistentManifestDataset(
         items,
         transform,
         cache_dir=Path(cache_dir),
@@ -298,6 +362,34 @@ def build_segmentation_dataset(
         hash_transform=pickle_hashing,
         track_meta=True,
     )
+
+
+class _RowErrors:
+    """A data error met while an item is loaded (``--validate_data paths`` reads nothing up front) is
+    the same one line the validation pass gives, naming the CSV row; any other error is a bug and
+    passes unchanged."""
+
+    data: Sequence[dict]
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)  # type: ignore[misc]
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            item = self.data[index]
+            raise ManifestError(f"{item['csv']}, row {item['row']} ({item['path']}): {cause}") from err
+
+
+class _ManifestDataset(_RowErrors, Dataset):
+    pass
+
+
+class _PersistentManifestDataset(_RowErrors, PersistentDataset):
+    pass
 
 
 def _item_hash(item: dict) -> bytes:

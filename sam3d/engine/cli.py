@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from .errors import UserError
 
-__all__ = ["console_main", "plain_warnings", "run_main"]
+__all__ = ["console_main", "plain_warnings", "run_main", "user_message"]
 
 
 @contextlib.contextmanager
@@ -33,6 +33,17 @@ def plain_warnings() -> Iterator[None]:
         yield
 
 
+def user_message(err: UserError) -> str:
+    """The error's one line; one raised in a DataLoader worker arrives re-raised with the worker's
+    traceback as its message ("Caught ... Original Traceback ..."), whose last line is the error."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last.removeprefix(name)
+
+
 def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
     import torch
 
@@ -45,7 +56,7 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
         except UserError as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {user_message(err)}", file=sys.stderr)
             return err.exit_code
         except OSError as err:
             if debug or err.errno != errno.ENOSPC:

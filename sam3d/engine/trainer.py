@@ -290,47 +290,47 @@ class Trainer(Generic[ModelT]):
         counts: dict[str, int] = {}  # a log key may be absent from some batches (e.g. no negatives)
         seen = 0
         self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(
+        # Closed on an error too, so the error's line does not start after the bar.
+        with tqdm(
             total=steps,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not self.ctx.is_main,
             leave=False,
             dynamic_ncols=True,
-        )
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
-            boundary = (step + 1) % accum == 0 or step + 1 == steps
-            module = self.train_module  # DDP when distributed: it syncs gradients only on accumulation boundaries
-            sync: contextlib.AbstractContextManager[object]
-            if isinstance(module, nn.parallel.DistributedDataParallel) and not boundary:
-                sync = module.no_sync()
-            else:
-                sync = contextlib.nullcontext()
-            with sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                    loss, logs = self.train_module(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        "lower --lr, or check the inputs of this batch"
-                    )
-                self.scaler.scale(loss / accum).backward()
-            if boundary:
-                self.scaler.unscale_(self.optimizer)
-                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-            seen += 1
-            logs = {"loss": loss.item(), **logs}
-            for key, value in logs.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
-            bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
-            bar.update(1)
-        bar.close()
+        ) as bar:
+            for step, batch in enumerate(loader):
+                if step >= steps:
+                    break
+                boundary = (step + 1) % accum == 0 or step + 1 == steps
+                module = self.train_module  # DDP when distributed: it syncs gradients only on accumulation boundaries
+                sync: contextlib.AbstractContextManager[object]
+                if isinstance(module, nn.parallel.DistributedDataParallel) and not boundary:
+                    sync = module.no_sync()
+                else:
+                    sync = contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                        loss, logs = self.train_module(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            "lower --lr, or check the inputs of this batch"
+                        )
+                    self.scaler.scale(loss / accum).backward()
+                if boundary:
+                    self.scaler.unscale_(self.optimizer)
+                    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                seen += 1
+                logs = {"loss": loss.item(), **logs}
+                for key, value in logs.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+                bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
+                bar.update(1)
         means = {f"train_{k}": v / counts[k] for k, v in totals.items()}
         # Only the loss is on every rank for sure; the other logs are rank 0's view.
         means["train_loss"] = all_reduce_mean(means["train_loss"], self.ctx, self.device)
@@ -359,8 +359,10 @@ class Trainer(Generic[ModelT]):
         stop_reason = "completed all epochs"
         if self.state["epoch"] >= cfg.epochs:
             stop_reason = f"already trained {self.state['epoch']} epochs (--epochs {cfg.epochs})"
+        where = "before the first epoch"
         try:
             for epoch in range(self.state["epoch"], cfg.epochs):
+                where = f"during epoch {epoch + 1}"
                 started = time.time()
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
@@ -391,6 +393,7 @@ class Trainer(Generic[ModelT]):
                     record["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1024**3, 3)
                 self.state["history"].append(record)
                 self.state["epoch"] = epoch + 1
+                where = f"after epoch {epoch + 1}, saving its checkpoint"
                 improved = self._improved(value)
                 if improved:
                     self.state["best_metric"] = value
@@ -417,11 +420,11 @@ class Trainer(Generic[ModelT]):
                     )
                     break
         except KeyboardInterrupt:
-            stop_reason = f"interrupted during epoch {self.state['epoch'] + 1}; resume with --resume"
+            stop_reason = f"interrupted {where}; resume with --resume"
             raise
         except BaseException as err:  # the summary must not say "completed" for a run that crashed
             stop_reason = (
-                f"failed during epoch {self.state['epoch'] + 1} ({type(err).__name__}: {err}); the last "
+                f"failed {where} ({type(err).__name__}: {err}); the last "
                 f"finished epoch is {self.state['epoch']}, resume with --resume"
             )
             raise
