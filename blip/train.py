@@ -52,7 +52,9 @@ from sam3d.engine.config import (
     add_tracking_arguments,
     check_resume,
     check_training_config,
+    input_path,
     parse_with_config,
+    require_file,
 )
 
 LM_FOLDER = "lm"
@@ -69,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     bool_flag = argparse.BooleanOptionalAction
     add_run_arguments(p, "outputs/blip")
     g = p.add_argument_group("data")
-    g.add_argument("--train_manifest", help="CSV/JSONL with columns image, report (or findings/impression), modality")
-    g.add_argument("--val_manifest", help="default: the rows of --train_manifest whose split is 'val'")
+    g.add_argument(
+        "--train_manifest",
+        type=input_path,
+        help="CSV/JSONL with columns image, report (or findings/impression), modality",
+    )
+    g.add_argument("--val_manifest", type=input_path, help="default: the rows of --train_manifest whose split is 'val'")
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument(
         "--cache_images",
@@ -87,10 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument(
-        "--encoder", help="CT tower: sam_encoder.pth exported by train.py (architecture and preprocessing inside)"
+        "--encoder",
+        type=input_path,
+        help="CT tower: sam_encoder.pth exported by train.py (architecture and preprocessing inside)",
     )
     g.add_argument("--ct_model_type", default="small", help="CT tower registry name when no --encoder (random weights)")
-    g.add_argument("--xray_encoder", help="X-ray tower: segment-anything checkpoint, e.g. sam_vit_b_01ec64.pth")
+    g.add_argument(
+        "--xray_encoder", type=input_path, help="X-ray tower: segment-anything checkpoint, e.g. sam_vit_b_01ec64.pth"
+    )
     g.add_argument("--xray_model_type", default="vit_b", help="X-ray tower: vit_b (sam_vit_b) or tiny")
     g.add_argument(
         "--freeze_vision",
@@ -115,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="1: Q-Former pre-training (ITC, ITM, ITG); 2: report generation behind the LM",
     )
-    g.add_argument("--init_from", help="a stage-1 run's qformer folder (bridge + stage-1 heads) that starts this run")
+    g.add_argument(
+        "--init_from",
+        type=input_path,
+        help="a stage-1 run's qformer folder (bridge + stage-1 heads) that starts this run",
+    )
     g.add_argument("--num_query_tokens", type=int, default=32)
     g.add_argument(
         "--qformer_checkpoint",
@@ -128,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         default={},
         help='Q-Former overrides as JSON, e.g. {"hidden_size": 256, "num_hidden_layers": 4} (default BERT-base)',
     )
-    g.add_argument("--lm", help="local Hugging Face causal-LM folder; default: a tiny GPT-2 built in output_dir/lm")
+    g.add_argument(
+        "--lm",
+        type=input_path,
+        help="local Hugging Face causal-LM folder; default: a tiny GPT-2 built in output_dir/lm",
+    )
     g.add_argument("--lm_mode", choices=["frozen", "full", "lora"], default="frozen")
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=16)
@@ -202,9 +220,8 @@ def check_config(args: argparse.Namespace) -> list[str]:
         raise ConfigError("--train_manifest is required")
     for key in ("train_manifest", "val_manifest", "encoder", "xray_encoder", "qformer_checkpoint"):
         value = getattr(args, key)
-        if value and not Path(value).is_file():
-            hint = {"train_manifest": MANIFEST_HINT, "val_manifest": MANIFEST_HINT}.get(key, "")
-            raise ConfigError(f"--{key} {value}: file not found{hint}")
+        if value:
+            require_file(key, value, {"train_manifest": MANIFEST_HINT, "val_manifest": MANIFEST_HINT}.get(key, ""))
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise ConfigError(f"--init_from {args.init_from}: not a qformer folder of a stage-1 run (no config.json)")
     if args.stage == 1 and args.init_from:

@@ -37,7 +37,9 @@ from sam3d.engine.config import (
     add_tracking_arguments,
     check_resume,
     check_training_config,
+    input_path,
     parse_with_config,
+    require_file,
 )
 from sam3d.engine.trainer import BEST_CHECKPOINT, LATEST_CHECKPOINT
 from sam3d.export import ENCODER_FILE
@@ -51,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = add_run_arguments(p, "outputs/sam3d")
     g.add_argument("--test", action="store_true", help="system check with a tiny end-to-end run, then exit")
     g = p.add_argument_group("data")
-    g.add_argument("--train_csv", help="CSV with columns path,ich,patient_id (extra columns kept)")
-    g.add_argument("--val_csv")
-    g.add_argument("--mask_dir", help="masks named after each volume's stem (049.pkl -> 049.nii.gz)")
+    g.add_argument("--train_csv", type=input_path, help="CSV with columns path,ich,patient_id (extra columns kept)")
+    g.add_argument("--val_csv", type=input_path)
+    g.add_argument("--mask_dir", type=input_path, help="masks named after each volume's stem (049.pkl -> 049.nii.gz)")
     g.add_argument("--cache_dir", help="cache preprocessed volumes on disk here (MONAI PersistentDataset)")
     g.add_argument(
         "--validate_data",
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--img_size", type=int, help="input cube edge in voxels (default: the registry model's; SAM-Med3D's --img_size)"
     )
-    g.add_argument("--checkpoint", help="initial weights, e.g. the official sam_med3d_turbo.pth")
+    g.add_argument("--checkpoint", type=input_path, help="initial weights, e.g. the official sam_med3d_turbo.pth")
     g.add_argument("--freeze_encoder", action=bool_flag, default=False)
     g.add_argument("--use_gradient_checkpointing", action=bool_flag, default=False)
     g.add_argument("--visual_tokens", type=int, default=256, help="width of the exported visual-token projection")
@@ -123,12 +125,11 @@ def check_config(args: argparse.Namespace) -> list[str]:
         if not cfg.get(key):
             raise ConfigError(f"--{key} is required (or run `python train.py --test` to check the machine)")
     for key in ("train_csv", "val_csv"):
-        if not Path(cfg[key]).is_file():
-            raise ConfigError(f"--{key} {cfg[key]}: file not found")
+        require_file(key, cfg[key])
     if not Path(cfg["mask_dir"]).is_dir():
         raise ConfigError(f"--mask_dir {cfg['mask_dir']}: folder not found")
-    if cfg["checkpoint"] and not Path(cfg["checkpoint"]).is_file():
-        raise ConfigError(f"--checkpoint {cfg['checkpoint']}: file not found")
+    if cfg["checkpoint"]:
+        require_file("checkpoint", cfg["checkpoint"])
     if cfg["resume"] and not (Path(cfg["output_dir"]) / LATEST_CHECKPOINT).is_file():
         raise ConfigError(f"--resume: {Path(cfg['output_dir']) / LATEST_CHECKPOINT} does not exist")
     if cfg["num_clicks"] < 1 or cfg["val_num_clicks"] < 1:

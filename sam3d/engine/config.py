@@ -43,7 +43,11 @@ class CommandLineParser(argparse.ArgumentParser):
 def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> argparse._ArgumentGroup:
     """The "run" group (--config, --output_dir, --seed, --device, --resume); returned for additions."""
     g = parser.add_argument_group("run")
-    g.add_argument("--config", help="YAML file of flag values; explicit flags override it")
+    g.add_argument(
+        "--config",
+        help="YAML file of flag values; explicit flags override it. Relative input paths in it are found "
+        "beside it first, then in the working directory",
+    )
     g.add_argument("--output_dir", default=output_dir)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -114,6 +118,27 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, project: str, images
     return g
 
 
+def input_path(value: str) -> str:
+    """``type=`` of a flag naming a file or folder the run reads (a checkpoint, a CSV, a mask folder).
+
+    On the command line it is taken as typed, relative to the working directory. In a ``--config``
+    YAML a relative one is resolved against the config file's folder when it exists there (so a
+    shipped config names the package's own files, and a user's config travels with its data), else
+    against the working directory, as on the command line. Outputs (``--output_dir``) always follow
+    the working directory.
+    """
+    return value
+
+
+def require_file(flag: str, value: str, hint: str = "") -> None:
+    """ConfigError naming ``--flag`` when ``value`` is not an existing file (a folder is named as one)."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(f"--{flag} {value}: is a folder; a file is expected{hint}")
+    if not path.is_file():
+        raise ConfigError(f"--{flag} {value}: file not found{hint}")
+
+
 def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -147,6 +172,9 @@ def _yaml_value(path: Path, key: str, value: Any, action: argparse.Action) -> An
     where = f"--config {path}: key '{key}'"
     if value is None:
         return value
+    if action.type is input_path and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        beside = path.parent / value
+        return str(beside.resolve()) if beside.exists() else value
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} expects true or false, found {value!r}")
@@ -193,7 +221,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
         parser.set_defaults(**load_yaml_config(first.config, parser))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Input paths are recorded absolute, so config.json says which files ran and a resume from
+    # another folder compares the same files.
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is input_path and isinstance(value, str) and value:
+            setattr(args, action.dest, os.path.abspath(os.path.expanduser(value)))
+    return args
 
 
 # Resuming may always change these: they say how long, where and how the run is watched, not what it learns.
@@ -240,6 +275,15 @@ RESUME_RESTORED = frozenset(
 )
 
 
+def _same_value(old: Any, new: Any) -> bool:
+    """Equal, or two spellings of one existing file (``../data/train.csv`` and its absolute path)."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new and os.path.exists(old) and os.path.exists(new):
+        return os.path.samefile(old, new)
+    return False
+
+
 def check_resume(args: argparse.Namespace) -> list[str]:
     """On --resume, the flags that differ from ``output_dir/config.json`` (the run being resumed).
 
@@ -253,7 +297,9 @@ def check_resume(args: argparse.Namespace) -> list[str]:
     saved = json.loads(saved_path.read_text())
     current = json.loads(json.dumps(vars(args), default=str))
     changed = {
-        k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE
+        k: (saved[k], v)
+        for k, v in current.items()
+        if k in saved and not _same_value(saved[k], v) and k not in RESUME_MAY_CHANGE
     }
     restored = sorted(k for k in changed if k in RESUME_RESTORED)
     if restored:
