@@ -35,14 +35,15 @@ class LocationEvidence:
     ``ventricle_overlap_fraction``: share of its voxels inside the ventricular system estimated from
     the scan; ``midline_distance_mm``: closest approach to the head's midsagittal plane (0 when it
     crosses); ``crosses_midline``: voxels on both sides of that plane; ``shape``: crescentic,
-    lentiform or globular (extra-axial collections are crescentic or lentiform)."""
+    lentiform or globular (extra-axial collections are crescentic or lentiform). The table and
+    ventricle figures are None on a scan without a skull to measure from."""
 
-    inner_table_distance_mm: float
-    depth_mm: float
+    inner_table_distance_mm: float | None
+    depth_mm: float | None
     thickness_mm: float
     span_mm: float
-    table_contact_fraction: float
-    ventricle_overlap_fraction: float
+    table_contact_fraction: float | None
+    ventricle_overlap_fraction: float | None
     midline_distance_mm: float
     crosses_midline: bool
     shape: str
