@@ -41,6 +41,7 @@ from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
+from sam3d.engine.checkpoint import atomic_write
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.predict.postprocessing import hyperdense_options
@@ -262,12 +263,14 @@ class ReportSession:
         """Segment with the case's clicks, ground the generated text (rewritten from the new
         measurements by a conditioned model, kept otherwise), write the downloads."""
         assert self.reporter.segmenter is not None  # analyse_ct refuses a CT without one
-        out = self._new_dir(case["visitor"])
-        segmentation = self.reporter.segmenter.save(self._segment(case), out)
+        segmentation = self._segment(case)
         if self.reporter.conditioned:
             case = {**case, "generated": self.reporter.generate(case["scan"], "ct", segmentation.measurements)}
         grounded = ground_report(case["generated"], segmentation.measurements, self.reporter.correct)
         findings, impression = split_sections(grounded.report)
+        out = self._new_dir(case["visitor"])
+        # The SR beside the SEG carries the grounded report's sections, as sam3d-report writes it.
+        segmentation = self.reporter.segmenter.save(segmentation, out, report_sections=(findings, impression))
         name = case["name"]
         stem = name[:-4] if name.lower().endswith(".zip") else strip_volume_extension(name)
         record = {
@@ -280,8 +283,10 @@ class ReportSession:
             "segmentation": segmentation.to_json(),
         }
         report_json, report_txt = out / f"{stem}_report.json", out / f"{stem}_report.txt"
-        report_json.write_text(json.dumps(record, indent=2, default=str))
-        report_txt.write_text(grounded.report + "\n")
+        text = json.dumps(record, indent=2, default=str)
+        atomic_write(report_json, lambda tmp: tmp.write_text(text))
+        atomic_write(report_txt, lambda tmp: tmp.write_text(grounded.report + "\n"))
+        dicom = [segmentation.files[key] for key in ("dicom_seg", "dicom_sr") if key in segmentation.files]
         return {
             **case,
             "report_stale": False,
@@ -290,12 +295,7 @@ class ReportSession:
             "report": grounded.report,
             "flags": grounded.flags,
             "corrected": grounded.corrected,
-            "downloads": [
-                segmentation.files["mask"],
-                *([segmentation.files["dicom_seg"]] if "dicom_seg" in segmentation.files else []),
-                str(report_txt),
-                str(report_json),
-            ],
+            "downloads": [segmentation.files["mask"], *dicom, str(report_txt), str(report_json)],
         }
 
     def analyse_xray(self, path: Path, name: str, visitor: str = "local") -> dict[str, Any]:
@@ -477,7 +477,10 @@ def build_app(
                 report = gr.Textbox(label="Report", lines=10, interactive=False, elem_id="report")
                 flags = gr.Markdown("", elem_id="flags")
                 downloads = gr.File(
-                    label="Downloads (mask, report)", file_count="multiple", interactive=False, elem_id="downloads"
+                    label="Downloads (mask, DICOM SEG and SR, report)",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="downloads",
                 )
         outputs = [status, case_state, viewer, slice_slider, window, measurements, report, flags, downloads, clicks_md]
         upload.upload(analyse, [upload, window, series_box], outputs)

@@ -161,7 +161,9 @@ def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tm
     geometry = case["scan"].geometry
     assert geometry.series["description"] == "HEAD 5mm" and geometry.tilt_deg == pytest.approx(12.0, abs=0.05)
     assert any("SCOUT" in note and "localizer" in note for note in geometry.notes)
-    assert any(d.endswith("_seg.dcm") for d in case["downloads"])
+    assert any(d.endswith("_seg.dcm") for d in case["downloads"]) and any(
+        d.endswith("_sr.dcm") for d in case["downloads"]
+    )
     with pytest.raises(UploadError, match="study.zip: no series matches series 'bone'"):
         session.analyse_ct(session.resolve_upload(archive, archive.name)[0], archive.name, "bone")
 

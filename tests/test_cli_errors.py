@@ -222,6 +222,48 @@ def test_a_second_run_on_one_output_dir_is_refused(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("command", ["predict", "report", "evaluate"])
+def test_scan_commands_lock_their_output_folder_and_check_it_before_loading_a_model(
+    models, scan, tmp_path, capsys, command
+):
+    from blip.cli.report import main as report_main
+    from sam3d.cli.evaluate import main as evaluate_main
+
+    seg, report_model = models
+    run = {
+        "predict": (predict_main, ["--checkpoint", str(seg), "--input", str(scan)]),
+        "report": (report_main, ["--segmentation_checkpoint", str(seg), "--report_model", str(report_model)]),
+        "evaluate": (evaluate_main, ["--checkpoint", str(seg), "--csv", str(tmp_path / "no.csv"), "--mask_dir", "m"]),
+    }[command]
+    main, flags = run[0], run[1] + (["--input", str(scan)] if command == "report" else [])
+    out = tmp_path / "out"
+    with lock_output_dir(out):  # a run in progress on that folder
+        code = run_main(main, [*flags, "--output_dir", str(out)])
+    _one_line_error(capsys, code, 2, f"--output_dir {out}: in use by PID {os.getpid()}")
+    (tmp_path / "a_file").write_text("")
+    code = run_main(main, [*flags, "--output_dir", str(tmp_path / "a_file")])
+    _one_line_error(capsys, code, 2, "a_file: is a file; a folder")
+    code = run_main(main, [*flags, "--output_dir", str(tmp_path / "a_file" / "out")])
+    _one_line_error(capsys, code, 2, "a_file/out: cannot write into it (Not a directory)")
+
+
+def test_a_second_batch_keeps_the_records_of_the_first(models, scan, tmp_path, capsys):
+    other = scan.parent / "other.nii.gz"
+    other.write_bytes(scan.read_bytes())
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(models[0]), "--output_dir", str(out), "--device", "cpu"]
+    assert run_main(predict_main, [*base, "--input", str(scan)]) == 0
+    assert run_main(predict_main, [*base, "--input", str(other)]) == 0
+    assert run_main(predict_main, [*base, "--input", str(scan)]) == 0  # a scan run again: its newest record
+    records = json.loads((out / "predictions.json").read_text())
+    assert sorted(Path(r["source"]).name for r in records) == ["other.nii.gz", "scan.nii.gz"]
+    (out / "predictions.json").write_text("{not json")
+    capsys.readouterr()
+    assert run_main(predict_main, [*base, "--input", str(other)]) == 0
+    assert "predictions.json: not a list of records; kept aside as" in capsys.readouterr().err
+    assert (out / "predictions.json.unreadable").read_text() == "{not json"
+
+
 class FailingTask(SegmentationTask):
     def validate(self, model, loader, device):
         if getattr(self, "_calls", 0) == 1:

@@ -32,7 +32,7 @@ from sam3d.cli.scans import (
     parse_clicks,
     run_batch,
 )
-from sam3d.engine.checkpoint import atomic_write
+from sam3d.engine.checkpoint import atomic_write, lock_output_dir
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.engine.distributed import resolve_device
@@ -76,8 +76,9 @@ def main(argv=None) -> int:
         "repetition_penalty": args.repetition_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
-    # Every input named, the study retrieved and output names checked, before the models load.
-    with open_scans(args) as scans:
+    # Every input named, the study retrieved, the output folder locked and output names checked, before
+    # the models load.
+    with open_scans(args) as scans, lock_output_dir(args.output_dir):
         stems = output_stems(scans.inputs)
         reporter = ScanReporter(
             args.segmentation_checkpoint,

@@ -240,7 +240,7 @@ def predict_stages(args) -> dict:
     second = np.clip(first + 2, 0, np.array(volume.array.shape) - 1)
     clicks: list = []
     for name, voxel in (("first click", first), ("second click", second)):
-        clicks.append(Click(tuple(float(v) for v in voxel)))
+        clicks.append(Click((float(voxel[0]), float(voxel[1]), float(voxel[2]))))
         with StageTimes() as times:
             start = time.perf_counter()
             segmenter.predict(prepared, clicks)
@@ -290,11 +290,11 @@ def main(argv=None) -> int:
             p.error(f"--predict needs --checkpoint, a segmentation checkpoint file; got {args.checkpoint}")
         if not Path(args.predict).exists():
             p.error(f"--predict {args.predict}: file or folder not found")
-        rows = predict_stages(args)
-        rows.update(device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
+        stages = predict_stages(args)
+        stages.update(device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2))
+        out.write_text(json.dumps(stages, indent=2))
         print(f"written: {out}")
         return 0
 

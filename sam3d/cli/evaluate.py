@@ -17,6 +17,7 @@ Writes ``per_case.csv`` and ``summary.json`` to --output_dir.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -33,6 +34,7 @@ from sam3d.data.dataset import build_segmentation_dataset, read_manifest
 from sam3d.data.io import load_volume
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import build_transforms
+from sam3d.engine.checkpoint import lock_output_dir
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.engine.distributed import resolve_device
@@ -104,6 +106,11 @@ def main(argv=None) -> int:
     if args.num_clicks < 1:
         raise ConfigError(f"--num_clicks must be >= 1 (each scan is scored after its clicks), got {args.num_clicks}")
 
+    with lock_output_dir(args.output_dir):  # before the model loads: a folder that cannot hold the results
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
     model.to(device).eval()

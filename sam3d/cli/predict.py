@@ -44,6 +44,7 @@ from sam3d.cli.scans import (
     parse_clicks,
     run_batch,
 )
+from sam3d.engine.checkpoint import lock_output_dir
 from sam3d.engine.cli import console_main
 from sam3d.engine.config import CommandLineParser
 from sam3d.engine.distributed import resolve_device
@@ -113,8 +114,9 @@ def main(argv=None) -> int:
         p.error(f"--checkpoint {args.checkpoint}: file not found")
     device = resolve_device(args.device)
     clicks = parse_clicks(args.click, args.click_space)
-    # Every input named, the study retrieved and output names checked, before the model loads.
-    with open_scans(args) as scans:
+    # Every input named, the study retrieved, the output folder locked and output names checked, before
+    # the model loads.
+    with open_scans(args) as scans, lock_output_dir(args.output_dir):
         stems = output_stems(scans.inputs)
         segmenter = HemorrhageSegmenter(
             args.checkpoint,

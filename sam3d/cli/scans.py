@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,11 +197,20 @@ def run_batch(
     record_path: Path,
     name: Callable[[str], str] = str,
 ) -> int:
-    """``process`` each input and write the records to ``record_path`` (JSON list, atomically); a scan
-    that fails is recorded as ``{"source", "error"}`` and the batch goes on (``fail_fast``: the error
-    ends the batch instead); ``name`` says how an input is shown and recorded. Returns the exit
-    code: 1 if any scan failed."""
-    records = []
+    """``process`` each input and write the records to ``record_path`` (JSON list, atomically, after
+    each scan, so a batch that stops keeps the records of the scans done); a scan that fails is recorded
+    as ``{"source", "error"}`` and the batch goes on (``fail_fast``: the error ends the batch instead);
+    ``name`` says how an input is shown and recorded. Records an earlier run left there for other
+    sources are kept (the command holds the folder's lock, so no run writes beside it). Returns the
+    exit code: 1 if any scan failed."""
+    earlier = _earlier_records(record_path)
+    records: list[dict[str, Any]] = []
+
+    def write() -> None:
+        done = {r["source"] for r in records}
+        text = json.dumps([r for r in earlier if r.get("source") not in done] + records, indent=2)
+        atomic_write(record_path, lambda tmp: tmp.write_text(text))
+
     for path in inputs:
         try:
             records.append(process(path))
@@ -210,9 +221,25 @@ def run_batch(
             source = name(path)
             print(f"error: {source}: {reason}" if source not in reason else f"error: {reason}", file=sys.stderr)
             records.append({"source": source, "error": reason})
-    text = json.dumps(records, indent=2)
-    atomic_write(record_path, lambda tmp: tmp.write_text(text))
+        write()
     failed = sum("error" in r for r in records)
     if failed:
         print(f"{failed} of {len(records)} scan(s) failed; see {record_path}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _earlier_records(record_path: Path) -> list[dict[str, Any]]:
+    """The records an earlier run wrote to ``record_path``; one that cannot be read is kept aside as
+    ``<name>.unreadable`` (with a warning) rather than overwritten."""
+    if not record_path.is_file():
+        return []
+    try:
+        records = json.loads(record_path.read_text())
+        if isinstance(records, list) and all(isinstance(r, dict) for r in records):
+            return records
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    aside = record_path.with_name(record_path.name + ".unreadable")
+    os.replace(record_path, aside)
+    warnings.warn(f"{record_path}: not a list of records; kept aside as {aside}", stacklevel=2)
+    return []

@@ -95,7 +95,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 @contextlib.contextmanager
 def lock_output_dir(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
     """Hold ``path/.lock`` for a run: a second run on the same folder is refused (ConfigError) with the
-    first one's PID and start time, instead of both writing a mixture of checkpoints and summaries.
+    first one's PID and start time, instead of both writing a mixture of outputs and records. A path
+    that is a file, or a folder that cannot be written, is refused the same way, before any work.
 
     The lock is an ``flock`` on the open file, so it ends with the process however it ends (a
     SIGKILLed run leaves no stale lock); ``enabled=False`` (DDP ranks other than 0) does nothing.
@@ -106,8 +107,13 @@ def lock_output_dir(path: str | os.PathLike, enabled: bool = True) -> Iterator[N
         yield
         return
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a+")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output_dir {folder}: is a file; a folder (new or existing) is expected")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+")
+    except OSError as err:  # before any work: a run must not end unable to write what it computed
+        raise ConfigError(f"--output_dir {folder}: cannot write into it ({err.strerror})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
