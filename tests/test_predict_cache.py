@@ -150,3 +150,23 @@ def test_bench_predict_prints_each_stage_and_two_clicks(scan_and_model, tmp_path
     assert record["shape"] == list(c.image_hu.shape)
     assert any(r["stage"] == "encoder" for r in record["automatic"])
     assert not any(r["stage"] == "encoder" for r in record["second_click"]["stages"])  # answered from the cache
+
+
+@pytest.mark.slow
+def test_a_real_size_scan_goes_through_every_stage_and_a_second_click_from_the_cache(tmp_path, capsys):
+    """512 x 512 x 134 voxels of 0.45 x 0.45 x 1.08 mm, as a thin-slice head CT, with the shipped stand-in."""
+    from sam3d import PRETRAINED_DIR
+
+    c = synthesize_case(0, seed=4, spacing_mm=(0.45, 0.45, 1.08), ich_type="subdural", fov_mm=(230.4, 230.4, 144.7))
+    assert c.image_hu.shape == (512, 512, 134)
+    nib.save(nib.Nifti1Image(c.image_hu, c.affine), tmp_path / "thin.nii.gz")
+    out = tmp_path / "bench.json"
+    checkpoint = str(PRETRAINED_DIR / "sam_med3d_small_ich.pth")
+    assert bench.main(["--predict", str(tmp_path / "thin.nii.gz"), "--checkpoint", checkpoint, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    stages = {r["stage"]: r for r in record["automatic"]}
+    expected = {"read", "resample to model grid", "encoder", "decoder", "resample to scan grid", "post-processing"}
+    assert expected | {"measurement", "NIfTI writing", "overlays"} <= set(stages)
+    assert stages["encoder"]["calls"] > 1  # sliding windows over the whole head
+    assert "encoder" not in {r["stage"] for r in record["second_click"]["stages"]}
+    assert all(r["peak_gb"] > 0 for r in record["automatic"])
