@@ -1,9 +1,10 @@
 """Reports grounded in measurements: scan → segmentation → measurements → BLIP-2 report, checked.
 
 A generated report may contradict what the segmentation measured ("no hemorrhage" next to a measured
-12 mL, the wrong side, a volume off by half). The findings labeler reads the generated text, the
-contradictions are listed as flags, and with ``correct=True`` the impression is replaced by one
-stated from the measurements. The measurements always enter the report as a structured line, and
+12 mL, the wrong side, a volume off by half, a subdural where the mask lies in the parenchyma). The
+findings labeler reads the generated text, the contradictions are listed as flags, and with
+``correct=True`` the findings sentences that state them are left out and the impression is replaced
+by one stated from the measurements. The measurements always enter the report as a structured line, and
 as conditioning for generation when the report model was trained with it (``blip.conditioning``).
 """
 
@@ -19,22 +20,52 @@ from sam3d.data.io import Volume, load_volume
 from sam3d.engine.config import ConfigError
 from sam3d.engine.stage_timing import stage
 from sam3d.predict import HemorrhageSegmenter
-from sam3d.predict.records import Click, Measurements
+from sam3d.predict.records import Click, ComponentMeasurement, Measurements
 
 from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
 from .data.reports import join_sections, split_sections
-from .labeler import NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
+from .labeler import CT_SUBTYPES, NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
 
 __all__ = [
+    "LOCATION_SUBTYPES",
     "MIN_HEMORRHAGE_ML",
     "GroundedReport",
     "ScanReporter",
     "contradictions",
     "ground_report",
     "measured_impression",
+    "measured_subtypes",
     "structured_findings",
+    "subtype_contradictions",
 ]
 _VOLUME = re.compile(r"(\d+(?:\.\d+)?)\s*(?:ml|mL|cc|milliliters?)\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+# The labeler's subtype of each location class of the mask ("indeterminate" supports none).
+LOCATION_SUBTYPES = {
+    "intraparenchymal": "IPH",
+    "intraventricular": "IVH",
+    "subarachnoid": "SAH",
+    "subdural": "SDH",
+    "epidural": "EDH",
+}
+
+
+def _located(m: Measurements, min_ml: float) -> list[ComponentMeasurement]:
+    """The components a report should describe: those of ``min_ml`` or more (the largest if none is),
+    whose location could be determined, largest first."""
+    kept = [c for c in m.components if c.volume_ml >= min_ml] or m.components[:1]
+    return [c for c in kept if c.location in LOCATION_SUBTYPES]
+
+
+def measured_subtypes(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> set[str]:
+    """The labeler's subtypes (IPH, SDH, ...) the mask's components are located in."""
+    return {LOCATION_SUBTYPES[c.location] for c in _located(m, min_ml)}
+
+
+def _location_phrase(m: Measurements, min_ml: float) -> str:
+    """ "intraparenchymal (parietal)", "subdural (convexity) and intraventricular (lateral ventricle)"."""
+    phrases = dict.fromkeys(f"{c.location} ({c.region})" for c in _located(m, min_ml))
+    return " and ".join(phrases)
 
 
 def structured_findings(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
@@ -43,8 +74,11 @@ def structured_findings(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> s
         return f"Automated segmentation: no hemorrhage detected ({m.total_volume_ml:.1f} mL)."
     parts = f"{m.num_components} component" + ("s" if m.num_components != 1 else "")
     largest = f", largest {m.component_volumes_ml[0]:.1f} mL" if m.num_components > 1 else ""
+    location = _location_phrase(m, min_ml)
+    abc2 = f" (ABC/2 {m.abc2_ml:.1f} mL)" if m.components else ""
     return (
-        f"Automated segmentation: {m.side} hemorrhage, {m.total_volume_ml:.1f} mL in {parts}{largest}, "
+        f"Automated segmentation: {m.side} {location + ' ' if location else ''}hemorrhage, "
+        f"{m.total_volume_ml:.1f} mL{abc2} in {parts}{largest}, "
         f"axial slices {m.slice_extent[0]}-{m.slice_extent[1]} "
         f"(craniocaudal extent {m.craniocaudal_extent_mm:.0f} mm)."
     )
@@ -53,7 +87,8 @@ def structured_findings(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> s
 def measured_impression(m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
     if m.total_volume_ml < min_ml:
         return "No acute intracranial hemorrhage identified by automated segmentation."
-    return f"Acute {m.side} intracranial hemorrhage, approximately {m.total_volume_ml:.0f} mL."
+    location = _location_phrase(m, min_ml) or "intracranial"
+    return f"Acute {m.side} {location} hemorrhage, approximately {m.total_volume_ml:.0f} mL."
 
 
 def contradictions(text: str, m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> list[str]:
@@ -81,7 +116,32 @@ def _contradictions(text: str, m: Measurements, min_ml: float) -> list[str]:
         for value in (float(v) for v in _VOLUME.findall(text)):
             if abs(value - m.total_volume_ml) > max(5.0, 0.5 * m.total_volume_ml):
                 flags.append(f"report states {value:g} mL, segmentation measured {m.total_volume_ml:.1f} mL")
+        flags += _subtype_contradictions(labels, m, min_ml)
     return flags
+
+
+def subtype_contradictions(text: str, m: Measurements, min_ml: float = MIN_HEMORRHAGE_ML) -> list[str]:
+    """The flag (one or none) for subtypes ``text`` names where the mask's components are not located
+    (a report that names fewer, or none, is not contradicted; an indeterminate location checks nothing)."""
+    return _subtype_contradictions(label_ct_report(text), m, min_ml) if m.total_volume_ml >= min_ml else []
+
+
+def _subtype_contradictions(labels: dict, m: Measurements, min_ml: float) -> list[str]:
+    located = measured_subtypes(m, min_ml)
+    said = {subtype for subtype in CT_SUBTYPES if labels[subtype] == POSITIVE}
+    if not located or labels["hemorrhage"] != POSITIVE or said <= located:
+        return []
+    return [f"report says {'+'.join(sorted(said))}, segmentation locates {'+'.join(sorted(located))}"]
+
+
+def _consistent_sentences(findings: str, m: Measurements, min_ml: float) -> str:
+    """``findings`` without the sentences that state something the measurements contradict."""
+    kept = [
+        sentence
+        for sentence in _SENTENCE_END.split(findings)
+        if label_ct_report(sentence)["hemorrhage"] is None or not _contradictions(sentence, m, min_ml)
+    ]
+    return " ".join(kept)
 
 
 @dataclass
@@ -101,6 +161,7 @@ def ground_report(
     flags = contradictions(generated, m, min_ml)
     corrected = bool(flags) and correct
     if corrected:
+        findings = _consistent_sentences(findings, m, min_ml)
         impression = measured_impression(m, min_ml)
     report = join_sections(" ".join(part for part in (findings, structured) if part), impression)
     return GroundedReport(report, generated, structured, flags, corrected)

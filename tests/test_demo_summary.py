@@ -14,17 +14,24 @@ LEFT_SDH = (
 NORMAL = "FINDINGS: There is no acute intracranial hemorrhage. IMPRESSION: No acute intracranial hemorrhage."
 
 
-def record(true_subtype, true_side, true_ml, measured_ml, measured_side, dice, report):
+LOCATIONS = {"SDH": "subdural", "IPH": "intraparenchymal", "none": "none"}
+
+
+def record(true_subtype, true_side, true_ml, measured_ml, measured_side, dice, report, components=(), grounded=None):
     return {
         "true_subtype": true_subtype,
+        "true_location": LOCATIONS[true_subtype],
         "true_side": true_side,
         "true_ml": true_ml,
         "measured_ml": measured_ml,
         "measured_side": measured_side,
+        "component_locations": list(components),
         "dice": dice,
-        "report_labels": report_labels(report),
+        "generated_labels": report_labels(report),
+        "report_labels": report_labels(grounded or report),
         "words_outside_vocabulary": [],
         "contradictions": [],
+        "subtype_contradictions": int(grounded is not None),
     }
 
 
@@ -34,16 +41,22 @@ def test_report_labels_in_the_summarys_words():
 
 
 def test_figures_and_goals_from_records():
+    left_iph = LEFT_SDH.replace("subdural", "intraparenchymal")
     records = [
-        record("SDH", "left", 10.0, 12.0, "left", 0.8, LEFT_SDH),  # 20% volume error, all right
-        record("IPH", "right", 20.0, 19.0, "left", 0.6, LEFT_SDH),  # 5%, wrong side and subtype
-        record("none", "none", 0.0, 1.5, "left", None, NORMAL),  # a normal scan measured 1.5 mL
+        record("SDH", "left", 10.0, 12.0, "left", 0.8, LEFT_SDH, ["subdural"]),  # +20% volume, all right
+        # -5%, wrong side; the generated SDH was grounded to IPH, one of its two components misplaced
+        record("IPH", "right", 20.0, 19.0, "left", 0.6, LEFT_SDH, ["intraparenchymal", "subdural"], left_iph),
+        record("IPH", "right", 20.0, 18.0, "right", 0.7, NORMAL.replace("no acute", "an acute right")),  # -10%
+        record("none", "none", 0.0, 1.5, "left", None, NORMAL, ["indeterminate"]),  # a normal scan with 1.5 mL
     ]
     f = figures(records)
-    assert f["automatic_dice"] == pytest.approx(0.7) and f["median_volume_error"] == pytest.approx(0.125)
-    assert f["max_normal_ml"] == 1.5 and f["side_correct"] == 0.5
-    assert f["report_presence"] == 1.0 and f["report_side"] == 0.6667
-    assert f["report_subtype"] == 0.6667
+    assert f["automatic_dice"] == pytest.approx(0.7) and f["median_volume_error"] == pytest.approx(0.1)
+    assert f["median_signed_volume_error"] == pytest.approx(-0.05)
+    assert f["max_normal_ml"] == 1.5 and f["side_correct"] == pytest.approx(2 / 3, abs=1e-4)
+    assert f["location_correct"] == 0.5  # 2 of 4 components: one misplaced, one on a normal scan
+    assert f["report_subtype"] == 0.75 and f["report_subtype_iph"] == 0.5 and f["generated_subtype"] == 0.5
+    assert f["subtype_contradictions"] == 1
     g = goals({**f, "minutes_total": 9.0})
     assert g["automatic_dice"] == {"goal": ">= 0.75", "measured": 0.7, "met": False}
-    assert g["max_normal_ml"]["met"] is False and g["report_presence"]["met"] is True and g["minutes_total"]["met"]
+    assert g["max_normal_ml"]["met"] is False and g["minutes_total"]["met"]
+    assert g["median_signed_volume_error"] == {"goal": "|<=| 0.05", "measured": -0.05, "met": True}

@@ -8,13 +8,42 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from blip.grounded import contradictions, ground_report, structured_findings
+from blip.grounded import contradictions, ground_report, structured_findings, subtype_contradictions
+from blip.labeler import POSITIVE, label_ct_report
 from sam3d.data.synthetic import synthesize_case
 from sam3d.predict import Measurements
+from sam3d.predict.records import ComponentMeasurement, LocationEvidence
 from tests.conftest import REPO, make_tiny_models
 
 BLEED = Measurements(12.3, 1, [12.3], "left", [10, 14], 20.0, [50.0, 60.0, 12.0], [-30.0, 5.0, 40.0])
 NONE = Measurements(0.0, 0, [], "none", None, 0.0, None, None)
+
+
+def located(location: str, region: str, volume_ml: float = 12.3) -> ComponentMeasurement:
+    evidence = LocationEvidence(12.0, 40.0, 20.0, 30.0, 0.0, 0.0, 20.0, False, "globular")
+    return ComponentMeasurement(
+        volume_ml, 8.1, [30.0, 24.0, 22.5], "left", location, region, [-30.0, 5.0, 40.0], [10, 14], evidence
+    )
+
+
+LEFT_IPH = Measurements(
+    12.3,
+    1,
+    [12.3],
+    "left",
+    [10, 14],
+    20.0,
+    None,
+    None,
+    8.1,
+    "intraparenchymal",
+    [located("intraparenchymal", "frontal")],
+)
+SDH_TEXT = (
+    "FINDINGS: A crescentic hyperdense extra-axial collection along the left cerebral convexity represents an "
+    "acute subdural hematoma, approximately 12 mL. No mass effect; midline structures are centered. "
+    "IMPRESSION: Acute left convexity subdural hematoma (approximately 12 mL)."
+)
 
 
 def test_consistent_report_has_no_flags():
@@ -48,6 +77,46 @@ def test_contradictions_are_flagged_and_the_impression_corrected(text, measured,
     assert ("No acute" in impression) == (measured is NONE)
     kept = ground_report(text, measured, correct=False)
     assert kept.flags == grounded.flags and not kept.corrected
+
+
+def test_subtype_contradiction_is_flagged_and_corrected_in_findings_and_impression():
+    assert subtype_contradictions(SDH_TEXT, LEFT_IPH) == ["report says SDH, segmentation locates IPH"]
+    grounded = ground_report(SDH_TEXT, LEFT_IPH)
+    assert grounded.corrected and "report says SDH, segmentation locates IPH" in grounded.flags
+    assert "subdural" not in grounded.report and "No mass effect" in grounded.report
+    assert "intraparenchymal (frontal)" in grounded.report.split("IMPRESSION:")[1]
+    labels = label_ct_report(grounded.report)
+    assert labels["IPH"] == POSITIVE and labels["SDH"] is None and labels["side"] == "left"
+    assert ground_report(SDH_TEXT, LEFT_IPH, correct=False).report.count("subdural") == 2
+
+
+def test_subtype_checks_what_the_mask_can_tell():
+    iph_text = SDH_TEXT.replace("subdural", "intraparenchymal")
+    assert contradictions(iph_text, LEFT_IPH) == []
+    # An indeterminate location, or no bleed measured, checks no subtype.
+    unknown = Measurements(
+        12.3, 1, [12.3], "left", [10, 14], 20.0, None, None, 8.1, "indeterminate", [located("indeterminate", "x")]
+    )
+    assert subtype_contradictions(SDH_TEXT, unknown) == [] and subtype_contradictions(SDH_TEXT, NONE) == []
+    # A report naming one of the mask's two compartments is not contradicted; a third one is.
+    both = Measurements(
+        14.0,
+        2,
+        [12.3, 1.7],
+        "left",
+        [10, 14],
+        20.0,
+        None,
+        None,
+        9.0,
+        "subdural",
+        [located("subdural", "convexity"), located("intraventricular", "lateral ventricle", 1.7)],
+    )
+    assert subtype_contradictions(SDH_TEXT, both) == []
+    assert subtype_contradictions(iph_text, both) == ["report says IPH, segmentation locates IVH+SDH"]
+    sentence = structured_findings(both)
+    assert "subdural (convexity) and intraventricular (lateral ventricle) hemorrhage" in sentence
+    assert "ABC/2 9.0 mL" in sentence
 
 
 def test_structured_findings_for_no_bleed():
