@@ -137,8 +137,8 @@ def main(argv=None) -> int:
             m = result.measurements
             dicom = [result.files[key] for key in ("dicom_seg", "dicom_sr") if key in result.files]
             print(
-                f"{volume.source}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side} "
-                f"-> {', '.join([result.files['mask'], *dicom])}"
+                f"{volume.source}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side}, "
+                f"ABC/2 {m.abc2_ml:.1f} mL, location {m.location} -> {', '.join([result.files['mask'], *dicom])}"
             )
             print(f"  geometry: {volume.geometry.summary()}")
             if args.store:
