@@ -49,25 +49,33 @@ def sam2d_fixture():
     return load_fixture("sam2d_parity.pt")
 
 
+def write_tiny_segmentation_checkpoint(path: Path, spacing_mm: tuple[float, float, float]) -> Path:
+    """An untrained SAM-Med3D `small` (32³ windows, seed 0) with its preprocessing at ``spacing_mm``."""
+    from sam3d.engine.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    config = model_config("small", img_size=32)
+    state = build_sam3d(config).state_dict()
+    atomic_save(
+        {
+            "model_state_dict": state,
+            "model_config": config.to_dict(),
+            "preprocessing": {"target_spacing_mm": spacing_mm},
+        },
+        path,
+    )
+    return path
+
+
 def make_tiny_models(folder: Path) -> tuple[Path, Path]:
     """An untrained tiny segmentation checkpoint and a saved tiny report model, for CLI/app tests.
     Returns (segmentation checkpoint, report-model folder); both use 3 mm preprocessing."""
     from blip.language_model import build_tiny_gpt2
     from blip.model import Blip2ReportConfig, Blip2ReportModel
     from blip.vision import VisionTowerConfig
-    from sam3d.engine.checkpoint import atomic_save
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    seg_config = model_config("small", img_size=32)
-    atomic_save(
-        {
-            "model_state_dict": build_sam3d(seg_config).state_dict(),
-            "model_config": seg_config.to_dict(),
-            "preprocessing": {"target_spacing_mm": (3.0, 3.0, 3.0)},
-        },
-        folder / "seg.pth",
-    )
+    write_tiny_segmentation_checkpoint(folder / "seg.pth", (3.0, 3.0, 3.0))
     lm = build_tiny_gpt2(["subdural hematoma on the left."] * 4, folder / "lm", n_embd=32)
     encoder = model_config("tiny", encoder_depth=1, window_size=0, global_attn_indexes=())
     config = Blip2ReportConfig(

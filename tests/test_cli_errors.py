@@ -411,18 +411,17 @@ def test_mask_values_are_checked_when_a_mask_is_read_even_without_full_validatio
         LoadVolumed()({"image": rows[0].path, "label": rows[0].mask_path})
 
 
-def test_a_bad_mask_met_by_a_loader_worker_is_one_line_naming_the_csv_row(tmp_path, capsys):
+def _three_phantoms(folder):
+    """Two training phantoms and one validation phantom, miniature and coarse."""
     from sam3d.data.synthetic import make_synthetic_ich
 
-    data = make_synthetic_ich(
-        tmp_path / "data",
-        num_cases=3,
-        seed=0,
-        val_fraction=0.34,
-        spacing_mm=(3.0, 3.0, 5.0),
-        head_scale=0.5,
-        progress=False,
+    return make_synthetic_ich(
+        folder, num_cases=3, seed=0, val_fraction=0.34, spacing_mm=(3.0, 3.0, 5.0), head_scale=0.5, progress=False
     )
+
+
+def test_a_bad_mask_met_by_a_loader_worker_is_one_line_naming_the_csv_row(tmp_path, capsys):
+    data = _three_phantoms(tmp_path / "data")
     first = Path(next(csv.DictReader(open(data["train_csv"])))["path"])
     mask_path = Path(data["mask_dir"]) / first.name
     mask = nib.load(mask_path)
@@ -452,17 +451,7 @@ def test_a_bad_mask_met_by_a_loader_worker_is_one_line_naming_the_csv_row(tmp_pa
 
 
 def test_patients_shared_by_train_and_val_are_refused(tmp_path, capsys):
-    from sam3d.data.synthetic import make_synthetic_ich
-
-    data = make_synthetic_ich(
-        tmp_path / "data",
-        num_cases=3,
-        seed=0,
-        val_fraction=0.34,
-        spacing_mm=(3.0, 3.0, 5.0),
-        head_scale=0.5,
-        progress=False,
-    )
+    data = _three_phantoms(tmp_path / "data")
     code = run_main(
         train.main,
         [

@@ -7,15 +7,12 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from sam3d.cli import bench
 from sam3d.data.io import Volume
 from sam3d.data.synthetic import synthesize_case
-from sam3d.engine.checkpoint import atomic_save
 from sam3d.engine.stage_timing import StageTimes, stage
-from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import (
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
@@ -29,6 +26,7 @@ from sam3d.predict import (
     to_input_grid,
 )
 from sam3d.predict.inference import input_box
+from tests.conftest import write_tiny_segmentation_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +34,7 @@ def scan_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     c = synthesize_case(2, seed=0, spacing_mm=(1.2, 1.2, 4.0), ich_type="intraparenchymal", head_scale=0.6)
     nib.save(nib.Nifti1Image(c.image_hu, c.affine), root / "scan.nii.gz")
-    torch.manual_seed(0)
-    config = model_config("small", img_size=32)
-    atomic_save(
-        {
-            "model_state_dict": build_sam3d(config).state_dict(),
-            "model_config": config.to_dict(),
-            "preprocessing": {"target_spacing_mm": (2.0, 2.0, 2.0)},
-        },
-        root / "model.pth",
-    )
+    write_tiny_segmentation_checkpoint(root / "model.pth", (2.0, 2.0, 2.0))
     return c, root
 
 
