@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
-from blip.grounded import ScanReporter, ground_report
+from blip.grounded import ScanReporter, caveat_not_a_head_ct, ground_report
 from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.geometry import Geometry
@@ -266,7 +266,10 @@ class ReportSession:
         segmentation = self._segment(case)
         if self.reporter.conditioned:
             case = {**case, "generated": self.reporter.generate(case["scan"], "ct", segmentation.measurements)}
-        grounded = ground_report(case["generated"], segmentation.measurements, self.reporter.correct)
+        grounded = caveat_not_a_head_ct(
+            ground_report(case["generated"], segmentation.measurements, self.reporter.correct),
+            case["scan"].geometry.not_a_head_ct,
+        )
         findings, impression = split_sections(grounded.report)
         out = self._new_dir(case["visitor"])
         # The SR beside the SEG carries the grounded report's sections, as sam3d-report writes it.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sam3d.data.io import Volume, load_volume
@@ -31,6 +31,7 @@ __all__ = [
     "MIN_HEMORRHAGE_ML",
     "GroundedReport",
     "ScanReporter",
+    "caveat_not_a_head_ct",
     "contradictions",
     "ground_report",
     "measured_impression",
@@ -167,6 +168,19 @@ def ground_report(
     return GroundedReport(report, generated, structured, flags, corrected)
 
 
+def caveat_not_a_head_ct(grounded: GroundedReport, not_a_head_ct: list[str]) -> GroundedReport:
+    """``grounded`` with a sentence in front of its impression when the scan cannot be a whole head CT
+    (``Geometry.not_a_head_ct``): a negative result on it must never read as "no hemorrhage" alone."""
+    if not not_a_head_ct:
+        return grounded
+    findings, impression = split_sections(grounded.report)
+    caveat = (
+        f"The scan does not look like a head CT ({'; '.join(not_a_head_ct)}): "
+        "this result cannot exclude intracranial hemorrhage."
+    )
+    return replace(grounded, report=join_sections(findings, f"{caveat} {impression}".strip()))
+
+
 class ScanReporter:
     """The whole path for one scan; CT scans are segmented and grounded, X-ray images only reported.
     A report model conditioned on measurements (``config.condition_on_measurements``) reads the
@@ -237,7 +251,9 @@ class ScanReporter:
         volume = scan if isinstance(scan, Volume) else load_volume(scan)
         segmentation = self.segmenter.predict(volume, clicks)
         text = self.generate(volume, modality, segmentation.measurements)
-        grounded = ground_report(text, segmentation.measurements, self.correct)
+        grounded = caveat_not_a_head_ct(
+            ground_report(text, segmentation.measurements, self.correct), volume.geometry.not_a_head_ct
+        )
         findings, impression = split_sections(grounded.report)
         if output_dir is not None:  # after the report: a scan whose report fails leaves no mask files behind
             segmentation = self.segmenter.save(segmentation, output_dir, report_sections=(findings, impression))

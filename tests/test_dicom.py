@@ -459,18 +459,21 @@ def test_predict_and_report_clis_on_a_tilted_uneven_series_write_mask_seg_and_ge
         mask.array.sum() * volume.voxel_volume_ml, abs=0.01
     )
     assert dciodvfy_errors(record["files"]["dicom_seg"]) == []
-    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no staging left
+    assert not [
+        p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".") and p.name != ".lock"
+    ]  # no staging left
 
     # A scan whose SEG cannot be written leaves none of its files, only the batch record of the failure.
-    def broken_seg(*args, **kwargs):
-        raise OSError("No space left on device")
+    class FullDisk:
+        def save_as(self, path):
+            raise OSError("No space left on device")
 
-    monkeypatch.setattr("sam3d.predict.segmenter.write_hemorrhage_seg", broken_seg)
+    monkeypatch.setattr("sam3d.predict.segmenter.hemorrhage_seg", lambda *args, **kwargs: FullDisk())
     failed_args = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "ct"), "--output_dir"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeometryWarning)
         assert main([*failed_args, str(tmp_path / "failed"), "--device", "cpu", "--no-hyperdense_only"]) == 1
-    assert [p.name for p in (tmp_path / "failed").iterdir()] == ["predictions.json"]
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == [".lock", "predictions.json"]
     (failure,) = json.loads((tmp_path / "failed" / "predictions.json").read_text())
     assert "No space left on device" in failure["error"]
     monkeypatch.undo()

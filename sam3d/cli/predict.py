@@ -136,9 +136,12 @@ def main(argv=None) -> int:
             result = segmenter.save(segmenter.predict(volume, clicks, args.threshold), out, stem=stems[path])
             m = result.measurements
             dicom = [result.files[key] for key in ("dicom_seg", "dicom_sr") if key in result.files]
+            problems = volume.geometry.not_a_head_ct
+            caveat = f"; NOT A HEAD CT, so it cannot exclude hemorrhage: {'; '.join(problems)}" if problems else ""
             print(
                 f"{volume.source}: {m.total_volume_ml:.1f} mL in {m.num_components} component(s), side {m.side}, "
-                f"ABC/2 {m.abc2_ml:.1f} mL, location {m.location} -> {', '.join([result.files['mask'], *dicom])}"
+                f"ABC/2 {m.abc2_ml:.1f} mL, location {m.location}{caveat} "
+                f"-> {', '.join([result.files['mask'], *dicom])}"
             )
             print(f"  geometry: {volume.geometry.summary()}")
             if args.store:

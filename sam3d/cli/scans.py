@@ -141,7 +141,9 @@ class ScanSource:
         """``--store``: one scan's SEG and SR into the study they were measured on; returns a line saying so."""
         if self.archive is None or self.study_uid is None:
             raise ValueError("only a study read from --dicomweb is stored back")
-        paths = [Path(files["dicom_seg"]), Path(files["dicom_sr"])]
+        if "dicom_seg" not in files:
+            return f"nothing stored in {self.name(self.inputs[0])}: {files['not_written']['dicom_seg']}"
+        paths = [Path(files[kind]) for kind in ("dicom_seg", "dicom_sr") if kind in files]
         self.archive.store(self.study_uid, paths)
         return f"stored {', '.join(p.name for p in paths)} in {self.name(self.inputs[0])}"
 

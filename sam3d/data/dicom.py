@@ -25,7 +25,8 @@ affine as before. The affine maps to RAS+ (LPS with x and y negated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -33,7 +34,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 from scipy import ndimage
 
 from .errors import VolumeReadError
@@ -79,6 +80,7 @@ class Frame:
     pixel_spacing: tuple[float, float]  # (between rows, between columns)
     slope: float
     intercept: float
+    frame_of_reference_uid: str = ""  # FrameOfReferenceUID of its file; "" where the file has none
 
 
 @dataclass
@@ -109,6 +111,26 @@ class Series:
     def plane_tilt_from_axial_deg(self) -> float:
         normal = _normal(self.frames[0].orientation)
         return float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        """The FrameOfReferenceUID a SEG or SR of the series carries: the one its slices carry, also for a
+        slice without one (all slices of a series share one geometry); where no slice carries one, a
+        UID derived from the SeriesInstanceUID (pydicom's root and a hash of it: the same at every read).
+
+        Raises:
+            ValueError: the slices carry different ones (the files named), so no one geometry holds.
+        """
+        carried: dict[str, str] = {}
+        for frame in self.frames:
+            if frame.frame_of_reference_uid:
+                carried.setdefault(frame.frame_of_reference_uid, frame.path)
+        if len(carried) > 1:
+            named = ", ".join(f"{uid} in {Path(path).name}" for uid, path in list(carried.items())[:3])
+            raise ValueError(
+                f"series {self.uid}: its slices carry {len(carried)} different FrameOfReferenceUIDs ({named})"
+            )
+        return next(iter(carried), None) or generate_uid(entropy_srcs=["FrameOfReferenceUID", self.uid])
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -180,6 +202,7 @@ def _functional(ds, frame: int, sequence: str):
 def _frames_of(ds, path: Path) -> list[Frame]:
     source = str(path)
     uid = str(ds.SOPInstanceUID)
+    reference = str(ds.get("FrameOfReferenceUID", "") or "")
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         if count != 1:
@@ -197,6 +220,7 @@ def _frames_of(ds, path: Path) -> list[Frame]:
                 _floats(ds.PixelSpacing, 2, "PixelSpacing", source),
                 float(ds.get("RescaleSlope", 1.0) or 1.0),
                 float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                reference,
             )
         ]
     frames = []
@@ -218,6 +242,7 @@ def _frames_of(ds, path: Path) -> list[Frame]:
                 _floats(measures.PixelSpacing, 2, f"frame {i + 1} PixelSpacing", source),
                 float(rescale.get("RescaleSlope", 1.0)) if rescale else 1.0,
                 float(rescale.get("RescaleIntercept", 0.0)) if rescale else 0.0,
+                reference,
             )
         )
     return frames
@@ -523,6 +548,22 @@ def read_dicom_folder(
         geometry.notes.append("RescaleSlope/RescaleIntercept differ between slices; each slice's own was applied")
     if chosen.photometric == "MONOCHROME1":
         geometry.notes.append("MONOCHROME1: inverted for display only; HU come from the rescale as for MONOCHROME2")
+    # The SEG and SR go on the slices read, a dropped duplicate left out (highdicom refuses two frames at
+    # one position), and carry the series' frame of reference, which a SEG requires.
+    kept = replace(chosen, frames=frames)
+    lacking = sum(not f.frame_of_reference_uid for f in frames)
+    if lacking:
+        with contextlib.suppress(ValueError):  # slices that disagree: the SEG writer names them
+            reference = kept.frame_of_reference_uid
+            source = (
+                "derived from the SeriesInstanceUID (all slices of a series share one geometry)"
+                if lacking == len(frames)
+                else "the one the other slices carry"
+            )
+            geometry.notes.append(
+                f"{lacking} of {len(frames)} slices have no FrameOfReferenceUID; the DICOM SEG and SR use "
+                f"{reference}, {source}"
+            )
 
     # Raw CT (slope 1, whole intercept) stays integer HU, as ITK returned it: known from the tags, no pass.
     integral = frames[0].slope == 1.0 and float(frames[0].intercept).is_integer()
@@ -534,4 +575,4 @@ def read_dicom_folder(
         and slices.max() <= 32767
     ):
         slices = slices.astype(np.int16)
-    return slices, affine, geometry, chosen
+    return slices, affine, geometry, kept

@@ -22,6 +22,7 @@ from .dicom import Series, sample_frames
 __all__ = [
     "HEMORRHAGE_SEGMENT_NUMBER",
     "TYPE2_COPIED_ATTRIBUTES",
+    "hemorrhage_seg",
     "mask_on_frames",
     "source_headers",
     "with_type2_attributes",
@@ -57,11 +58,20 @@ def with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
 
 def source_headers(series: Series) -> list[pydicom.Dataset]:
     """The header (no pixels) of each of ``series``' files, in frame order, with the Type 2 attributes a
-    derived object copies: single-frame files each hold one frame, a multi-frame file holds them all."""
+    derived object copies and the series' frame of reference where a file has none (highdicom requires
+    one for CT): single-frame files each hold one frame, a multi-frame file holds them all.
+
+    Raises:
+        ValueError: the slices carry different frames of reference (:attr:`Series.frame_of_reference_uid`).
+    """
+    reference = series.frame_of_reference_uid
     sources: dict[str, pydicom.Dataset] = {}
     for frame in series.frames:
         if frame.path not in sources:
-            sources[frame.path] = with_type2_attributes(pydicom.dcmread(frame.path, stop_before_pixels=True))
+            header = with_type2_attributes(pydicom.dcmread(frame.path, stop_before_pixels=True))
+            if not header.get("FrameOfReferenceUID"):
+                header.FrameOfReferenceUID = reference
+            sources[frame.path] = header
     return list(sources.values())
 
 
@@ -77,13 +87,26 @@ def mask_on_frames(mask: np.ndarray, affine: np.ndarray, series: Series) -> np.n
 def write_hemorrhage_seg(
     path: str | Path, frames_mask: np.ndarray, series: Series, software_version: str, algorithm: str = "SAM-Med3D ICH"
 ) -> Path:
-    """Write a binary SEG of one segment, "Hemorrhage", referencing ``series``' instances frame by frame.
+    """Write :func:`hemorrhage_seg` to ``path`` (atomically)."""
+    path = Path(path)
+    seg = hemorrhage_seg(frames_mask, series, software_version, algorithm)
+    atomic_write(path, lambda tmp: seg.save_as(tmp))
+    return path
+
+
+def hemorrhage_seg(
+    frames_mask: np.ndarray, series: Series, software_version: str, algorithm: str = "SAM-Med3D ICH"
+) -> hd.seg.Segmentation:
+    """A binary SEG of one segment, "Hemorrhage", referencing ``series``' instances frame by frame.
 
     ``frames_mask`` is (frames, rows, columns) in ``series.frames`` order (:func:`mask_on_frames`).
     Frames without hemorrhage are left out (highdicom's default); a mask with none at all still
     gets a SEG with one empty frame, so a viewer shows "no finding" rather than a missing file.
+
+    Raises:
+        ValueError: the series allows no SEG (highdicom's checks of the source images, or slices with
+            different frames of reference).
     """
-    path = Path(path)
     description = hd.seg.SegmentDescription(
         segment_number=HEMORRHAGE_SEGMENT_NUMBER,
         segment_label="Hemorrhage",
@@ -94,7 +117,7 @@ def write_hemorrhage_seg(
             name=algorithm, version=software_version, family=codes.cid7162.ArtificialIntelligence
         ),
     )
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=source_headers(series),
         pixel_array=frames_mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -110,5 +133,3 @@ def write_hemorrhage_seg(
         series_description="Hemorrhage (automated)",
         omit_empty_frames=bool(frames_mask.any()),
     )
-    atomic_write(path, lambda tmp: seg.save_as(tmp))
-    return path

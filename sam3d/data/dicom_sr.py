@@ -24,7 +24,7 @@ from .dicom_seg import HEMORRHAGE_SEGMENT_NUMBER, source_headers
 if TYPE_CHECKING:  # sam3d.predict imports this module; the records are only read here
     from sam3d.predict.records import Measurements
 
-__all__ = ["MILLILITER", "QUALITATIVE_EVALUATIONS", "write_hemorrhage_sr"]
+__all__ = ["MILLILITER", "QUALITATIVE_EVALUATIONS", "hemorrhage_sr", "write_hemorrhage_sr"]
 
 MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 # TID 1500's container for evaluations of the whole report; UMLS is the scheme the standard uses for it.
@@ -85,14 +85,28 @@ def write_hemorrhage_sr(
     report_sections: tuple[str, str] | None = None,
     algorithm: str = "SAM-Med3D ICH",
 ) -> Path:
-    """Write the Measurement Report of ``measurements``, measured on the SEG at ``seg_path`` (written by
-    :func:`~sam3d.data.dicom_seg.write_hemorrhage_seg` from ``series``).
+    """Write :func:`hemorrhage_sr` of the SEG at ``seg_path`` to ``path`` (atomically)."""
+    path = Path(path)
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    sr = hemorrhage_sr(measurements, seg, series, software_version, report_sections, algorithm)
+    atomic_write(path, lambda tmp: sr.save_as(tmp))
+    return path
+
+
+def hemorrhage_sr(
+    measurements: Measurements,
+    seg: pydicom.Dataset,
+    series: Series,
+    software_version: str,
+    report_sections: tuple[str, str] | None = None,
+    algorithm: str = "SAM-Med3D ICH",
+) -> hd.sr.Comprehensive3DSR:
+    """The Measurement Report of ``measurements``, measured on ``seg`` (a
+    :func:`~sam3d.data.dicom_seg.hemorrhage_seg` of ``series``, or its header).
 
     ``report_sections``: the report's (FINDINGS, IMPRESSION) text, when a report was generated; an
     empty section is left out.
     """
-    path = Path(path)
-    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
     # The whole segment on the source series: components share the SEG's one segment (their tracking
     # identifiers tell them apart), and a SEG without blood has no frame to point at.
     segment = hd.sr.ReferencedSegment(
@@ -155,5 +169,4 @@ def write_hemorrhage_sr(
     # Generated text is any Unicode (a language model's "≈", "µ", a replacement character), and the
     # patient's name may be in any script: UTF-8 encodes all of it, highdicom's Latin-1 default does not.
     sr.SpecificCharacterSet = "ISO_IR 192"
-    atomic_write(path, lambda tmp: sr.save_as(tmp))
-    return path
+    return sr

@@ -71,7 +71,8 @@ class Geometry:
     ``slice_steps_mm`` lists each distinct step along the slice normal with its count, in slice
     order; ``resampled`` says the grid is not the file's own (uneven steps equalised, missing
     slices interpolated). ``series``/``series_left_out`` describe DICOM series choice, ``objects_skipped``
-    the files beside it that are not CT slices.
+    the files beside it that are not CT slices. ``not_a_head_ct`` lists what rules the volume out as a
+    whole head CT (``sam3d.predict.check_head_ct``), each also a note.
     """
 
     format: str
@@ -90,6 +91,7 @@ class Geometry:
     photometric: str | None = None
     multiframe: bool = False
     notes: list[str] = field(default_factory=list)
+    not_a_head_ct: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
         """Record ``message`` and raise it as a :class:`GeometryWarning` (what a user must know); a

@@ -94,13 +94,18 @@ def click_world(click: Click, volume: Volume) -> np.ndarray:
     return volume.affine @ position if click.space == "voxel" else position
 
 
-MIN_HEAD_EXTENT_MM = 60.0  # a head is ~150 mm across; less than this on two axes holds no head
+# A head is well over 100 mm across (an adult's about 150 x 190 mm, a newborn's about 100 x 120 mm): a
+# field of view under this on two axes holds none. A whole head takes about 30 slices at 5 mm (15 at
+# 10 mm): a handful is a partial scan, in which no hemorrhage found says nothing of the rest.
+MIN_HEAD_EXTENT_MM = 100.0
+MIN_HEAD_SLICES = 10
 
 
 def check_head_ct(volume: Volume) -> None:
     """A blank or constant scan is refused (a clean "no hemorrhage" would be a lie); one that does not
-    look like a head CT (no air, no bone, values outside the HU range, too small to hold a head)
-    gets a warning recorded with its geometry, shown wherever the result is."""
+    look like a whole head CT (no air, no bone, values outside the HU range, a field of view no head
+    fits in, a handful of slices) is listed in ``volume.geometry.not_a_head_ct`` and warned, so every
+    result on it (command line, JSON, report) says so."""
     sample = volume.array[::2, ::2, ::2].astype(np.float32)
     lo, hi = float(volume.array.min()), float(volume.array.max())
     if hi - lo < 1.0:
@@ -117,7 +122,17 @@ def check_head_ct(volume: Volume) -> None:
     shape = np.array(volume.array.shape)
     extent_mm = shape * np.array(volume.spacing_mm)
     if np.sort(extent_mm)[1] < MIN_HEAD_EXTENT_MM:
-        problems.append(f"a field of view of {np.round(extent_mm).astype(int).tolist()} mm is too small to hold a head")
+        problems.append(
+            f"a field of view of {np.round(extent_mm).astype(int).tolist()} mm is too small to hold a head "
+            f"(well over {MIN_HEAD_EXTENT_MM:.0f} mm across)"
+        )
+    directions = volume.affine[:3, :3] / np.linalg.norm(volume.affine[:3, :3], axis=0)
+    head_to_foot = int(np.argmax(np.abs(directions[2])))
+    if shape[head_to_foot] < MIN_HEAD_SLICES:
+        problems.append(
+            f"{shape[head_to_foot]} slices head to foot: a partial scan (a whole head takes {MIN_HEAD_SLICES} or more)"
+        )
+    volume.geometry.not_a_head_ct = problems
     for problem in problems:
         volume.geometry.warn(f"{volume.source}: does not look like a head CT: {problem}; read the result with care")
 

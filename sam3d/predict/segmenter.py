@@ -7,17 +7,19 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Unpack
+from typing import Any, Unpack
 
 import numpy as np
+import pydicom
 import torch
 
 from .. import __version__
-from ..data.dicom_seg import mask_on_frames, write_hemorrhage_seg
-from ..data.dicom_sr import write_hemorrhage_sr
+from ..data.dicom_seg import hemorrhage_seg, mask_on_frames
+from ..data.dicom_sr import hemorrhage_sr
 from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from ..data.preprocessing import Preprocessing
 from ..engine.stage_timing import stage
@@ -45,7 +47,42 @@ from .postprocessing import (
 )
 from .records import Click, SegmentationResult
 
-__all__ = ["HemorrhageSegmenter", "PreparedScan"]
+__all__ = ["HemorrhageSegmenter", "PreparedScan", "dicom_objects"]
+
+DICOM_OBJECT_SUFFIXES = {"dicom_seg": "seg.dcm", "dicom_sr": "sr.dcm"}
+DICOM_OBJECT_NAMES = {"dicom_seg": "DICOM SEG", "dicom_sr": "DICOM SR"}
+
+
+def dicom_objects(
+    result: SegmentationResult, report_sections: tuple[str, str] | None = None
+) -> tuple[dict[str, pydicom.Dataset], dict[str, str]]:
+    """The DICOM SEG and SR of a result on a DICOM series, made in memory: ({"dicom_seg": SEG,
+    "dicom_sr": SR}, {the kind of each one that cannot be made: why}).
+
+    One that cannot be made (highdicom's checks of the source slices, e.g. slices with different frames
+    of reference) is a reason, not an error: the mask, measurements and report hold without it, and an
+    SR without its SEG has nothing to refer to.
+    """
+    series = result.volume.dicom
+    assert series is not None, "a DICOM SEG needs the DICOM series the scan was read from"
+    made: dict[str, pydicom.Dataset] = {}
+    try:
+        with stage("DICOM SEG writing"):
+            frames = mask_on_frames(result.mask, result.volume.affine, series)
+            made["dicom_seg"] = hemorrhage_seg(frames, series, __version__)
+    except Exception as err:  # whatever highdicom refuses in the source slices; written files are not at stake
+        return made, {"dicom_seg": _reason(err), "dicom_sr": "no DICOM SEG for its measurements to refer to"}
+    try:
+        with stage("DICOM SR writing"):
+            seg = made["dicom_seg"]
+            made["dicom_sr"] = hemorrhage_sr(result.measurements, seg, series, __version__, report_sections)
+    except Exception as err:
+        return made, {"dicom_sr": _reason(err)}
+    return made, {}
+
+
+def _reason(err: Exception) -> str:
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
 @dataclass(eq=False)
@@ -169,17 +206,21 @@ class HemorrhageSegmenter:
         convention, lettered) and, for a DICOM input, ``<stem>_seg.dcm``: the mask on the acquired
         slices as DICOM SEG referencing them, and ``<stem>_sr.dcm``: the measurements as a DICOM SR
         Measurement Report referring to that SEG, with the report's (FINDINGS, IMPRESSION)
-        ``report_sections`` when a report was written. The files appear together or, on an error, not at all."""
+        ``report_sections`` when a report was written.
+
+        The files appear together or, on an error, not at all; a SEG or SR the series allows no one to
+        make is left out instead, its reason recorded under ``files["not_written"]`` and warned."""
         from PIL import Image
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or strip_volume_extension(Path(result.source).name)
         # Every file is written into a hidden staging folder first and moved into ``out`` only when
-        # all of them were written, the measurements last: a scan whose SEG (or any file) cannot be
+        # all of them were written, the measurements last: a scan whose mask (or any file) cannot be
         # written leaves none of its files behind beside a batch record saying it failed.
         staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=out))
-        files: dict = {}
+        files: dict[str, Any] = {}
+        not_written: dict[str, str] = {}
         moved: list[Path] = []
         try:
             with stage("NIfTI writing"):
@@ -187,24 +228,10 @@ class HemorrhageSegmenter:
             files["mask"] = f"{stem}_mask.nii.gz"
             volume = result.volume
             if volume.dicom is not None:
-                with stage("DICOM SEG writing"):
-                    write_hemorrhage_seg(
-                        staging / f"{stem}_seg.dcm",
-                        mask_on_frames(result.mask, volume.affine, volume.dicom),
-                        volume.dicom,
-                        __version__,
-                    )
-                files["dicom_seg"] = f"{stem}_seg.dcm"
-                with stage("DICOM SR writing"):
-                    write_hemorrhage_sr(
-                        staging / f"{stem}_sr.dcm",
-                        result.measurements,
-                        staging / files["dicom_seg"],
-                        volume.dicom,
-                        __version__,
-                        report_sections,
-                    )
-                files["dicom_sr"] = f"{stem}_sr.dcm"
+                derived, not_written = dicom_objects(result, report_sections)
+                for kind, dataset in derived.items():
+                    files[kind] = f"{stem}_{DICOM_OBJECT_SUFFIXES[kind]}"
+                    dataset.save_as(staging / files[kind])
             view = SliceView.from_affine(result.affine)
             counts = result.mask.sum(axis=tuple(i for i in range(3) if i != view.axis))
             chosen = (
@@ -218,6 +245,8 @@ class HemorrhageSegmenter:
             files["measurements"] = f"{stem}_measurements.json"
             named = {k: [str(out / n) for n in v] if isinstance(v, list) else str(out / v) for k, v in files.items()}
             result.files.update(named)
+            if not_written:
+                result.files["not_written"] = not_written
             (staging / files["measurements"]).write_text(json.dumps(result.to_json(), indent=2))
             umask = os.umask(0)
             os.umask(umask)
@@ -231,9 +260,11 @@ class HemorrhageSegmenter:
         except BaseException:
             for path in moved:
                 path.unlink(missing_ok=True)
-            for key in files:
+            for key in [*files, "not_written"]:
                 result.files.pop(key, None)
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        for kind, reason in not_written.items():
+            warnings.warn(f"{result.source}: no {DICOM_OBJECT_NAMES[kind]} written: {reason}", stacklevel=2)
         return result
