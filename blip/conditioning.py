@@ -17,10 +17,11 @@ report cannot state a volume other than the one measured.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from .data.reports import ReportManifestError, manifest_volume_ml
 
 MIN_HEMORRHAGE_ML = 0.5  # smaller segmentations are treated as noise, not as a bleed
 SIDES = ("left", "right", "bilateral")
@@ -67,19 +68,15 @@ def context_from_measurements(measurements: Any, min_ml: float = MIN_HEMORRHAGE_
 def context_from_row(row: Mapping[str, Any], where: str, min_ml: float = MIN_HEMORRHAGE_ML) -> str:
     """The sentence for a manifest row's ``volume_ml`` and ``side`` columns; ``where`` names the row
     in the error raised when a column is missing or unreadable."""
-    value = row.get("volume_ml")
-    try:
-        volume_ml = math.nan if value is None else float(value)
-    except (TypeError, ValueError):
-        volume_ml = math.nan
-    if not math.isfinite(volume_ml) or volume_ml < 0:
-        raise ValueError(
+    volume_ml = manifest_volume_ml(row.get("volume_ml"), where)
+    if volume_ml is None:
+        raise ReportManifestError(
             f"{where}: conditioning on measurements needs a volume_ml column with a volume in mL "
-            f"(0 for no hemorrhage), got {value!r}"
+            "(0 for no hemorrhage), found none"
         )
     side = str(row.get("side") or "").strip().lower()
     if volume_ml >= min_ml and side not in SIDES:
-        raise ValueError(
+        raise ReportManifestError(
             f"{where}: volume_ml is {volume_ml:g} but side is {row.get('side')!r}; expected one of {SIDES}"
         )
     return measurement_context(volume_ml, side, min_ml)

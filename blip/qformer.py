@@ -55,11 +55,18 @@ class QFormerBridgeConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> QFormerBridgeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = cls.unknown_keys(values)
         if unknown:
-            raise ValueError(f"unknown QFormerBridgeConfig keys {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(f"unknown QFormerBridgeConfig keys {unknown}; expected a subset of {cls.known_keys()}")
         return cls(**values)
+
+    @classmethod
+    def known_keys(cls) -> list[str]:
+        return sorted(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def unknown_keys(cls, values: Mapping[str, Any]) -> list[str]:
+        return sorted(set(values) - set(cls.known_keys()))
 
     def qformer_config(self) -> Blip2QFormerConfig:
         """The transformers config of the Q-Former. Attention is ``eager`` because only eager attention

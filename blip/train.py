@@ -234,6 +234,11 @@ def check_config(args: argparse.Namespace) -> list[str]:
             )
     if args.init_from and args.qformer_checkpoint:
         raise ConfigError("--init_from and --qformer_checkpoint both initialise the bridge: give one")
+    check_bridge(args.bridge)
+    if args.encoder:
+        from sam3d.export import check_exported_encoder
+
+        check_exported_encoder(args.encoder)
     if args.lm and not (Path(args.lm) / "config.json").is_file():
         raise ConfigError(f"--lm {args.lm}: not a Hugging Face model folder (no config.json)")
     if args.resume and not (Path(args.output_dir) / "latest_model.pth").is_file():
@@ -251,6 +256,20 @@ def check_config(args: argparse.Namespace) -> list[str]:
     if args.lm_mode == "frozen" and all(tower_freezing(args).values()):
         warns.append("--lm_mode frozen with frozen vision towers: only the Q-Former bridge trains (BLIP-2 stage 2)")
     return warns
+
+
+def check_bridge(bridge: Any) -> None:
+    """``bridge`` (the YAML key or --bridge JSON): Q-Former settings by their QFormerBridgeConfig names."""
+    from blip.qformer import QFormerBridgeConfig
+
+    if not isinstance(bridge, dict):
+        raise ConfigError(f"bridge: expected a mapping of Q-Former settings, found {bridge!r}")
+    unknown = QFormerBridgeConfig.unknown_keys(bridge)
+    if unknown:
+        raise ConfigError(
+            f"bridge: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"known keys: {', '.join(QFormerBridgeConfig.known_keys())}"
+        )
 
 
 def tower_freezing(args: argparse.Namespace) -> dict[str, bool]:

@@ -62,10 +62,7 @@ def load_exported_encoder(
 ) -> tuple[ImageEncoderViT, VisualTokenProjector, dict[str, Any]]:
     """Rebuild the encoder and its projector from ``sam_encoder.pth``; returns (encoder, projector, metadata)."""
     payload = load_checkpoint(path, map_location=map_location)
-    missing = [k for k in ("image_encoder_state_dict", "model_config") if k not in payload]
-    if missing:
-        raise CheckpointError(f"{path} is not an encoder export: missing {missing} (found {sorted(payload)})")
-    config = Sam3DConfig.from_dict(payload["model_config"])
+    config = _checked_contract(payload, path)
     encoder = build_image_encoder(config)
     load_state_dict_strict(encoder, payload["image_encoder_state_dict"], f"{path} [image_encoder_state_dict]")
     projector = VisualTokenProjector(config.prompt_embed_dim, int(payload.get("visual_tokens", 256)))
@@ -75,3 +72,32 @@ def load_exported_encoder(
         )
     meta = {k: v for k, v in payload.items() if not k.endswith("state_dict")}
     return encoder, projector, meta
+
+
+def check_exported_encoder(path: str | os.PathLike) -> None:
+    """What :func:`load_exported_encoder` checks before building, read memory-mapped (the weights stay
+    on disk): a command checks its encoder before any data is read."""
+    _checked_contract(load_checkpoint(path, mmap=True), path)
+
+
+def _checked_contract(payload: Any, path: str | os.PathLike) -> Sam3DConfig:
+    """The export's model config, once it is an export whose preprocessing gives the input channels its
+    patch embedding takes (a 3-window brain_window encoder exported with z-score preprocessing would
+    fail inside its first convolution, without naming the file)."""
+    missing = [k for k in ("image_encoder_state_dict", "model_config") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not an encoder export: missing {missing} (found {sorted(payload)})")
+    config = Sam3DConfig.from_dict(payload["model_config"])
+    preprocessing = Preprocessing.from_checkpoint(payload, str(path))
+    if preprocessing.num_input_channels != config.in_chans:
+        raise CheckpointError(
+            f"{path}: the encoder takes {config.in_chans} input channel(s), but the preprocessing exported "
+            f"with it (normalization {preprocessing.normalization!r}"
+            + (
+                f", hu_windows {list(map(list, preprocessing.hu_windows))}"
+                if preprocessing.normalization == "brain_window"
+                else ""
+            )
+            + f") gives {preprocessing.num_input_channels}; export it again with the preprocessing it was trained with"
+        )
+    return config

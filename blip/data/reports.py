@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sam3d.data.io import strip_volume_extension
 from sam3d.engine.checkpoint import atomic_write
@@ -45,6 +46,7 @@ __all__ = [
     "clean_report",
     "infer_modality",
     "join_sections",
+    "manifest_volume_ml",
     "normalize_for_metrics",
     "read_report_manifest",
     "split_sections",
@@ -204,6 +206,22 @@ def _image_list(value, where: str) -> list[str]:
     return images
 
 
+def manifest_volume_ml(value: Any, where: str) -> float | None:
+    """A row's ``volume_ml`` cell as mL (None when the cell is empty or missing: an X-ray, a CT without
+    measurements); anything but a number >= 0 is a ReportManifestError naming ``where``, the row."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        volume_ml = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        volume_ml = math.nan
+    if not math.isfinite(volume_ml) or volume_ml < 0:
+        raise ReportManifestError(
+            f"{where}: volume_ml {value!r} is not a volume in mL (expected a number >= 0, 0 for no hemorrhage)"
+        )
+    return volume_ml
+
+
 def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files: bool) -> ReportRecord:
     """Validate one manifest row (a dict of column -> value) and build its record."""
     has_text_column = any(k in row for k in ("report", "findings", "impression"))
@@ -233,6 +251,7 @@ def _record_from_row(row: dict, line: int, where: str, folder: Path, check_files
     if split not in SPLITS:
         raise ReportManifestError(f"{where}: unknown split {row.get('split')!r}, expected one of {SPLITS}")
     extra = {k: v for k, v in row.items() if k not in _RECORD_FIELDS}
+    manifest_volume_ml(row.get("volume_ml"), where)  # read at its first use; a bad cell stops the read here
     return ReportRecord(
         image=images[0] if len(images) == 1 else images,
         report=report,
