@@ -39,6 +39,7 @@ from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
 from blip.grounded import ScanReporter, caveat_not_a_head_ct, ground_report
 from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
+from sam3d.data.errors import SliceGapError
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
 from sam3d.engine.checkpoint import atomic_write
@@ -56,6 +57,11 @@ KEEP_UPLOADS_S = 3600.0  # a visitor's uploads and results (patient data) are de
 MAX_UPLOAD_MB = 2048
 MAX_ZIP_BYTES = 4 << 30  # uncompressed; a larger "DICOM series" is more likely a zip bomb than a head CT
 MASK_ALPHA = 0.45
+# What the page says of a series with missing or duplicate slices, which it reads complete only.
+PAGE_GAP_REMEDY = (
+    "this page reads complete series only: upload the series with every slice, or run sam3d-report with "
+    "--allow_gaps on it to interpolate across missing slices and keep one of each duplicate"
+)
 # What an upload's automatic segmentation and report leave in a case, restored when the clicks are cleared.
 AUTOMATIC_RESULT_KEYS = ("mask", "measurements", "report", "flags", "corrected", "downloads")
 # A click re-segments from the cached embeddings in about a second; writing the report (and the
@@ -218,7 +224,9 @@ class ReportSession:
                 path, series, left_out = find_dicom_series(path, name, series)
             volume = load_volume(path, series=series)  # before the models, so a bad file gets io's clear message
         except VolumeReadError as e:
-            raise UploadError(str(e).replace(str(path), name)) from e
+            # The command line's remedy for slice gaps (--allow_gaps) is no control of this page.
+            message = f"{e.problem}; {PAGE_GAP_REMEDY}" if isinstance(e, SliceGapError) else str(e)
+            raise UploadError(message.replace(str(path), name)) from e
         # The page names the upload, not the server's work folder.
         volume.geometry.notes = [note.replace(str(path), name) for note in volume.geometry.notes]
         if left_out:  # the zip's series were chosen among all its folders, not within one

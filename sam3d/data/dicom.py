@@ -26,6 +26,7 @@ affine as before. The affine maps to RAS+ (LPS with x and y negated).
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -37,7 +38,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, generate_uid
 from scipy import ndimage
 
-from .errors import VolumeReadError
+from .errors import SliceGapError, VolumeReadError
 from .geometry import Geometry
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "pixel_positions",
     "read_dicom_folder",
     "sample_frames",
+    "unreadable_slices",
 ]
 
 POSITION_TOLERANCE_MM = 0.1  # slice positions this close to a uniform grid need no resampling
@@ -273,6 +275,35 @@ def _not_a_ct_image(ds) -> str | None:
     return None
 
 
+def _not_dicom_reason(path: Path) -> str:
+    """Why :func:`is_dicom_file` refuses ``path``, in a few words."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot be read: {err.strerror}"
+    if size < 132:
+        return f"{size} bytes, too short for a DICOM file"
+    return "no 'DICM' marker after the 128-byte preamble: truncated or overwritten"
+
+
+def _name_pattern(name: str) -> str:
+    """A file name with its digits as one wildcard: slices of one export share it (IM0005.dcm, I10)."""
+    return re.sub(r"\d+", "#", name)
+
+
+def unreadable_slices(series: Series) -> dict[str, str]:
+    """Files beside ``series``' slices, named like them, that are no readable DICOM (path → why): a
+    corrupt slice, which the series would otherwise lose silently and a gap check blame on the scanner."""
+    patterns = {_name_pattern(Path(f.path).name) for f in series.frames}
+    folders = sorted({Path(f.path).parent for f in series.frames})
+    return {
+        str(path): _not_dicom_reason(path)
+        for folder in folders
+        for path in sorted(folder.iterdir())
+        if path.is_file() and _name_pattern(path.name) in patterns and not is_dicom_file(path)
+    }
+
+
 def find_series(folder: Path, recursive: bool = True) -> tuple[list[Series], dict[str, int]]:
     """Every CT image series among the files of ``folder`` and, with ``recursive``, the folders below
     it (a CD or PACS export: DICOMDIR at the top, nested patient/study/series folders).
@@ -385,8 +416,13 @@ def frame_hu(frames: list[Frame]) -> list[np.ndarray]:
                 ds = pydicom.dcmread(frame.path)
                 stored = ds.pixel_array
                 rescaled = False
-            except Exception:  # a transfer syntax pydicom has no decoder for here: GDCM reads it (rescaled)
-                stored = sitk.GetArrayFromImage(sitk.ReadImage(frame.path))
+            except Exception as err:  # a transfer syntax pydicom has no decoder for here: GDCM reads it (rescaled)
+                try:
+                    stored = sitk.GetArrayFromImage(sitk.ReadImage(frame.path))
+                except RuntimeError:  # neither decodes it: a truncated or corrupt slice
+                    raise VolumeReadError(
+                        f"{frame.path}: unreadable DICOM slice ({type(err).__name__}: {err})"
+                    ) from err
                 rescaled = True
             stored = stored.reshape(-1, *stored.shape[-2:])
             cache[frame.path] = (stored, rescaled)
@@ -460,9 +496,9 @@ def read_dicom_folder(
             for i in duplicates[:3]
         )
         if not allow_gaps:
-            raise VolumeReadError(
-                f"{name}: {duplicates.size} duplicate slice position(s) ({pairs}); pass "
-                "--allow_gaps to keep the first slice at each position"
+            raise SliceGapError(
+                f"{name}: {duplicates.size} duplicate slice position(s) ({pairs})",
+                "pass --allow_gaps to keep the first slice at each position",
             )
         geometry.dropped_duplicates = [frames[i + 1].path for i in duplicates]
         keep = np.setdiff1d(np.arange(len(frames)), duplicates + 1)
@@ -481,6 +517,10 @@ def read_dicom_folder(
             f"{off_line.max():.2f} mm off it); the series cannot be stacked"
         )
     geometry.tilt_deg = round(float(np.degrees(np.arccos(min(1.0, abs(axis @ normal))))), 2)
+    unreadable = unreadable_slices(chosen)
+    unreadable_text = f"{len(unreadable)} file(s) named like its slices are not readable as DICOM: " + ", ".join(
+        f"{Path(path).name} ({why})" for path, why in unreadable.items()
+    )
     steps = np.diff(distance)
     geometry.slice_steps_mm = _runs(steps)
     neighbours = np.maximum(np.r_[0.0, steps[:-1]], np.r_[steps[1:], 0.0])
@@ -492,11 +532,14 @@ def read_dicom_folder(
             for i in gaps[:3]
         )
         if not allow_gaps:
-            raise VolumeReadError(
-                f"{name}: missing slice(s): {where}, against neighbouring steps of "
-                f"{np.median(steps):.2f} mm; pass --allow_gaps to interpolate across them"
+            raise SliceGapError(
+                f"{name}: missing slice(s): {where}, against neighbouring steps of {np.median(steps):.2f} mm"
+                + (f"; {unreadable_text}" if unreadable else ""),
+                "pass --allow_gaps to interpolate across them",
             )
         geometry.interpolated_gaps_mm = [[round(float(distance[i]), 2), round(float(distance[i + 1]), 2)] for i in gaps]
+    if unreadable:
+        geometry.warn(f"{name}: {unreadable_text}; read without them")
 
     slices = np.stack([plane.T for plane in frame_hu(frames)], axis=-1)  # (columns, rows, slices)
     uniform = np.linspace(distance[0], distance[-1], len(frames))

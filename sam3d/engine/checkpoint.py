@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import os
 import pickle
@@ -87,9 +88,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_limit_error(err)
+        if full is not None and full.filename is None:  # a write error names no file: say which one
+            raise OSError(full.errno, full.strerror, str(path)) from err
         raise
+
+
+def _disk_limit_error(err: BaseException) -> OSError | None:
+    """The full disk (ENOSPC) or file size limit (EFBIG, ``ulimit -f``) behind ``err``: torch.save's
+    writer reports a failed write as a RuntimeError whose context is the OSError."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EFBIG):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @contextlib.contextmanager

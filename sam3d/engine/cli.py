@@ -2,8 +2,9 @@
 
 ``run_main(main)`` runs ``main(argv)``; a :class:`~sam3d.engine.errors.UserError` (config, file, row,
 checkpoint) prints ``error: <message>`` on stderr and returns its exit code (2 usage, 1 data), so
-does a full disk (naming the path) and an out-of-memory error. ``--debug`` anywhere on the command
-line shows the traceback instead. Warnings print as ``warning: <message>``, one line each.
+does a full disk or a file over the shell's size limit (``ulimit -f``), naming the path, and an
+out-of-memory error. ``--debug`` anywhere on the command line shows the traceback instead.
+Warnings print as ``warning: <message>``, one line each.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import resource
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -59,9 +61,18 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
             print(f"error: {user_message(err)}", file=sys.stderr)
             return err.exit_code
         except OSError as err:
-            if debug or err.errno != errno.ENOSPC:
+            if debug or err.errno not in (errno.ENOSPC, errno.EFBIG):
                 raise
-            print(f"error: no space left on the device writing {err.filename or 'an output file'}", file=sys.stderr)
+            written = err.filename or "an output file"
+            if err.errno == errno.ENOSPC:
+                print(f"error: no space left on the device writing {written}", file=sys.stderr)
+            else:
+                limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+                print(
+                    f"error: {written}: file too large for this shell's file size limit "
+                    f"(ulimit -f: {limit} bytes); raise it (ulimit -f unlimited) and run again",
+                    file=sys.stderr,
+                )
             return 1
         except KeyboardInterrupt:
             if debug:
