@@ -22,7 +22,7 @@ def phantom_volume(index: int, seed: int, kind: str):
 @pytest.mark.slow
 def test_phantom_components_are_located_as_rendered():
     """Nine phantoms (three of each kind the generator renders): >= 90% of the components of their true
-    masks get the kind's class, and every case its region where the generator names one."""
+    masks get the kind's class, and the cases located right their region as the generator names it."""
     right, total, regions = 0, 0, []
     for kind in ICH_TYPES:
         for index in range(3):
@@ -31,9 +31,10 @@ def test_phantom_components_are_located_as_rendered():
             kept = [c for c in m.components if c.volume_ml >= MIN_COMPONENT_ML]
             right += sum(c.location == kind for c in kept)
             total += len(kept)
-            regions.append((case.metadata["region"], kept[0].region))
+            if kept[0].location == kind:
+                regions.append((case.metadata["region"], kept[0].region))
     assert right / total >= 0.9, (right, total)
-    assert sum(true == found for true, found in regions) >= 0.8 * len(regions), regions
+    assert all(true == found for true, found in regions), regions
 
 
 @pytest.mark.parametrize("kind", ICH_TYPES)

@@ -48,6 +48,7 @@ EXTRA_AXIAL_CONTACT = 0.2  # a crescent or lens lies against the table with abou
 # the brain it curves over), a lens is convex and at most a few times longer than thick.
 CRESCENT_ASPECT, LENS_MIN_ASPECT, CRESCENT_SOLIDITY = 6.0, 2.0, 0.8
 SUBARACHNOID_MAX_THICKNESS_MM, SUBARACHNOID_DEPTH_RATIO = 4.0, 2.5
+INTERHEMISPHERIC_MM = 10.0  # an extra-axial collection centred this close to the midline lies along the falx
 DEEP_RADIUS = 0.4  # centroid within this share of the intracranial semi-axes from the centre: deep grey
 
 
@@ -219,7 +220,9 @@ def region_of(
     if location == "intraventricular":
         return "ventricular system" if evidence.crosses_midline else "lateral ventricle"
     if location in ("subdural", "epidural"):
-        return "interhemispheric" if evidence.midline_distance_mm < TABLE_CONTACT_MM else "convexity"
+        # Along the falx, not a convexity collection that reaches the midline at the vertex.
+        along_falx = abs(float(centroid_mm[0]) - frame.midline_x_mm) < INTERHEMISPHERIC_MM
+        return "interhemispheric" if along_falx else "convexity"
     if location == "subarachnoid":
         return "sulcal"
     # Direction from the centre in the intracranial space's own proportions: x right, y anterior, z up.
