@@ -71,7 +71,12 @@ class IntracranialFrame:
             return None
         steps = np.linalg.norm(volume.affine[:3, :3], axis=0)
         # Distances along the grid's own steps: a sheared grid's diagonal is off by the tilt's cosine.
-        depth = ndimage.distance_transform_edt(intracranial, sampling=steps).astype(np.float32)
+        # In the cavity's bounding box grown by one voxel, whose border is all outside the cavity: every
+        # cavity voxel's nearest outside voxel is within it, and the scan around the head is skipped.
+        (box,) = ndimage.find_objects(intracranial.astype(np.uint8))
+        box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, intracranial.shape))
+        depth = np.zeros(intracranial.shape, np.float32)
+        depth[box] = ndimage.distance_transform_edt(intracranial[box], sampling=steps)
         # Every other voxel in plane is plenty for a centre and an extent.
         stride = tuple(slice(None, None, 2) if axis != axial_axis(volume.affine) else slice(None) for axis in range(3))
         sample = np.argwhere(intracranial[stride]) * [2 if s.step else 1 for s in stride]

@@ -12,7 +12,7 @@ from .location import IntracranialFrame, classify_location, locate_component, re
 from .postprocessing import intracranial_mask
 from .records import ComponentMeasurement, Measurements
 
-__all__ = ["HEAD_THRESHOLD_HU", "head_centre_x_mm", "measure"]
+__all__ = ["HEAD_THRESHOLD_HU", "head_centre_x_mm", "measure", "measure_in_frame"]
 
 HEAD_THRESHOLD_HU = -500.0  # voxels above this are the head (its midline splits left from right)
 
@@ -36,16 +36,28 @@ def measure(
     affine: a voxel's volume is |det(affine)|, side and extents come from world positions; each
     component gets its ABC/2 and location class (:mod:`.location`). ``intracranial``: the scan's
     ``intracranial_mask`` computed before (computed here if None and the mask is not empty)."""
+    if not mask.any():
+        return Measurements(0.0, 0, [], "none", None, 0.0, None, None)
+    if head_midline_x_mm is None:
+        head_midline_x_mm = head_centre_x_mm(volume)
+    if intracranial is None:
+        intracranial = intracranial_mask(volume)
+    frame = IntracranialFrame.from_scan(volume, intracranial, head_midline_x_mm)
+    return measure_in_frame(mask, volume, frame, head_midline_x_mm)
+
+
+def measure_in_frame(
+    mask: np.ndarray, volume: Volume, frame: IntracranialFrame | None, head_midline_x_mm: float | None = None
+) -> Measurements:
+    """:func:`measure` with the scan's :class:`IntracranialFrame` computed before (None: no skull to
+    measure from), as a prepared scan keeps it from click to click."""
     mask = mask.astype(bool)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     if count == 0:
         return Measurements(0.0, 0, [], "none", None, 0.0, None, None)
     voxel_ml = volume.voxel_volume_ml
     if head_midline_x_mm is None:
-        head_midline_x_mm = head_centre_x_mm(volume)
-    if intracranial is None:
-        intracranial = intracranial_mask(volume)
-    frame = IntracranialFrame.from_scan(volume, intracranial, head_midline_x_mm)
+        head_midline_x_mm = frame.midline_x_mm if frame is not None else head_centre_x_mm(volume)
     axial = axial_axis(volume.affine)
     components = []
     for number, box in enumerate(ndimage.find_objects(labels), start=1):

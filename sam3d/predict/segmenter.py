@@ -37,7 +37,8 @@ from .inference import (
     check_head_ct,
     click_world,
 )
-from .measurement import head_centre_x_mm, measure
+from .location import IntracranialFrame
+from .measurement import head_centre_x_mm, measure_in_frame
 from .postprocessing import (
     BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
@@ -119,24 +120,25 @@ class PreparedScan:
 
     volume: Volume
     model_input: ModelInput
-    _intracranial: dict[tuple[float, float], np.ndarray] = field(default_factory=dict, repr=False)
-    _head_centre_x_mm: float | None = field(default=None, repr=False)
+    _cavities: dict[tuple[float, float], np.ndarray] = field(default_factory=dict, repr=False)
+    _frame: tuple[IntracranialFrame | None] | None = field(default=None, repr=False)
 
-    def intracranial(self, options: PostprocessingOptions) -> np.ndarray | None:
-        """The intracranial space for ``options``' bone threshold and margin (None when not restricted)."""
-        if not options.get("restrict_intracranial", True):
-            return None
+    def cavity(self, options: PostprocessingOptions) -> np.ndarray:
+        """The intracranial space for ``options``' bone threshold and margin."""
         key = (options.get("bone_hu", BONE_THRESHOLD_HU), options.get("margin_mm", INTRACRANIAL_MARGIN_MM))
-        if key not in self._intracranial:
+        if key not in self._cavities:
             with stage("post-processing"):
-                self._intracranial[key] = intracranial_mask(self.volume, *key)
-        return self._intracranial[key]
+                self._cavities[key] = intracranial_mask(self.volume, *key)
+        return self._cavities[key]
 
-    def head_centre_x_mm(self) -> float:
-        if self._head_centre_x_mm is None:
+    def frame(self) -> IntracranialFrame | None:
+        """The inner table's distances, the ventricles and the midline that locate each component
+        (None when the scan shows no skull), from the default intracranial space."""
+        if self._frame is None:
+            cavity = self.cavity({})
             with stage("measurement"):
-                self._head_centre_x_mm = head_centre_x_mm(self.volume)
-        return self._head_centre_x_mm
+                self._frame = (IntracranialFrame.from_scan(self.volume, cavity, head_centre_x_mm(self.volume)),)
+        return self._frame[0]
 
 
 class HemorrhageSegmenter:
@@ -209,14 +211,15 @@ class HemorrhageSegmenter:
         if threshold is None:
             gated = self.postprocessing.get("min_component_hu", MIN_COMPONENT_HU) is not None
             threshold = AUTOMATIC_THRESHOLD if gated and not clicks else THRESHOLD
-        inside, head_centre_x_mm = prepared.intracranial(self.postprocessing), prepared.head_centre_x_mm()
+        inside = prepared.cavity(self.postprocessing)
         with stage("post-processing"):
             mask, record = postprocess_mask(
                 on_input > threshold, volume, keep_points, intracranial=inside, **self.postprocessing
             )
         record["threshold"] = threshold
+        frame = prepared.frame() if mask.any() else None  # a clean scan needs no location frame
         with stage("measurement"):
-            measurements = measure(mask, volume, head_centre_x_mm)
+            measurements = measure_in_frame(mask, volume, frame)
         return SegmentationResult(
             volume.source, mask, volume, measurements, "interactive" if clicks else "automatic", record
         )
