@@ -11,7 +11,8 @@ With --predict, one scan goes through what ``sam3d-predict`` (or, with --report_
 each stage (read, resampling to the model grid and back, encoder, decoder, post-processing,
 measurement, overlays, NIfTI and DICOM SEG writing, report LM); then two clicks are answered on the
 prepared scan, as the app does: the first at the largest component (or the head's centre), which may
-cost the encoder, the second beside it from the cached window.
+cost the encoder, the second beside it from the cached window. (With --report_model the scan is
+prepared again for the clicks, so the first click also pays the scan's own post-processing parts.)
 
 Measures, for ``window_attention`` = padding_free and reference on the same weights: encoder forward,
 encoder forward + backward (batch --batch_size, with and without gradient checkpointing), and the
@@ -223,7 +224,8 @@ def predict_stages(args) -> dict:
             result = reporter.run(volume, "ct", output_dir=out)
             measurements = result["segmentation"]["measurements"]
         else:
-            segmentation = segmenter.save(segmenter.predict(volume), out)
+            prepared = segmenter.prepare(volume)
+            segmentation = segmenter.save(segmenter.predict(prepared), out)
             measurements = segmentation.to_json()["measurements"]
         total_s = time.perf_counter() - start
     print(f"{args.predict}: {volume.array.shape} voxels, spacing {[round(s, 3) for s in volume.spacing_mm]} mm")
@@ -231,8 +233,10 @@ def predict_stages(args) -> dict:
     _print_stages(times, total_s)
     rows.update(shape=list(volume.array.shape), automatic=times.table(), automatic_total_s=total_s)
 
-    # Clicks as the app sends them: on the scan prepared once (its own preprocessing, not the run's above).
-    prepared = segmenter.prepare(volume)
+    # Clicks as the app sends them, on the scan prepared for the automatic run (the report path prepares
+    # its own inside ScanReporter.run, so here the scan is prepared again, outside the table).
+    if args.report_model:
+        prepared = segmenter.prepare(volume)
     if measurements["centroid_voxel"] is not None:
         first = np.round(measurements["centroid_voxel"]).astype(int)
     else:
