@@ -21,6 +21,7 @@ or a scan without a skull to measure from) is "indeterminate" rather than guesse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,19 +121,26 @@ def ventricle_estimate(volume: Volume, table_depth_mm: np.ndarray, midline_x_mm:
     return ventricles
 
 
-def _near(target: np.ndarray, volume: Volume, world: np.ndarray) -> np.ndarray:
-    """For each world point (N x 3), whether it lies within VENTRICLE_REACH_MM of ``target``'s voxels."""
-    box = ndimage.find_objects(target.astype(np.uint8))
-    if not box or box[0] is None:
-        return np.zeros(len(world), dtype=bool)
-    steps = np.linalg.norm(volume.affine[:3, :3], axis=0)
-    reach = [int(np.ceil(VENTRICLE_REACH_MM / s)) + 1 for s in steps]
-    region = tuple(slice(max(0, b.start - r), min(n, b.stop + r)) for b, r, n in zip(box[0], reach, target.shape))
-    distance = ndimage.distance_transform_edt(~target[region], sampling=steps)
+def _near(target: Callable[[tuple[slice, ...]], np.ndarray], volume: Volume, world: np.ndarray) -> np.ndarray:
+    """For each world point (N x 3), whether it lies within VENTRICLE_REACH_MM of a target voxel;
+    ``target(box)`` gives the target voxels in a part of the grid. Only the points' bounding box grown
+    by the reach is looked at: every target voxel within reach of a point lies in it, so the answer is
+    the whole scan's at the cost of the component's neighbourhood."""
     index = np.rint((world - volume.affine[:3, 3]) @ np.linalg.inv(volume.affine[:3, :3]).T).astype(int)
-    local = index - [s.start for s in region]
-    inside = np.all((local >= 0) & (local < distance.shape), axis=1)
+    steps = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    reach = np.array([int(np.ceil(VENTRICLE_REACH_MM / s)) + 1 for s in steps])
+    shape = np.array(volume.array.shape[:3])
+    low, high = np.maximum(index.min(0) - reach, 0), np.minimum(index.max(0) + reach + 1, shape)
     near = np.zeros(len(world), dtype=bool)
+    if np.any(high <= low):  # every point outside the grid (a mirror image past its edge)
+        return near
+    region = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    targets = target(region)
+    if not targets.any():
+        return near
+    distance = ndimage.distance_transform_edt(~targets, sampling=steps)
+    local = index - low
+    inside = np.all((local >= 0) & (local < distance.shape), axis=1)
     near[inside] = distance[tuple(local[inside].T)] <= VENTRICLE_REACH_MM
     return near
 
@@ -183,15 +191,21 @@ def locate_component(
     surface_depth = frame.table_depth_mm[tuple((np.argwhere(surface) + low).T)]
     contact_mm = max(TABLE_CONTACT_MM, 1.5 * float(np.sort(steps)[1]))
     mirrored = world * [-1.0, 1.0, 1.0] + [2.0 * midline_x_mm, 0.0, 0.0]
+
     # Blood casting both lateral ventricles leaves no CSF on either side to mirror into: deep blood of
     # the other components counts as ventricle for the mirror image, and so does the component's own
     # when it crosses the midline (both ventricles cast as one component mirror onto each other).
-    opposite = frame.ventricles.copy()
-    if mask is not None:
-        opposite |= mask & (frame.table_depth_mm >= VENTRICLE_MIN_DEPTH_MM)
-        if not crosses:
-            opposite[tuple(voxels.T)] = frame.ventricles[tuple(voxels.T)]
-    in_ventricle = _near(frame.ventricles, volume, world) | _near(opposite, volume, mirrored)
+    def opposite(box: tuple[slice, ...]) -> np.ndarray:
+        targets = frame.ventricles[box].copy()
+        if mask is not None:
+            targets |= mask[box] & (frame.table_depth_mm[box] >= VENTRICLE_MIN_DEPTH_MM)
+            if not crosses:
+                own = voxels - [b.start for b in box]
+                own = own[np.all((own >= 0) & (own < targets.shape), axis=1)]
+                targets[tuple(own.T)] = frame.ventricles[box][tuple(own.T)]
+        return targets
+
+    in_ventricle = _near(lambda box: frame.ventricles[box], volume, world) | _near(opposite, volume, mirrored)
     evidence.inner_table_distance_mm = round(float(depth.min()), 1)
     evidence.depth_mm = round(float(depth.max()), 1)
     evidence.table_contact_fraction = round(float(np.mean(surface_depth <= contact_mm)), 3)

@@ -52,19 +52,24 @@ def measure_in_frame(
     """:func:`measure` with the scan's :class:`IntracranialFrame` computed before (None: no skull to
     measure from), as a prepared scan keeps it from click to click."""
     mask = mask.astype(bool)
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if count == 0:
+    # Components are found in the mask's bounding box (a click's prediction is a small part of a
+    # thin-slice scan); their voxel indices are the scan's.
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    if not found:
         return Measurements(0.0, 0, [], "none", None, 0.0, None, None)
+    (extent,) = found
+    offset = np.array([s.start for s in extent])
+    labels, count = ndimage.label(mask[extent], structure=np.ones((3, 3, 3)))
     voxel_ml = volume.voxel_volume_ml
     if head_midline_x_mm is None:
         head_midline_x_mm = frame.midline_x_mm if frame is not None else head_centre_x_mm(volume)
     axial = axial_axis(volume.affine)
     components = []
     for number, box in enumerate(ndimage.find_objects(labels), start=1):
-        voxels = np.argwhere(labels[box] == number) + [s.start for s in box]
+        voxels = np.argwhere(labels[box] == number) + [s.start for s in box] + offset
         components.append(_component(voxels, volume, frame, head_midline_x_mm, axial, mask))
     components.sort(key=lambda c: c.volume_ml, reverse=True)
-    idx = np.argwhere(mask)
+    idx = np.argwhere(mask[extent]) + offset
     world = idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
     slices = idx[:, axial]
     return Measurements(
