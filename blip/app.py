@@ -76,6 +76,11 @@ class UploadError(ValueError):
     """An upload the app cannot use; the message is shown on the page as it is."""
 
 
+def for_the_page(message: str) -> str:
+    """A reader's message with the command line's series flag put as this page's series box."""
+    return message.replace("choose one with --series_uid", "choose one in the DICOM series box")
+
+
 def extract_zip(archive: Path, destination: Path) -> None:
     """Unpack ``archive`` into ``destination``, refusing members that would land outside it.
 
@@ -108,7 +113,7 @@ def find_dicom_series(root: Path, archive_name: str, series: str | None) -> tupl
             raise UploadError(f"{archive_name}: the zip holds no DICOM series")
         chosen, left_out = choose_series(found, archive_name, series)
     except VolumeReadError as e:
-        raise UploadError(str(e).replace(str(root), archive_name)) from e
+        raise UploadError(for_the_page(str(e)).replace(str(root), archive_name)) from e
     folders = {Path(f.path).parent for f in chosen.frames}
     if len(folders) > 1:
         raise UploadError(f"{archive_name}: series {chosen.uid} is spread over {len(folders)} folders")
@@ -154,15 +159,29 @@ def measurements_markdown(m: Measurements) -> str:
         f" ({', '.join(f'{v:.2f}' for v in m.component_volumes_ml)} mL)" if m.num_components else ""
     )
     rows = [
-        ("Total hemorrhage volume", f"{m.total_volume_ml:.2f} mL"),
+        ("Total hemorrhage volume", f"{m.total_volume_ml:.2f} mL (ABC/2 {m.abc2_ml:.2f} mL)"),
         ("Components", components),
         ("Side", m.side),
+        ("Location (largest component)", m.location),
         ("Axial slices", f"{m.slice_extent[0]}–{m.slice_extent[1]}" if m.slice_extent else "—"),
         ("Craniocaudal extent", f"{m.craniocaudal_extent_mm:.1f} mm"),
         ("Centroid (voxel)", ", ".join(f"{v:.1f}" for v in m.centroid_voxel) if m.centroid_voxel else "—"),
         ("Centroid (RAS mm)", ", ".join(f"{v:.1f}" for v in m.centroid_mm) if m.centroid_mm else "—"),
     ]
-    return "| Measurement | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    table = "| Measurement | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if not m.components:
+        return table
+    # One row per component: the planimetric volume beside the bedside estimate, and where it lies.
+    per_component = "\n".join(
+        f"| {i} | {c.volume_ml:.2f} | {c.abc2_ml:.2f} ({' x '.join(f'{a:.0f}' for a in c.abc2_axes_mm)} mm) | "
+        f"{c.side} | {c.location} | {c.region or '—'} |"
+        for i, c in enumerate(m.components, start=1)
+    )
+    return (
+        table
+        + "\n\n| # | mL | ABC/2 mL (A x B x C) | side | location | region |\n|---|---|---|---|---|---|\n"
+        + per_component
+    )
 
 
 def flags_markdown(flags: list[str], corrected: bool) -> str:
@@ -225,7 +244,7 @@ class ReportSession:
             volume = load_volume(path, series=series)  # before the models, so a bad file gets io's clear message
         except VolumeReadError as e:
             # The command line's remedy for slice gaps (--allow_gaps) is no control of this page.
-            message = f"{e.problem}; {PAGE_GAP_REMEDY}" if isinstance(e, SliceGapError) else str(e)
+            message = f"{e.problem}; {PAGE_GAP_REMEDY}" if isinstance(e, SliceGapError) else for_the_page(str(e))
             raise UploadError(message.replace(str(path), name)) from e
         # The page names the upload, not the server's work folder.
         volume.geometry.notes = [note.replace(str(path), name) for note in volume.geometry.notes]

@@ -295,3 +295,30 @@ def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
             cell = page.locator("#measurements tr", has_text="Total hemorrhage volume").locator("td").nth(1)
             assert float(re.search(r"[\d.]+", cell.inner_text()).group()) == pytest.approx(volume_ml, abs=0.005)
             assert "Error" not in page.locator("#status").inner_text()
+
+
+def test_the_measurements_table_shows_abc2_and_each_components_location():
+    from blip.app import measurements_markdown
+    from sam3d.data.io import Volume
+    from sam3d.predict import measure
+
+    c = synthesize_case(1, seed=0, spacing_mm=(1.5, 1.5, 4.0), ich_type="subdural", head_scale=0.5)
+    m = measure(c.mask, Volume(c.image_hu.astype(np.float32), c.affine, c.spacing_mm, "", True))
+    table = measurements_markdown(m)
+    assert f"{m.total_volume_ml:.2f} mL (ABC/2 {m.abc2_ml:.2f} mL)" in table
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == m.num_components and all(c.location in rows[i] for i, c in enumerate(m.components))
+
+
+def test_a_tie_between_series_asks_for_the_pages_series_box_not_a_flag(tmp_path):
+    from blip.app import find_dicom_series
+    from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
+    from tests.conftest import head_phantom_hu
+
+    positions, orientation = table_positions([5.0] * 5)
+    for number, kernel in ((2, "HEAD soft"), (3, "HEAD bone")):
+        spec = SeriesSpec(positions, orientation, description=kernel, series_number=number)
+        write_ct_series(tmp_path / "study" / f"S{number}", spec, head_phantom_hu, extension="")
+    with pytest.raises(UploadError, match="equally good candidates .*choose one in the DICOM series box") as err:
+        find_dicom_series(tmp_path / "study", "study.zip", None)
+    assert "--series_uid" not in str(err.value) and str(tmp_path) not in str(err.value)
