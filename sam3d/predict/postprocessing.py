@@ -231,12 +231,14 @@ def hyperdense_gate(
         hu = volume.array[box]
         component = labels[box] == label
         soft_tissue = (hu > -100) & (hu < BONE_THRESHOLD_HU)  # the table is not background
-        around = ndimage.binary_dilation(component, shell) & ~mask[box] & soft_tissue
+        reached = ndimage.binary_dilation(component, shell)
+        around = reached & ~mask[box] & soft_tissue
         background = float(np.median(hu[around])) if around.any() else min_voxel_hu
         edge = max(min_voxel_hu, (float(np.median(hu[component & dense[box]])) + background) / 2)
         blurred = ndimage.gaussian_filter(hu.astype(np.float32), sigma)
         blood = (blurred >= edge) & soft_tissue & ~protected[box]
-        within_reach = ndimage.binary_dilation(component, growth) & blood
+        # On thin slices the growth is the shell itself: its dilation is done once.
+        within_reach = (reached if growth.shape == shell.shape else ndimage.binary_dilation(component, growth)) & blood
         gated[box] |= ndimage.binary_propagation(component & blood, mask=within_reach)
         edges.append(round(edge, 1))
     voxel_ml = volume.voxel_volume_ml
