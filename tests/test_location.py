@@ -127,7 +127,7 @@ def test_without_a_skull_the_location_is_indeterminate():
         ({"inner_table_distance_mm": 0.5, "thickness_mm": 2.0, "depth_mm": 12.0}, "subarachnoid"),
         # A lobar hematoma reaching the cortex touches the table over a small share of its surface.
         ({"inner_table_distance_mm": 0.0, "table_contact_fraction": 0.06}, "intraparenchymal"),
-        ({"inner_table_distance_mm": 0.0, "table_contact_fraction": 0.06, "shape": "lentiform"}, "indeterminate"),
+        ({"inner_table_distance_mm": 0.0, "table_contact_fraction": 0.06, "shape": "lentiform"}, "intraparenchymal"),
         ({"inner_table_distance_mm": None, "table_contact_fraction": None}, "indeterminate"),
     ],
 )
