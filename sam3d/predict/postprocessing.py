@@ -33,6 +33,7 @@ __all__ = [
     "hyperdense_options",
     "intracranial_mask",
     "postprocess_mask",
+    "skull_stripped_background",
 ]
 
 BONE_THRESHOLD_HU = 300.0  # above acute blood (<= ~100 HU), below diploe and cortical bone
@@ -41,7 +42,9 @@ BONE_THRESHOLD_HU = 300.0  # above acute blood (<= ~100 HU), below diploe and co
 # (docs/automatic_segmentation.md has what larger margins cost).
 INTRACRANIAL_MARGIN_MM = 0.5
 SKULL_SEAL_MM = 4.0  # gaps in the skull ring (sutures, thin bone, partial volume) narrower than 2x this are bridged
-MIN_INTRACRANIAL_ML = 50.0  # less than this: no skull in the scan (e.g. skull-stripped), so nothing is restricted
+MIN_INTRACRANIAL_ML = 50.0  # less than this: no skull in the scan (e.g. brain-windowed), so nothing is restricted
+STRIPPED_MAX_BONE_ML = 1.0  # a skull-stripped scan has no bone; a head with its skull has hundreds of mL
+STRIPPED_BORDER_SHARE = 0.95  # of the grid's faces at the background value
 MIN_COMPONENT_ML = 0.2
 # Acute blood is hyperdense: a component less than HYPERDENSE_SHARE of which reaches MIN_COMPONENT_HU is
 # CSF or brain; a kept one is trimmed to its half-maximum edge against its surroundings, never below
@@ -137,14 +140,42 @@ def intracranial_mask(
     """
     axial = axial_axis(volume.affine)
     in_plane = np.expand_dims(np.ones((3, 3), dtype=bool), axial)  # 8-connected within a slice only
-    bone = volume.array >= bone_hu
-    sealed = _seal_skull(bone, volume.spacing_mm, axial, seal_mm)
-    # With no through-plane neighbours in the structure each fill is 2-D, slice by slice.
-    cavity = ndimage.binary_fill_holes(sealed, in_plane) & ~bone
-    cavity = ndimage.binary_fill_holes(cavity, in_plane)
+    background = skull_stripped_background(volume, bone_hu)
+    if background is not None:
+        # A skull-stripped scan is its brain: the intracranial space is what differs from the background.
+        cavity = ndimage.binary_fill_holes(volume.array != background, in_plane)
+    else:
+        bone = volume.array >= bone_hu
+        sealed = _seal_skull(bone, volume.spacing_mm, axial, seal_mm)
+        # With no through-plane neighbours in the structure each fill is 2-D, slice by slice.
+        cavity = ndimage.binary_fill_holes(sealed, in_plane) & ~bone
+        cavity = ndimage.binary_fill_holes(cavity, in_plane)
     if margin_mm > 0:
         cavity = ndimage.binary_erosion(cavity, _ellipsoid(margin_mm, volume.spacing_mm))
     return cavity
+
+
+def skull_stripped_background(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> float | None:
+    """The background value of a skull-stripped scan, or None for a scan with its skull.
+
+    Skull stripping leaves no bone (under STRIPPED_MAX_BONE_ML at or above ``bone_hu``) and sets all
+    that was not brain to one value, which the grid's border then holds almost everywhere
+    (STRIPPED_BORDER_SHARE of its faces): a head with its skull, even brain-windowed, has scalp, air
+    and table of many values there or bone inside."""
+    array = volume.array
+    if float(np.count_nonzero(array >= bone_hu)) * volume.voxel_volume_ml >= STRIPPED_MAX_BONE_ML:
+        return None
+    faces = np.concatenate([np.take(array, index, axis).ravel() for axis in range(3) for index in (0, -1)])
+    values, counts = np.unique(faces, return_counts=True)
+    if counts.max() < STRIPPED_BORDER_SHARE * faces.size:
+        return None
+    background = float(values[np.argmax(counts)])
+    # The brain must be there too: a blank or uniform grid is not a stripped head.
+    return (
+        background
+        if float(np.count_nonzero(array != background)) * volume.voxel_volume_ml >= MIN_INTRACRANIAL_ML
+        else None
+    )
 
 
 def _per_component(labels: np.ndarray, count: int, values: np.ndarray) -> np.ndarray:
@@ -280,10 +311,12 @@ def postprocess_mask(
     if restrict_intracranial:
         inside = intracranial_mask(volume, bone_hu, margin_mm) if intracranial is None else intracranial
         inside_ml = float(inside.sum()) * voxel_ml
+        stripped = skull_stripped_background(volume, bone_hu)
         step: dict[str, Any] = {
             "bone_hu": bone_hu,
             "margin_mm": margin_mm,
             "intracranial_volume_ml": round(inside_ml, 1),
+            "from": "bone" if stripped is None else f"skull-stripped scan: all that is not background ({stripped:g})",
         }
         if inside_ml < MIN_INTRACRANIAL_ML:
             step["applied"] = False
