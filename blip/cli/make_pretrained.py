@@ -66,14 +66,14 @@ def with_template_phantoms(work: Path, data: dict, template_cases: int, seed: in
     if train_csv.is_file():
         return {**data, "train_csv": str(train_csv)}
     rows = []
-    geometric = Path(data["train_csv"]).parent
+    geometric = Path(data["train_csv"]).parent.resolve()  # the manifest lives elsewhere: absolute paths
     with open(data["train_csv"], newline="") as handle:
         for row in csv.DictReader(handle):
             mask = geometric / "masks" / Path(row["path"]).name
             rows.append((str(geometric / row["path"]), row["ich"], row["patient_id"], str(mask)))
     for number, slice_mm in enumerate(TEMPLATE_SLICES_MM):
         count = template_cases // len(TEMPLATE_SLICES_MM)
-        part = folder / f"template_{slice_mm:g}mm"
+        part = (folder / f"template_{slice_mm:g}mm").resolve()
         make_synthetic_ich(
             part,
             num_cases=count,
