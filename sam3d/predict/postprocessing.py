@@ -24,6 +24,7 @@ from ..data.io import Volume
 __all__ = [
     "BONE_THRESHOLD_HU",
     "INTRACRANIAL_MARGIN_MM",
+    "MAX_BLOOD_HU",
     "MIN_COMPONENT_HU",
     "MIN_COMPONENT_ML",
     "MIN_VOXEL_HU",
@@ -52,6 +53,7 @@ MIN_COMPONENT_ML = 0.2
 MIN_COMPONENT_HU = 45.0
 MIN_VOXEL_HU = 40.0
 HYPERDENSE_SHARE = 0.25
+MAX_BLOOD_HU = 100.0  # a component whose median is denser is no acute blood (clotted blood is 50-90 HU)
 HYPERDENSE_BLUR_MM = 0.5  # in-plane Gaussian sigma against noise before the half-maximum trim
 HYPERDENSE_SHELL_MM = 3.0  # the background around a component is measured in a shell this thick
 
@@ -236,16 +238,20 @@ def hyperdense_gate(
     blur_mm: float = HYPERDENSE_BLUR_MM,
     shell_mm: float = HYPERDENSE_SHELL_MM,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Drop components of ``mask`` of which less than ``HYPERDENSE_SHARE`` is at or above
-    ``min_component_hu``; fit each kept one to the voxels (HU blurred by ``blur_mm`` in plane against
-    noise) at or above half-way between its hyperdense voxels' median and the median of a ``shell_mm``
-    shell around it, the half-maximum edge of a blurred blob, never below ``min_voxel_hu``: trimmed
-    where the mask overshoots that edge, grown up to it (within :func:`_growth`'s reach) where the mask
-    falls short. ``protected`` voxels are kept as they are."""
+    """Drop components of ``mask`` of which less than ``HYPERDENSE_SHARE`` is at or above ``min_component_hu``,
+    or whose median is above MAX_BLOOD_HU; fit each kept one to the voxels (HU blurred by ``blur_mm`` in plane
+    against noise) at or above half-way between its hyperdense voxels' median and the median of a ``shell_mm``
+    shell around it, the half-maximum edge of a blurred blob, never below ``min_voxel_hu``: trimmed where the
+    mask overshoots that edge, grown up to it (within :func:`_growth`'s reach) where the mask falls short.
+    ``protected`` voxels are kept as they are."""
     labels, count = ndimage.label(mask & ~protected, structure=np.ones((3, 3, 3)))
     index = np.arange(1, count + 1)
     dense = volume.array >= min_component_hu
     shares = _per_component(labels, count, dense) / np.maximum(_per_component(labels, count, labels > 0), 1)
+    # Denser than any acute blood in its middle: a calcification, or the partial-volume rim of bone.
+    medians = np.asarray(ndimage.median(volume.array, labels, index), dtype=float).reshape(-1) if count else index
+    too_dense = medians > MAX_BLOOD_HU
+    shares[too_dense] = 0.0
     sigma = _blur_sigma(volume, blur_mm)
     shell = _ellipsoid(shell_mm, volume.spacing_mm)
     growth = _growth(volume, shell_mm)
@@ -278,6 +284,8 @@ def hyperdense_gate(
         "min_voxel_hu": min_voxel_hu,
         "edges_hu": edges,
         "components_removed": int(np.sum(shares < HYPERDENSE_SHARE)),
+        "max_median_hu": MAX_BLOOD_HU,
+        "too_dense_components_removed": int(too_dense.sum()),
         "removed_ml": round(float((mask & ~gated).sum()) * voxel_ml, 2),
         "added_ml": round(float((gated & ~mask).sum()) * voxel_ml, 2),
     }
