@@ -37,14 +37,14 @@ from PIL import Image
 
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
 from blip.grounded import ScanReporter, caveat_not_a_head_ct, ground_report
+from ich_engine.checkpoint import atomic_write
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
 from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.errors import SliceGapError
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
-from sam3d.engine.checkpoint import atomic_write
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
 from sam3d.predict.postprocessing import hyperdense_options
 from sam3d.predict.records import Click, Measurements, SegmentationResult
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             "missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
             "or pass --segmentation_checkpoint/--report_model."
         )
-    from sam3d.engine.distributed import resolve_device
+    from ich_engine.distributed import resolve_device
 
     logging.basicConfig(level=logging.INFO)
     app = build_app(

@@ -44,15 +44,15 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
-from sam3d.engine.checkpoint import (
+from ich_engine.checkpoint import (
     CheckpointError,
     atomic_save,
     extract_state_dict,
     load_checkpoint,
     load_state_dict_strict,
 )
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 
 _LAYER = r"Qformer\.bert\.encoder\.layer\.(\d+)\."
 

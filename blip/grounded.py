@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ich_engine.config import ConfigError
+from ich_engine.stage_timing import stage
 from sam3d.data.io import Volume, load_volume
-from sam3d.engine.config import ConfigError
-from sam3d.engine.stage_timing import stage
 from sam3d.predict import HemorrhageSegmenter
 from sam3d.predict.records import Click, ComponentMeasurement, Measurements
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.trainer import BEST_CHECKPOINT, Trainer, TrainerConfig
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.trainer import BEST_CHECKPOINT, Trainer, TrainerConfig
 
 from .conditioning import VOLUME_SLOT, measurement_context, volume_slot_text
 from .language_model import build_tiny_gpt2, load_language_model

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sam3d.engine.checkpoint import CheckpointError, load_state_dict_strict
+from ich_engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.modeling.image_encoder import ImageEncoderViT
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

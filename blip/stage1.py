@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sam3d.engine.checkpoint import load_state_dict_strict
+from ich_engine.checkpoint import load_state_dict_strict
 
 from .labeler import label_report
 from .model import Blip2ReportModel

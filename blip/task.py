@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sam3d.engine.trainer import autocast_dtype
+from ich_engine.trainer import autocast_dtype
 
 from .diagnosis import drop_observations
 from .labeler import precision_recall_f1

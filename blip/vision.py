@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 from sam3d.data.preprocessing import Preprocessing
-from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 from sam3d.export import load_exported_encoder
 from sam3d.modeling.build import Sam3DConfig, build_image_encoder, model_config
 from sam3d.modeling.image_encoder import ImageEncoderViT

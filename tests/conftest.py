@@ -51,7 +51,7 @@ def sam2d_fixture():
 
 def write_tiny_segmentation_checkpoint(path: Path, spacing_mm: tuple[float, float, float]) -> Path:
     """An untrained SAM-Med3D `small` (32³ windows, seed 0) with its preprocessing at ``spacing_mm``."""
-    from sam3d.engine.checkpoint import atomic_save
+    from ich_engine.checkpoint import atomic_save
 
     torch.manual_seed(0)
     config = model_config("small", img_size=32)

@@ -171,7 +171,7 @@ def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tm
 def test_a_click_resegments_from_the_cached_embedding_and_leaves_the_report_until_asked(tiny_models, tmp_path):
     from blip.app import ReportSession
     from blip.grounded import ScanReporter
-    from sam3d.engine.stage_timing import StageTimes
+    from ich_engine.stage_timing import StageTimes
 
     c = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
     scan = tmp_path / "scan.nii.gz"

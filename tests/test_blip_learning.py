@@ -25,13 +25,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip.cli.train import build_parser
 from blip.labeler import label_ct_report
 from blip.model import Blip2ReportModel
-from blip.train import build_parser, run_training
+from blip.train import ReportTrainingConfig, run_training
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.config import parse_with_config
 from sam3d.cli import train as segmentation_train
 from sam3d.data.synthetic import make_synthetic_ich
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.config import parse_with_config
 
 pytestmark = pytest.mark.learning
 
@@ -40,8 +41,7 @@ IU_XRAY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iu_x
 
 def _train(argv: list[str]) -> dict:
     os.environ["WANDB_MODE"] = "disabled"
-    args = parse_with_config(build_parser(), argv)
-    return run_training(args)
+    return run_training(ReportTrainingConfig.from_flags(parse_with_config(build_parser(), argv)))
 
 
 def _iu_pairs() -> list[dict]:

@@ -11,7 +11,7 @@ import torch
 
 from blip.convert_lavis import convert_lavis_state_dict, load_lavis_into_bridge, main
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
-from sam3d.engine.checkpoint import CheckpointError
+from ich_engine.checkpoint import CheckpointError
 from tests.conftest import fixture_fill, load_fixture
 
 TOLERANCE = 1e-5

@@ -177,7 +177,7 @@ def test_evaluate_reports_script(tmp_path):
 def test_evaluate_reports_errors(tmp_path, capsys):
     missing = tmp_path / "missing.csv"
     _write_csv(missing, [{"id": "a", "reference": "No effusion."}], ["id", "reference"])
-    from sam3d.engine.cli import run_main
+    from ich_engine.cli import run_main
 
     # A bad row is a data error: one line, exit 1 (usage errors exit 2).
     assert (

@@ -30,8 +30,8 @@ from blip.data import normalize_for_metrics, split_sections
 from blip.data.reports import ReportManifestError, table_rows
 from blip.labeler import MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive, label_report
 from blip.metrics import TOKENIZERS, caption_metrics
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 
 REQUIRED_COLUMNS = ("id", "reference", "generated")
 PER_SAMPLE_METRICS = ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr")

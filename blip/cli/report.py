@@ -22,6 +22,10 @@ from pathlib import Path
 
 from blip.data.reports import infer_modality
 from blip.grounded import ScanReporter
+from ich_engine.checkpoint import atomic_write, lock_output_dir
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
+from ich_engine.distributed import resolve_device
 from sam3d.cli.scans import (
     add_archive_arguments,
     add_hyperdense_argument,
@@ -32,10 +36,6 @@ from sam3d.cli.scans import (
     parse_clicks,
     run_batch,
 )
-from sam3d.engine.checkpoint import atomic_write, lock_output_dir
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
-from sam3d.engine.distributed import resolve_device
 from sam3d.predict.postprocessing import hyperdense_options
 
 

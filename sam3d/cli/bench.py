@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
-from sam3d.engine.stage_timing import StageTimes, stage
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
+from ich_engine.stage_timing import StageTimes, stage
 from sam3d.loss import InteractiveSegmentationLoss
 from sam3d.modeling import build_sam3d, model_config
 

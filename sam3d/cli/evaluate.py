@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ich_engine.checkpoint import lock_output_dir
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
+from ich_engine.distributed import resolve_device
 from sam3d.data.dataset import build_segmentation_dataset, read_manifest
 from sam3d.data.io import load_volume
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import build_transforms
-from sam3d.engine.checkpoint import lock_output_dir
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
-from sam3d.engine.distributed import resolve_device
 from sam3d.metrics import dice_score, surface_metrics, volume_ml
 from sam3d.modeling import load_trained_sam3d
 from sam3d.task import SegmentationTask

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D

@@ -18,13 +18,14 @@ import psutil
 import pydicom
 import torch
 
+from ich_engine.stage_timing import stage
+
 from .. import __version__
 from ..data.dicom_seg import hemorrhage_seg, mask_on_frames
 from ..data.dicom_sr import hemorrhage_sr
 from ..data.errors import VolumeReadError
 from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from ..data.preprocessing import Preprocessing
-from ..engine.stage_timing import stage
 from ..modeling import load_trained_sam3d
 from ..modeling.sam3d import Sam3D
 from ..visualize import SliceView, axial_overlay
