@@ -18,7 +18,7 @@ and position ids follow the attention mask, as Hugging Face generation does for 
 ``diagnosis_prompt`` a head on the tower's tokens predicts the labeler's observations and the prompt
 also starts with their sentence (``blip.diagnosis``); its binary cross-entropy joins the LM loss. A
 batch holds one modality, since the prompt and the tower depend on it; one model with both towers
-serves both modalities (``blip.train`` batches a mixed run by modality).
+serves both modalities (``blip.training.train`` batches a mixed run by modality).
 Generated reports follow the training text's "FINDINGS: ... IMPRESSION: ..." format; cut them with
 ``blip.data.reports.split_sections``.
 """
@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from blip.evaluation.labeler import binary_observations
 from ich_engine.checkpoint import CheckpointError, load_state_dict_strict
 from sam3d.modeling.image_encoder import ImageEncoderViT
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
 from .diagnosis import DiagnosisHead, diagnosis_sentence
-from .labeler import binary_observations
 from .language_model import LM_MODES, load_language_model
 from .processor import PROCESSOR_NAME, Blip2ReportProcessor
 from .qformer import QFormerBridge, QFormerBridgeConfig
@@ -274,7 +274,7 @@ class Blip2ReportModel(nn.Module):
         self, images: torch.Tensor, modality: str, tower_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge. ``tower_tokens``: the tower's
-        output for ``images`` when already at hand (a frozen tower's, cached by ``blip.task``)."""
+        output for ``images`` when already at hand (a frozen tower's, cached by ``blip.training.task``)."""
         tokens = self.tower_tokens(images, modality) if tower_tokens is None else tower_tokens
         if modality in self.vision_adapters:
             tokens = self.vision_adapters[modality](tokens)
@@ -410,7 +410,7 @@ class Blip2ReportModel(nn.Module):
 
     @torch.no_grad()
     def diagnose(self, images: torch.Tensor, modality: str) -> torch.Tensor:
-        """(B, K) probabilities of ``blip.labeler.binary_observations(modality)`` from the diagnosis head."""
+        """(B, K) probabilities of ``blip.evaluation.labeler.binary_observations(modality)`` from the diagnosis head."""
         if not self.config.diagnosis_prompt:
             raise ValueError("this report model has no diagnosis head (config.diagnosis_prompt is False)")
         logits = self._diagnosis_logits(self.image_tokens(images, modality), modality)

@@ -4,7 +4,7 @@
 devices, DDP and seeds, asks the workflow for a :class:`TrainingRun` (model, data, task, parameter
 groups), records ``config.json``, fits with :class:`~ich_engine.trainer.Trainer` and, on rank 0, lets
 the workflow export from the best checkpoint. The workflows' own ``run_training(config)``
-(``sam3d.training``, ``blip.train``) call it with their ``prepare`` function.
+(``sam3d.training``, ``blip.training.train``) call it with their ``prepare`` function.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Typed training settings: one frozen dataclass per workflow, its flags and YAML keys generated from it.
 
-A workflow's config (``sam3d.training.SegmentationTrainingConfig``, ``blip.train.ReportTrainingConfig``)
+A workflow's config (``sam3d.training.SegmentationTrainingConfig``, ``blip.training.train.ReportTrainingConfig``)
 subclasses :class:`TrainingConfig`, the settings the engine itself reads (run, optimisation, tracking).
 Every field made with :func:`setting` is also a command-line flag and a YAML key of the same name, like
 ``sam3d.data.preprocessing.Preprocessing``; the class is validated on construction (a ``ConfigError``

@@ -153,7 +153,7 @@ def write_head_ct(path, bleed: bool, seed: int) -> None:
 @pytest.fixture(scope="module")
 def ct_data(tmp_path_factory):
     """Six tiny CT volumes with report manifests (4 train, 2 val), an exported tiny encoder and the
-    flags that point blip.train at them."""
+    flags that point blip.training.train at them."""
     root = tmp_path_factory.mktemp("ct_reports")
     manifests = {}
     for split, bleeds in (("train", [True, False, True, False]), ("val", [True, False])):

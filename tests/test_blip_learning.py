@@ -1,5 +1,5 @@
 """Does the report model learn? The X-ray path overfits the four real IU X-ray image/report pairs of
-the local sample (tiny 2-D SAM tower, tiny GPT-2, trained end to end with ``blip.train``): the loss
+the local sample (tiny 2-D SAM tower, tiny GPT-2, trained end to end with ``blip.training.train``): the loss
 falls far and greedy generation reproduces the reports. Run with ``-s`` to see the measured figures.
 
 Measured (2 shared CPU cores): val loss 5.50 -> 0.21 in 40 epochs, 33 s of training, 43 s in all.
@@ -12,7 +12,7 @@ with 1001 oversampled, which still generated 1000's report for 1001.
 
 The CT path learns from scratch on synthetic scans: segmentation fine-tuning, export, report training
 with the exported encoder fixed, then reports generated for held-out scans, whose hemorrhage / no
-hemorrhage statement (``blip.labeler``) must agree with the scans' truth well above the majority rate.
+hemorrhage statement (``blip.evaluation.labeler``) must agree with the scans' truth well above the majority rate.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from blip.cli.train import build_parser
-from blip.labeler import label_ct_report
+from blip.evaluation.labeler import label_ct_report
 from blip.model import Blip2ReportModel
-from blip.train import ReportTrainingConfig, run_training
+from blip.training.train import ReportTrainingConfig, run_training
 from ich_engine.checkpoint import load_checkpoint
 from ich_engine.config import parse_with_config
 from sam3d.cli import train as segmentation_train
@@ -67,7 +67,7 @@ def _iu_pairs() -> list[dict]:
 
 @pytest.mark.skipif(not (IU_XRAY / "indiana_reports.csv").is_file(), reason=f"no IU X-ray sample at {IU_XRAY}")
 def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
-    from blip.metrics import caption_metrics
+    from blip.evaluation.metrics import caption_metrics
 
     start = time.perf_counter()
     rows = _iu_pairs()

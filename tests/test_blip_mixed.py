@@ -1,5 +1,5 @@
 """CT volumes and chest X-rays in one report-generation run: the modality-grouped batch sampler, the
-mixed dataset, per-tower freezing, and an end-to-end ``blip.train`` run on a mixed manifest."""
+mixed dataset, per-tower freezing, and an end-to-end ``blip.training.train`` run on a mixed manifest."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from blip.cli.train import build_parser, main
 from blip.data.dataset import ReportDataset
 from blip.model import Blip2ReportModel
-from blip.train import ReportTrainingConfig, build_model
+from blip.training.train import ReportTrainingConfig, build_model
 from blip.vision import SAM2D_CHECKPOINT_PREFIX, VisionTowerConfig, build_vision_tower
 from ich_engine.checkpoint import load_checkpoint
 from ich_engine.config import ConfigError

@@ -1,4 +1,4 @@
-"""BLIP-2 stage 1 (blip.stage1): the Q-Former's text path and attention masks, the three losses, hard
+"""BLIP-2 stage 1 (blip.training.stage1): the Q-Former's text path and attention masks, the three losses, hard
 negatives, validation retrieval, and a stage-1 run whose bridge starts stage 2."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from blip.data.dataset import ReportCollator
 from blip.language_model import build_tiny_gpt2, load_language_model
 from blip.model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig
 from blip.qformer import QFormerBridgeConfig
-from blip.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask, findings_key
-from blip.train import ReportTrainingConfig, build_model
+from blip.training.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask, findings_key
+from blip.training.train import ReportTrainingConfig, build_model
 from blip.vision import VisionTowerConfig
 from ich_engine.checkpoint import load_checkpoint
 from ich_engine.config import ConfigError, parse_with_config

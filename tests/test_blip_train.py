@@ -229,7 +229,7 @@ def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
     tensor, interfaces included, comes from the LAVIS checkpoint."""
     from blip.cli.train import build_parser
     from blip.language_model import build_tiny_gpt2
-    from blip.train import ReportTrainingConfig, build_model
+    from blip.training.train import ReportTrainingConfig, build_model
     from ich_engine.distributed import DistributedContext
     from tests.conftest import fixture_fill, load_fixture
 

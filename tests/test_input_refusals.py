@@ -121,7 +121,7 @@ def test_a_corrupt_slice_is_named_as_unreadable_not_blamed_as_a_gap(tmp_path):
 
 
 def test_the_web_page_offers_its_own_remedy_for_a_series_with_gaps(tmp_path):
-    from blip.app import ReportSession, UploadError
+    from blip.app.web import ReportSession, UploadError
 
     paths = _series(tmp_path / "gap")
     paths[4].unlink()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from blip.train import ReportTrainingConfig
-from blip.train import run_training as run_report_training
+from blip.training.train import ReportTrainingConfig
+from blip.training.train import run_training as run_report_training
 from ich_engine.config import ConfigError
 from sam3d import CONFIG_DIR
 from sam3d.data.synthetic import make_synthetic_ich

@@ -26,9 +26,9 @@ from statistics import median
 import numpy as np
 from tqdm import tqdm
 
-from blip.grounded import LOCATION_SUBTYPES
-from blip.train import ReportTrainingConfig
-from blip.train import run_training as run_report_training
+from blip.app.grounded import LOCATION_SUBTYPES
+from blip.training.train import ReportTrainingConfig
+from blip.training.train import run_training as run_report_training
 from ich_engine.checkpoint import atomic_write
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser
@@ -56,7 +56,7 @@ GOALS = {
 
 def report_labels(text: str) -> dict:
     """The labeler's reading of a report in the summary's terms: presence, side, subtype."""
-    from blip.labeler import CT_SUBTYPES, POSITIVE, label_ct_report
+    from blip.evaluation.labeler import CT_SUBTYPES, POSITIVE, label_ct_report
 
     labels = label_ct_report(text)
     present = labels["hemorrhage"] == POSITIVE
@@ -104,7 +104,7 @@ def train_report_model(
 def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabulary: set[str]) -> list[dict]:
     """One summary record per held-out scan: truth, automatic segmentation (Dice on the scan's own grid),
     the generated report and the labeler's reading of it."""
-    from blip.grounded import MIN_HEMORRHAGE_ML, contradictions, subtype_contradictions
+    from blip.app.grounded import MIN_HEMORRHAGE_ML, contradictions, subtype_contradictions
     from sam3d.predict.records import Measurements
 
     records = []
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
         lap("report_stage2_image_only")
 
     print("[5/6] held-out scans: automatic segmentation, measurements, report", flush=True)
-    from blip.grounded import ScanReporter
+    from blip.app.grounded import ScanReporter
 
     root = Path(data["cases_json"]).parent
     cases = [c for c in json.loads(Path(data["cases_json"]).read_text()) if c["split"] == "val"]

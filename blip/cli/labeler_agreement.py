@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from blip.labeler import is_positive, label_chest_report
+from blip.evaluation.labeler import is_positive, label_chest_report
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser
 

@@ -8,7 +8,7 @@
   text-only on a large corpus of synthetic reports (they cost nothing to write), saved as a Hugging
   Face folder.
 - ``qformer``: the stand-in for a released stage-1 Q-Former (BLIP-2's is pre-trained on image-text
-  pairs): BLIP-2 stage 1 (``blip.train --stage 1``) on the pre-training phantoms and their reports,
+  pairs): BLIP-2 stage 1 (``blip.training.train --stage 1``) on the pre-training phantoms and their reports,
   reading the ``sam3d`` stand-in's encoder, with the ``lm`` stand-in's tokenizer (run it after both).
 
 All land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from blip.train import ReportTrainingConfig
-from blip.train import run_training as run_report_training
+from blip.training.train import ReportTrainingConfig
+from blip.training.train import run_training as run_report_training
 from ich_engine.checkpoint import atomic_write, load_checkpoint
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser
@@ -93,7 +93,7 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
 def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | None, out: Path) -> Path:
     """Reports for the metadata of the pre-training phantoms (no image is rendered for the extra
     variants): ``variants`` per case, the last 16 cases' for validation."""
-    from blip.lm_pretraining import pretrain_report_lm
+    from blip.training.lm_pretraining import pretrain_report_lm
     from sam3d.data.synthetic_reports import report_corpus
 
     data = pretraining_data(work, num_cases, seed)

@@ -20,13 +20,14 @@ import json
 import sys
 from pathlib import Path
 
+from blip.app.grounded import ScanReporter
 from blip.data.reports import infer_modality
-from blip.grounded import ScanReporter
 from ich_engine.checkpoint import atomic_write, lock_output_dir
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
 from ich_engine.distributed import resolve_device
-from sam3d.cli.scans import (
+from sam3d.predict.postprocessing import hyperdense_options
+from sam3d.predict.scans import (
     add_archive_arguments,
     add_hyperdense_argument,
     add_scan_arguments,
@@ -36,7 +37,6 @@ from sam3d.cli.scans import (
     parse_clicks,
     run_batch,
 )
-from sam3d.predict.postprocessing import hyperdense_options
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,8 @@
         --encoder outputs/sam3d/sam_encoder.pth
     sam3d-report-train --config ... --resume                       # continue from output_dir/latest_model.pth
 
-Every flag is a setting of ``blip.train.ReportTrainingConfig`` (what each does, and the outputs in
---output_dir: that module's documentation and docs/report_generation.md); ``blip.train.run_training``
+Every flag is a setting of ``blip.training.train.ReportTrainingConfig`` (what each does, and the outputs in
+--output_dir: that module's documentation and docs/report_generation.md); ``blip.training.train.run_training``
 runs the same from Python.
 """
 
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from blip.data.reports import split_sections
-from blip.train import ReportTrainingConfig, run_training
+from blip.training.train import ReportTrainingConfig, run_training
 from ich_engine.cli import console_main
 from ich_engine.config import parse_with_config
 from ich_engine.run import is_main_process

@@ -212,7 +212,7 @@ def predict_stages(args) -> dict:
         start = time.perf_counter()
         with stage("model load"):
             if args.report_model:
-                from blip.grounded import ScanReporter
+                from blip.app.grounded import ScanReporter
 
                 reporter = ScanReporter(args.checkpoint, args.report_model, args.device)
                 assert reporter.segmenter is not None

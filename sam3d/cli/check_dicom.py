@@ -22,9 +22,9 @@ import numpy as np
 
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
-from sam3d.cli.scans import add_scan_arguments, read_scan
 from sam3d.data.dicom import choose_series, find_series, frame_hu, sample_frames
 from sam3d.data.errors import VolumeReadError
+from sam3d.predict.scans import add_scan_arguments, read_scan
 
 
 def list_series(folder: Path) -> int:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -35,17 +34,13 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from blip.app.grounded import ScanReporter, caveat_not_a_head_ct, ground_report
 from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
-from blip.grounded import ScanReporter, caveat_not_a_head_ct, ground_report
 from ich_engine.checkpoint import atomic_write
-from ich_engine.cli import console_main
-from ich_engine.config import CommandLineParser, ConfigError
-from sam3d.cli.scans import add_hyperdense_argument
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.errors import SliceGapError
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
-from sam3d.predict.postprocessing import hyperdense_options
 from sam3d.predict.records import Click, Measurements, SegmentationResult
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
@@ -521,65 +516,3 @@ def build_app(
         update.click(update_report, [case_state, slice_slider, window], outputs)
         app.unload(end_visit)
     return app.queue(default_concurrency_limit=1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = CommandLineParser(description=__doc__)
-    p.add_argument(
-        "--segmentation_checkpoint",
-        default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
-        help="SAM-Med3D checkpoint (default: the one `make demo` writes)",
-    )
-    p.add_argument(
-        "--report_model",
-        default=str(DEFAULT_REPORT_MODEL),
-        help="folder written by `sam3d-report-train` (default: the one `make demo` writes)",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num_beams", type=int, default=3)
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument(
-        "--keep_minutes",
-        type=float,
-        default=KEEP_UPLOADS_S / 60,
-        help="delete a visitor's uploads and results after this many idle minutes (and when the page closes)",
-    )
-    p.add_argument("--max_upload_mb", type=int, default=MAX_UPLOAD_MB, help="larger uploads are refused")
-    add_hyperdense_argument(p)
-    args = p.parse_args(argv)
-    if args.keep_minutes <= 0 or args.max_upload_mb <= 0:
-        p.error("--keep_minutes and --max_upload_mb must be > 0")
-    missing = [
-        f"{flag} {path}"
-        for flag, path in (
-            ("--segmentation_checkpoint", args.segmentation_checkpoint),
-            ("--report_model", args.report_model),
-        )
-        if not Path(path).exists()
-    ]
-    if missing:
-        raise ConfigError(
-            "missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
-            "or pass --segmentation_checkpoint/--report_model."
-        )
-    from ich_engine.distributed import resolve_device
-
-    logging.basicConfig(level=logging.INFO)
-    app = build_app(
-        args.segmentation_checkpoint,
-        args.report_model,
-        str(resolve_device(args.device)),
-        {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens},
-        args.keep_minutes * 60,
-        hyperdense_options(args.hyperdense_only),
-    )
-    app.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb")
-    return 0
-
-
-console = console_main(main)
-
-if __name__ == "__main__":
-    sys.exit(console())

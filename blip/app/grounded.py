@@ -16,15 +16,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from blip.conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
+from blip.data.reports import join_sections, split_sections
+from blip.evaluation.labeler import CT_SUBTYPES, NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
 from ich_engine.config import ConfigError
 from ich_engine.stage_timing import stage
 from sam3d.data.io import Volume, load_volume
 from sam3d.predict import HemorrhageSegmenter
 from sam3d.predict.records import Click, ComponentMeasurement, Measurements
-
-from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
-from .data.reports import join_sections, split_sections
-from .labeler import CT_SUBTYPES, NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
 
 __all__ = [
     "LOCATION_SUBTYPES",
@@ -196,7 +195,7 @@ class ScanReporter:
         segmenter_options: Mapping[str, Any] | None = None,
     ) -> None:
         """``segmenter_options``: ``HemorrhageSegmenter`` keywords (post-processing)."""
-        from .model import Blip2ReportModel
+        from blip.model import Blip2ReportModel
 
         self.segmenter = (
             HemorrhageSegmenter(segmentation_checkpoint, device, **(segmenter_options or {}))

@@ -1,6 +1,6 @@
 """Training the BLIP-2 report model on the shared engine: :class:`ReportTrainingConfig` and :func:`run_training`.
 
-    from blip.train import ReportTrainingConfig, run_training
+    from blip.training.train import ReportTrainingConfig, run_training
     result = run_training(ReportTrainingConfig.from_yaml("sam3d/configs/blip_tiny_ct.yaml", train_manifest=...))
 
 ``sam3d-report-train`` (``blip.cli.train``) is the same with flags: each setting is the flag of its name.
@@ -25,7 +25,7 @@ taught the Q-Former to read it (what joint training from the first step did here
 docs/report_generation.md). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
 labels lead each prompt (``blip.diagnosis``).
 
-BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.stage1``;
+BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.training.stage1``;
 no language model runs) and writes the bridge to ``output_dir/qformer`` (``QFormerBridge.save_pretrained``
 plus the stage-1 heads); ``--init_from <that folder>`` starts a run's bridge from it: stage 2 behind the
 LM, or more stage 1 on other data (heads included). ``--stage 2`` without ``--init_from`` starts from a
@@ -50,6 +50,17 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoTokenizer
 
+from blip.conditioning import context_from_row, volume_slot_text
+from blip.convert_lavis import load_lavis_into_bridge
+from blip.data.dataset import ReportCollator, ReportDataset
+from blip.data.reports import read_report_manifest
+from blip.diagnosis import diagnosis_sentence, reference_diagnosis
+from blip.language_model import build_tiny_gpt2
+from blip.model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig, write_attention_overlays
+from blip.qformer import QFormerBridge, QFormerBridgeConfig
+from blip.training.stage1 import HEADS_NAME, SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask
+from blip.training.task import ReportTask, TowerTokenCache
+from blip.vision import VisionTowerConfig
 from ich_engine.checkpoint import extract_state_dict, load_checkpoint
 from ich_engine.config import ConfigError, input_path, require_file
 from ich_engine.distributed import DistributedContext, barrier
@@ -58,18 +69,6 @@ from ich_engine.run import run_training as run_engine
 from ich_engine.settings import TrainingConfig, add_flag_group, setting
 from ich_engine.trainer import BEST_CHECKPOINT
 from sam3d.export import check_exported_encoder
-
-from .conditioning import context_from_row, volume_slot_text
-from .convert_lavis import load_lavis_into_bridge
-from .data.dataset import ReportCollator, ReportDataset
-from .data.reports import read_report_manifest
-from .diagnosis import diagnosis_sentence, reference_diagnosis
-from .language_model import build_tiny_gpt2
-from .model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig, write_attention_overlays
-from .qformer import QFormerBridge, QFormerBridgeConfig
-from .stage1 import HEADS_NAME, SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask
-from .task import ReportTask, TowerTokenCache
-from .vision import VisionTowerConfig
 
 __all__ = ["ReportTrainingConfig", "build_model", "read_rows", "run_training"]
 
@@ -100,7 +99,7 @@ class ReportTrainingConfig(TrainingConfig):
     cache_tokens: bool = setting(
         False,
         "keep a frozen tower's output per image in memory: the tower then runs once per image "
-        "instead of once per epoch (blip.task.TowerTokenCache; 0.2-0.8 MB per CT study, 4 MB per vit_b X-ray)",
+        "instead of once per epoch (blip.training.task.TowerTokenCache; 0.2-0.8 MB per CT study, 4 MB per vit_b X-ray)",
         action=_BOOL,
     )
     encoder: str | None = setting(
