@@ -42,6 +42,7 @@ from torch import nn
 
 from blip.evaluation.labeler import binary_observations
 from ich_engine.checkpoint import CheckpointError, load_state_dict_strict
+from ich_engine.config import from_known_keys
 from sam3d.modeling.image_encoder import ImageEncoderViT
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
@@ -135,11 +136,7 @@ class Blip2ReportConfig:
         for old, new in LEGACY_LM_KEYS.items():
             if old in values:
                 language_model[new] = values.pop(old)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Blip2ReportConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**values, language_model=LanguageModelConfig(**language_model))
+        return from_known_keys(cls, values, language_model=LanguageModelConfig(**language_model))
 
 
 @dataclass

@@ -7,15 +7,18 @@ config file and a command line say the same thing the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import UserError
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
@@ -34,6 +37,26 @@ class CommandLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def known_keys(config_class: type) -> list[str]:
+    """The field names of a dataclass config, sorted."""
+    return sorted(f.name for f in dataclasses.fields(config_class))
+
+
+def unknown_keys(config_class: type, values: Mapping[str, Any]) -> list[str]:
+    """The keys of ``values`` that are no field of the dataclass ``config_class``, sorted."""
+    return sorted(set(values) - set(known_keys(config_class)))
+
+
+def from_known_keys(config_class: type[T], values: Mapping[str, Any], **fields: Any) -> T:
+    """``config_class(**values, **fields)``; a key it does not know is a ValueError naming it and the known ones."""
+    unknown = unknown_keys(config_class, values)
+    if unknown:
+        raise ValueError(
+            f"unknown {config_class.__name__} keys {unknown}; expected a subset of {known_keys(config_class)}"
+        )
+    return config_class(**values, **fields)
 
 
 def input_path(value: str) -> str:

@@ -136,7 +136,7 @@ def test_scan_reporter_conditions_on_the_segmentation_it_measured(tmp_path, monk
         lambda images, modality, contexts, **kw: given.append(contexts) or generate(images, modality, contexts, **kw),
     )
     result = reporter.run(scan, "ct")
-    measured = result["segmentation"]["measurements"]
+    measured = result.to_json()["segmentation"]["measurements"]
     assert given == [[measurement_context(measured["total_volume_ml"], measured["side"])]]
     with pytest.raises(ValueError, match="segment the scan first"):
         reporter.generate(str(scan), "ct")

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from statistics import median
 
@@ -105,15 +106,15 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
     """One summary record per held-out scan: truth, automatic segmentation (Dice on the scan's own grid),
     the generated report and the labeler's reading of it."""
     from blip.app.grounded import MIN_HEMORRHAGE_ML, contradictions, subtype_contradictions
-    from sam3d.predict.records import Measurements
 
     records = []
     for case in tqdm(cases, desc="reporting", unit="scan"):
         result = reporter.run(load_volume(root / case["path"]), "ct", output_dir=out)
-        m = result["segmentation"]["measurements"]
-        measurements = Measurements.from_json(m)
+        assert result.segmentation is not None  # a CT report
+        measurements = result.segmentation.measurements
+        m = asdict(measurements)
         measured = m["total_volume_ml"] >= MIN_HEMORRHAGE_ML
-        predicted = load_volume(result["segmentation"]["files"]["mask"]).array > 0
+        predicted = result.segmentation.mask > 0
         truth = load_volume(root / case["mask_path"]).array > 0
         total = predicted.sum() + truth.sum()
         positive = case["ich_type"] != "none"
@@ -130,13 +131,13 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
                 "measured_location": m["location"] if measured else "none",
                 "component_locations": [c.location for c in measurements.components],
                 "dice": round(float(2 * (predicted & truth).sum() / total), 4) if positive else None,
-                "report": result["generated"],
-                "generated_labels": report_labels(result["generated"]),
-                "grounded_report": result["report"],
-                "report_labels": report_labels(result["report"]),
-                "contradictions": contradictions(result["generated"], measurements),
-                "subtype_contradictions": len(subtype_contradictions(result["generated"], measurements)),
-                "words_outside_vocabulary": sorted(_words(result["generated"]) - vocabulary),
+                "report": result.generated,
+                "generated_labels": report_labels(result.generated),
+                "grounded_report": result.report,
+                "report_labels": report_labels(result.report),
+                "contradictions": contradictions(result.generated, measurements),
+                "subtype_contradictions": len(subtype_contradictions(result.generated, measurements)),
+                "words_outside_vocabulary": sorted(_words(result.generated) - vocabulary),
             }
         )
     return records

@@ -16,13 +16,12 @@ contradictions are listed.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from blip.app.grounded import ScanReporter
 from blip.data.reports import infer_modality
-from ich_engine.checkpoint import atomic_write, lock_output_dir
+from ich_engine.checkpoint import lock_output_dir
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
 from ich_engine.distributed import resolve_device
@@ -98,19 +97,20 @@ def main(argv=None) -> int:
                 raise ConfigError(
                     f"{name}: CT needs --segmentation_checkpoint (the report is checked against the mask)"
                 )
-            result = reporter.run(scans.read(path, args) if modality == "ct" else path, modality, clicks, out)
-            text = json.dumps(result, indent=2, default=str)
-            atomic_write(out / f"{stems[path]}_report.json", lambda tmp: tmp.write_text(text))
-            atomic_write(out / f"{stems[path]}_report.txt", lambda tmp: tmp.write_text(result["report"] + "\n"))
+            scan = reporter.run(scans.read(path, args) if modality == "ct" else path, modality, clicks, out)
+            scan = scan.write(out, stems[path])
             print(f"== {name} ({modality})")
-            if "segmentation" in result:
-                print(f"geometry: {result['segmentation']['geometry_summary']}")
-            print(result["report"])
-            for flag in result.get("flags", []):
-                print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
+            if scan.segmentation is not None:
+                print(f"geometry: {scan.segmentation.volume.geometry.summary()}")
+            print(scan.report)
+            if scan.grounding is not None:
+                corrected = " (impression corrected)" if scan.grounding.corrected else ""
+                for flag in scan.grounding.flags:
+                    print(f"  contradiction: {flag}{corrected}")
             if args.store:
-                print(scans.store(result["segmentation"]["files"]))
-            return {"source": name, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
+                assert scan.segmentation is not None  # --store reads a study from the archive: CT
+                print(scans.store(scan.segmentation.files))
+            return {"source": name, "modality": modality, "report": scan.files["report_json"]}
 
         return run_batch(scans.inputs, report, args.fail_fast, out / "reports.json", scans.name)
 

@@ -62,7 +62,7 @@ from blip.training.stage1 import HEADS_NAME, SPECIAL_TEXT_TOKENS, QFormerPretrai
 from blip.training.task import ReportTask, TowerTokenCache
 from blip.vision import VisionTowerConfig
 from ich_engine.checkpoint import extract_state_dict, load_checkpoint
-from ich_engine.config import ConfigError, input_path, require_file
+from ich_engine.config import ConfigError, input_path, known_keys, require_file, unknown_keys
 from ich_engine.distributed import DistributedContext, barrier
 from ich_engine.run import TrainingRun
 from ich_engine.run import run_training as run_engine
@@ -308,11 +308,11 @@ def check_bridge(bridge: Any) -> None:
     """``bridge`` (the YAML key or --bridge JSON): Q-Former settings by their QFormerBridgeConfig names."""
     if not isinstance(bridge, Mapping):
         raise ConfigError(f"bridge: expected a mapping of Q-Former settings, found {bridge!r}")
-    unknown = QFormerBridgeConfig.unknown_keys(bridge)
+    unknown = unknown_keys(QFormerBridgeConfig, bridge)
     if unknown:
         raise ConfigError(
             f"bridge: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(QFormerBridgeConfig.known_keys())}"
+            f"known keys: {', '.join(known_keys(QFormerBridgeConfig))}"
         )
 
 

@@ -222,7 +222,8 @@ def predict_stages(args) -> dict:
         volume = load_volume(args.predict)
         if args.report_model:
             result = reporter.run(volume, "ct", output_dir=out)
-            measurements = result["segmentation"]["measurements"]
+            assert result.segmentation is not None  # a CT report
+            measurements = result.segmentation.to_json()["measurements"]
         else:
             prepared = segmenter.prepare(volume)
             segmentation = segmenter.save(segmenter.predict(prepared), out)

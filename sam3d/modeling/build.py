@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.config import from_known_keys
 
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D
@@ -75,11 +76,7 @@ class Sam3DConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Sam3DConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Sam3DConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values)
 
 
 def build_image_encoder(config: Sam3DConfig) -> ImageEncoderViT:
