@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from .language_model import CausalLM
 
 CONFIG_NAME = "config.json"
+# The settings of Blip2ReportModel.generate that commands and training configs expose, by their flag names.
+GENERATION_KEYS = ("num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size")
 WEIGHTS_NAME = "model.safetensors"
 LM_FOLDER = "lm"
 TOWER_OF_MODALITY = {"ct": "visual_encoder", "xray": "visual_encoder_2d"}
@@ -137,6 +140,12 @@ class Blip2ReportConfig:
             if old in values:
                 language_model[new] = values.pop(old)
         return from_known_keys(cls, values, language_model=LanguageModelConfig(**language_model))
+
+
+def generation_settings(settings: Any) -> dict[str, Any]:
+    """The keywords of :meth:`Blip2ReportModel.generate` that ``settings`` (a training config or
+    parsed flags) names, among :data:`GENERATION_KEYS`."""
+    return {key: getattr(settings, key) for key in GENERATION_KEYS if hasattr(settings, key)}
 
 
 @dataclass
@@ -485,7 +494,7 @@ class Blip2ReportModel(nn.Module):
         save_file(weights, str(folder / WEIGHTS_NAME))
         language_model = self.language_model
         if self.config.language_model.mode == "lora":
-            from peft import PeftModel
+            from peft import PeftModel  # tens of seconds to import on 2 cores: only LoRA models load it
 
             assert isinstance(language_model, PeftModel)  # load_language_model wraps a LoRA LM in one
             language_model = copy.deepcopy(language_model).merge_and_unload()
@@ -532,7 +541,7 @@ def attention_overlays(
     """One RGB uint8 (H, W, 3) picture per image: the cross-attention map (``jet`` colours) over the
     image in grey. CT: the axial slice that receives the most attention, in the radiological
     convention (the tower's input grid is RAS); X-ray: the film."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # seconds to import; only attention overlays need it
 
     maps = model.cross_attention_map(images, modality).cpu().numpy()
     pictures = []
@@ -552,8 +561,6 @@ def write_attention_overlays(
     model: Blip2ReportModel, images: torch.Tensor, modality: str, ids: list[str], folder: str | os.PathLike
 ) -> list[Path]:
     """``attention_overlays`` written as ``<folder>/<id>_attention.png``; returns the paths."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -17,6 +17,8 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
+
 from .errors import UserError
 
 __all__ = ["console_main", "plain_warnings", "run_main", "user_message"]
@@ -47,8 +49,6 @@ def user_message(err: UserError) -> str:
 
 
 def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-    import torch
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

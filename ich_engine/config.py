@@ -188,7 +188,7 @@ def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
             f"max_steps_per_epoch must be >= 1 (or left out for whole epochs), got {cfg['max_steps_per_epoch']}"
         )
     if "device" in cfg:
-        from .distributed import resolve_device
+        from .distributed import resolve_device  # distributed imports ConfigError from here
 
         resolve_device(cfg["device"])  # --device cuda on a machine without CUDA fails here, not after loading data
     for key in ("weight_decay", "max_grad_norm", "num_workers"):

@@ -133,7 +133,7 @@ class TrainingConfig:
     @classmethod
     def redefault(cls, name: str, default: Any, help: str | None = None) -> Any:
         """The engine setting ``name`` with a workflow's default (and help text, where given)."""
-        base = {f.name: f for f in dataclasses.fields(TrainingConfig)}[name]
+        base = {f.name: f for f in dataclasses.fields(cls)}[name]
         return setting(default, base.metadata["help"] if help is None else help, **base.metadata["flag"])
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from blip.app import web
+from blip.model import generation_settings
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
 from ich_engine.distributed import resolve_device
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         args.segmentation_checkpoint,
         args.report_model,
         str(resolve_device(args.device)),
-        {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens},
+        generation_settings(args),
         args.keep_minutes * 60,
         hyperdense_options(args.hyperdense_only),
     )

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blip.app.grounded import LOCATION_SUBTYPES
+from blip.model import generation_settings
 from blip.training.train import ReportTrainingConfig
 from blip.training.train import run_training as run_report_training
 from ich_engine.checkpoint import atomic_write
@@ -98,7 +99,7 @@ def train_report_model(
         **stage1,
     )
     result = run_report_training(config)
-    result["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+    result["generation"] = generation_settings(config)
     return result
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from blip.app.grounded import ScanReporter
 from blip.data.reports import infer_modality
+from blip.model import generation_settings
 from ich_engine.checkpoint import lock_output_dir
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
@@ -69,12 +70,6 @@ def main(argv=None) -> int:
     if args.dicomweb and args.modality == "xray":
         p.error(f"--dicomweb {args.dicomweb}: studies are read as CT; --modality xray reads image files only")
     clicks = parse_clicks(args.click, args.click_space)
-    generation = {
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-        "repetition_penalty": args.repetition_penalty,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-    }
     # Every input named, the study retrieved, the output folder locked and output names checked, before
     # the models load.
     with open_scans(args) as scans, lock_output_dir(args.output_dir):
@@ -84,7 +79,7 @@ def main(argv=None) -> int:
             args.report_model,
             str(resolve_device(args.device)),
             correct=not args.no_correct,
-            generation=generation,
+            generation=generation_settings(args),
             segmenter_options=hyperdense_options(args.hyperdense_only),
         )
         out = Path(args.output_dir)

@@ -56,7 +56,13 @@ from blip.data.dataset import ReportCollator, ReportDataset
 from blip.data.reports import read_report_manifest
 from blip.diagnosis import diagnosis_sentence, reference_diagnosis
 from blip.language_model import build_tiny_gpt2
-from blip.model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig, write_attention_overlays
+from blip.model import (
+    Blip2ReportConfig,
+    Blip2ReportModel,
+    LanguageModelConfig,
+    generation_settings,
+    write_attention_overlays,
+)
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
 from blip.training.stage1 import HEADS_NAME, SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask
 from blip.training.task import ReportTask, TowerTokenCache
@@ -294,15 +300,6 @@ class ReportTrainingConfig(TrainingConfig):
             for m, frozen in per_tower.items()
         }
 
-    def generation(self) -> dict[str, Any]:
-        """The keyword arguments of ``Blip2ReportModel.generate`` for validation samples."""
-        return {
-            "num_beams": self.num_beams,
-            "max_new_tokens": self.max_new_tokens,
-            "repetition_penalty": self.repetition_penalty,
-            "no_repeat_ngram_size": self.no_repeat_ngram_size,
-        }
-
 
 def check_bridge(bridge: Any) -> None:
     """``bridge`` (the YAML key or --bridge JSON): Q-Former settings by their QFormerBridgeConfig names."""
@@ -446,7 +443,7 @@ def _prepare(config: ReportTrainingConfig, device: torch.device, ctx: Distribute
         model = report_model
         task = ReportTask(
             config.num_val_samples,
-            config.generation(),
+            generation_settings(config),
             output_dir / "val_samples.json",
             config.use_mixed_precision,
             config.cache_tokens,
@@ -506,7 +503,7 @@ def generate_samples(
         first = val_ds[val_ds.group_keys.index(modality)]
         image = first["image"][None].to(device)
         contexts = [first["context"]] if first["context"] else None
-        generated = model.generate(image, modality, contexts, **config.generation())[0]
+        generated = model.generate(image, modality, contexts, **generation_settings(config))[0]
         diagnosis = (
             diagnosis_sentence((model.diagnose(image, modality)[0] >= 0.5).tolist(), modality)
             if config.diagnosis_prompt

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import sys
@@ -114,9 +113,7 @@ def evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
     model.to(device).eval()
-    preprocessing = dataclasses.replace(
-        Preprocessing.from_checkpoint(meta, args.checkpoint), roi_size=(model.img_size,) * 3
-    )
+    preprocessing = Preprocessing.from_checkpoint(meta, args.checkpoint)
     spacing = preprocessing.target_spacing_mm
     manifest, skipped = read_manifest(args.csv, args.mask_dir, validate="full", skip_invalid=args.skip_invalid)
     dataset = build_segmentation_dataset(manifest, build_transforms(preprocessing, train=False))

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pydicom
 import torch
+from PIL import Image
 
 from ich_engine.stage_timing import stage
 
@@ -241,8 +242,6 @@ class HemorrhageSegmenter:
 
         The files appear together or, on an error, not at all; a SEG or SR the series allows no one to
         make is left out instead, its reason recorded under ``files["not_written"]`` and warned."""
-        from PIL import Image
-
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or strip_volume_extension(Path(result.source).name)
