@@ -89,12 +89,15 @@ def test_analytic_epidural_subdural_subarachnoid_intraventricular_and_parenchyma
     intraventricular = ventricles & np.broadcast_to(y < -5.0, shape)
     # Intraparenchymal: a 12 mm ball in the right hemisphere, deep to the cortex.
     parenchymal = np.broadcast_to((x - 35.0) ** 2 + (y - 25.0) ** 2 + (z + 10.0) ** 2 <= 144.0, shape)
+    # Lobar: a 20 mm ball in the left frontal lobe whose edge reaches the inner table.
+    lobar = np.broadcast_to((radius < 70.0) & ((x + 30.0) ** 2 + (y - 46.0) ** 2 + z**2 <= 400.0), shape)
     for blood, kind in (
         (epidural, "epidural"),
         (subdural, "subdural"),
         (subarachnoid, "subarachnoid"),
         (intraventricular, "intraventricular"),
         (parenchymal, "intraparenchymal"),
+        (lobar, "intraparenchymal"),
     ):
         m = measure_blood(np.ascontiguousarray(blood), hu, affine)
         found = {c.location for c in m.components if c.volume_ml >= MIN_COMPONENT_ML}
@@ -122,6 +125,9 @@ def test_without_a_skull_the_location_is_indeterminate():
         ({"inner_table_distance_mm": 0.5, "table_contact_fraction": 0.5, "shape": "lentiform"}, "epidural"),
         ({"inner_table_distance_mm": 0.5, "table_contact_fraction": 0.5, "shape": "globular"}, "indeterminate"),
         ({"inner_table_distance_mm": 0.5, "thickness_mm": 2.0, "depth_mm": 12.0}, "subarachnoid"),
+        # A lobar hematoma reaching the cortex touches the table over a small share of its surface.
+        ({"inner_table_distance_mm": 0.0, "table_contact_fraction": 0.06}, "intraparenchymal"),
+        ({"inner_table_distance_mm": 0.0, "table_contact_fraction": 0.06, "shape": "lentiform"}, "intraparenchymal"),
         ({"inner_table_distance_mm": None, "table_contact_fraction": None}, "indeterminate"),
     ],
 )

@@ -131,6 +131,7 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
                 "true_location": case["ich_type"],
                 "measured_location": m["location"] if measured else "none",
                 "component_locations": [c.location for c in measurements.components],
+                "component_on_truth": on_truth(predicted, truth, result.segmentation.affine, measurements),
                 "dice": round(float(2 * (predicted & truth).sum() / total), 4) if positive else None,
                 "report": result.generated,
                 "generated_labels": report_labels(result.generated),
@@ -144,16 +145,40 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
     return records
 
 
+def on_truth(predicted: np.ndarray, truth: np.ndarray, affine: np.ndarray, measurements) -> list[bool]:
+    """For each measured component, whether it overlaps the true mask (matched to the predicted mask's
+    26-connected components by their centroid): a component off the truth is a false positive,
+    with no true location of its own."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(predicted, structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    overlaps = np.asarray(ndimage.maximum(truth, labels, index), dtype=bool).reshape(-1)
+    centroids = np.asarray(ndimage.center_of_mass(predicted, labels, index)).reshape(-1, 3)
+    world = centroids @ affine[:3, :3].T + affine[:3, 3]
+    return [
+        bool(overlaps[int(np.argmin(np.linalg.norm(world - np.asarray(c.centroid_mm), axis=1)))])
+        for c in measurements.components
+    ]
+
+
 def figures(records: list[dict]) -> dict:
     """The goal figures of the held-out records (see GOALS). ``report_*`` read the grounded report (what
     a reader gets), ``generated_*`` the language model's own text; ``location_correct`` is the share of
-    the masks' components whose location class is the scan's true kind (a component on a normal scan
-    is wrong)."""
+    the masks' components on the true bleed whose location class is the scan's true kind;
+    ``false_positive_components`` counts the components off the true mask (normal scans included)."""
     positives = [r for r in records if r["true_subtype"] != "none"]
     one_sided = [r for r in positives if r["true_side"] in ("left", "right")]
     normals = [r for r in records if r["true_subtype"] == "none"]
     iph = [r for r in records if r["true_subtype"] == "IPH"]
-    located = [location == r["true_location"] for r in records for location in r["component_locations"]]
+    located = [
+        location == r["true_location"]
+        for r in records
+        for location, on in zip(r["component_locations"], r["component_on_truth"])
+        if on
+    ]
     signed = [(r["measured_ml"] - r["true_ml"]) / r["true_ml"] for r in positives]
 
     def agree(source: str, key: str, among: list[dict]) -> float:
@@ -168,6 +193,7 @@ def figures(records: list[dict]) -> dict:
         if one_sided
         else None,
         "location_correct": round(float(np.mean(located)), 4) if located else None,
+        "false_positive_components": sum(not on for r in records for on in r["component_on_truth"]),
         **{f"report_{key}": agree("report_labels", key, records) for key in ("presence", "side", "subtype")},
         "report_subtype_iph": agree("report_labels", "subtype", iph) if iph else None,
         **{f"generated_{key}": agree("generated_labels", key, records) for key in ("presence", "side", "subtype")},
@@ -342,6 +368,7 @@ def main(argv=None) -> int:
         f"{measured['generated_side']:.2f}, subtype {measured['generated_subtype']:.2f}; subtype contradictions "
         f"flagged and corrected: {measured['subtype_contradictions']}"
     )
+    print(f"mask components off the true bleed (false positives): {measured['false_positive_components']}")
     print("goals:")
     for name, goal in summary["goals"].items():
         value = goal["measured"]

@@ -1,8 +1,17 @@
 #!/usr/bin/env python
-"""Evaluate a SAM-Med3D checkpoint on a CSV of scans with masks (SAM-Med3D's click protocol).
+"""Evaluate a SAM-Med3D checkpoint: on a CSV of scans with masks (SAM-Med3D's click protocol), or
+the whole pipeline on a folder or CSV of scans (``--input``), with or without masks.
 
     sam3d-evaluate --checkpoint outputs/sam3d/best_model.pth --csv test.csv \\
         --mask_dir masks/ --output_dir outputs/sam3d/eval --num_clicks 5
+    sam3d-evaluate --checkpoint best_model.pth --input scans/ [--mask_dir masks/ | --normal] \\
+        --output_dir outputs/eval_scans
+
+``--input`` (a folder of volumes and DICOM series folders, or a CSV with ``path`` and optionally
+``mask_path`` and ``ich`` columns) runs what ``sam3d-predict`` runs, automatic mode with its
+post-processing, on each scan's own grid, and writes ``per_scan.csv`` and ``summary.json``: Dice and
+volume error of bleeds with masks, false-positive mL of normal scans (an empty mask, ``ich`` 0, or every
+scan with ``--normal``: a folder of normal head CTs without masks).
 
 Each scan goes through the validation preprocessing (the checkpoint's own; official checkpoints get
 the official one), gets ``--num_clicks`` simulated clicks from its ground truth (seeded), and is
@@ -34,11 +43,15 @@ from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
 from ich_engine.distributed import resolve_device
 from sam3d.data.dataset import build_segmentation_dataset, read_manifest
-from sam3d.data.io import load_volume
+from sam3d.data.io import load_volume, scan_inputs
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import build_transforms
 from sam3d.metrics import dice_score, surface_metrics, volume_ml
 from sam3d.modeling import load_trained_sam3d
+from sam3d.predict.postprocessing import hyperdense_options
+from sam3d.predict.scan_evaluation import find_scans_and_masks, score, summarize
+from sam3d.predict.scans import add_hyperdense_argument, add_scan_arguments, read_scan
+from sam3d.predict.segmenter import HemorrhageSegmenter
 from sam3d.task import SegmentationTask
 
 COLUMNS = [
@@ -92,8 +105,16 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
 def main(argv=None) -> int:
     p = CommandLineParser(description=__doc__)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--csv", required=True, help="path,ich,patient_id CSV (as for training)")
-    p.add_argument("--mask_dir", required=True)
+    p.add_argument("--csv", help="path,ich,patient_id CSV (as for training): the click protocol on the model's crop")
+    p.add_argument(
+        "--input",
+        help="the whole pipeline (automatic, post-processed) on a folder of volumes and DICOM series folders, "
+        "or a CSV with a 'path' column (and optionally 'mask_path', 'ich')",
+    )
+    p.add_argument("--mask_dir", help="masks named like the scans (required with --csv)")
+    p.add_argument(
+        "--normal", action="store_true", help="with --input: every scan is a normal head CT (false-positive mL)"
+    )
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model_type", default=None, help="architecture of an official checkpoint (default vit_b_ori)")
     p.add_argument("--num_clicks", type=int, default=5)
@@ -101,7 +122,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip_invalid", action="store_true", help="skip bad rows (listed in summary.json)")
+    add_hyperdense_argument(p)
+    add_scan_arguments(p)
     args = p.parse_args(argv)
+    if (args.csv is None) == (args.input is None):
+        p.error("give --csv (the click protocol) or --input (the whole pipeline), exactly one")
+    if args.csv is not None and args.mask_dir is None:
+        p.error("--csv needs --mask_dir (the click protocol simulates clicks from the masks)")
+    if args.normal and args.input is None:
+        p.error("--normal goes with --input")
+    if args.input is not None:
+        scans = find_scans_and_masks(
+            scan_inputs(args.input),
+            args.input if args.input.lower().endswith(".csv") else None,
+            args.mask_dir,
+            args.normal,
+        )
+        with lock_output_dir(args.output_dir):
+            return evaluate_scans(args, scans)
     if args.num_clicks < 1:
         raise ConfigError(f"--num_clicks must be >= 1 (each scan is scored after its clicks), got {args.num_clicks}")
 
@@ -180,6 +218,34 @@ def evaluate(args: argparse.Namespace) -> int:
         f"HD95 {fmt('hd95_mm')} mm, |volume error| {fmt('abs_volume_error_ml')} mL"
     )
     print(f"written: {output_dir / 'per_case.csv'}, {output_dir / 'summary.json'}")
+    return 0
+
+
+def evaluate_scans(args: argparse.Namespace, scans: list) -> int:
+    segmenter = HemorrhageSegmenter(
+        args.checkpoint, resolve_device(args.device), args.model_type, **hyperdense_options(args.hyperdense_only)
+    )
+    rows = []
+    for scan in tqdm(scans, desc="evaluating", unit="scan"):
+        rows.append(score(scan, segmenter.predict(read_scan(scan.path, args))))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "per_scan.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"checkpoint": args.checkpoint, "input": args.input, **summarize(rows)}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    for r in rows:
+        scored = f"Dice {r['dice']}, volume error {r['volume_error']}" if r["dice"] != "" else ""
+        normal = f"normal, false positive {r['false_positive_ml']} mL" if r["normal"] == 1 else ""
+        print(f"{r['scan']}: measured {r['measured_ml']} mL {r['location']} {scored or normal}".rstrip())
+    print(
+        f"{summary['bleeds_with_masks']} bleeds with masks: mean Dice {summary['dice_mean']}, median |volume error| "
+        f"{summary['median_abs_volume_error']}; {summary['normal_scans']} normal scans: largest false positive "
+        f"{summary['normal_false_positive_ml_max']} mL"
+    )
+    print(f"written: {output_dir / 'per_scan.csv'}, {output_dir / 'summary.json'}")
     return 0
 
 

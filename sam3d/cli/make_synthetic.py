@@ -15,7 +15,7 @@ import sys
 
 from ich_engine.cli import console_main
 from ich_engine.config import CommandLineParser, ConfigError
-from sam3d.data.synthetic import DEFAULT_FOV_MM, DEFAULT_SPACING_MM, make_synthetic_ich
+from sam3d.data.synthetic import ANATOMIES, DEFAULT_FOV_MM, DEFAULT_SPACING_MM, make_synthetic_ich
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="shrink head and field of view together (e.g. 0.5 for quick tests)",
     )
+    parser.add_argument(
+        "--anatomy",
+        choices=ANATOMIES,
+        default="geometric",
+        help="geometric phantoms, or the average real head CT (skull base, sinuses, mimics, five bleed kinds)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -68,6 +74,7 @@ def main(argv=None) -> int:
             head_scale=args.head_scale,
             progress=not args.no_progress,
             fov_mm=tuple(args.fov),
+            anatomy=args.anatomy,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

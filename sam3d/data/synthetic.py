@@ -76,6 +76,7 @@ from sam3d.data.io import save_nifti
 from sam3d.data.synthetic_reports import report_manifest_row, write_ct_report
 
 ICH_TYPES = ("intraparenchymal", "subdural", "intraventricular")
+ANATOMIES = ("geometric", "template")
 DEFAULT_SPACING_MM = (0.45, 0.45, 5.0)
 DEFAULT_FOV_MM = (200.0, 240.0, 160.0)
 CSV_COLUMNS = (
@@ -705,7 +706,43 @@ def synthesize_case(
 
 
 def _metadata(case_id, index, kind, lesion: _Lesion, anat: _Anatomy, mask, affine, spacing) -> dict:
-    """CSV columns plus centroid (voxel and RAS mm), extent and descriptive extras."""
+    return truth_record(
+        case_id,
+        index,
+        kind,
+        mask,
+        affine,
+        spacing,
+        side=lesion.side,
+        region=lesion.region,
+        shift_mm=lesion.shift,
+        max_thickness_mm=lesion.max_thickness if kind == "subdural" else None,
+        oedema=bool(lesion.oedema_width),
+        hydrocephalus=lesion.hydrocephalus,
+        blood_hu=lesion.hu_blood if kind != "none" else None,
+        head_centre_mm=anat.centre,
+    )
+
+
+def truth_record(
+    case_id: str,
+    index: int,
+    kind: str,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    spacing,
+    *,
+    side: str,
+    region: str,
+    shift_mm: float,
+    max_thickness_mm: float | None,
+    oedema: bool,
+    hydrocephalus: bool,
+    blood_hu: float | None,
+    head_centre_mm,
+) -> dict:
+    """A phantom's truth: the CSV columns plus centroid (voxel and RAS mm), extent and descriptive
+    extras, measured from the painted ``mask``. Raises ValueError when a bleed left no voxel."""
     voxels = np.nonzero(mask)
     count = int(voxels[0].size)
     if kind != "none" and count == 0:
@@ -718,23 +755,23 @@ def _metadata(case_id, index, kind, lesion: _Lesion, anat: _Anatomy, mask, affin
         "patient_id": _patient_id(index),
         "ich": int(count > 0),
         "ich_type": kind,
-        "side": lesion.side,
-        "region": lesion.region,
+        "side": side,
+        "region": region,
         "volume_ml": round(count * float(np.prod(spacing)) / 1000.0, 1),
-        "midline_shift_mm": round(abs(lesion.shift), 1),
-        "mass_effect": int(lesion.shift != 0.0),
+        "midline_shift_mm": round(abs(shift_mm), 1),
+        "mass_effect": int(shift_mm != 0.0),
         "spacing": _spacing_str(spacing),
         "spacing_mm": list(spacing),
         "shape": list(mask.shape),
         "axcodes": "".join(nib.aff2axcodes(affine)),
-        "head_centre_mm": [round(float(v), 2) for v in anat.centre],
+        "head_centre_mm": [round(float(v), 2) for v in head_centre_mm],
         "centroid_voxel": None,
         "centroid_mm": None,
         "extent_mm": None,
-        "max_thickness_mm": round(lesion.max_thickness, 1) if kind == "subdural" else None,
-        "oedema": bool(lesion.oedema_width),
-        "hydrocephalus": lesion.hydrocephalus,
-        "blood_hu": round(lesion.hu_blood, 1) if kind != "none" else None,
+        "max_thickness_mm": None if max_thickness_mm is None else round(max_thickness_mm, 1),
+        "oedema": oedema,
+        "hydrocephalus": hydrocephalus,
+        "blood_hu": None if blood_hu is None else round(blood_hu, 1),
     }
     if count:
         centroid = np.array([v.mean() for v in voxels])
@@ -791,6 +828,7 @@ def make_synthetic_ich(
     head_scale: float = 1.0,
     progress: bool = True,
     fov_mm=DEFAULT_FOV_MM,
+    anatomy: str = "geometric",
 ) -> dict:
     """Write a synthetic ICH dataset (volumes, masks, split CSVs, cases.json, report manifests).
 
@@ -799,7 +837,10 @@ def make_synthetic_ich(
     ``round(num_cases * fraction)`` patients go to val (and test); with ``test_fraction`` 0 no
     test.csv (nor reports_test.jsonl) is written and stale ones are removed. Every file is written
     to a temp name and renamed into place, so an interrupted run never leaves a half-written file.
-    Each case's report depends only on ``(seed, index)`` like its image.
+    Each case's report depends only on ``(seed, index)`` like its image. ``anatomy``: ``"geometric"``
+    (this module's phantoms) or ``"template"`` (:mod:`sam3d.data.template_phantom`: the average real
+    head, five bleed kinds, mimics; ``head_scale`` must be 1 and each case's mimic labels are written
+    to ``mimics/``).
 
     Returns ``{'train_csv', 'val_csv', 'test_csv', 'reports_train', 'reports_val', 'reports_test',
     'mask_dir', 'cases_json'}`` as ``str`` paths (the test entries are None when test_fraction is 0).
@@ -812,6 +853,10 @@ def make_synthetic_ich(
     test_fraction = _check_fraction("test_fraction", test_fraction)
     positive_fraction = _check_fraction("positive_fraction", positive_fraction)
     spacing, _ = _check_common(spacing_mm, head_scale, fov_mm)
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
+    if anatomy == "template" and head_scale != 1.0:
+        raise ValueError(f"anatomy='template' renders a full-size head: head_scale must be 1, got {head_scale!r}")
     n_val = _round_half_up(num_cases * val_fraction)
     n_test = _round_half_up(num_cases * test_fraction)
     if n_val < 1:
@@ -829,14 +874,24 @@ def make_synthetic_ich(
     vol_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
 
+    # template_phantom builds on this module's records and noise model, so it is imported here.
+    from sam3d.data.template_phantom import synthesize_template_case
+
     records = []
     for index in tqdm(range(num_cases), desc="synthetic ICH", disable=not progress):
-        case = synthesize_case(index, seed, spacing, None, head_scale, positive_fraction, fov_mm)
+        if anatomy == "template":
+            case, mimics = synthesize_template_case(index, seed, spacing, None, positive_fraction, fov_mm)
+            (out / "mimics").mkdir(exist_ok=True)
+            save_nifti(out / "mimics" / f"{case.case_id}.nii.gz", mimics, case.affine)
+        else:
+            case = synthesize_case(index, seed, spacing, None, head_scale, positive_fraction, fov_mm)
         save_nifti(vol_dir / f"{case.case_id}.nii.gz", case.image_hu, case.affine)
         save_nifti(mask_dir / f"{case.case_id}.nii.gz", case.mask, case.affine)
         meta = dict(case.metadata)
         meta["path"] = f"volumes/{case.case_id}.nii.gz"
         meta["mask_path"] = f"masks/{case.case_id}.nii.gz"
+        if anatomy == "template":
+            meta["mimics_path"] = f"mimics/{case.case_id}.nii.gz"
         meta.update(write_ct_report(meta, np.random.default_rng([int(seed), index, _REPORT])))
         records.append(meta)
 

@@ -45,12 +45,16 @@ _TYPE_WORDS = {  # (adjectives, nouns): "acute subdural hematoma" is the term; I
     "intraparenchymal": (("", "acute "), ("intraparenchymal hematoma", "intraparenchymal hemorrhage")),
     "subdural": (("acute ",), ("subdural hematoma",)),
     "intraventricular": (("", "acute "), ("intraventricular hemorrhage",)),
+    "epidural": (("acute ",), ("epidural hematoma",)),
+    "subarachnoid": (("", "acute "), ("subarachnoid hemorrhage",)),
 }
 _LOBES = ("frontal", "parietal", "temporal", "occipital")
 _SIDES = {
     "intraparenchymal": ("left", "right"),
     "subdural": ("left", "right"),
     "intraventricular": ("left", "right", "bilateral"),
+    "epidural": ("left", "right"),
+    "subarachnoid": ("left", "right"),
 }
 _AWAY = {"left": "rightward ", "right": "leftward "}  # shift direction, away from the bleed
 
@@ -136,11 +140,21 @@ _MAIN = {
         "Hyperdense blood is present {preposition} the {location}, consistent with {type}, approximately {volume} mL.",
         "{Type} is seen {preposition} the {location}, with an estimated volume of approximately {volume} mL.",
     ),
+    "epidural": (
+        "There is {a_type} along the {location}, a biconvex extra-axial collection of approximately {volume} mL.",
+        "A lentiform hyperdense extra-axial collection along the {location} represents {a_type}, approximately {volume} mL.",
+    ),
+    "subarachnoid": (
+        "There is {type} {preposition} the {location}, approximately {volume} mL.",
+        "Hyperdense blood is seen {preposition} the {location}, consistent with {type}, approximately {volume} mL.",
+    ),
 }
 _PREPOSITIONS = {
     "intraparenchymal": ("in", "within", "centered in"),
     "subdural": ("along",),
     "intraventricular": ("in", "within"),
+    "epidural": ("along",),
+    "subarachnoid": ("in", "within"),
 }
 _MAIN_IMPRESSION = (
     "{Type} {preposition} the {location}, approximately {volume} mL.",
@@ -175,6 +189,11 @@ def _location(ich_type: str, side: str, region: str, rng) -> tuple[str, str]:
         else:
             options = (f"{side} lateral ventricle", f"occipital horn of the {side} lateral ventricle")
         return str(rng.choice(options)), side
+    if ich_type == "epidural":
+        return f"{side} convexity", f"{side} convexity"
+    if ich_type == "subarachnoid":
+        where = "Sylvian fissure" if region == "sylvian fissure" else "convexity sulci"
+        return f"{side} {where}", f"{side} {where}"
     if region in _LOBES:
         return f"{side} {region} lobe", f"{side} {region}"
     return f"{side} {region}", f"{side} {region}"

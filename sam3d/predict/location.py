@@ -15,8 +15,11 @@ the scan itself:
 - blood that is neither is intraparenchymal; its lobe is the direction of its centroid from the
   centre of the intracranial space, deep bleeds are basal ganglia or thalamus.
 
-A component that fits no pattern (a bleed against the table that is neither crescent nor lens,
-or a scan without a skull to measure from) is "indeterminate" rather than guessed.
+A lobar hematoma often reaches the cortex: a component that touches the table over only a small share
+of its surface (under the extra-axial share, whatever its shape) is intraparenchymal; an extra-axial
+collection lies against the table. A component that fits no pattern (a globular bleed lying against the
+table over much of its surface, or a scan without a skull to measure from) is "indeterminate" rather
+than guessed.
 """
 
 from __future__ import annotations
@@ -227,7 +230,7 @@ def classify_location(evidence: LocationEvidence) -> str:
         return "subarachnoid"
     if evidence.table_contact_fraction >= EXTRA_AXIAL_CONTACT:
         return {"crescentic": "subdural", "lentiform": "epidural"}.get(evidence.shape, "indeterminate")
-    return "indeterminate"
+    return "intraparenchymal"
 
 
 def region_of(
