@@ -33,6 +33,8 @@ from ich_engine.checkpoint import load_checkpoint
 from ich_engine.config import parse_with_config
 from sam3d.cli import train as segmentation_train
 from sam3d.data.synthetic import make_synthetic_ich
+from sam3d.training import SegmentationTrainingConfig
+from sam3d.training import run_training as run_segmentation_training
 
 pytestmark = pytest.mark.learning
 
@@ -151,34 +153,36 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
         progress=False,
     )
     made = time.perf_counter()
-    seg = segmentation_train.run_training(
-        parse_with_config(
-            segmentation_train.build_parser(),
-            [
-                "--config",
-                "sam3d/configs/sam3d_demo.yaml",
-                "--train_csv",
-                data["train_csv"],
-                "--val_csv",
-                data["val_csv"],
-                "--mask_dir",
-                data["mask_dir"],
-                "--output_dir",
-                str(tmp_path / "sam3d"),
-                "--cache_dir",
-                str(tmp_path / "cache"),
-                "--epochs",
-                "12",
-                "--patience",
-                "1000",
-                "--num_clicks",
-                "1",
-                "--val_num_clicks",
-                "1",
-                "--no-automatic_round",
-                "--seed",
-                "0",
-            ],
+    seg = run_segmentation_training(
+        SegmentationTrainingConfig.from_flags(
+            parse_with_config(
+                segmentation_train.build_parser(),
+                [
+                    "--config",
+                    "sam3d/configs/sam3d_demo.yaml",
+                    "--train_csv",
+                    data["train_csv"],
+                    "--val_csv",
+                    data["val_csv"],
+                    "--mask_dir",
+                    data["mask_dir"],
+                    "--output_dir",
+                    str(tmp_path / "sam3d"),
+                    "--cache_dir",
+                    str(tmp_path / "cache"),
+                    "--epochs",
+                    "12",
+                    "--patience",
+                    "1000",
+                    "--num_clicks",
+                    "1",
+                    "--val_num_clicks",
+                    "1",
+                    "--no-automatic_round",
+                    "--seed",
+                    "0",
+                ],
+            )
         )
     )
     segmented = time.perf_counter()

@@ -4,9 +4,33 @@
         --encoder outputs/sam3d/sam_encoder.pth
     sam3d-report-train --config ... --resume                       # continue from output_dir/latest_model.pth
 
-Every flag is a setting of ``blip.training.train.ReportTrainingConfig`` (what each does, and the outputs in
---output_dir: that module's documentation and docs/report_generation.md); ``blip.training.train.run_training``
-runs the same from Python.
+Manifests are ``blip.data.reports`` CSV/JSONL files (columns image, report, modality ...). Without
+``--val_manifest`` both sets come from the ``split`` column of ``--train_manifest``. Without ``--lm`` a
+tiny GPT-2 (tokenizer trained on the training reports) is built into ``output_dir/lm`` and reused on resume.
+
+CT and X-ray in one run: a manifest may mix modalities. The model then gets both towers (the CT one
+from ``--encoder`` / ``--ct_model_type``, the X-ray one from ``--xray_encoder`` / ``--xray_model_type``)
+sharing one Q-Former and LM, each modality with its own prompt; every batch holds one modality, and
+validation covers both (``val_loss`` over all studies, ``val_loss_ct`` / ``val_loss_xray`` per modality).
+A tower loaded from a checkpoint (``--encoder``, ``--xray_encoder``) stays fixed and a randomly
+initialised one trains, unless ``--freeze_vision`` / ``--no-freeze_vision`` (both towers) or
+``--freeze_ct_tower`` / ``--freeze_xray_tower`` (or their ``--no-`` forms, per tower) say otherwise. The
+fixed pretrained tower is BLIP-2's recipe: the report loss alone teaches a tower little before it has
+taught the Q-Former to read it (what joint training from the first step did here:
+docs/report_generation.md). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
+labels lead each prompt (``blip.diagnosis``).
+
+BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.training.stage1``;
+no language model runs) and writes the bridge to ``output_dir/qformer`` (``QFormerBridge.save_pretrained``
+plus the stage-1 heads); ``--init_from <that folder>`` starts a run's bridge from it: stage 2 behind the
+LM, or more stage 1 on other data (heads included). ``--stage 2`` without ``--init_from`` starts from a
+fresh bridge.
+
+Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
+(``Blip2ReportModel.save_pretrained`` of the best model; stage 1: qformer/, the bridge and heads),
+val_samples.json (generated reports of the
+latest validation), attention/<id>_attention.png (Q-Former cross-attention over the image of the first
+validation study of each modality), config.json, training_summary_<timestamp>.json.
 """
 
 from __future__ import annotations

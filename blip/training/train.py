@@ -1,41 +1,11 @@
 """Training the BLIP-2 report model on the shared engine: :class:`ReportTrainingConfig` and :func:`run_training`.
 
-    from blip.training.train import ReportTrainingConfig, run_training
+    from blip.training import ReportTrainingConfig, run_training
     result = run_training(ReportTrainingConfig.from_yaml("sam3d/configs/blip_tiny_ct.yaml", train_manifest=...))
 
 ``sam3d-report-train`` (``blip.cli.train``) is the same with flags: each setting is the flag of its name.
-
-    sam3d-report-train --config sam3d/configs/blip_tiny_ct.yaml --train_manifest train.jsonl --val_manifest val.jsonl \\
-        --encoder outputs/sam3d/sam_encoder.pth
-    sam3d-report-train --config ... --resume                       # continue from output_dir/latest_model.pth
-
-Manifests are ``blip.data.reports`` CSV/JSONL files (columns image, report, modality ...). Without
-``--val_manifest`` both sets come from the ``split`` column of ``--train_manifest``. Without ``--lm`` a
-tiny GPT-2 (tokenizer trained on the training reports) is built into ``output_dir/lm`` and reused on resume.
-
-CT and X-ray in one run: a manifest may mix modalities. The model then gets both towers (the CT one
-from ``--encoder`` / ``--ct_model_type``, the X-ray one from ``--xray_encoder`` / ``--xray_model_type``)
-sharing one Q-Former and LM, each modality with its own prompt; every batch holds one modality, and
-validation covers both (``val_loss`` over all studies, ``val_loss_ct`` / ``val_loss_xray`` per modality).
-A tower loaded from a checkpoint (``--encoder``, ``--xray_encoder``) stays fixed and a randomly
-initialised one trains, unless ``--freeze_vision`` / ``--no-freeze_vision`` (both towers) or
-``--freeze_ct_tower`` / ``--freeze_xray_tower`` (or their ``--no-`` forms, per tower) say otherwise. The
-fixed pretrained tower is BLIP-2's recipe: the report loss alone teaches a tower little before it has
-taught the Q-Former to read it (what joint training from the first step did here:
-docs/report_generation.md). ``--diagnosis_prompt`` adds a findings head on the tower's tokens whose
-labels lead each prompt (``blip.diagnosis``).
-
-BLIP-2's two stages: ``--stage 1`` trains the Q-Former alone with ITC, ITM and ITG (``blip.training.stage1``;
-no language model runs) and writes the bridge to ``output_dir/qformer`` (``QFormerBridge.save_pretrained``
-plus the stage-1 heads); ``--init_from <that folder>`` starts a run's bridge from it: stage 2 behind the
-LM, or more stage 1 on other data (heads included). ``--stage 2`` without ``--init_from`` starts from a
-fresh bridge.
-
-Outputs in --output_dir: best_model.pth, latest_model.pth (engine checkpoints), report_model/
-(``Blip2ReportModel.save_pretrained`` of the best model; stage 1: qformer/, the bridge and heads),
-val_samples.json (generated reports of the
-latest validation), attention/<id>_attention.png (Q-Former cross-attention over the image of the first
-validation study of each modality), config.json, training_summary_<timestamp>.json.
+Its ``--help`` says what a run does: mixed CT and X-ray manifests, tower freezing, BLIP-2's two stages
+and the outputs in ``output_dir``.
 """
 
 from __future__ import annotations
