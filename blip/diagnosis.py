@@ -15,7 +15,7 @@ cross-entropy is a direct signal for that decision.
 The head reads the vision tower's tokens, not the Q-Former's queries: a finding is present when some
 region shows it, and a small bleed fills one or two of 512 tokens, which any mean over the image
 dilutes. So each token gets a score per observation and the scores are pooled by log-mean-exp, a smooth
-maximum (multiple-instance learning, as slice-level ICH detectors do). Measured with ``blip.training.train``
+maximum (multiple-instance learning, as slice-level ICH detectors do). Measured with ``sam3d-report-train``
 (sam3d/configs/blip_tiny_ct.yaml without the measurement sentence, 60 training scans, 80 epochs, fixed
 ``small`` encoders fine-tuned at 2 mm) on two synthetic sets of 40 held-out scans: generated reports
 right about hemorrhage on 32/40 and 27/40 (majority class 24/40 and 23/40; normals 16/16 and 12/17,

@@ -8,7 +8,7 @@
   text-only on a large corpus of synthetic reports (they cost nothing to write), saved as a Hugging
   Face folder.
 - ``qformer``: the stand-in for a released stage-1 Q-Former (BLIP-2's is pre-trained on image-text
-  pairs): BLIP-2 stage 1 (``blip.training.train --stage 1``) on the pre-training phantoms and their reports,
+  pairs): BLIP-2 stage 1 (``sam3d-report-train --stage 1``) on the pre-training phantoms and their reports,
   reading the ``sam3d`` stand-in's encoder, with the ``lm`` stand-in's tokenizer (run it after both).
 
 All land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.

@@ -16,7 +16,7 @@ the labeler reads the same (same findings, side and subtype) count as a match fo
 as each other's ITM negative: with templated reports, two normal studies are not a mismatch.
 
 The trained bridge (Q-Former, queries, ``ln_vision``, text path) is saved with
-``QFormerBridge.save_pretrained`` and the heads beside it (``save_pretrained``); ``blip.training.train
+``QFormerBridge.save_pretrained`` and the heads beside it (``save_pretrained``); ``sam3d-report-train
 --init_from`` starts stage 2 (or more stage 1) from that folder.
 """
 
