@@ -18,6 +18,7 @@ from sam3d.data.transforms import _resampling_steps
 from sam3d.metrics import volume_ml
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import (
+    MAX_BLOOD_HU,
     MIN_COMPONENT_HU,
     MIN_VOXEL_HU,
     Click,
@@ -187,6 +188,24 @@ def test_hyperdense_gate_drops_brain_and_csf_components_and_trims_a_coarse_mask_
     assert off[rim].all() and "hyperdense" not in record
 
 
+def test_components_denser_than_acute_blood_are_dropped(small_head):
+    """A calcification (200 HU) and the partial-volume rim of bone are hyperdense but no acute blood:
+    a component whose median is above MAX_BLOOD_HU goes; the subdural against the table stays."""
+    c, volume = small_head
+    blood = c.mask > 0
+    hu = volume.array.copy()
+    centre = np.argwhere(intracranial_mask(volume)).mean(0).astype(int)
+    ball = np.zeros_like(blood)
+    ball[tuple(slice(p - 3, p + 3) for p in centre[:2]) + (slice(centre[2] - 1, centre[2] + 1),)] = True
+    hu[ball] = 200.0
+    calcified = Volume(hu, volume.affine, volume.spacing_mm, "calcified")
+    gated, record = postprocess_mask(blood | ball, calcified, min_component_ml=0)
+    assert not gated[ball].any() and record["hyperdense"]["too_dense_components_removed"] == 1
+    assert gated[blood].mean() > 0.9
+    clicked, _ = postprocess_mask(blood | ball, calcified, keep_points=[np.argwhere(ball)[0]], min_component_ml=0)
+    assert clicked[ball].all()
+
+
 def test_hyperdense_gate_in_component_boxes_equals_the_whole_scan_computation(small_head):
     """The gate works in each component's box (so its cost is linear in the scan, not components x
     scan); it must give what the same rule computed over the whole scan gives, for blobs anywhere,
@@ -212,7 +231,7 @@ def test_hyperdense_gate_in_component_boxes_equals_the_whole_scan_computation(sm
     kept = 0
     for label in range(1, count + 1):
         component = labels == label
-        if np.mean(hu[component] >= MIN_COMPONENT_HU) < 0.25:
+        if np.mean(hu[component] >= MIN_COMPONENT_HU) < 0.25 or np.median(hu[component]) > MAX_BLOOD_HU:
             continue
         kept += 1
         around = ndimage.binary_dilation(component, shell) & ~mask & (hu > -100) & (hu < 300)

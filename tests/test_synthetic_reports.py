@@ -181,7 +181,7 @@ def test_same_generator_state_gives_the_same_report_and_phrasing_varies():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"ich_type": "epidural", "side": "left"}, "unknown ich_type 'epidural'"),
+        ({"ich_type": "contusion", "side": "left"}, "unknown ich_type 'contusion'"),
         ({"ich_type": "subdural", "side": "bilateral", "max_thickness_mm": 5.0}, "side 'bilateral' is not valid"),
         ({"ich_type": "subdural", "side": "left"}, "needs max_thickness_mm"),
     ],

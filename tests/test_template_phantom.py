@@ -103,3 +103,22 @@ def test_dataset_writer_with_template_anatomy(tmp_path):
         mimics = load_volume(tmp_path / c["mimics_path"])
         assert mimics.array.shape == load_volume(tmp_path / c["path"]).array.shape
         assert c["report"].startswith("FINDINGS:")
+
+
+def test_a_skull_stripped_scan_is_recognised_and_its_brain_is_the_intracranial_space():
+    from sam3d.predict.postprocessing import postprocess_mask, skull_stripped_background
+
+    readings = {}
+    for variant in ("full", "skull_stripped", "brain_window"):
+        case, _ = synthesize_template_case(3, 0, SPACING, "subdural", variant=variant)
+        volume = volume_of(case)
+        _, record = postprocess_mask(case.mask, volume)
+        readings[variant] = (skull_stripped_background(volume), record["intracranial_mask"], measure(case.mask, volume))
+    assert readings["full"][0] is None and readings["full"][1]["from"] == "bone"
+    background, step, located = readings["skull_stripped"]
+    assert background == 0.0 and step["from"].startswith("skull-stripped scan") and step["applied"]
+    # The brain's own extent stands in for the inner table: the collection is still located.
+    assert abs(step["intracranial_volume_ml"] - readings["full"][1]["intracranial_volume_ml"]) < 150.0
+    assert located.location == "subdural"
+    # A brain-windowed head keeps its skull (clipped to the window's top): not taken for a stripped one.
+    assert readings["brain_window"][0] is None and not readings["brain_window"][1]["applied"]

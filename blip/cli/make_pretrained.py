@@ -20,6 +20,8 @@ All land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes fr
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -54,9 +56,56 @@ def pretraining_data(work: Path, num_cases: int, seed: int) -> dict:
     return make_synthetic_ich(folder, num_cases=num_cases, seed=seed, val_fraction=16 / num_cases)
 
 
-def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: Path) -> Path:
+# Real anatomy (sam3d.data.template_phantom): half with 5 mm slices, half with 2 mm, 0.9 mm in plane
+# (the model reads them at 2 mm); seeds of their own.
+TEMPLATE_SLICES_MM = (5.0, 2.0)
+
+
+def with_template_phantoms(work: Path, data: dict, template_cases: int, seed: int) -> dict:
+    """The geometric pre-training phantoms' train.csv plus ``template_cases`` phantoms on the average
+    real head, in one manifest with a 'mask' column (both sets name their scans case_000...)."""
+    folder = work / f"mixed_{Path(data['train_csv']).parent.name}_template{template_cases}"
+    train_csv = folder / "train.csv"
+    if train_csv.is_file():
+        return {**data, "train_csv": str(train_csv)}
+    rows = []
+    geometric = Path(data["train_csv"]).parent.resolve()  # the manifest lives elsewhere: absolute paths
+    with open(data["train_csv"], newline="") as handle:
+        for row in csv.DictReader(handle):
+            mask = geometric / "masks" / Path(row["path"]).name
+            rows.append((str(geometric / row["path"]), row["ich"], row["patient_id"], str(mask)))
+    for number, slice_mm in enumerate(TEMPLATE_SLICES_MM):
+        count = template_cases // len(TEMPLATE_SLICES_MM)
+        part = (folder / f"template_{slice_mm:g}mm").resolve()
+        make_synthetic_ich(
+            part,
+            num_cases=count,
+            seed=seed + 1 + number,
+            val_fraction=1 / count,
+            spacing_mm=(0.9, 0.9, slice_mm),
+            anatomy="template",
+            progress=False,
+        )
+        for name in ("train.csv", "val.csv"):  # every template phantom trains; validation stays geometric
+            with open(part / name, newline="") as handle:
+                for row in csv.DictReader(handle):
+                    patient = f"T{slice_mm:g}{row['patient_id']}"
+                    rows.append(
+                        (str(part / row["path"]), row["ich"], patient, str(part / "masks" / Path(row["path"]).name))
+                    )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("path", "ich", "patient_id", "mask"))
+    writer.writerows(rows)
+    atomic_write(train_csv, lambda tmp: tmp.write_text(buffer.getvalue()))
+    return {**data, "train_csv": str(train_csv)}
+
+
+def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: Path, template_cases: int) -> Path:
     started = time.time()
     data = pretraining_data(work, num_cases, seed)
+    if template_cases:
+        data = with_template_phantoms(work, data, template_cases, seed)
     config = SegmentationTrainingConfig.from_yaml(
         CONFIG_DIR / "sam3d_small_pretrain.yaml",
         train_csv=data["train_csv"],
@@ -77,6 +126,8 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
         "recipe": {
             "command": "sam3d-make-pretrained --part sam3d",
             "num_cases": num_cases,
+            "template_cases": template_cases,
+            "template_slices_mm": list(TEMPLATE_SLICES_MM),
             "seed": seed,
             "epochs": config.epochs,
             "best_epoch": result["best_epoch"],
@@ -167,11 +218,18 @@ def main(argv=None) -> int:
         "--epochs", type=int, help="override the config's epochs (sam3d) or the defaults: 4 (lm), 40 (qformer)"
     )
     p.add_argument("--variants", type=int, default=25, help="lm: reports per pre-training case")
+    p.add_argument(
+        "--template_cases",
+        type=int,
+        default=0,
+        help="sam3d: phantoms on the average real head CT added to the training set (0, the committed "
+        "stand-in's recipe: geometric only)",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = Path(args.work_dir)
     if args.part == "sam3d":
-        print(make_sam3d(work, args.num_cases, args.seed, args.epochs, Path(args.output_dir)))
+        print(make_sam3d(work, args.num_cases, args.seed, args.epochs, Path(args.output_dir), args.template_cases))
     elif args.part == "lm":
         print(make_lm(work, args.num_cases, args.seed, args.variants, args.epochs, Path(args.output_dir)))
     else:

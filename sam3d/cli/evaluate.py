@@ -8,7 +8,7 @@ the whole pipeline on a folder or CSV of scans (``--input``), with or without ma
         --output_dir outputs/eval_scans
 
 ``--input`` (a folder of volumes and DICOM series folders, or a CSV with ``path`` and optionally
-``mask_path`` and ``ich`` columns) runs what ``sam3d-predict`` runs, automatic mode with its
+``mask`` and ``ich`` columns) runs what ``sam3d-predict`` runs, automatic mode with its
 post-processing, on each scan's own grid, and writes ``per_scan.csv`` and ``summary.json``: Dice and
 volume error of bleeds with masks, false-positive mL of normal scans (an empty mask, ``ich`` 0, or every
 scan with ``--normal``: a folder of normal head CTs without masks).
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--input",
         help="the whole pipeline (automatic, post-processed) on a folder of volumes and DICOM series folders, "
-        "or a CSV with a 'path' column (and optionally 'mask_path', 'ich')",
+        "or a CSV with a 'path' column (and optionally 'mask', 'ich')",
     )
     p.add_argument("--mask_dir", help="masks named like the scans (required with --csv)")
     p.add_argument(

@@ -70,6 +70,7 @@ _BONE_KNEE_HU = 120.0  # above it the average's smeared bone is stretched back t
 _CAVITY_BONE_HU = 90.0  # the average's bone, even where smeared thin, is above it; brain is below
 _CSF_SHELL = 0.1  # CSF probability that outlines the intracranial space on every slice
 _NECK_Z_MM = -60.0  # below the foramen magnum: no cavity
+_CSF_HU_RANGE, _CORTEX_HU_RANGE = (2.0, 10.0), (33.0, 40.0)
 
 # Sites in template (MNI) mm for the patient's right side (x > 0); left is x -> -x.
 _IPH_SITES = {
@@ -422,6 +423,13 @@ def synthesize_template_case(
     affine[:3, 3] = origin
     head = _Head(_template_coordinates(rng, shape, spacing, origin))
     img = _restore_bone(head.hu, rng.uniform(4.0, 6.0))
+    # The average smears the inner table into a 60-150 HU band a few mm deep, which no real scan shows
+    # (its table is sharp to a voxel): near the table the cavity is rebuilt from the CSF map (sulcal CSF
+    # over cortex), blending into the template's own brain below 8 mm.
+    surface = _CSF_HU_RANGE[0] + rng.uniform(0.0, 8.0), rng.uniform(*_CORTEX_HU_RANGE)
+    near = np.clip((8.0 - head.depth) / 4.0, 0.0, 1.0)[head.inside]
+    cortex = surface[0] * head.csf[head.inside] + surface[1] * (1.0 - head.csf[head.inside])
+    img[head.inside] = near * cortex + (1.0 - near) * np.clip(head.hu[head.inside], -5.0, 55.0)
     # The inner table the average lost where skulls are thin: a cortical shell around the cavity,
     # except where the template has air (sinuses and air cells stay pneumatised).
     table = (head.depth <= 0.0) & (head.depth > -rng.uniform(2.5, 4.0)) & (head.hu > -300.0)

@@ -15,6 +15,7 @@ from .measurement import measure
 from .postprocessing import (
     BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
+    MAX_BLOOD_HU,
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
     MIN_VOXEL_HU,
@@ -30,6 +31,7 @@ __all__ = [
     "AUTOMATIC_THRESHOLD",
     "BONE_THRESHOLD_HU",
     "INTRACRANIAL_MARGIN_MM",
+    "MAX_BLOOD_HU",
     "MIN_COMPONENT_HU",
     "MIN_COMPONENT_ML",
     "MIN_VOXEL_HU",

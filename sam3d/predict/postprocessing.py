@@ -24,6 +24,7 @@ from ..data.io import Volume
 __all__ = [
     "BONE_THRESHOLD_HU",
     "INTRACRANIAL_MARGIN_MM",
+    "MAX_BLOOD_HU",
     "MIN_COMPONENT_HU",
     "MIN_COMPONENT_ML",
     "MIN_VOXEL_HU",
@@ -33,6 +34,7 @@ __all__ = [
     "hyperdense_options",
     "intracranial_mask",
     "postprocess_mask",
+    "skull_stripped_background",
 ]
 
 BONE_THRESHOLD_HU = 300.0  # above acute blood (<= ~100 HU), below diploe and cortical bone
@@ -41,7 +43,9 @@ BONE_THRESHOLD_HU = 300.0  # above acute blood (<= ~100 HU), below diploe and co
 # (docs/automatic_segmentation.md has what larger margins cost).
 INTRACRANIAL_MARGIN_MM = 0.5
 SKULL_SEAL_MM = 4.0  # gaps in the skull ring (sutures, thin bone, partial volume) narrower than 2x this are bridged
-MIN_INTRACRANIAL_ML = 50.0  # less than this: no skull in the scan (e.g. skull-stripped), so nothing is restricted
+MIN_INTRACRANIAL_ML = 50.0  # less than this: no skull in the scan (e.g. brain-windowed), so nothing is restricted
+STRIPPED_MAX_BONE_ML = 1.0  # a skull-stripped scan has no bone; a head with its skull has hundreds of mL
+STRIPPED_BORDER_SHARE = 0.95  # of the grid's faces at the background value
 MIN_COMPONENT_ML = 0.2
 # Acute blood is hyperdense: a component less than HYPERDENSE_SHARE of which reaches MIN_COMPONENT_HU is
 # CSF or brain; a kept one is trimmed to its half-maximum edge against its surroundings, never below
@@ -49,6 +53,7 @@ MIN_COMPONENT_ML = 0.2
 MIN_COMPONENT_HU = 45.0
 MIN_VOXEL_HU = 40.0
 HYPERDENSE_SHARE = 0.25
+MAX_BLOOD_HU = 100.0  # a component whose median is denser is no acute blood (clotted blood is 50-90 HU)
 HYPERDENSE_BLUR_MM = 0.5  # in-plane Gaussian sigma against noise before the half-maximum trim
 HYPERDENSE_SHELL_MM = 3.0  # the background around a component is measured in a shell this thick
 
@@ -137,14 +142,42 @@ def intracranial_mask(
     """
     axial = axial_axis(volume.affine)
     in_plane = np.expand_dims(np.ones((3, 3), dtype=bool), axial)  # 8-connected within a slice only
-    bone = volume.array >= bone_hu
-    sealed = _seal_skull(bone, volume.spacing_mm, axial, seal_mm)
-    # With no through-plane neighbours in the structure each fill is 2-D, slice by slice.
-    cavity = ndimage.binary_fill_holes(sealed, in_plane) & ~bone
-    cavity = ndimage.binary_fill_holes(cavity, in_plane)
+    background = skull_stripped_background(volume, bone_hu)
+    if background is not None:
+        # A skull-stripped scan is its brain: the intracranial space is what differs from the background.
+        cavity = ndimage.binary_fill_holes(volume.array != background, in_plane)
+    else:
+        bone = volume.array >= bone_hu
+        sealed = _seal_skull(bone, volume.spacing_mm, axial, seal_mm)
+        # With no through-plane neighbours in the structure each fill is 2-D, slice by slice.
+        cavity = ndimage.binary_fill_holes(sealed, in_plane) & ~bone
+        cavity = ndimage.binary_fill_holes(cavity, in_plane)
     if margin_mm > 0:
         cavity = ndimage.binary_erosion(cavity, _ellipsoid(margin_mm, volume.spacing_mm))
     return cavity
+
+
+def skull_stripped_background(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> float | None:
+    """The background value of a skull-stripped scan, or None for a scan with its skull.
+
+    Skull stripping leaves no bone (under STRIPPED_MAX_BONE_ML at or above ``bone_hu``) and sets all
+    that was not brain to one value, which the grid's border then holds almost everywhere
+    (STRIPPED_BORDER_SHARE of its faces): a head with its skull, even brain-windowed, has scalp, air
+    and table of many values there or bone inside."""
+    array = volume.array
+    if float(np.count_nonzero(array >= bone_hu)) * volume.voxel_volume_ml >= STRIPPED_MAX_BONE_ML:
+        return None
+    faces = np.concatenate([np.take(array, index, axis).ravel() for axis in range(3) for index in (0, -1)])
+    values, counts = np.unique(faces, return_counts=True)
+    if counts.max() < STRIPPED_BORDER_SHARE * faces.size:
+        return None
+    background = float(values[np.argmax(counts)])
+    # The brain must be there too: a blank or uniform grid is not a stripped head.
+    return (
+        background
+        if float(np.count_nonzero(array != background)) * volume.voxel_volume_ml >= MIN_INTRACRANIAL_ML
+        else None
+    )
 
 
 def _per_component(labels: np.ndarray, count: int, values: np.ndarray) -> np.ndarray:
@@ -205,16 +238,20 @@ def hyperdense_gate(
     blur_mm: float = HYPERDENSE_BLUR_MM,
     shell_mm: float = HYPERDENSE_SHELL_MM,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Drop components of ``mask`` of which less than ``HYPERDENSE_SHARE`` is at or above
-    ``min_component_hu``; fit each kept one to the voxels (HU blurred by ``blur_mm`` in plane against
-    noise) at or above half-way between its hyperdense voxels' median and the median of a ``shell_mm``
-    shell around it, the half-maximum edge of a blurred blob, never below ``min_voxel_hu``: trimmed
-    where the mask overshoots that edge, grown up to it (within :func:`_growth`'s reach) where the mask
-    falls short. ``protected`` voxels are kept as they are."""
+    """Drop components of ``mask`` of which less than ``HYPERDENSE_SHARE`` is at or above ``min_component_hu``,
+    or whose median is above MAX_BLOOD_HU; fit each kept one to the voxels (HU blurred by ``blur_mm`` in plane
+    against noise) at or above half-way between its hyperdense voxels' median and the median of a ``shell_mm``
+    shell around it, the half-maximum edge of a blurred blob, never below ``min_voxel_hu``: trimmed where the
+    mask overshoots that edge, grown up to it (within :func:`_growth`'s reach) where the mask falls short.
+    ``protected`` voxels are kept as they are."""
     labels, count = ndimage.label(mask & ~protected, structure=np.ones((3, 3, 3)))
     index = np.arange(1, count + 1)
     dense = volume.array >= min_component_hu
     shares = _per_component(labels, count, dense) / np.maximum(_per_component(labels, count, labels > 0), 1)
+    # Denser than any acute blood in its middle: a calcification, or the partial-volume rim of bone.
+    medians = np.asarray(ndimage.median(volume.array, labels, index), dtype=float).reshape(-1) if count else index
+    too_dense = medians > MAX_BLOOD_HU
+    shares[too_dense] = 0.0
     sigma = _blur_sigma(volume, blur_mm)
     shell = _ellipsoid(shell_mm, volume.spacing_mm)
     growth = _growth(volume, shell_mm)
@@ -247,6 +284,8 @@ def hyperdense_gate(
         "min_voxel_hu": min_voxel_hu,
         "edges_hu": edges,
         "components_removed": int(np.sum(shares < HYPERDENSE_SHARE)),
+        "max_median_hu": MAX_BLOOD_HU,
+        "too_dense_components_removed": int(too_dense.sum()),
         "removed_ml": round(float((mask & ~gated).sum()) * voxel_ml, 2),
         "added_ml": round(float((gated & ~mask).sum()) * voxel_ml, 2),
     }
@@ -280,10 +319,12 @@ def postprocess_mask(
     if restrict_intracranial:
         inside = intracranial_mask(volume, bone_hu, margin_mm) if intracranial is None else intracranial
         inside_ml = float(inside.sum()) * voxel_ml
+        stripped = skull_stripped_background(volume, bone_hu)
         step: dict[str, Any] = {
             "bone_hu": bone_hu,
             "margin_mm": margin_mm,
             "intracranial_volume_ml": round(inside_ml, 1),
+            "from": "bone" if stripped is None else f"skull-stripped scan: all that is not background ({stripped:g})",
         }
         if inside_ml < MIN_INTRACRANIAL_ML:
             step["applied"] = False

@@ -46,9 +46,10 @@ def _mask_for(scan: str, mask_dir: Path) -> str | None:
 def find_scans_and_masks(
     inputs: list[str], csv_path: str | None, mask_dir: str | None, all_normal: bool
 ) -> list[EvaluationScan]:
-    """Pair each input with its mask: a CSV's ``mask_path`` column (relative to the CSV) or ``ich``
-    column, else a file of the same name in ``mask_dir``. Raises VolumeReadError naming the first row
-    whose mask file is named but missing, or a folder without masks for a scan that says ``ich`` 1."""
+    """Pair each input with its mask: a CSV's ``mask`` column (as in training manifests, relative to
+    the CSV) or ``ich`` column, else a file of the same name in ``mask_dir``. Raises VolumeReadError
+    naming the first row whose mask file is named but missing, or a scan that says ``ich`` 1 without a
+    mask."""
     rows: list[dict[str, str]] = []
     if csv_path is not None:
         with open(csv_path, newline="") as handle:
@@ -56,18 +57,18 @@ def find_scans_and_masks(
     scans = []
     for number, scan in enumerate(inputs):
         row = rows[number] if rows else {}
-        mask = row.get("mask_path") or None
+        mask = row.get("mask") or None
         if mask is not None and not Path(mask).is_absolute():
             mask = str(Path(csv_path).parent / mask)  # type: ignore[arg-type]
         if mask is None and mask_dir is not None:
             mask = _mask_for(scan, Path(mask_dir))
         if mask is not None and not Path(mask).exists():
-            raise VolumeReadError(f"{csv_path} row {number + 2}: mask_path {mask}: not found")
+            raise VolumeReadError(f"{csv_path} row {number + 2}: mask {mask}: not found")
         ich = row.get("ich", "").strip()
         normal: bool | None = True if all_normal else {"0": True, "1": False}.get(ich)
         if ich == "1" and mask is None:
             where = f"{csv_path} row {number + 2}" if rows else scan
-            raise VolumeReadError(f"{where}: ich is 1 but no mask was found (mask_path column or --mask_dir)")
+            raise VolumeReadError(f"{where}: ich is 1 but no mask was found (a 'mask' column or --mask_dir)")
         scans.append(EvaluationScan(scan, mask, normal))
     return scans
 
