@@ -1,7 +1,7 @@
 """Diagnosis-driven prompts: the report model names its findings before it writes about them.
 
 A report model built with ``diagnosis_prompt`` has a classification head per modality that predicts
-the labeler's present/absent observations of the modality (``blip.labeler.binary_observations``:
+the labeler's present/absent observations of the modality (``blip.evaluation.labeler.binary_observations``:
 hemorrhage, its subtypes, midline shift and mass effect for head CT; the 14 CheXpert observations for
 chest X-rays). The positive ones become a sentence in front of the prompt —
 ``[queries] "Diagnosis: hemorrhage, subdural, mass effect. Head CT report:" [report]`` — which is
@@ -15,7 +15,7 @@ cross-entropy is a direct signal for that decision.
 The head reads the vision tower's tokens, not the Q-Former's queries: a finding is present when some
 region shows it, and a small bleed fills one or two of 512 tokens, which any mean over the image
 dilutes. So each token gets a score per observation and the scores are pooled by log-mean-exp, a smooth
-maximum (multiple-instance learning, as slice-level ICH detectors do). Measured with ``blip.train``
+maximum (multiple-instance learning, as slice-level ICH detectors do). Measured with ``sam3d-report-train``
 (sam3d/configs/blip_tiny_ct.yaml without the measurement sentence, 60 training scans, 80 epochs, fixed
 ``small`` encoders fine-tuned at 2 mm) on two synthetic sets of 40 held-out scans: generated reports
 right about hemorrhage on 32/40 and 27/40 (majority class 24/40 and 23/40; normals 16/16 and 12/17,
@@ -24,7 +24,7 @@ Q-Former query instead got 23/40 and 33/40 after 20 epochs, and fell to 21/40 on
 80, where it had overfitted the 60 scans. The pooled head needs the longer run: 25/40 on the first set
 after 20 epochs, too few steps for a linear head trained in batches of 4.
 
-Training: the head is trained on labels read from each training report by ``blip.labeler`` (uncertain
+Training: the head is trained on labels read from each training report by ``blip.evaluation.labeler`` (uncertain
 counts as present, as in clinical efficacy; not mentioned as absent), and the LM reads the sentence made
 from those reference labels (teacher forcing), each present one left out with probability
 ``diagnosis_dropout`` (``drop_observations``). Generation: the sentence is made from the head's own
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .labeler import binary_observations, is_positive, label_report
+from blip.evaluation.labeler import binary_observations, is_positive, label_report
 
 # Words for the observations in the sentence; others are written lower-case as named.
 OBSERVATION_WORDS = {

@@ -27,6 +27,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Tokenizer,
@@ -104,13 +105,11 @@ def load_language_model(
                 f"4-bit loading needs bitsandbytes (installed: {has_bnb}) and a CUDA GPU "
                 f"(available: {has_cuda}); load the LM unquantised instead"
             )
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
     tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # tens of seconds to import on 2 cores: LoRA runs only
 
         targets = lora_target_modules(model)
         lora_model = get_peft_model(

@@ -18,7 +18,7 @@ and position ids follow the attention mask, as Hugging Face generation does for 
 ``diagnosis_prompt`` a head on the tower's tokens predicts the labeler's observations and the prompt
 also starts with their sentence (``blip.diagnosis``); its binary cross-entropy joins the LM loss. A
 batch holds one modality, since the prompt and the tower depend on it; one model with both towers
-serves both modalities (``blip.train`` batches a mixed run by modality).
+serves both modalities (``blip.training.train`` batches a mixed run by modality).
 Generated reports follow the training text's "FINDINGS: ... IMPRESSION: ..." format; cut them with
 ``blip.data.reports.split_sections``.
 """
@@ -37,15 +37,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sam3d.engine.checkpoint import CheckpointError, load_state_dict_strict
+from blip.evaluation.labeler import binary_observations
+from ich_engine.checkpoint import CheckpointError, load_state_dict_strict
+from ich_engine.config import from_known_keys
 from sam3d.modeling.image_encoder import ImageEncoderViT
 from sam3d.visualize import RAS_VIEW, lesion_slice_index
 
 from .diagnosis import DiagnosisHead, diagnosis_sentence
-from .labeler import binary_observations
 from .language_model import LM_MODES, load_language_model
 from .processor import PROCESSOR_NAME, Blip2ReportProcessor
 from .qformer import QFormerBridge, QFormerBridgeConfig
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
     from .language_model import CausalLM
 
 CONFIG_NAME = "config.json"
+# The settings of Blip2ReportModel.generate that commands and training configs expose, by their flag names.
+GENERATION_KEYS = ("num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size")
 WEIGHTS_NAME = "model.safetensors"
 LM_FOLDER = "lm"
 TOWER_OF_MODALITY = {"ct": "visual_encoder", "xray": "visual_encoder_2d"}
@@ -135,11 +139,13 @@ class Blip2ReportConfig:
         for old, new in LEGACY_LM_KEYS.items():
             if old in values:
                 language_model[new] = values.pop(old)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Blip2ReportConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**values, language_model=LanguageModelConfig(**language_model))
+        return from_known_keys(cls, values, language_model=LanguageModelConfig(**language_model))
+
+
+def generation_settings(settings: Any) -> dict[str, Any]:
+    """The keywords of :meth:`Blip2ReportModel.generate` that ``settings`` (a training config or
+    parsed flags) names, among :data:`GENERATION_KEYS`."""
+    return {key: getattr(settings, key) for key in GENERATION_KEYS if hasattr(settings, key)}
 
 
 @dataclass
@@ -274,7 +280,7 @@ class Blip2ReportModel(nn.Module):
         self, images: torch.Tensor, modality: str, tower_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, C, *spatial) → (B, N, vision_width) tokens for the bridge. ``tower_tokens``: the tower's
-        output for ``images`` when already at hand (a frozen tower's, cached by ``blip.task``)."""
+        output for ``images`` when already at hand (a frozen tower's, cached by ``blip.training.task``)."""
         tokens = self.tower_tokens(images, modality) if tower_tokens is None else tower_tokens
         if modality in self.vision_adapters:
             tokens = self.vision_adapters[modality](tokens)
@@ -410,7 +416,7 @@ class Blip2ReportModel(nn.Module):
 
     @torch.no_grad()
     def diagnose(self, images: torch.Tensor, modality: str) -> torch.Tensor:
-        """(B, K) probabilities of ``blip.labeler.binary_observations(modality)`` from the diagnosis head."""
+        """(B, K) probabilities of ``blip.evaluation.labeler.binary_observations(modality)`` from the diagnosis head."""
         if not self.config.diagnosis_prompt:
             raise ValueError("this report model has no diagnosis head (config.diagnosis_prompt is False)")
         logits = self._diagnosis_logits(self.image_tokens(images, modality), modality)
@@ -488,7 +494,7 @@ class Blip2ReportModel(nn.Module):
         save_file(weights, str(folder / WEIGHTS_NAME))
         language_model = self.language_model
         if self.config.language_model.mode == "lora":
-            from peft import PeftModel
+            from peft import PeftModel  # tens of seconds to import on 2 cores: only LoRA models load it
 
             assert isinstance(language_model, PeftModel)  # load_language_model wraps a LoRA LM in one
             language_model = copy.deepcopy(language_model).merge_and_unload()
@@ -535,7 +541,7 @@ def attention_overlays(
     """One RGB uint8 (H, W, 3) picture per image: the cross-attention map (``jet`` colours) over the
     image in grey. CT: the axial slice that receives the most attention, in the radiological
     convention (the tower's input grid is RAS); X-ray: the film."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # seconds to import; only attention overlays need it
 
     maps = model.cross_attention_map(images, modality).cpu().numpy()
     pictures = []
@@ -555,8 +561,6 @@ def write_attention_overlays(
     model: Blip2ReportModel, images: torch.Tensor, modality: str, ids: list[str], folder: str | os.PathLike
 ) -> list[Path]:
     """``attention_overlays`` written as ``<folder>/<id>_attention.png``; returns the paths."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sam3d.data.io import Volume
 from sam3d.data.preprocessing import Preprocessing
 
+from .language_model import load_tokenizer
 from .vision import SAM2D_PIXEL_MEAN, SAM2D_PIXEL_STD
 
 __all__ = ["DEFAULT_PROMPTS", "PROCESSOR_NAME", "Blip2ReportProcessor", "prompt_text"]
@@ -51,6 +53,7 @@ def prompt_text(prompt: str, context: str | None = None) -> str:
 
 def ct_image_transform(preprocessing: Preprocessing | Mapping[str, Any] | None, img_size: int) -> ImageTransform:
     """path or Volume → float32 (C, img_size, img_size, img_size) for the CT tower."""
+    # MONAI takes tens of seconds to import on 2 busy cores: X-ray-only models never load it.
     from monai.transforms import Compose, ResizeWithPadOrCropd
     from monai.utils import convert_to_tensor
 
@@ -65,8 +68,6 @@ def ct_image_transform(preprocessing: Preprocessing | Mapping[str, Any] | None, 
 
 def xray_image_transform(img_size: int) -> ImageTransform:
     """path → float32 (3, img_size, img_size) for the X-ray tower."""
-    from PIL import Image
-
     mean = torch.tensor(SAM2D_PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(SAM2D_PIXEL_STD).view(3, 1, 1)
 
@@ -192,8 +193,6 @@ class Blip2ReportProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Blip2ReportProcessor:
         """From a ``save_pretrained`` folder (a report model's)."""
-        from .language_model import load_tokenizer
-
         folder = Path(folder)
         path = folder / PROCESSOR_NAME
         if not path.is_file():

@@ -23,7 +23,8 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.config import from_known_keys
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,18 +56,7 @@ class QFormerBridgeConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> QFormerBridgeConfig:
-        unknown = cls.unknown_keys(values)
-        if unknown:
-            raise ValueError(f"unknown QFormerBridgeConfig keys {unknown}; expected a subset of {cls.known_keys()}")
-        return cls(**values)
-
-    @classmethod
-    def known_keys(cls) -> list[str]:
-        return sorted(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def unknown_keys(cls, values: Mapping[str, Any]) -> list[str]:
-        return sorted(set(values) - set(cls.known_keys()))
+        return from_known_keys(cls, values)
 
     def qformer_config(self) -> Blip2QFormerConfig:
         """The transformers config of the Q-Former. Attention is ``eager`` because only eager attention

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.config import from_known_keys
 from sam3d.data.preprocessing import Preprocessing
-from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
 from sam3d.export import load_exported_encoder
 from sam3d.modeling.build import Sam3DConfig, build_image_encoder, model_config
 from sam3d.modeling.image_encoder import ImageEncoderViT
@@ -91,11 +92,7 @@ class VisionTowerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> VisionTowerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VisionTowerConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values)
 
 
 @dataclass

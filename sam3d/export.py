@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sam3d.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from ich_engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
 
 from .data.preprocessing import Preprocessing
 from .modeling.build import Sam3DConfig, build_image_encoder

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sam3d.engine.trainer import autocast_dtype
+from ich_engine.trainer import autocast_dtype
 
 from .clicks import run_click_rounds
 from .loss import InteractiveSegmentationLoss, dice_ce_loss, model_inputs
@@ -27,6 +27,8 @@ class SegmentationTask:
 
     monitor = "val_dice"
     monitor_mode = "max"
+    # Official SAM-Med3D checkpoints list each epoch's validation Dice under "dices".
+    checkpoint_history = {"dices": "val_dice"}
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from .data.geometry import axial_axis
 
@@ -117,8 +118,6 @@ def overlay_slice(
 
 def label_edges(picture: np.ndarray, view: SliceView) -> np.ndarray:
     """The RGB picture with the view's orientation letters at the middle of each edge (yellow)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     image = Image.fromarray(picture)
     size = max(8, min(picture.shape[:2]) // 14)
     font = ImageFont.load_default(size=size)

@@ -51,7 +51,7 @@ def sam2d_fixture():
 
 def write_tiny_segmentation_checkpoint(path: Path, spacing_mm: tuple[float, float, float]) -> Path:
     """An untrained SAM-Med3D `small` (32³ windows, seed 0) with its preprocessing at ``spacing_mm``."""
-    from sam3d.engine.checkpoint import atomic_save
+    from ich_engine.checkpoint import atomic_save
 
     torch.manual_seed(0)
     config = model_config("small", img_size=32)
@@ -153,7 +153,7 @@ def write_head_ct(path, bleed: bool, seed: int) -> None:
 @pytest.fixture(scope="module")
 def ct_data(tmp_path_factory):
     """Six tiny CT volumes with report manifests (4 train, 2 val), an exported tiny encoder and the
-    flags that point blip.train at them."""
+    flags that point blip.training.train at them."""
     root = tmp_path_factory.mktemp("ct_reports")
     manifests = {}
     for split, bleeds in (("train", [True, False, True, False]), ("val", [True, False])):

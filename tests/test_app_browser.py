@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from blip.app import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
+from blip.app.web import UploadError, build_app, display_to_voxel, extract_zip, window_overlay
 from sam3d.data.synthetic import synthesize_case
 from sam3d.predict import HemorrhageSegmenter, hyperdense_options
 from tests.conftest import REPO, make_tiny_models
@@ -124,8 +124,8 @@ def tiny_models(tmp_path_factory):
 def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tmp_path):
     """A zip as PACS exports it: series in sub-folders, files without extensions, a localizer beside the
     axial series. The axial one is read, the localizer named, and the downloads hold a DICOM SEG."""
-    from blip.app import ReportSession
-    from blip.grounded import ScanReporter
+    from blip.app.grounded import ScanReporter
+    from blip.app.web import ReportSession
     from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
     from tests.conftest import head_phantom_hu
 
@@ -169,9 +169,9 @@ def test_zipped_study_is_read_with_series_choice_and_gives_a_seg(tiny_models, tm
 
 
 def test_a_click_resegments_from_the_cached_embedding_and_leaves_the_report_until_asked(tiny_models, tmp_path):
-    from blip.app import ReportSession
-    from blip.grounded import ScanReporter
-    from sam3d.engine.stage_timing import StageTimes
+    from blip.app.grounded import ScanReporter
+    from blip.app.web import ReportSession
+    from ich_engine.stage_timing import StageTimes
 
     c = synthesize_case(1, seed=0, spacing_mm=(3.0, 3.0, 5.0), ich_type="subdural", head_scale=0.5)
     scan = tmp_path / "scan.nii.gz"
@@ -250,8 +250,8 @@ def test_upload_ct_then_corrupt_file_in_browser(tiny_models, tmp_path):
 
 
 def test_a_visitors_files_go_when_the_page_closes_or_sits_idle(tiny_models, tmp_path):
-    from blip.app import ReportSession
-    from blip.grounded import ScanReporter
+    from blip.app.grounded import ScanReporter
+    from blip.app.web import ReportSession
 
     seg_checkpoint, report_model = tiny_models
     session = ReportSession(ScanReporter(seg_checkpoint, report_model, "cpu"), tmp_path, keep_s=600)
@@ -298,7 +298,7 @@ def test_four_visitors_at_once_each_get_their_own_result(tiny_models, tmp_path):
 
 
 def test_the_measurements_table_shows_abc2_and_each_components_location():
-    from blip.app import measurements_markdown
+    from blip.app.web import measurements_markdown
     from sam3d.data.io import Volume
     from sam3d.predict import measure
 
@@ -311,7 +311,7 @@ def test_the_measurements_table_shows_abc2_and_each_components_location():
 
 
 def test_a_tie_between_series_asks_for_the_pages_series_box_not_a_flag(tmp_path):
-    from blip.app import find_dicom_series
+    from blip.app.web import find_dicom_series
     from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
     from tests.conftest import head_phantom_hu
 

@@ -1,5 +1,5 @@
 """Does the report model learn? The X-ray path overfits the four real IU X-ray image/report pairs of
-the local sample (tiny 2-D SAM tower, tiny GPT-2, trained end to end with ``blip.train``): the loss
+the local sample (tiny 2-D SAM tower, tiny GPT-2, trained end to end with ``blip.training.train``): the loss
 falls far and greedy generation reproduces the reports. Run with ``-s`` to see the measured figures.
 
 Measured (2 shared CPU cores): val loss 5.50 -> 0.21 in 40 epochs, 33 s of training, 43 s in all.
@@ -12,7 +12,7 @@ with 1001 oversampled, which still generated 1000's report for 1001.
 
 The CT path learns from scratch on synthetic scans: segmentation fine-tuning, export, report training
 with the exported encoder fixed, then reports generated for held-out scans, whose hemorrhage / no
-hemorrhage statement (``blip.labeler``) must agree with the scans' truth well above the majority rate.
+hemorrhage statement (``blip.evaluation.labeler``) must agree with the scans' truth well above the majority rate.
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip.labeler import label_ct_report
+from blip.cli.train import build_parser
+from blip.evaluation.labeler import label_ct_report
 from blip.model import Blip2ReportModel
-from blip.train import build_parser, run_training
+from blip.training.train import ReportTrainingConfig, run_training
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.config import parse_with_config
 from sam3d.cli import train as segmentation_train
 from sam3d.data.synthetic import make_synthetic_ich
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.config import parse_with_config
+from sam3d.training import SegmentationTrainingConfig
+from sam3d.training import run_training as run_segmentation_training
 
 pytestmark = pytest.mark.learning
 
@@ -40,8 +43,7 @@ IU_XRAY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iu_x
 
 def _train(argv: list[str]) -> dict:
     os.environ["WANDB_MODE"] = "disabled"
-    args = parse_with_config(build_parser(), argv)
-    return run_training(args)
+    return run_training(ReportTrainingConfig.from_flags(parse_with_config(build_parser(), argv)))
 
 
 def _iu_pairs() -> list[dict]:
@@ -67,7 +69,7 @@ def _iu_pairs() -> list[dict]:
 
 @pytest.mark.skipif(not (IU_XRAY / "indiana_reports.csv").is_file(), reason=f"no IU X-ray sample at {IU_XRAY}")
 def test_xray_path_overfits_the_four_real_iu_pairs(tmp_path):
-    from blip.metrics import caption_metrics
+    from blip.evaluation.metrics import caption_metrics
 
     start = time.perf_counter()
     rows = _iu_pairs()
@@ -151,34 +153,36 @@ def test_ct_path_learns_hemorrhage_from_synthetic_scans(tmp_path):
         progress=False,
     )
     made = time.perf_counter()
-    seg = segmentation_train.run_training(
-        parse_with_config(
-            segmentation_train.build_parser(),
-            [
-                "--config",
-                "sam3d/configs/sam3d_demo.yaml",
-                "--train_csv",
-                data["train_csv"],
-                "--val_csv",
-                data["val_csv"],
-                "--mask_dir",
-                data["mask_dir"],
-                "--output_dir",
-                str(tmp_path / "sam3d"),
-                "--cache_dir",
-                str(tmp_path / "cache"),
-                "--epochs",
-                "12",
-                "--patience",
-                "1000",
-                "--num_clicks",
-                "1",
-                "--val_num_clicks",
-                "1",
-                "--no-automatic_round",
-                "--seed",
-                "0",
-            ],
+    seg = run_segmentation_training(
+        SegmentationTrainingConfig.from_flags(
+            parse_with_config(
+                segmentation_train.build_parser(),
+                [
+                    "--config",
+                    "sam3d/configs/sam3d_demo.yaml",
+                    "--train_csv",
+                    data["train_csv"],
+                    "--val_csv",
+                    data["val_csv"],
+                    "--mask_dir",
+                    data["mask_dir"],
+                    "--output_dir",
+                    str(tmp_path / "sam3d"),
+                    "--cache_dir",
+                    str(tmp_path / "cache"),
+                    "--epochs",
+                    "12",
+                    "--patience",
+                    "1000",
+                    "--num_clicks",
+                    "1",
+                    "--val_num_clicks",
+                    "1",
+                    "--no-automatic_round",
+                    "--seed",
+                    "0",
+                ],
+            )
         )
     )
     segmented = time.perf_counter()

@@ -1,5 +1,5 @@
 """CT volumes and chest X-rays in one report-generation run: the modality-grouped batch sampler, the
-mixed dataset, per-tower freezing, and an end-to-end ``blip.train`` run on a mixed manifest."""
+mixed dataset, per-tower freezing, and an end-to-end ``blip.training.train`` run on a mixed manifest."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from blip.cli.train import build_parser, main
 from blip.data.dataset import ReportDataset
 from blip.model import Blip2ReportModel
-from blip.train import build_model, build_parser, main, tower_freezing
+from blip.training.train import ReportTrainingConfig, build_model
 from blip.vision import SAM2D_CHECKPOINT_PREFIX, VisionTowerConfig, build_vision_tower
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.config import ConfigError
-from sam3d.engine.distributed import DistributedContext
-from sam3d.engine.samplers import GroupedBatchSampler
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.config import ConfigError
+from ich_engine.distributed import DistributedContext
+from ich_engine.samplers import GroupedBatchSampler
 from sam3d.export import export_encoder
 from sam3d.modeling.build import build_sam3d
 from tests.conftest import CT_REPORTS as REPORTS
@@ -223,12 +224,12 @@ def test_per_tower_freezing(mixed_data, tmp_path):
         "--bridge",
         '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}',
     ]
-    parse = lambda *flags: build_parser().parse_args(argv + list(flags))
-    assert tower_freezing(parse()) == {"ct": True, "xray": False}  # the exported encoder stays, the random one trains
-    assert tower_freezing(parse("--freeze_vision")) == {"ct": True, "xray": True}
-    assert tower_freezing(parse("--no-freeze_vision")) == {"ct": False, "xray": False}
-    assert tower_freezing(parse("--no-freeze_ct_tower")) == {"ct": False, "xray": False}
-    assert tower_freezing(parse("--no-freeze_vision", "--freeze_xray_tower")) == {"ct": False, "xray": True}
+    parse = lambda *flags: ReportTrainingConfig.from_flags(build_parser().parse_args(argv + list(flags)))
+    assert parse().tower_freezing() == {"ct": True, "xray": False}  # the exported encoder stays, the random one trains
+    assert parse("--freeze_vision").tower_freezing() == {"ct": True, "xray": True}
+    assert parse("--no-freeze_vision").tower_freezing() == {"ct": False, "xray": False}
+    assert parse("--no-freeze_ct_tower").tower_freezing() == {"ct": False, "xray": False}
+    assert parse("--no-freeze_vision", "--freeze_xray_tower").tower_freezing() == {"ct": False, "xray": True}
     model = build_model(parse("--freeze_vision", "--no-freeze_xray_tower"), ["ct", "xray"], [], DistributedContext())
     assert not any(p.requires_grad for p in model.visual_encoder.parameters())
     assert all(p.requires_grad for p in model.visual_encoder_2d.parameters())

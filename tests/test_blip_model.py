@@ -10,7 +10,7 @@ import torch
 from blip.language_model import build_tiny_gpt2, load_language_model, lora_target_modules
 from blip.model import Blip2ReportModel
 from blip.vision import SAM2D_CONFIGS, VisionTowerConfig, build_vision_tower
-from sam3d.engine.checkpoint import CheckpointError
+from ich_engine.checkpoint import CheckpointError
 from sam3d.export import export_encoder
 from sam3d.modeling.build import build_sam3d
 from tests.conftest import TINY_CT, ct_images, tiny_config

@@ -1,4 +1,4 @@
-"""BLIP-2 stage 1 (blip.stage1): the Q-Former's text path and attention masks, the three losses, hard
+"""BLIP-2 stage 1 (blip.training.stage1): the Q-Former's text path and attention masks, the three losses, hard
 negatives, validation retrieval, and a stage-1 run whose bridge starts stage 2."""
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blip.cli.train import build_parser, main
 from blip.data.dataset import ReportCollator
 from blip.language_model import build_tiny_gpt2, load_language_model
 from blip.model import Blip2ReportConfig, Blip2ReportModel, LanguageModelConfig
 from blip.qformer import QFormerBridgeConfig
-from blip.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask, findings_key
-from blip.train import build_model, build_parser, main
+from blip.training.stage1 import SPECIAL_TEXT_TOKENS, QFormerPretraining, QFormerPretrainingTask, findings_key
+from blip.training.train import ReportTrainingConfig, build_model
 from blip.vision import VisionTowerConfig
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.config import ConfigError, parse_with_config
-from sam3d.engine.distributed import DistributedContext
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.config import ConfigError, parse_with_config
+from ich_engine.distributed import DistributedContext
 from tests.conftest import CT_REPORTS as REPORTS
 
 POSITIVE_LEFT = (
@@ -133,7 +134,10 @@ def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     two = ["--init_from", str(folder), "--output_dir", str(tmp_path / "stage2"), "--lm", str(one / "lm")]
     # Stage 2's model starts with stage 1's bridge, tensor for tensor, and then trains behind the LM.
     model = build_model(
-        parse_with_config(build_parser(), common + two), "ct", list(REPORTS.values()), DistributedContext()
+        ReportTrainingConfig.from_flags(parse_with_config(build_parser(), common + two)),
+        "ct",
+        list(REPORTS.values()),
+        DistributedContext(),
     )
     saved = load_file(str(folder / "model.safetensors"))
     assert saved.keys() == model.bridge.state_dict().keys()
@@ -143,7 +147,7 @@ def test_stage1_run_starts_stage2(ct_data, tmp_path, capsys):
     # More stage 1 from the folder continues with its heads too.
     model = QFormerPretraining(
         build_model(
-            parse_with_config(build_parser(), common + two + ["--stage", "1"]),
+            ReportTrainingConfig.from_flags(parse_with_config(build_parser(), common + two + ["--stage", "1"])),
             "ct",
             list(REPORTS.values()),
             DistributedContext(),

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from blip.cli.train import main
 from blip.data.dataset import ReportCollator, ReportDataset
 from blip.model import Blip2ReportModel
 from blip.processor import Blip2ReportProcessor, xray_image_transform
-from blip.train import main
-from sam3d.engine.checkpoint import load_checkpoint
+from ich_engine.checkpoint import load_checkpoint
 from tests.conftest import CT_REPORTS
 
 
@@ -216,7 +216,7 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
         and model.config.language_model.mode == "lora"
     )
 
-    from sam3d.engine.cli import run_main
+    from ich_engine.cli import run_main
 
     capsys.readouterr()
     assert run_main(main, argv[:4] + ["--train_manifest", str(tmp_path / "missing.jsonl")]) == 2
@@ -227,9 +227,10 @@ def test_xray_run_and_config_errors(tmp_path, capsys):
 def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
     """The recorded LAVIS fixture has the tiny tower's width (48) and a 32-wide LM: every bridge
     tensor, interfaces included, comes from the LAVIS checkpoint."""
+    from blip.cli.train import build_parser
     from blip.language_model import build_tiny_gpt2
-    from blip.train import build_model, build_parser
-    from sam3d.engine.distributed import DistributedContext
+    from blip.training.train import ReportTrainingConfig, build_model
+    from ich_engine.distributed import DistributedContext
     from tests.conftest import fixture_fill, load_fixture
 
     lavis = load_fixture("lavis_qformer_parity.pt")
@@ -263,7 +264,7 @@ def test_lavis_checkpoint_initialises_the_bridge(ct_data, tmp_path):
             str(tmp_path / "run"),
         ]
     )
-    model = build_model(args, "ct", [], DistributedContext())
+    model = build_model(ReportTrainingConfig.from_flags(args), "ct", [], DistributedContext())
     state = model.bridge.state_dict()
     for ours, theirs in (
         ("query_tokens", "query_tokens"),

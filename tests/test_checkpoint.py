@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam3d.engine.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint
+from ich_engine.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint
 from sam3d.modeling import build_sam3d, load_sam3d_weights, model_config
 
 

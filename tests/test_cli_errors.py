@@ -20,17 +20,18 @@ import numpy as np
 import pytest
 import torch
 
+from ich_engine.checkpoint import atomic_save, atomic_write, lock_output_dir
+from ich_engine.cli import run_main
+from ich_engine.config import ConfigError
+from ich_engine.settings import check_resume
+from ich_engine.trainer import Trainer, TrainerConfig
 from sam3d.cli import train
 from sam3d.cli.predict import main as predict_main
-from sam3d.data.preprocessing import set_preprocessing_flags
 from sam3d.data.synthetic import synthesize_case
-from sam3d.engine.checkpoint import atomic_save, atomic_write, lock_output_dir
-from sam3d.engine.cli import run_main
-from sam3d.engine.config import ConfigError, check_resume
-from sam3d.engine.trainer import Trainer, TrainerConfig
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import Click, HemorrhageSegmenter
 from sam3d.task import SegmentationTask
+from sam3d.training import SegmentationTrainingConfig
 from tests.conftest import VolumeDataset, make_tiny_models
 
 
@@ -291,7 +292,7 @@ def test_a_crashed_run_says_so_in_its_summary(tmp_path):
 
 
 def test_a_save_that_fails_after_the_last_epoch_is_not_called_a_later_epoch(tmp_path, monkeypatch):
-    import sam3d.engine.trainer as trainer_module
+    import ich_engine.trainer as trainer_module
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -312,17 +313,17 @@ def test_resume_with_changed_flags_is_refused_unless_allowed(tmp_path, train_inp
     parser = train.build_parser()
 
     def parse(flags):  # as train.py's main: flags left out take the preprocessing contract's values
-        args = parser.parse_args(train_inputs + ["--output_dir", str(tmp_path)] + flags)
-        set_preprocessing_flags(args, train.training_preprocessing(args, 128))
-        return args
+        return SegmentationTrainingConfig.from_flags(
+            parser.parse_args(train_inputs + ["--output_dir", str(tmp_path)] + flags)
+        )
 
-    (tmp_path / "config.json").write_text(json.dumps(vars(parse([])), default=str))
+    (tmp_path / "config.json").write_text(json.dumps(parse([]).to_dict(), default=str))
     changed = parse(["--resume", "--epochs", "9", "--normalization", "brain_window"])
     with pytest.raises(
         ConfigError, match=r"--normalization 'zscore' -> 'brain_window' differ .*--allow_changed normalization"
     ):
         check_resume(changed)
-    changed.allow_changed = ["normalization"]
+    changed = changed.replace(allow_changed=["normalization"])
     assert check_resume(changed) == ["normalization: 'zscore' -> 'brain_window'"]  # epochs may always grow
     lr = parse(["--resume", "--lr", "3e-4", "--allow_changed", "lr"])
     with pytest.raises(ConfigError, match=r"--lr 0\.0001 -> 0\.0003 cannot change on resume"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blip.conditioning import context_from_measurements, context_from_row, measurement_context
-from blip.labeler import POSITIVE, label_ct_report
+from blip.evaluation.labeler import POSITIVE, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
 from tests.conftest import TINY_REPORTS as REPORTS
@@ -119,7 +119,7 @@ def test_scan_reporter_conditions_on_the_segmentation_it_measured(tmp_path, monk
     """The report of a conditioned model is written after the segmentation, from its measurements."""
     import nibabel as nib
 
-    from blip.grounded import ScanReporter
+    from blip.app.grounded import ScanReporter
     from sam3d.data.synthetic import synthesize_case
     from tests.conftest import make_tiny_models
 
@@ -136,7 +136,7 @@ def test_scan_reporter_conditions_on_the_segmentation_it_measured(tmp_path, monk
         lambda images, modality, contexts, **kw: given.append(contexts) or generate(images, modality, contexts, **kw),
     )
     result = reporter.run(scan, "ct")
-    measured = result["segmentation"]["measurements"]
+    measured = result.to_json()["segmentation"]["measurements"]
     assert given == [[measurement_context(measured["total_volume_ml"], measured["side"])]]
     with pytest.raises(ValueError, match="segment the scan first"):
         reporter.generate(str(scan), "ct")

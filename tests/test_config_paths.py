@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from blip import train as report_train
+from blip.cli import train as report_train
+from ich_engine.cli import run_main
+from ich_engine.config import parse_with_config
+from ich_engine.settings import check_resume
 from sam3d import CONFIG_DIR, PRETRAINED_DIR
 from sam3d.cli import train
-from sam3d.engine.cli import run_main
-from sam3d.engine.config import check_resume, parse_with_config
+from sam3d.training import SegmentationTrainingConfig
 from tests.conftest import REPO
 
 
@@ -60,13 +62,17 @@ def test_one_csv_spelled_two_ways_is_no_change_on_resume(tmp_path, monkeypatch):
     run.mkdir()
     flags = ["--val_csv", "data/val.csv", "--mask_dir", "data/masks", "--output_dir", str(run)]
     monkeypatch.chdir(tmp_path)
-    first = parse_with_config(train.build_parser(), ["--train_csv", "data/train.csv", *flags])
-    saved = vars(first) | {"train_csv": "data/train.csv"}  # as a run started before paths were recorded absolute
+    first = SegmentationTrainingConfig.from_flags(
+        parse_with_config(train.build_parser(), ["--train_csv", "data/train.csv", *flags])
+    )
+    saved = first.to_dict() | {"train_csv": "data/train.csv"}  # as a run started before paths were recorded absolute
     (run / "config.json").write_text(json.dumps(saved, default=str))
     monkeypatch.chdir(tmp_path / "work")
-    again = parse_with_config(
-        train.build_parser(),
-        ["--train_csv", "../data/train.csv", *[f.replace("data/", "../data/") for f in flags], "--resume"],
+    again = SegmentationTrainingConfig.from_flags(
+        parse_with_config(
+            train.build_parser(),
+            ["--train_csv", "../data/train.csv", *[f.replace("data/", "../data/") for f in flags], "--resume"],
+        )
     )
     monkeypatch.chdir(tmp_path)  # the old record's relative path names the file from where it was made
     assert check_resume(again) == []
@@ -108,7 +114,7 @@ def test_the_demo_config_works_from_an_installed_wheel_without_a_checkout(tmp_pa
         check=True,
     )
     probe = (
-        "import sam3d, sam3d.cli.train as t; from sam3d.engine.config import parse_with_config; "
+        "import sam3d, sam3d.cli.train as t; from ich_engine.config import parse_with_config; "
         "a = parse_with_config(t.build_parser(), ['--config', str(sam3d.CONFIG_DIR / 'sam3d_demo.yaml')]); "
         "import os; print(sam3d.__file__); print(a.checkpoint, os.path.isfile(a.checkpoint))"
     )

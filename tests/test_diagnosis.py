@@ -11,11 +11,11 @@ import torch
 
 from blip.data.dataset import ReportCollator
 from blip.diagnosis import DiagnosisHead, diagnosis_sentence, drop_observations, reference_diagnosis
-from blip.labeler import POSITIVE, binary_observations, label_ct_report
+from blip.evaluation.labeler import POSITIVE, binary_observations, label_ct_report
 from blip.language_model import build_tiny_gpt2
 from blip.model import Blip2ReportModel
 from blip.processor import Blip2ReportProcessor
-from blip.task import ReportTask, batch_output
+from blip.training.task import ReportTask, batch_output
 from tests.conftest import TINY_REPORTS as REPORTS
 from tests.conftest import ct_images, tiny_config
 
@@ -103,7 +103,7 @@ def test_observation_dropout_thins_sentences_but_never_empties_them(lm):
     assert diagnosis_sentence(dropped[0].tolist(), "ct").startswith("Diagnosis: ")
     torch.testing.assert_close(drop_observations(labels, 0.0), labels)
     # In training the LM reads the thinned sentence while the head still learns every label; eval reads all.
-    # Dropout is a training setting (blip.train --diagnosis_dropout), applied by the task's batches.
+    # Dropout is a training setting (blip.training.train --diagnosis_dropout), applied by the task's batches.
     model = diagnosed(lm)
     ids, mask = model.processor.tokenize_reports([SDH])
     full = model.soft_prompt(ct_images(1), "ct", diagnosis=labels[:1])[0].shape[1]

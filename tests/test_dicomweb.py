@@ -23,10 +23,10 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from blip.cli.report import main as report_main
+from ich_engine.cli import run_main
 from sam3d.cli.predict import main as predict_main
 from sam3d.data.dicomweb import PASSWORD_ENV, USER_ENV
 from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
-from sam3d.engine.cli import run_main
 from tests.conftest import head_phantom_hu, make_tiny_models
 from tests.test_dicom_sr import read_measurement_report
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.trainer import Trainer, TrainerConfig
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.trainer import Trainer, TrainerConfig
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.task import SegmentationTask
 from tests.conftest import VolumeDataset

@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from blip.grounded import contradictions, ground_report, structured_findings, subtype_contradictions
-from blip.labeler import POSITIVE, label_ct_report
+from blip.app.grounded import contradictions, ground_report, structured_findings, subtype_contradictions
+from blip.evaluation.labeler import POSITIVE, label_ct_report
 from sam3d.data.synthetic import synthesize_case
 from sam3d.predict import Measurements
 from sam3d.predict.records import ComponentMeasurement, LocationEvidence

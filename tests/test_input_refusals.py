@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from ich_engine.checkpoint import atomic_save
+from ich_engine.cli import run_main
 from sam3d.data.errors import SliceGapError, VolumeReadError
 from sam3d.data.geometry import GeometryWarning
 from sam3d.data.io import load_volume
 from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
-from sam3d.engine.checkpoint import atomic_save
-from sam3d.engine.cli import run_main
 from sam3d.modeling import build_sam3d, model_config
 from tests.conftest import head_phantom_hu
 
@@ -29,8 +29,8 @@ def test_a_checkpoint_over_the_file_size_limit_names_the_file(tmp_path):
     """``ulimit -f``: the write fails with EFBIG, which torch.save reports as a RuntimeError."""
     script = (
         "import sys, torch\n"
-        "from sam3d.engine.checkpoint import atomic_save\n"
-        "from sam3d.engine.cli import run_main\n"
+        "from ich_engine.checkpoint import atomic_save\n"
+        "from ich_engine.cli import run_main\n"
         "sys.exit(run_main(lambda argv: atomic_save({'w': torch.zeros(100000)}, sys.argv[1]) or 0, []))\n"
     )
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
@@ -121,7 +121,7 @@ def test_a_corrupt_slice_is_named_as_unreadable_not_blamed_as_a_gap(tmp_path):
 
 
 def test_the_web_page_offers_its_own_remedy_for_a_series_with_gaps(tmp_path):
-    from blip.app import ReportSession, UploadError
+    from blip.app.web import ReportSession, UploadError
 
     paths = _series(tmp_path / "gap")
     paths[4].unlink()

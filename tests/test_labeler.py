@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from blip.labeler import CHEXPERT_OBSERVATIONS, CT_FINDINGS, clinical_efficacy, label_chest_report, label_ct_report
+from blip.evaluation.labeler import (
+    CHEXPERT_OBSERVATIONS,
+    CT_FINDINGS,
+    clinical_efficacy,
+    label_chest_report,
+    label_ct_report,
+)
 from tests.conftest import SHARED
 
 IU_REPORTS = SHARED / "data" / "iu_xray" / "indiana_reports.csv"

@@ -8,13 +8,13 @@ import pytest
 from monai.transforms import Compose
 from scipy import ndimage
 
+from ich_engine.checkpoint import atomic_save
+from ich_engine.config import ConfigError
 from sam3d.cli import predict as predict_cli
 from sam3d.data.io import Volume, load_volume
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.synthetic import synthesize_case
 from sam3d.data.transforms import _resampling_steps
-from sam3d.engine.checkpoint import atomic_save
-from sam3d.engine.config import ConfigError
 from sam3d.metrics import volume_ml
 from sam3d.modeling import build_sam3d, model_config
 from sam3d.predict import (

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ich_engine.stage_timing import StageTimes, stage
 from sam3d.cli import bench
 from sam3d.data.io import Volume
 from sam3d.data.synthetic import synthesize_case
-from sam3d.engine.stage_timing import StageTimes, stage
 from sam3d.predict import (
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,

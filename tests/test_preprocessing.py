@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 
+from ich_engine.config import parse_with_config
 from sam3d.cli import train
 from sam3d.data.preprocessing import Preprocessing, PreprocessingMismatch
-from sam3d.engine.config import parse_with_config
 from sam3d.export import export_encoder, load_exported_encoder
 from sam3d.modeling import build_sam3d, model_config
+from sam3d.training import training_preprocessing
 
 
 def test_round_trip_and_older_layouts():
@@ -42,18 +43,18 @@ def test_fine_tuning_takes_the_checkpoints_contract_and_warns_on_a_differing_fla
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        inherited = train.training_preprocessing(_args(tmp_path, ["--checkpoint", str(checkpoint)]), 64)
+        inherited = training_preprocessing(_args(tmp_path, ["--checkpoint", str(checkpoint)]), 64)
     assert inherited.normalization == "brain_window" and inherited.target_spacing_mm == (2.0, 2.0, 2.0)
     assert inherited.augment is True  # training-only settings are this run's, not the checkpoint's
     assert inherited.roi_size == (64, 64, 64)
 
     with pytest.warns(PreprocessingMismatch, match=r"--normalization zscore differs .*model\.pth.*\(brain_window\)"):
-        flagged = train.training_preprocessing(
+        flagged = training_preprocessing(
             _args(tmp_path, ["--checkpoint", str(checkpoint), "--normalization", "zscore"]), 64
         )
     assert flagged.normalization == "zscore" and flagged.target_spacing_mm == (2.0, 2.0, 2.0)
     # No checkpoint: the defaults; the older flag name still works.
-    plain = train.training_preprocessing(_args(tmp_path, ["--target_spacing", "1", "1", "2"]), 64)
+    plain = training_preprocessing(_args(tmp_path, ["--target_spacing", "1", "1", "2"]), 64)
     assert plain.target_spacing_mm == (1.0, 1.0, 2.0) and plain.normalization == "zscore"
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from blip.conditioning import VOLUME_SLOT, fill_volume_slot, volume_slot_text
-from blip.labeler import label_ct_report
+from blip.evaluation.labeler import label_ct_report
 from blip.language_model import build_tiny_gpt2, load_language_model, train_word_tokenizer
-from blip.lm_pretraining import PromptedReports, pretrain_report_lm
+from blip.training.lm_pretraining import PromptedReports, pretrain_report_lm
+from ich_engine.checkpoint import load_checkpoint
 from sam3d import PRETRAINED_DIR
 from sam3d.data.synthetic_reports import report_corpus
-from sam3d.engine.checkpoint import load_checkpoint
 from sam3d.modeling import load_trained_sam3d
 
 PRETRAINED = PRETRAINED_DIR

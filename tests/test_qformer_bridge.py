@@ -9,9 +9,10 @@ import re
 import pytest
 import torch
 
-from blip.convert_lavis import convert_lavis_state_dict, load_lavis_into_bridge, main
+from blip.cli.convert_lavis import main
+from blip.convert_lavis import convert_lavis_state_dict, load_lavis_into_bridge
 from blip.qformer import QFormerBridge, QFormerBridgeConfig
-from sam3d.engine.checkpoint import CheckpointError
+from ich_engine.checkpoint import CheckpointError
 from tests.conftest import fixture_fill, load_fixture
 
 TOLERANCE = 1e-5

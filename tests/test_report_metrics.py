@@ -12,9 +12,9 @@ import logging
 import psutil
 import pytest
 
-from blip import metrics
 from blip.cli import evaluate as evaluate_reports
-from blip.metrics import caption_metrics, simple_tokenize
+from blip.evaluation import metrics
+from blip.evaluation.metrics import caption_metrics, simple_tokenize
 
 REFERENCES = [
     "The heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.",
@@ -106,7 +106,7 @@ def test_without_java(monkeypatch, caplog):
         caption_metrics(REFERENCES, HYPOTHESES)
     with pytest.raises(RuntimeError, match="needs Java"):
         caption_metrics(REFERENCES, HYPOTHESES, tokenize="ptb", meteor=False)
-    with caplog.at_level(logging.WARNING, logger="blip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="blip.evaluation.metrics"):
         result = caption_metrics(REFERENCES, HYPOTHESES, meteor=False)
     assert result["tokenize"] == "simple" and "java not found" in caplog.text
 
@@ -177,7 +177,7 @@ def test_evaluate_reports_script(tmp_path):
 def test_evaluate_reports_errors(tmp_path, capsys):
     missing = tmp_path / "missing.csv"
     _write_csv(missing, [{"id": "a", "reference": "No effusion."}], ["id", "reference"])
-    from sam3d.engine.cli import run_main
+    from ich_engine.cli import run_main
 
     # A bad row is a data error: one line, exit 1 (usage errors exit 2).
     assert (

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from blip.train import main
-from sam3d.engine.cli import run_main
+from blip.cli.train import main
+from ich_engine.cli import run_main
 from sam3d.export import export_encoder
 from sam3d.modeling import build_sam3d
 from tests.conftest import TINY_CT, TINY_CT_PREPROCESSING

@@ -8,10 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ich_engine.cli import run_main
 from sam3d.cli import evaluate
 from sam3d.data.io import Volume, VolumeReadError
 from sam3d.data.synthetic import synthesize_case
-from sam3d.engine.cli import run_main
 from sam3d.predict.measurement import measure
 from sam3d.predict.records import SegmentationResult
 from sam3d.predict.scan_evaluation import EvaluationScan, find_scans_and_masks, score, summarize

@@ -14,11 +14,11 @@ import numpy as np
 import pydicom
 import pytest
 
+from ich_engine.cli import run_main
 from sam3d.cli.predict import main as predict_main
 from sam3d.data.geometry import GeometryWarning
 from sam3d.data.io import load_volume
 from sam3d.data.synthetic_dicom import SeriesSpec, table_positions, write_ct_series
-from sam3d.engine.cli import run_main
 from tests.conftest import dciodvfy_errors, head_phantom_hu, make_tiny_models
 
 

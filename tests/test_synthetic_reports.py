@@ -244,9 +244,9 @@ def test_dataset_reports_are_deterministic_and_per_case(dataset, tmp_path):
 
 
 def test_project_labeler_recovers_the_ground_truth():
-    """The reports are the reference side of the clinical-efficacy metric: blip.labeler must read
+    """The reports are the reference side of the clinical-efficacy metric: blip.evaluation.labeler must read
     them back exactly, or CE on synthetic CT would measure the generator's phrasing, not the model."""
-    from blip.labeler import label_ct_report
+    from blip.evaluation.labeler import label_ct_report
 
     subtypes = {"intraparenchymal": "IPH", "subdural": "SDH", "intraventricular": "IVH"}
     for meta in CASES:

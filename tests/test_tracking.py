@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sam3d.engine.tracking import Tracker, wandb_mode
+from ich_engine.tracking import Tracker, wandb_mode
 
 
 @pytest.fixture

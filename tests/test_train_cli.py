@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ich_engine.checkpoint import load_checkpoint
 from sam3d.data.synthetic import make_synthetic_ich
-from sam3d.engine.checkpoint import load_checkpoint
 from sam3d.export import load_exported_encoder
 from sam3d.modeling import build_sam3d, model_config
 from tests.conftest import REPO

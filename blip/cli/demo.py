@@ -20,20 +20,25 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from statistics import median
 
 import numpy as np
 from tqdm import tqdm
 
-from blip.grounded import LOCATION_SUBTYPES
+from blip.app.grounded import LOCATION_SUBTYPES
+from blip.model import generation_settings
+from blip.training.train import ReportTrainingConfig
+from blip.training.train import run_training as run_report_training
+from ich_engine.checkpoint import atomic_write
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 from sam3d import CONFIG_DIR, PRETRAINED_DIR
-from sam3d.cli import train
 from sam3d.data.io import load_volume
 from sam3d.data.synthetic import make_synthetic_ich
-from sam3d.engine.checkpoint import atomic_write
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, parse_with_config
+from sam3d.training import SegmentationTrainingConfig
+from sam3d.training import run_training as run_segmentation_training
 
 SUBTYPE_WORDS = {**LOCATION_SUBTYPES, "none": "none"}
 GOALS = {
@@ -53,7 +58,7 @@ GOALS = {
 
 def report_labels(text: str) -> dict:
     """The labeler's reading of a report in the summary's terms: presence, side, subtype."""
-    from blip.labeler import CT_SUBTYPES, POSITIVE, label_ct_report
+    from blip.evaluation.labeler import CT_SUBTYPES, POSITIVE, label_ct_report
 
     labels = label_ct_report(text)
     present = labels["hemorrhage"] == POSITIVE
@@ -75,55 +80,42 @@ def _words(text: str) -> set[str]:
 def train_report_model(
     args, data: dict, encoder: str, out: Path, stage: int, conditioned: bool, init_from: str | None = None
 ) -> dict:
-    from blip import train as blip_train
-
-    flags = [
-        "--config",
+    stage1 = {"epochs": args.stage1_epochs, "lr": args.stage1_lr} if stage == 1 else {}
+    config = ReportTrainingConfig.from_yaml(
         args.report_config,
-        "--train_manifest",
-        str(data["reports_train"]),
-        "--val_manifest",
-        str(data["reports_val"]),
-        "--encoder",
-        encoder,
-        "--output_dir",
-        str(out),
-        "--seed",
-        str(args.seed),
+        train_manifest=str(data["reports_train"]),
+        val_manifest=str(data["reports_val"]),
+        encoder=encoder,
+        output_dir=str(out),
+        seed=args.seed,
         # The pretrained LM stays fixed, as in BLIP-2: fine-tuned on a few dozen reports it unlearns
         # what it knew (the impression's side, above all).
-        "--lm",
-        str(PRETRAINED_DIR / "report_lm"),
-        "--lm_mode",
-        "frozen",
-        "--stage",
-        str(stage),
-        "--condition_on_measurements" if conditioned else "--no-condition_on_measurements",
-        "--num_val_samples",
-        "0",
-    ]  # no generation in every validation; the held-out step shows reports
-    flags += ["--epochs", str(args.stage1_epochs), "--lr", str(args.stage1_lr)] if stage == 1 else []
-    flags += ["--init_from", init_from] if init_from else []
-    report_args = parse_with_config(blip_train.build_parser(), flags)
-    result = blip_train.run_training(report_args)
-    result["generation"] = {"num_beams": report_args.num_beams, "max_new_tokens": report_args.max_new_tokens}
+        lm=str(PRETRAINED_DIR / "report_lm"),
+        lm_mode="frozen",
+        stage=stage,
+        condition_on_measurements=conditioned,
+        num_val_samples=0,  # no generation in every validation; the held-out step shows reports
+        init_from=init_from,
+        **stage1,
+    )
+    result = run_report_training(config)
+    result["generation"] = generation_settings(config)
     return result
 
 
 def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabulary: set[str]) -> list[dict]:
     """One summary record per held-out scan: truth, automatic segmentation (Dice on the scan's own grid),
     the generated report and the labeler's reading of it."""
-    from blip.grounded import MIN_HEMORRHAGE_ML, contradictions, subtype_contradictions
-    from sam3d.predict.records import Measurements
+    from blip.app.grounded import MIN_HEMORRHAGE_ML, contradictions, subtype_contradictions
 
     records = []
     for case in tqdm(cases, desc="reporting", unit="scan"):
         result = reporter.run(load_volume(root / case["path"]), "ct", output_dir=out)
-        m = result["segmentation"]["measurements"]
-        measurements = Measurements.from_json(m)
+        assert result.segmentation is not None  # a CT report
+        measurements = result.segmentation.measurements
+        m = asdict(measurements)
         measured = m["total_volume_ml"] >= MIN_HEMORRHAGE_ML
-        predicted_volume = load_volume(result["segmentation"]["files"]["mask"])
-        predicted = predicted_volume.array > 0
+        predicted = result.segmentation.mask > 0
         truth = load_volume(root / case["mask_path"]).array > 0
         total = predicted.sum() + truth.sum()
         positive = case["ich_type"] != "none"
@@ -139,15 +131,15 @@ def held_out_cases(reporter, cases: list[dict], root: Path, out: Path, vocabular
                 "true_location": case["ich_type"],
                 "measured_location": m["location"] if measured else "none",
                 "component_locations": [c.location for c in measurements.components],
-                "component_on_truth": on_truth(predicted, truth, predicted_volume.affine, measurements),
+                "component_on_truth": on_truth(predicted, truth, result.segmentation.affine, measurements),
                 "dice": round(float(2 * (predicted & truth).sum() / total), 4) if positive else None,
-                "report": result["generated"],
-                "generated_labels": report_labels(result["generated"]),
-                "grounded_report": result["report"],
-                "report_labels": report_labels(result["report"]),
-                "contradictions": contradictions(result["generated"], measurements),
-                "subtype_contradictions": len(subtype_contradictions(result["generated"], measurements)),
-                "words_outside_vocabulary": sorted(_words(result["generated"]) - vocabulary),
+                "report": result.generated,
+                "generated_labels": report_labels(result.generated),
+                "grounded_report": result.report,
+                "report_labels": report_labels(result.report),
+                "contradictions": contradictions(result.generated, measurements),
+                "subtype_contradictions": len(subtype_contradictions(result.generated, measurements)),
+                "words_outside_vocabulary": sorted(_words(result.generated) - vocabulary),
             }
         )
     return records
@@ -274,30 +266,19 @@ def main(argv=None) -> int:
     lap("data")
 
     print("[2/6] fine-tuning the pretrained SAM-Med3D (small) to segment the hemorrhages", flush=True)
-    seg_args = parse_with_config(
-        train.build_parser(),
-        [
-            "--config",
-            args.segmentation_config,
-            "--train_csv",
-            str(data["train_csv"]),
-            "--val_csv",
-            str(data["val_csv"]),
-            "--mask_dir",
-            str(data["mask_dir"]),
-            "--output_dir",
-            str(out / "sam3d"),
-            "--cache_dir",
-            str(out / "cache"),
-            "--checkpoint",
-            str(PRETRAINED_DIR / "sam_med3d_small_ich.pth"),
-            "--seed",
-            str(args.seed),
-        ],
+    seg_config = SegmentationTrainingConfig.from_yaml(
+        args.segmentation_config,
+        train_csv=str(data["train_csv"]),
+        val_csv=str(data["val_csv"]),
+        mask_dir=str(data["mask_dir"]),
+        output_dir=str(out / "sam3d"),
+        cache_dir=str(out / "cache"),
+        checkpoint=str(PRETRAINED_DIR / "sam_med3d_small_ich.pth"),
+        seed=args.seed,
     )
-    for message in train.check_config(seg_args):
+    for message in seg_config.warnings():
         print(f"WARNING: {message}", file=sys.stderr)
-    seg = train.run_training(seg_args)
+    seg = run_segmentation_training(seg_config)
     encoder = seg["outputs"]["sam_encoder"]
     lap("segmentation")
 
@@ -320,7 +301,7 @@ def main(argv=None) -> int:
         lap("report_stage2_image_only")
 
     print("[5/6] held-out scans: automatic segmentation, measurements, report", flush=True)
-    from blip.grounded import ScanReporter
+    from blip.app.grounded import ScanReporter
 
     root = Path(data["cases_json"]).parent
     cases = [c for c in json.loads(Path(data["cases_json"]).read_text()) if c["split"] == "val"]
@@ -359,7 +340,7 @@ def main(argv=None) -> int:
     print(f"\n=== demo finished in {minutes['total']:.1f} min (seed {args.seed}) ===")
     print(
         f"segmentation: best validation Dice {seg['best_metric']:.3f} (epoch {seg['best_epoch']}, "
-        f"{seg_args.val_num_clicks} simulated clicks); held-out automatic (no clicks) Dice "
+        f"{seg_config.val_num_clicks} simulated clicks); held-out automatic (no clicks) Dice "
         f"{measured['automatic_dice']:.3f}"
     )
     s1 = summary["stage1"]

@@ -28,10 +28,16 @@ from pathlib import Path
 
 from blip.data import normalize_for_metrics, split_sections
 from blip.data.reports import ReportManifestError, table_rows
-from blip.labeler import MODALITIES, binary_observations, clinical_efficacy_from_labels, is_positive, label_report
-from blip.metrics import TOKENIZERS, caption_metrics
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
+from blip.evaluation.labeler import (
+    MODALITIES,
+    binary_observations,
+    clinical_efficacy_from_labels,
+    is_positive,
+    label_report,
+)
+from blip.evaluation.metrics import TOKENIZERS, caption_metrics
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 
 REQUIRED_COLUMNS = ("id", "reference", "generated")
 PER_SAMPLE_METRICS = ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
         "--tokenize",
         choices=TOKENIZERS,
         default=None,
-        help="default: ptb when Java is available, else simple (see blip.metrics)",
+        help="default: ptb when Java is available, else simple (see blip.evaluation.metrics)",
     )
     p.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java and ~20 s to start)")
     args = p.parse_args(argv)

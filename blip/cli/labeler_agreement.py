@@ -21,9 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-from blip.labeler import is_positive, label_chest_report
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
+from blip.evaluation.labeler import is_positive, label_chest_report
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 
 # observation -> (MeSH heading, required qualifier or None). Choices, and why:
 # Edema includes Pulmonary Congestion (CheXpert's Edema mentions include vascular congestion);

@@ -8,7 +8,7 @@
   text-only on a large corpus of synthetic reports (they cost nothing to write), saved as a Hugging
   Face folder.
 - ``qformer``: the stand-in for a released stage-1 Q-Former (BLIP-2's is pre-trained on image-text
-  pairs): BLIP-2 stage 1 (``blip.train --stage 1``) on the pre-training phantoms and their reports,
+  pairs): BLIP-2 stage 1 (``sam3d-report-train --stage 1``) on the pre-training phantoms and their reports,
   reading the ``sam3d`` stand-in's encoder, with the ``lm`` stand-in's tokenizer (run it after both).
 
 All land in ``sam3d/pretrained/`` and are committed; ``make demo`` fine-tunes from them.
@@ -31,12 +31,15 @@ from pathlib import Path
 
 import torch
 
+from blip.training.train import ReportTrainingConfig
+from blip.training.train import run_training as run_report_training
+from ich_engine.checkpoint import atomic_write, load_checkpoint
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 from sam3d import CONFIG_DIR, PRETRAINED_DIR
-from sam3d.cli import train
 from sam3d.data.synthetic import make_synthetic_ich
-from sam3d.engine.checkpoint import atomic_write, load_checkpoint
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, parse_with_config
+from sam3d.training import SegmentationTrainingConfig
+from sam3d.training import run_training as run_segmentation_training
 
 SAM3D_WEIGHTS = "sam_med3d_small_ich.pth"
 REPORT_LM = "report_lm"
@@ -103,26 +106,17 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
     data = pretraining_data(work, num_cases, seed)
     if template_cases:
         data = with_template_phantoms(work, data, template_cases, seed)
-    flags = [
-        "--config",
-        str(CONFIG_DIR / "sam3d_small_pretrain.yaml"),
-        "--train_csv",
-        data["train_csv"],
-        "--val_csv",
-        data["val_csv"],
-        "--mask_dir",
-        data["mask_dir"],
-        "--output_dir",
-        str(work / "sam3d"),
-        "--cache_dir",
-        str(work / "cache"),
-        "--seed",
-        str(seed),
-    ]
-    if epochs is not None:
-        flags += ["--epochs", str(epochs)]
-    args = parse_with_config(train.build_parser(), flags)
-    result = train.run_training(args)
+    config = SegmentationTrainingConfig.from_yaml(
+        CONFIG_DIR / "sam3d_small_pretrain.yaml",
+        train_csv=data["train_csv"],
+        val_csv=data["val_csv"],
+        mask_dir=data["mask_dir"],
+        output_dir=str(work / "sam3d"),
+        cache_dir=str(work / "cache"),
+        seed=seed,
+        **({"epochs": epochs} if epochs is not None else {}),
+    )
+    result = run_segmentation_training(config)
     best = load_checkpoint(result["outputs"]["best_model"])
     payload = {
         "model_state_dict": {k: v.half() if v.is_floating_point() else v for k, v in best["model_state_dict"].items()},
@@ -135,7 +129,7 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
             "template_cases": template_cases,
             "template_slices_mm": list(TEMPLATE_SLICES_MM),
             "seed": seed,
-            "epochs": args.epochs,
+            "epochs": config.epochs,
             "best_epoch": result["best_epoch"],
             "best_val_dice": round(float(result["best_metric"]), 4),
             "minutes": round((time.time() - started) / 60, 1),
@@ -150,7 +144,7 @@ def make_sam3d(work: Path, num_cases: int, seed: int, epochs: int | None, out: P
 def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | None, out: Path) -> Path:
     """Reports for the metadata of the pre-training phantoms (no image is rendered for the extra
     variants): ``variants`` per case, the last 16 cases' for validation."""
-    from blip.lm_pretraining import pretrain_report_lm
+    from blip.training.lm_pretraining import pretrain_report_lm
     from sam3d.data.synthetic_reports import report_corpus
 
     data = pretraining_data(work, num_cases, seed)
@@ -175,7 +169,6 @@ def make_lm(work: Path, num_cases: int, seed: int, variants: int, epochs: int | 
 
 
 def make_qformer(work: Path, num_cases: int, seed: int, epochs: int | None, out: Path) -> Path:
-    from blip import train as blip_train
     from sam3d.export import export_encoder
     from sam3d.modeling import load_trained_sam3d
 
@@ -185,32 +178,19 @@ def make_qformer(work: Path, num_cases: int, seed: int, epochs: int | None, out:
     export_encoder(model.float(), encoder, model.config, preprocessing=meta["preprocessing"])
     folder = Path(data["cases_json"]).parent
     epochs = epochs or 40
-    args = parse_with_config(
-        blip_train.build_parser(),
-        [
-            "--config",
-            str(CONFIG_DIR / "blip_tiny_ct.yaml"),
-            "--stage",
-            "1",
-            "--epochs",
-            str(epochs),
-            "--lr",
-            "1e-3",
-            "--train_manifest",
-            str(folder / "reports_train.jsonl"),
-            "--val_manifest",
-            str(folder / "reports_val.jsonl"),
-            "--encoder",
-            str(encoder),
-            "--lm",
-            str(out / REPORT_LM),
-            "--output_dir",
-            str(work / "qformer"),
-            "--seed",
-            str(seed),
-        ],
+    config = ReportTrainingConfig.from_yaml(
+        CONFIG_DIR / "blip_tiny_ct.yaml",
+        stage=1,
+        epochs=epochs,
+        lr=1e-3,
+        train_manifest=str(folder / "reports_train.jsonl"),
+        val_manifest=str(folder / "reports_val.jsonl"),
+        encoder=str(encoder),
+        lm=str(out / REPORT_LM),
+        output_dir=str(work / "qformer"),
+        seed=seed,
     )
-    result = blip_train.run_training(args)
+    result = run_report_training(config)
     shutil.rmtree(out / QFORMER, ignore_errors=True)
     shutil.copytree(result["outputs"]["qformer"], out / QFORMER)
     best = result["history"][result["best_epoch"] - 1]

@@ -16,13 +16,18 @@ contradictions are listed.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from blip.app.grounded import ScanReporter
 from blip.data.reports import infer_modality
-from blip.grounded import ScanReporter
-from sam3d.cli.scans import (
+from blip.model import generation_settings
+from ich_engine.checkpoint import lock_output_dir
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
+from ich_engine.distributed import resolve_device
+from sam3d.predict.postprocessing import hyperdense_options
+from sam3d.predict.scans import (
     add_archive_arguments,
     add_hyperdense_argument,
     add_scan_arguments,
@@ -32,11 +37,6 @@ from sam3d.cli.scans import (
     parse_clicks,
     run_batch,
 )
-from sam3d.engine.checkpoint import atomic_write, lock_output_dir
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
-from sam3d.engine.distributed import resolve_device
-from sam3d.predict.postprocessing import hyperdense_options
 
 
 def main(argv=None) -> int:
@@ -70,12 +70,6 @@ def main(argv=None) -> int:
     if args.dicomweb and args.modality == "xray":
         p.error(f"--dicomweb {args.dicomweb}: studies are read as CT; --modality xray reads image files only")
     clicks = parse_clicks(args.click, args.click_space)
-    generation = {
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-        "repetition_penalty": args.repetition_penalty,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-    }
     # Every input named, the study retrieved, the output folder locked and output names checked, before
     # the models load.
     with open_scans(args) as scans, lock_output_dir(args.output_dir):
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
             args.report_model,
             str(resolve_device(args.device)),
             correct=not args.no_correct,
-            generation=generation,
+            generation=generation_settings(args),
             segmenter_options=hyperdense_options(args.hyperdense_only),
         )
         out = Path(args.output_dir)
@@ -98,19 +92,20 @@ def main(argv=None) -> int:
                 raise ConfigError(
                     f"{name}: CT needs --segmentation_checkpoint (the report is checked against the mask)"
                 )
-            result = reporter.run(scans.read(path, args) if modality == "ct" else path, modality, clicks, out)
-            text = json.dumps(result, indent=2, default=str)
-            atomic_write(out / f"{stems[path]}_report.json", lambda tmp: tmp.write_text(text))
-            atomic_write(out / f"{stems[path]}_report.txt", lambda tmp: tmp.write_text(result["report"] + "\n"))
+            scan = reporter.run(scans.read(path, args) if modality == "ct" else path, modality, clicks, out)
+            scan = scan.write(out, stems[path])
             print(f"== {name} ({modality})")
-            if "segmentation" in result:
-                print(f"geometry: {result['segmentation']['geometry_summary']}")
-            print(result["report"])
-            for flag in result.get("flags", []):
-                print(f"  contradiction: {flag}" + (" (impression corrected)" if result.get("corrected") else ""))
+            if scan.segmentation is not None:
+                print(f"geometry: {scan.segmentation.volume.geometry.summary()}")
+            print(scan.report)
+            if scan.grounding is not None:
+                corrected = " (impression corrected)" if scan.grounding.corrected else ""
+                for flag in scan.grounding.flags:
+                    print(f"  contradiction: {flag}{corrected}")
             if args.store:
-                print(scans.store(result["segmentation"]["files"]))
-            return {"source": name, "modality": modality, "report": str(out / f"{stems[path]}_report.json")}
+                assert scan.segmentation is not None  # --store reads a study from the archive: CT
+                print(scans.store(scan.segmentation.files))
+            return {"source": name, "modality": modality, "report": scan.files["report_json"]}
 
         return run_batch(scans.inputs, report, args.fail_fast, out / "reports.json", scans.name)
 

@@ -4,7 +4,7 @@ Items are dicts ``{"image": path, "report": text, "modality": "ct"|"xray", "id":
 ``blip.data.reports`` manifest); images go through the report model's processor
 (``blip.processor``). A batch holds one modality (the prompt and the tower depend on it). A dataset
 may mix modalities: it exposes each item's modality as ``group_keys``, from which the engine draws
-single-modality batches (``sam3d.engine.samplers.GroupedBatchSampler``).
+single-modality batches (``ich_engine.samplers.GroupedBatchSampler``).
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ich_engine.checkpoint import atomic_write
+from ich_engine.errors import UserError
 from sam3d.data.io import strip_volume_extension
-from sam3d.engine.checkpoint import atomic_write
-from sam3d.engine.errors import UserError
 
 __all__ = [
     "DEID_TOKEN",

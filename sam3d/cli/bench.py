@@ -41,11 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
-from sam3d.engine.stage_timing import StageTimes, stage
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
+from ich_engine.stage_timing import StageTimes, stage
+from sam3d.data.io import load_volume
 from sam3d.loss import InteractiveSegmentationLoss
 from sam3d.modeling import build_sam3d, model_config
+from sam3d.predict import Click, HemorrhageSegmenter
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KINDS = ("encoder forward", "encoder forward+backward", "training step")
@@ -204,15 +206,12 @@ def _print_stages(times: StageTimes, total_s: float) -> None:
 
 def predict_stages(args) -> dict:
     """One scan through the predict (or report) path, then two clicks: seconds and memory per stage."""
-    from sam3d.data.io import load_volume
-    from sam3d.predict import Click, HemorrhageSegmenter
-
     rows: dict = {"scan": args.predict, "checkpoint": args.checkpoint, "report_model": args.report_model}
     with tempfile.TemporaryDirectory() as out, StageTimes() as times:
         start = time.perf_counter()
         with stage("model load"):
             if args.report_model:
-                from blip.grounded import ScanReporter
+                from blip.app.grounded import ScanReporter  # sam3d imports blip only here, when asked to
 
                 reporter = ScanReporter(args.checkpoint, args.report_model, args.device)
                 assert reporter.segmenter is not None
@@ -222,7 +221,8 @@ def predict_stages(args) -> dict:
         volume = load_volume(args.predict)
         if args.report_model:
             result = reporter.run(volume, "ct", output_dir=out)
-            measurements = result["segmentation"]["measurements"]
+            assert result.segmentation is not None  # a CT report
+            measurements = result.segmentation.to_json()["measurements"]
         else:
             prepared = segmenter.prepare(volume)
             segmentation = segmenter.save(segmenter.predict(prepared), out)

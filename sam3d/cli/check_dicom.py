@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sam3d.cli.scans import add_scan_arguments, read_scan
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
 from sam3d.data.dicom import choose_series, find_series, frame_hu, sample_frames
 from sam3d.data.errors import VolumeReadError
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
+from sam3d.predict.scans import add_scan_arguments, read_scan
 
 
 def list_series(folder: Path) -> int:

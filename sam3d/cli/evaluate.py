@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import sys
@@ -39,19 +38,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sam3d.cli.scans import add_hyperdense_argument, add_scan_arguments, read_scan
+from ich_engine.checkpoint import lock_output_dir
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
+from ich_engine.distributed import resolve_device
 from sam3d.data.dataset import build_segmentation_dataset, read_manifest
 from sam3d.data.io import load_volume, scan_inputs
 from sam3d.data.preprocessing import Preprocessing
 from sam3d.data.transforms import build_transforms
-from sam3d.engine.checkpoint import lock_output_dir
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
-from sam3d.engine.distributed import resolve_device
 from sam3d.metrics import dice_score, surface_metrics, volume_ml
 from sam3d.modeling import load_trained_sam3d
 from sam3d.predict.postprocessing import hyperdense_options
 from sam3d.predict.scan_evaluation import find_scans_and_masks, score, summarize
+from sam3d.predict.scans import add_hyperdense_argument, add_scan_arguments, read_scan
 from sam3d.predict.segmenter import HemorrhageSegmenter
 from sam3d.task import SegmentationTask
 
@@ -152,9 +151,7 @@ def evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_trained_sam3d(args.checkpoint, args.model_type)
     model.to(device).eval()
-    preprocessing = dataclasses.replace(
-        Preprocessing.from_checkpoint(meta, args.checkpoint), roi_size=(model.img_size,) * 3
-    )
+    preprocessing = Preprocessing.from_checkpoint(meta, args.checkpoint)
     spacing = preprocessing.target_spacing_mm
     manifest, skipped = read_manifest(args.csv, args.mask_dir, validate="full", skip_invalid=args.skip_invalid)
     dataset = build_segmentation_dataset(manifest, build_transforms(preprocessing, train=False))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import sys
 
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
 from sam3d.data.preprocessing import Preprocessing
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
 from sam3d.export import export_encoder
 from sam3d.modeling import load_trained_sam3d
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser, ConfigError
 from sam3d.data.synthetic import ANATOMIES, DEFAULT_FOV_MM, DEFAULT_SPACING_MM, make_synthetic_ich
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

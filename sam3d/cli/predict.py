@@ -34,20 +34,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from sam3d.cli.scans import (
-    add_archive_arguments,
-    add_hyperdense_argument,
-    add_scan_arguments,
-    check_source_arguments,
-    open_scans,
-    output_stems,
-    parse_clicks,
-    run_batch,
-)
-from sam3d.engine.checkpoint import lock_output_dir
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser
-from sam3d.engine.distributed import resolve_device
+from ich_engine.checkpoint import lock_output_dir
+from ich_engine.cli import console_main
+from ich_engine.config import CommandLineParser
+from ich_engine.distributed import resolve_device
 from sam3d.predict import (
     AUTOMATIC_THRESHOLD,
     BONE_THRESHOLD_HU,
@@ -56,6 +46,16 @@ from sam3d.predict import (
     THRESHOLD,
     HemorrhageSegmenter,
     hyperdense_options,
+)
+from sam3d.predict.scans import (
+    add_archive_arguments,
+    add_hyperdense_argument,
+    add_scan_arguments,
+    check_source_arguments,
+    open_scans,
+    output_stems,
+    parse_clicks,
+    run_batch,
 )
 
 

@@ -31,6 +31,8 @@ from monai.data.utils import pickle_hashing
 from monai.utils import TraceKeys
 from tqdm import tqdm
 
+from ich_engine.errors import UserError
+from ich_engine.safe_unpickling import torch_safe_globals
 from sam3d.data.io import (
     VOLUME_EXTENSIONS,
     Volume,
@@ -39,8 +41,6 @@ from sam3d.data.io import (
     load_volume,
     strip_volume_extension,
 )
-from sam3d.engine.errors import UserError
-from sam3d.engine.safe_unpickling import torch_safe_globals
 
 __all__ = [
     "REQUIRED_COLUMNS",

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from sam3d.engine.checkpoint import atomic_write
+from ich_engine.checkpoint import atomic_write
 
 from .dicom import Series, sample_frames
 

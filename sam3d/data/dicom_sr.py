@@ -16,7 +16,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
-from sam3d.engine.checkpoint import atomic_write
+from ich_engine.checkpoint import atomic_write
 
 from .dicom import Series
 from .dicom_seg import HEMORRHAGE_SEGMENT_NUMBER, source_headers

@@ -25,7 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from sam3d.engine.errors import UserError
+from ich_engine.errors import UserError
 
 __all__ = ["PASSWORD_ENV", "TOKEN_ENV", "USER_ENV", "ArchiveError", "DICOMwebArchive"]
 

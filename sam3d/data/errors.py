@@ -1,6 +1,6 @@
 """The error every reader raises for a file it cannot use (one place, so io and dicom share it)."""
 
-from sam3d.engine.errors import UserError
+from ich_engine.errors import UserError
 
 
 class VolumeReadError(UserError, ValueError):

@@ -27,9 +27,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from sam3d.engine.checkpoint import atomic_write
-from sam3d.engine.safe_unpickling import ARRAY_PICKLE_GLOBALS
-from sam3d.engine.stage_timing import stage
+from ich_engine.checkpoint import atomic_write
+from ich_engine.safe_unpickling import ARRAY_PICKLE_GLOBALS
+from ich_engine.stage_timing import stage
 
 from .dicom import Series, is_dicom_file, read_dicom_folder
 from .errors import VolumeReadError

@@ -25,7 +25,6 @@ __all__ = [
     "PreprocessingMismatch",
     "add_preprocessing_arguments",
     "preprocessing_from_args",
-    "set_preprocessing_flags",
 ]
 
 NORMALIZATIONS = ("zscore", "brain_window")
@@ -244,14 +243,6 @@ def preprocessing_from_args(
                     stacklevel=2,
                 )
     return contract
-
-
-def set_preprocessing_flags(args: argparse.Namespace, contract: Preprocessing) -> None:
-    """Write the resolved contract back into ``args``, so the run's config.json (and a later
-    --resume's comparison with it) records the values used, not which flags were left out."""
-    for key, value in contract.to_dict().items():
-        if hasattr(args, key):
-            setattr(args, key, value)
 
 
 def _flag_value(value: Any) -> str:

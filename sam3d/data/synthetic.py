@@ -71,9 +71,9 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from ich_engine.checkpoint import atomic_write
 from sam3d.data.io import save_nifti
 from sam3d.data.synthetic_reports import report_manifest_row, write_ct_report
-from sam3d.engine.checkpoint import atomic_write
 
 ICH_TYPES = ("intraparenchymal", "subdural", "intraventricular")
 ANATOMIES = ("geometric", "template")

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -107,9 +108,10 @@ def cormack_to_hu(cormack: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def load_template() -> _Template:
-    ct = nib.load(TEMPLATE_DIR / "scct.nii.gz")
+    ct = cast(nib.Nifti1Image, nib.load(TEMPLATE_DIR / "scct.nii.gz"))  # the shipped template is NIfTI
     hu = cormack_to_hu(ct.get_fdata())
-    csf = np.clip(nib.load(TEMPLATE_DIR / "sccsf.nii.gz").get_fdata(), 0.0, 1.0).astype(np.float32)
+    csf_image = cast(nib.Nifti1Image, nib.load(TEMPLATE_DIR / "sccsf.nii.gz"))
+    csf = np.clip(csf_image.get_fdata(), 0.0, 1.0).astype(np.float32)
     # The average smears the thin temporal squama and skull base to 60-100 HU, so no bone threshold
     # closes a ring there; the CSF that lines the whole inner table does. On each axial slice the
     # CSF shell (probability above _CSF_SHELL) is closed and filled; bone and the neck are removed.
@@ -179,7 +181,8 @@ def _template_coordinates(rng, shape, spacing, origin) -> tuple[np.ndarray, np.n
     template = world @ matrix.T + centre
     for wave, phase, amplitude in waves:
         template += np.sin(world @ wave + phase)[..., None] * amplitude
-    return tuple(_upsample(np.ascontiguousarray(template[..., a], dtype=np.float32), plans) for a in range(3))
+    x, y, z = (_upsample(np.ascontiguousarray(template[..., a], dtype=np.float32), plans) for a in range(3))
+    return x, y, z
 
 
 class _Head:
@@ -296,13 +299,13 @@ def _beam_hardening(img: np.ndarray, head: _Head, rng) -> None:
     img[fossa] += shade.astype(np.float32)
 
 
-def _bleed(head: _Head, kind: str, rng) -> tuple[np.ndarray, dict]:
+def _bleed(head: _Head, kind: str, rng) -> tuple[np.ndarray, dict[str, Any]]:
     """The blood's voxels (bool) and its truth extras (side, region, blood HU, thickness)."""
     mask = np.zeros(head.qx.shape, dtype=bool)
     side = "right" if rng.random() < 0.5 else "left"
     sign = 1.0 if side == "right" else -1.0
     qx, qy, qz, depth, inside = head.qx, head.qy, head.qz, head.depth, head.inside
-    extras: dict = {"side": side, "max_thickness_mm": None, "oedema": False, "hydrocephalus": False}
+    extras: dict[str, Any] = {"side": side, "max_thickness_mm": None, "oedema": False, "hydrocephalus": False}
     if kind == "intraparenchymal":
         region = str(rng.choice(list(_IPH_SITES), p=[0.3, 0.12, 0.15, 0.15, 0.1, 0.08, 0.1]))
         top_ml = {"thalamus": 20.0, "cerebellum": 25.0, "basal ganglia": 50.0}.get(region, 70.0)
@@ -437,8 +440,9 @@ def synthesize_template_case(
     variant = variant or ("skull_stripped" if drawn < 0.08 else "brain_window" if drawn < 0.13 else "full")
     noise_hu = rng.uniform(3.5, 7.0)
 
+    no_bleed: dict[str, Any] = {"side": "none", "region": "none"}
     mask, extras = (
-        (np.zeros(shape, dtype=bool), {"side": "none", "region": "none"})
+        (np.zeros(shape, dtype=bool), no_bleed)
         if kind == "none"
         else _bleed(head, kind, np.random.default_rng([seed, index, _LESION]))
     )

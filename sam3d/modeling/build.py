@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam3d.engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from ich_engine.config import from_known_keys
 
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder3D
@@ -75,11 +76,7 @@ class Sam3DConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Sam3DConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Sam3DConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values)
 
 
 def build_image_encoder(config: Sam3DConfig) -> ImageEncoderViT:
@@ -181,7 +178,7 @@ def build_sam3d(model_type: str | Sam3DConfig = "vit_b_ori", checkpoint: str | o
 def load_trained_sam3d(checkpoint: str | os.PathLike, model_type: str | None = None) -> tuple[Sam3D, dict[str, Any]]:
     """A model from a checkpoint of this toolkit (its config travels inside) or an official one
     (``model_type`` names the architecture, default ``vit_b_ori``). Returns (model, checkpoint
-    metadata such as ``preprocessing``; empty for official checkpoints)."""
+    metadata such as ``preprocessing``; for official checkpoints only the input size)."""
     payload = load_checkpoint(checkpoint)
     if isinstance(payload, Mapping) and "image_encoder_state_dict" in payload:
         raise CheckpointError(
@@ -195,6 +192,9 @@ def load_trained_sam3d(checkpoint: str | os.PathLike, model_type: str | None = N
     model.config = config
     load_state_dict_strict(model, extract_state_dict(payload, checkpoint), str(checkpoint))
     meta = {k: payload[k] for k in ("preprocessing", "model_type", "epoch", "best_metric") if own and k in payload}
+    # The contract's roi_size is the model's input cube: one value, the architecture's (an official
+    # checkpoint, or one run as another model_type, brings no contract that could say otherwise).
+    meta["preprocessing"] = {**meta.get("preprocessing", {}), "roi_size": [config.img_size] * 3}
     return model, meta
 
 

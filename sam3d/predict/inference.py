@@ -19,12 +19,13 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
+from ich_engine.config import ConfigError
+from ich_engine.stage_timing import stage
+
 from ..data.geometry import grid_corners
 from ..data.io import Volume, VolumeReadError
 from ..data.preprocessing import Preprocessing
 from ..data.transforms import build_inference_transforms
-from ..engine.config import ConfigError
-from ..engine.stage_timing import stage
 from ..modeling.sam3d import Sam3D
 from .records import Click
 

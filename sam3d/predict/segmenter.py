@@ -17,6 +17,9 @@ import numpy as np
 import psutil
 import pydicom
 import torch
+from PIL import Image
+
+from ich_engine.stage_timing import stage
 
 from .. import __version__
 from ..data.dicom_seg import hemorrhage_seg, mask_on_frames
@@ -24,7 +27,6 @@ from ..data.dicom_sr import hemorrhage_sr
 from ..data.errors import VolumeReadError
 from ..data.io import Volume, load_volume, save_nifti, strip_volume_extension
 from ..data.preprocessing import Preprocessing
-from ..engine.stage_timing import stage
 from ..modeling import load_trained_sam3d
 from ..modeling.sam3d import Sam3D
 from ..visualize import SliceView, axial_overlay
@@ -240,8 +242,6 @@ class HemorrhageSegmenter:
 
         The files appear together or, on an error, not at all; a SEG or SR the series allows no one to
         make is left out instead, its reason recorded under ``files["not_written"]`` and warned."""
-        from PIL import Image
-
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or strip_volume_extension(Path(result.source).name)

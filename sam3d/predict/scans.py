@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sam3d.engine.checkpoint import atomic_write
-from sam3d.engine.config import ConfigError
-from sam3d.engine.errors import UserError
-
-from ..data.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DICOMwebArchive
-from ..data.io import Volume, load_volume, scan_inputs, strip_volume_extension
-from ..predict.postprocessing import MIN_COMPONENT_HU, MIN_VOXEL_HU
-from ..predict.records import Click
+from ich_engine.checkpoint import atomic_write
+from ich_engine.config import ConfigError
+from ich_engine.errors import UserError
+from sam3d.data.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DICOMwebArchive
+from sam3d.data.io import Volume, load_volume, scan_inputs, strip_volume_extension
+from sam3d.predict.postprocessing import MIN_COMPONENT_HU, MIN_VOXEL_HU
+from sam3d.predict.records import Click
 
 __all__ = [
     "ScanSource",

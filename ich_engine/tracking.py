@@ -52,7 +52,7 @@ class Tracker:
         self.run = None
         if self.mode == "disabled":
             return
-        import wandb
+        import wandb  # seconds to import (9 s measured on 2 cores): only tracked runs pay it
 
         if self.mode == "offline":
             print("W&B: no API key configured, logging offline (sync later with `wandb sync`)")
@@ -79,7 +79,7 @@ class Tracker:
         """images: name → RGB uint8 (H, W, 3)."""
         if self.run is None or not images:
             return
-        import wandb
+        import wandb  # as in __init__: only tracked runs import it
 
         self.run.log({name: wandb.Image(array) for name, array in images.items()}, step=step)
 

@@ -31,10 +31,12 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ def _ptb_tokenize(texts: list[str]) -> list[str]:
     Whitespace (including newlines and carriage returns) is collapsed first because the wrapper
     writes one caption per line and pairs output lines with inputs by position.
     """
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     captions = {i: [{"caption": " ".join(text.split())}] for i, text in enumerate(texts)}
     tokenized = PTBTokenizer().tokenize(captions)
     missing = [i for i in range(len(texts)) if i not in tokenized]
@@ -105,8 +105,6 @@ def _meteor_scorer() -> Iterator[Meteor]:
     ``Meteor`` starts ``java -jar meteor-1.5.jar`` in its constructor and only stops it in
     ``__del__``, which may run late or never; a caller scoring many batches would pile up JVMs.
     """
-    from pycocoevalcap.meteor.meteor import Meteor
-
     scorer = Meteor()
     try:
         yield scorer
@@ -138,10 +136,6 @@ def caption_metrics(
         "tokenize": str, "n": int, "n_empty_hypotheses": int}`` with metrics BLEU_1..4, METEOR,
         ROUGE_L, CIDEr. Corpus BLEU is the pooled n-gram BLEU (not the mean of per-report BLEU).
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses; need one of each per sample")
     if not references:

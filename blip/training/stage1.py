@@ -16,7 +16,7 @@ the labeler reads the same (same findings, side and subtype) count as a match fo
 as each other's ITM negative: with templated reports, two normal studies are not a mismatch.
 
 The trained bridge (Q-Former, queries, ``ln_vision``, text path) is saved with
-``QFormerBridge.save_pretrained`` and the heads beside it (``save_pretrained``); ``blip.train
+``QFormerBridge.save_pretrained`` and the heads beside it (``save_pretrained``); ``sam3d-report-train
 --init_from`` starts stage 2 (or more stage 1) from that folder.
 """
 
@@ -34,11 +34,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sam3d.engine.checkpoint import load_state_dict_strict
-
-from .labeler import label_report
-from .model import Blip2ReportModel
-from .task import TowerTokenCache
+from blip.evaluation.labeler import label_report
+from blip.model import Blip2ReportModel
+from blip.training.task import TowerTokenCache
+from ich_engine.checkpoint import load_state_dict_strict
 
 __all__ = ["QFormerPretraining", "QFormerPretrainingTask", "SPECIAL_TEXT_TOKENS", "findings_key"]
 

@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from blip.app.scan_report import ScanReport
+from blip.conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
+from blip.data.reports import join_sections, split_sections
+from blip.evaluation.labeler import CT_SUBTYPES, NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
+from blip.model import Blip2ReportModel
+from ich_engine.config import ConfigError
+from ich_engine.stage_timing import stage
 from sam3d.data.io import Volume, load_volume
-from sam3d.engine.config import ConfigError
-from sam3d.engine.stage_timing import stage
 from sam3d.predict import HemorrhageSegmenter
-from sam3d.predict.records import Click, ComponentMeasurement, Measurements
-
-from .conditioning import MIN_HEMORRHAGE_ML, context_from_measurements, fill_volume_slot
-from .data.reports import join_sections, split_sections
-from .labeler import CT_SUBTYPES, NEGATIVE, POSITIVE, UNCERTAIN, label_ct_report
+from sam3d.predict.records import Click, ComponentMeasurement, Measurements, SegmentationResult
 
 __all__ = [
     "LOCATION_SUBTYPES",
@@ -196,8 +197,6 @@ class ScanReporter:
         segmenter_options: Mapping[str, Any] | None = None,
     ) -> None:
         """``segmenter_options``: ``HemorrhageSegmenter`` keywords (post-processing)."""
-        from .model import Blip2ReportModel
-
         self.segmenter = (
             HemorrhageSegmenter(segmentation_checkpoint, device, **(segmenter_options or {}))
             if segmentation_checkpoint
@@ -236,26 +235,37 @@ class ScanReporter:
         modality: str = "ct",
         clicks: list[Click] | None = None,
         output_dir: str | os.PathLike | None = None,
-    ) -> dict[str, Any]:
+    ) -> ScanReport:
         """Report one scan: a path, or for CT a Volume already read (so it is read once, with its
-        DICOM series choice)."""
-        result: dict[str, Any] = {
-            "source": scan.source if isinstance(scan, Volume) else str(scan),
-            "modality": modality,
-        }
+        DICOM series choice). With ``output_dir`` the mask files are written there."""
+        source = scan.source if isinstance(scan, Volume) else str(scan)
         if modality != "ct" or self.segmenter is None:
             text = self.generate(scan, modality)
             findings, impression = split_sections(text)
-            result.update(report=text, findings=findings, impression=impression)
-            return result
+            return ScanReport(source, modality, text, findings, impression)
         volume = scan if isinstance(scan, Volume) else load_volume(scan)
         segmentation = self.segmenter.predict(volume, clicks)
-        text = self.generate(volume, modality, segmentation.measurements)
+        return replace(self.report_segmentation(volume, segmentation, output_dir, clicks=clicks), source=source)
+
+    def report_segmentation(
+        self,
+        volume: Volume,
+        segmentation: SegmentationResult,
+        output_dir: str | os.PathLike | None = None,
+        generated: str | None = None,
+        clicks: list[Click] | None = None,
+    ) -> ScanReport:
+        """The grounded report of a segmented CT scan. ``generated``: the model's text when it is
+        already written (an unconditioned model's does not depend on the segmentation); else it is
+        generated here."""
+        assert self.segmenter is not None  # a segmentation came from it
+        text = self.generate(volume, "ct", segmentation.measurements) if generated is None else generated
         grounded = caveat_not_a_head_ct(
             ground_report(text, segmentation.measurements, self.correct), volume.geometry.not_a_head_ct
         )
         findings, impression = split_sections(grounded.report)
         if output_dir is not None:  # after the report: a scan whose report fails leaves no mask files behind
             segmentation = self.segmenter.save(segmentation, output_dir, report_sections=(findings, impression))
-        result.update(segmentation=segmentation.to_json(), findings=findings, impression=impression, **asdict(grounded))
-        return result
+        return ScanReport(
+            volume.source, "ct", grounded.report, findings, impression, segmentation, grounded, tuple(clicks or ())
+        )

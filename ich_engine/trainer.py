@@ -10,7 +10,7 @@ optimizer, scheduler, scaler and bookkeeping. A run killed at any moment (even S
 therefore finishes with the same weights as an uninterrupted run with the same seed.
 
 Grouped batches: a dataset with a ``group_keys`` attribute (one key per item, e.g. the modality of
-each report study) is batched by :class:`sam3d.engine.samplers.GroupedBatchSampler`, so no batch mixes
+each report study) is batched by :class:`ich_engine.samplers.GroupedBatchSampler`, so no batch mixes
 groups; other datasets (segmentation) use a ``DistributedSampler`` and ``batch_size``.
 """
 
@@ -94,8 +94,8 @@ class TrainerConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs (system check, tests)
     extra: dict = field(default_factory=dict)  # workflow settings recorded in checkpoints/summary
 
-    # Settings that are command-line flags of both workflows (sam3d.engine.config adds them, same names).
-    FLAGS = (
+    # The settings every workflow's config carries (ich_engine.settings.TrainingConfig, same names).
+    SHARED = (
         "epochs",
         "batch_size",
         "gradient_accumulation_steps",
@@ -112,9 +112,9 @@ class TrainerConfig:
     )
 
     @classmethod
-    def from_flags(cls, flags: Any, output_dir: str | Path) -> TrainerConfig:
-        """The engine's settings from a parsed command line (an ``argparse.Namespace``)."""
-        return cls(output_dir=str(output_dir), **{name: getattr(flags, name) for name in cls.FLAGS})
+    def from_settings(cls, settings: Any) -> TrainerConfig:
+        """The engine's loop settings from a workflow's config (an ``ich_engine.settings.TrainingConfig``)."""
+        return cls(output_dir=settings.output_dir, **{name: getattr(settings, name) for name in cls.SHARED})
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -205,7 +205,8 @@ class Trainer(Generic[ModelT]):
             "scaler_state_dict": self.scaler.state_dict(),
             "epoch": self.state["epoch"],
             "losses": [h["train_loss"] for h in history],
-            "dices": [h.get(self.task.monitor) for h in history],
+            # Per-epoch metric lists under the names a task's model family expects (SAM-Med3D: "dices").
+            **{key: [h.get(column) for h in history] for key, column in self._history_keys().items()},
             "best_metric": self.state["best_metric"],
             "best_epoch": self.state["best_epoch"],
             "epochs_without_improvement": self.state["epochs_without_improvement"],
@@ -216,6 +217,10 @@ class Trainer(Generic[ModelT]):
             "args": {**asdict(self.cfg)},
             **self.checkpoint_extras,
         }
+
+    def _history_keys(self) -> Mapping[str, str]:
+        """Checkpoint key -> history column, from the task's optional ``checkpoint_history``."""
+        return getattr(self.task, "checkpoint_history", {})
 
     def _remove_stale_temp_files(self) -> None:
         """A SIGKILL during a write leaves a hidden temp file behind; the real files are intact."""
@@ -251,6 +256,8 @@ class Trainer(Generic[ModelT]):
 
     # ---------------------------------------------------------------- loop
     def _loader(self, dataset: Dataset, shuffle: bool, ctx: DistributedContext) -> DataLoader:
+        # MONAI seeds its workers per epoch; imported here so a task that never loads data (none yet) or
+        # the LM pre-training does not pay MONAI's import (tens of seconds measured on 2 busy cores).
         from monai.data import DataLoader as MonaiDataLoader
 
         group_keys = getattr(dataset, "group_keys", None)

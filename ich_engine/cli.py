@@ -1,6 +1,6 @@
 """How every command line ends: a user's mistake is one line and an exit code, a bug a traceback.
 
-``run_main(main)`` runs ``main(argv)``; a :class:`~sam3d.engine.errors.UserError` (config, file, row,
+``run_main(main)`` runs ``main(argv)``; a :class:`~ich_engine.errors.UserError` (config, file, row,
 checkpoint) prints ``error: <message>`` on stderr and returns its exit code (2 usage, 1 data), so
 does a full disk or a file over the shell's size limit (``ulimit -f``), naming the path, and an
 out-of-memory error. ``--debug`` anywhere on the command line shows the traceback instead.
@@ -16,6 +16,8 @@ import resource
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+
+import torch
 
 from .errors import UserError
 
@@ -47,8 +49,6 @@ def user_message(err: UserError) -> str:
 
 
 def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-    import torch
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -84,7 +84,7 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
                 raise
             print(
                 f"error: out of memory ({str(err).splitlines()[0]}); lower --batch_size, or use "
-                "--use_gradient_checkpointing / --use_mixed_precision",
+                "--use_mixed_precision (and gradient checkpointing, where the command has it)",
                 file=sys.stderr,
             )
             return 1

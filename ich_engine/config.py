@@ -7,15 +7,18 @@ config file and a command line say the same thing the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import UserError
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
@@ -25,7 +28,7 @@ class ConfigError(UserError, ValueError):
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a :class:`ConfigError` (one line through ``sam3d.engine.cli.run_main``,
+    """argparse whose usage errors are a :class:`ConfigError` (one line through ``ich_engine.cli.run_main``,
     exit 2) instead of the usage block, and whose help uses the module docstring as written."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -36,86 +39,24 @@ class CommandLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-# The flags every workflow on the engine shares (segmentation: train.py; reports: blip/train.py), so
-# both commands spell run, optimisation and tracking settings alike; each passes its own defaults.
+def known_keys(config_class: type) -> list[str]:
+    """The field names of a dataclass config, sorted."""
+    return sorted(f.name for f in dataclasses.fields(config_class))
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> argparse._ArgumentGroup:
-    """The "run" group (--config, --output_dir, --seed, --device, --resume); returned for additions."""
-    g = parser.add_argument_group("run")
-    g.add_argument(
-        "--config",
-        help="YAML file of flag values; explicit flags override it. Relative input paths in it are found "
-        "beside it first, then in the working directory",
-    )
-    g.add_argument("--output_dir", default=output_dir)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="continue from output_dir/latest_model.pth",
-    )
-    g.add_argument(
-        "--allow_changed",
-        nargs="+",
-        default=[],
-        metavar="FLAG",
-        help="with --resume: flags whose value may differ from the run being resumed",
-    )
-    return g
+def unknown_keys(config_class: type, values: Mapping[str, Any]) -> list[str]:
+    """The keys of ``values`` that are no field of the dataclass ``config_class``, sorted."""
+    return sorted(set(values) - set(known_keys(config_class)))
 
 
-def add_optimisation_arguments(
-    parser: argparse.ArgumentParser,
-    title: str,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    patience: int,
-    gradient_accumulation_steps: int,
-    scheduler_type: str,
-    monitor: str,
-    lr_help: str | None = None,
-) -> argparse._ArgumentGroup:
-    """The engine's optimisation flags with a workflow's defaults; ``monitor`` names what early
-    stopping watches. Returned for additions."""
-    g = parser.add_argument_group(title)
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch_size", type=int, default=batch_size)
-    g.add_argument("--lr", type=float, default=lr, help=lr_help)
-    g.add_argument("--weight_decay", type=float, default=weight_decay)
-    g.add_argument("--patience", type=int, default=patience, help=f"early stopping on {monitor}")
-    g.add_argument(
-        "--use_mixed_precision",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="bf16 autocast where supported, fp16 + grad scaler otherwise",
-    )
-    g.add_argument("--gradient_accumulation_steps", type=int, default=gradient_accumulation_steps)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--scheduler_type", choices=["reduce_on_plateau", "cosine", "step"], default=scheduler_type)
-    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap batches per epoch (smoke runs)")
-    return g
-
-
-def add_tracking_arguments(parser: argparse.ArgumentParser, project: str, images: str) -> argparse._ArgumentGroup:
-    """The W&B flags; ``images`` says what --log_images sends."""
-    g = parser.add_argument_group("tracking")
-    g.add_argument("--use_wandb", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--wandb_project", default=project)
-    g.add_argument("--wandb_entity", default=None)
-    g.add_argument(
-        "--log_images",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help=f"{images} to W&B every --log_freq epochs",
-    )
-    g.add_argument("--log_freq", type=int, default=5)
-    return g
+def from_known_keys(config_class: type[T], values: Mapping[str, Any], **fields: Any) -> T:
+    """``config_class(**values, **fields)``; a key it does not know is a ValueError naming it and the known ones."""
+    unknown = unknown_keys(config_class, values)
+    if unknown:
+        raise ValueError(
+            f"unknown {config_class.__name__} keys {unknown}; expected a subset of {known_keys(config_class)}"
+        )
+    return config_class(**values, **fields)
 
 
 def input_path(value: str) -> str:
@@ -221,100 +162,17 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
         parser.set_defaults(**load_yaml_config(first.config, parser))
-    args = parser.parse_args(argv)
-    # Input paths are recorded absolute, so config.json says which files ran and a resume from
-    # another folder compares the same files.
+    return absolute_input_paths(parser, parser.parse_args(argv))
+
+
+def absolute_input_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every :func:`input_path` flag's value made absolute, so config.json says which
+    files ran and a resume from another folder compares the same files."""
     for action in parser._actions:
         value = getattr(args, action.dest, None)
         if action.type is input_path and isinstance(value, str) and value:
             setattr(args, action.dest, os.path.abspath(os.path.expanduser(value)))
     return args
-
-
-# Resuming may always change these: they say how long, where and how the run is watched, not what it learns.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "resume",
-        "allow_changed",
-        "resume_changes",
-        "config",
-        "test",
-        "epochs",
-        "patience",
-        "output_dir",
-        "device",
-        "num_workers",
-        "cache_dir",
-        "validate_data",
-        "skip_invalid",
-        "use_wandb",
-        "wandb_project",
-        "wandb_entity",
-        "log_images",
-        "log_freq",
-        "max_steps_per_epoch",
-        "cache_images",
-        "cache_tokens",
-    }
-)
-# Restored from the checkpoint on resume, so a new value would be recorded but not used.
-RESUME_RESTORED = frozenset(
-    {
-        "lr",
-        "weight_decay",
-        "decoder_lr_ratio",
-        "diagnosis_lr_ratio",
-        "scheduler_type",
-        "scheduler_gamma",
-        "scheduler_patience",
-        "min_lr",
-        "seed",
-        "model_type",
-        "img_size",
-    }
-)
-
-
-def _same_value(old: Any, new: Any) -> bool:
-    """Equal, or two spellings of one existing file (``../data/train.csv`` and its absolute path)."""
-    if old == new:
-        return True
-    if isinstance(old, str) and isinstance(new, str) and old and new and os.path.exists(old) and os.path.exists(new):
-        return os.path.samefile(old, new)
-    return False
-
-
-def check_resume(args: argparse.Namespace) -> list[str]:
-    """On --resume, the flags that differ from ``output_dir/config.json`` (the run being resumed).
-
-    A difference is refused unless --allow_changed names it, and refused always for what the
-    checkpoint restores (optimiser, scheduler, seed, architecture). Returns "flag: old -> new" lines,
-    which the new config.json records as ``resume_changes``.
-    """
-    saved_path = Path(args.output_dir) / "config.json"
-    if not args.resume or not saved_path.is_file():
-        return []
-    saved = json.loads(saved_path.read_text())
-    current = json.loads(json.dumps(vars(args), default=str))
-    changed = {
-        k: (saved[k], v)
-        for k, v in current.items()
-        if k in saved and not _same_value(saved[k], v) and k not in RESUME_MAY_CHANGE
-    }
-    restored = sorted(k for k in changed if k in RESUME_RESTORED)
-    if restored:
-        raise ConfigError(
-            f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in restored)} "
-            f"cannot change on resume (the checkpoint restores them); start a new --output_dir instead"
-        )
-    refused = sorted(k for k in changed if k not in set(args.allow_changed))
-    if refused:
-        raise ConfigError(
-            f"--resume: {', '.join(f'--{k} {changed[k][0]!r} -> {changed[k][1]!r}' for k in refused)} "
-            f"differ from the run being resumed ({saved_path}); pass --allow_changed "
-            f"{' '.join(refused)} to resume with them, or start a new --output_dir"
-        )
-    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())]
 
 
 def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
@@ -330,7 +188,7 @@ def check_training_config(cfg: Mapping[str, Any]) -> list[str]:
             f"max_steps_per_epoch must be >= 1 (or left out for whole epochs), got {cfg['max_steps_per_epoch']}"
         )
     if "device" in cfg:
-        from .distributed import resolve_device
+        from .distributed import resolve_device  # distributed imports ConfigError from here
 
         resolve_device(cfg["device"])  # --device cuda on a machine without CUDA fails here, not after loading data
     for key in ("weight_decay", "max_grad_norm", "num_workers"):

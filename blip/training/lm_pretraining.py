@@ -21,12 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sam3d.engine.checkpoint import load_checkpoint
-from sam3d.engine.trainer import BEST_CHECKPOINT, Trainer, TrainerConfig
-
-from .conditioning import VOLUME_SLOT, measurement_context, volume_slot_text
-from .language_model import build_tiny_gpt2, load_language_model
-from .processor import DEFAULT_PROMPTS, prompt_text
+from blip.conditioning import VOLUME_SLOT, measurement_context, volume_slot_text
+from blip.language_model import build_tiny_gpt2, load_language_model
+from blip.processor import DEFAULT_PROMPTS, prompt_text
+from ich_engine.checkpoint import load_checkpoint
+from ich_engine.trainer import BEST_CHECKPOINT, Trainer, TrainerConfig
 
 __all__ = ["LanguageModelTask", "PromptedReports", "pretrain_report_lm"]
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError
 from .errors import UserError
 from .safe_unpickling import torch_safe_globals
 
@@ -116,8 +117,6 @@ def lock_output_dir(path: str | os.PathLike, enabled: bool = True) -> Iterator[N
     The lock is an ``flock`` on the open file, so it ends with the process however it ends (a
     SIGKILLed run leaves no stale lock); ``enabled=False`` (DDP ranks other than 0) does nothing.
     """
-    from .config import ConfigError
-
     if not enabled:
         yield
         return

@@ -18,16 +18,14 @@ X-ray (PNG/JPEG): the film and its report. A file that cannot be used gives a me
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +33,12 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from blip.data.reports import IMAGE_2D_SUFFIXES, split_sections
-from blip.grounded import ScanReporter, caveat_not_a_head_ct, ground_report
-from sam3d.cli.scans import add_hyperdense_argument
+from blip.app.grounded import ScanReporter
+from blip.data.reports import IMAGE_2D_SUFFIXES
 from sam3d.data.dicom import choose_series, find_series, is_dicom_file
 from sam3d.data.errors import SliceGapError
 from sam3d.data.geometry import Geometry
 from sam3d.data.io import SUPPORTED_FORMATS, VolumeReadError, is_volume_file, load_volume, strip_volume_extension
-from sam3d.engine.checkpoint import atomic_write
-from sam3d.engine.cli import console_main
-from sam3d.engine.config import CommandLineParser, ConfigError
-from sam3d.predict.postprocessing import hyperdense_options
 from sam3d.predict.records import Click, Measurements, SegmentationResult
 from sam3d.visualize import SliceView, label_edges, lesion_slice_index
 
@@ -281,51 +274,39 @@ class ReportSession:
         segmentation = self._segment(case)
         return {**case, "mask": segmentation.mask, "measurements": segmentation.measurements, "report_stale": True}
 
+    @staticmethod
+    def _clicks(case: dict[str, Any]) -> list[Click]:
+        """The page's clicks ([x, y, z, positive] in the scan's voxels) as the segmenter takes them."""
+        return [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
+
     def _segment(self, case: dict[str, Any]) -> SegmentationResult:
-        clicks = [Click(tuple(c[:3]), c[3], space="voxel") for c in case["clicks"]]
         assert self.reporter.segmenter is not None  # analyse_ct refuses a CT without one
-        return self.reporter.segmenter.predict(case["prepared"], clicks or None)
+        return self.reporter.segmenter.predict(case["prepared"], self._clicks(case) or None)
 
     def segment_and_report(self, case: dict[str, Any]) -> dict[str, Any]:
         """Segment with the case's clicks, ground the generated text (rewritten from the new
         measurements by a conditioned model, kept otherwise), write the downloads."""
-        assert self.reporter.segmenter is not None  # analyse_ct refuses a CT without one
         segmentation = self._segment(case)
-        if self.reporter.conditioned:
-            case = {**case, "generated": self.reporter.generate(case["scan"], "ct", segmentation.measurements)}
-        grounded = caveat_not_a_head_ct(
-            ground_report(case["generated"], segmentation.measurements, self.reporter.correct),
-            case["scan"].geometry.not_a_head_ct,
-        )
-        findings, impression = split_sections(grounded.report)
         out = self._new_dir(case["visitor"])
-        # The SR beside the SEG carries the grounded report's sections, as sam3d-report writes it.
-        segmentation = self.reporter.segmenter.save(segmentation, out, report_sections=(findings, impression))
+        # An unconditioned model's text, written at upload, is re-grounded; a conditioned one writes anew.
+        generated = None if self.reporter.conditioned else case["generated"]
         name = case["name"]
         stem = name[:-4] if name.lower().endswith(".zip") else strip_volume_extension(name)
-        record = {
-            "source": case["name"],
-            "modality": "ct",
-            "clicks": case["clicks"],
-            **asdict(grounded),
-            "findings": findings,
-            "impression": impression,
-            "segmentation": segmentation.to_json(),
-        }
-        report_json, report_txt = out / f"{stem}_report.json", out / f"{stem}_report.txt"
-        text = json.dumps(record, indent=2, default=str)
-        atomic_write(report_json, lambda tmp: tmp.write_text(text))
-        atomic_write(report_txt, lambda tmp: tmp.write_text(grounded.report + "\n"))
-        dicom = [segmentation.files[key] for key in ("dicom_seg", "dicom_sr") if key in segmentation.files]
+        scan = self.reporter.report_segmentation(case["scan"], segmentation, out, generated, self._clicks(case))
+        scan = dataclasses.replace(scan, source=name).write(out, stem)
+        assert scan.segmentation is not None and scan.grounding is not None  # a CT report
+        files = scan.segmentation.files
+        dicom = [files[key] for key in ("dicom_seg", "dicom_sr") if key in files]
         return {
             **case,
+            "generated": scan.generated,
             "report_stale": False,
-            "mask": segmentation.mask,
-            "measurements": segmentation.measurements,
-            "report": grounded.report,
-            "flags": grounded.flags,
-            "corrected": grounded.corrected,
-            "downloads": [segmentation.files["mask"], *dicom, str(report_txt), str(report_json)],
+            "mask": scan.segmentation.mask,
+            "measurements": scan.segmentation.measurements,
+            "report": scan.report,
+            "flags": scan.grounding.flags,
+            "corrected": scan.grounding.corrected,
+            "downloads": [files["mask"], *dicom, scan.files["report_txt"], scan.files["report_json"]],
         }
 
     def analyse_xray(self, path: Path, name: str, visitor: str = "local") -> dict[str, Any]:
@@ -334,16 +315,14 @@ class ReportSession:
                 film = np.asarray(image.convert("RGB"))
         except OSError as e:
             raise UploadError(f"{name}: cannot read the image ({e})") from e
-        result = self.reporter.run(path, "xray")
-        out = self._new_dir(visitor)
-        report_txt = out / f"{Path(name).stem}_report.txt"
-        report_txt.write_text(result["report"] + "\n")
+        scan = self.reporter.run(path, "xray")
+        scan = dataclasses.replace(scan, source=name).write(self._new_dir(visitor), Path(name).stem)
         return {
             "modality": "xray",
             "name": name,
             "film": film,
-            "report": result["report"],
-            "downloads": [str(report_txt)],
+            "report": scan.report,
+            "downloads": [scan.files["report_txt"]],
         }
 
 
@@ -521,65 +500,3 @@ def build_app(
         update.click(update_report, [case_state, slice_slider, window], outputs)
         app.unload(end_visit)
     return app.queue(default_concurrency_limit=1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = CommandLineParser(description=__doc__)
-    p.add_argument(
-        "--segmentation_checkpoint",
-        default=str(DEFAULT_SEGMENTATION_CHECKPOINT),
-        help="SAM-Med3D checkpoint (default: the one `make demo` writes)",
-    )
-    p.add_argument(
-        "--report_model",
-        default=str(DEFAULT_REPORT_MODEL),
-        help="folder written by `sam3d-report-train` (default: the one `make demo` writes)",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num_beams", type=int, default=3)
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument(
-        "--keep_minutes",
-        type=float,
-        default=KEEP_UPLOADS_S / 60,
-        help="delete a visitor's uploads and results after this many idle minutes (and when the page closes)",
-    )
-    p.add_argument("--max_upload_mb", type=int, default=MAX_UPLOAD_MB, help="larger uploads are refused")
-    add_hyperdense_argument(p)
-    args = p.parse_args(argv)
-    if args.keep_minutes <= 0 or args.max_upload_mb <= 0:
-        p.error("--keep_minutes and --max_upload_mb must be > 0")
-    missing = [
-        f"{flag} {path}"
-        for flag, path in (
-            ("--segmentation_checkpoint", args.segmentation_checkpoint),
-            ("--report_model", args.report_model),
-        )
-        if not Path(path).exists()
-    ]
-    if missing:
-        raise ConfigError(
-            "missing model(s): " + "; ".join(missing) + ". Run `make demo` first "
-            "or pass --segmentation_checkpoint/--report_model."
-        )
-    from sam3d.engine.distributed import resolve_device
-
-    logging.basicConfig(level=logging.INFO)
-    app = build_app(
-        args.segmentation_checkpoint,
-        args.report_model,
-        str(resolve_device(args.device)),
-        {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens},
-        args.keep_minutes * 60,
-        hyperdense_options(args.hyperdense_only),
-    )
-    app.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb")
-    return 0
-
-
-console = console_main(main)
-
-if __name__ == "__main__":
-    sys.exit(console())

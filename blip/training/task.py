@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sam3d.engine.trainer import autocast_dtype
-
-from .diagnosis import drop_observations
-from .labeler import precision_recall_f1
-from .model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, attention_overlays
+from blip.diagnosis import drop_observations
+from blip.evaluation.labeler import precision_recall_f1
+from blip.model import TOWER_OF_MODALITY, Blip2ReportModel, Blip2ReportOutput, attention_overlays
+from ich_engine.trainer import autocast_dtype
 
 
 class TowerTokenCache:

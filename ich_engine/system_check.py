@@ -34,6 +34,7 @@ class CheckFailed(RuntimeError):
 
 
 def _versions() -> str:
+    # Imported by the checks themselves: a broken torch or psutil is a failed check line, not a crash.
     import torch
 
     cuda = torch.version.cuda if torch.cuda.is_available() else "not available"

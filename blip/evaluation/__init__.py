@@ -1,0 +1,1 @@
+"""Judging reports: caption metrics and the report labeler (findings, side, subtype)."""
