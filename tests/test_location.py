@@ -108,12 +108,18 @@ def test_analytic_epidural_subdural_subarachnoid_intraventricular_and_parenchyma
     assert m.location == "subdural" and m.components[1].side == "right" and m.components[0].side == "left"
 
 
-def test_without_a_skull_the_location_is_indeterminate():
-    hu, affine, (x, y, z), _ = analytic_head()
-    hu[hu == SKULL_HU] = BRAIN_HU  # skull-stripped: nothing encloses the brain
-    m = measure_blood(np.broadcast_to((x - 35.0) ** 2 + y**2 + z**2 <= 144.0, hu.shape).copy(), hu, affine)
+def test_without_a_skull_the_location_is_indeterminate_unless_the_scan_is_skull_stripped():
+    hu, affine, (x, y, z), radius = analytic_head()
+    ball = np.broadcast_to((x - 35.0) ** 2 + y**2 + z**2 <= 144.0, hu.shape).copy()
+    # Brain-windowed: the skull clipped to the window's top, no bone to measure from.
+    windowed = np.clip(hu, 0.0, 80.0)
+    m = measure_blood(ball, windowed, affine)
     assert m.location == "indeterminate" and m.components[0].region == "indeterminate"
     assert m.components[0].evidence.inner_table_distance_mm is None
+    # Skull-stripped: all that was not brain set to one value; the brain's extent is the frame.
+    stripped = np.where(np.broadcast_to(radius < 70.0, hu.shape), hu, 0.0).astype(np.float32)
+    m = measure_blood(ball, stripped, affine)
+    assert m.location == "intraparenchymal" and m.components[0].evidence.inner_table_distance_mm > 10.0
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,8 @@ SKULL_SEAL_MM = 4.0  # gaps in the skull ring (sutures, thin bone, partial volum
 MIN_INTRACRANIAL_ML = 50.0  # less than this: no skull in the scan (e.g. brain-windowed), so nothing is restricted
 STRIPPED_MAX_BONE_ML = 1.0  # a skull-stripped scan has no bone; a head with its skull has hundreds of mL
 STRIPPED_BORDER_SHARE = 0.95  # of the grid's faces at the background value
+STRIPPED_MAX_AT_TOP = 0.1  # share of the head at its highest value: a skull clipped to a window is ~20%,
+# a large bleed clipped with the brain a few %
 MIN_COMPONENT_ML = 0.2
 # Acute blood is hyperdense: a component less than HYPERDENSE_SHARE of which reaches MIN_COMPONENT_HU is
 # CSF or brain; a kept one is trimmed to its half-maximum edge against its surroundings, never below
@@ -162,8 +164,7 @@ def skull_stripped_background(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU
 
     Skull stripping leaves no bone (under STRIPPED_MAX_BONE_ML at or above ``bone_hu``) and sets all
     that was not brain to one value, which the grid's border then holds almost everywhere
-    (STRIPPED_BORDER_SHARE of its faces): a head with its skull, even brain-windowed, has scalp, air
-    and table of many values there or bone inside."""
+    (STRIPPED_BORDER_SHARE of its faces)."""
     array = volume.array
     if float(np.count_nonzero(array >= bone_hu)) * volume.voxel_volume_ml >= STRIPPED_MAX_BONE_ML:
         return None
@@ -172,12 +173,12 @@ def skull_stripped_background(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU
     if counts.max() < STRIPPED_BORDER_SHARE * faces.size:
         return None
     background = float(values[np.argmax(counts)])
-    # The brain must be there too: a blank or uniform grid is not a stripped head.
-    return (
-        background
-        if float(np.count_nonzero(array != background)) * volume.voxel_volume_ml >= MIN_INTRACRANIAL_ML
-        else None
-    )
+    head = array[array != background]
+    # The brain must be there (a blank grid is no stripped head), and a brain-windowed head with its
+    # skull is not one either: its skull is clipped to the window's top, a good share of the head.
+    if float(head.size) * volume.voxel_volume_ml < MIN_INTRACRANIAL_ML:
+        return None
+    return background if float(np.mean(head >= head.max())) < STRIPPED_MAX_AT_TOP else None
 
 
 def _per_component(labels: np.ndarray, count: int, values: np.ndarray) -> np.ndarray:
