@@ -250,7 +250,13 @@ def hyperdense_gate(
     dense = volume.array >= min_component_hu
     shares = _per_component(labels, count, dense) / np.maximum(_per_component(labels, count, labels > 0), 1)
     # Denser than any acute blood in its middle: a calcification, or the partial-volume rim of bone.
-    medians = np.asarray(ndimage.median(volume.array, labels, index), dtype=float).reshape(-1) if count else index
+    # Over the labelled voxels only: ndimage.median sorts all it is given, the whole box otherwise.
+    labelled = labels > 0
+    medians = (
+        np.asarray(ndimage.median(volume.array[labelled], labels[labelled], index), dtype=float).reshape(-1)
+        if count
+        else np.zeros(0)
+    )
     too_dense = medians > MAX_BLOOD_HU
     shares[too_dense] = 0.0
     sigma = _blur_sigma(volume, blur_mm)
