@@ -282,6 +282,8 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
                 "250",
                 "--intracranial_margin_mm",
                 "0.5",
+                "--skull_base_margin_mm",
+                "0",
             ]
         )
     assert seen == {
@@ -289,14 +291,17 @@ def test_cli_postprocessing_flags_reach_the_segmenter(case, tmp_path, monkeypatc
         "min_component_ml": 0.0,
         "bone_hu": 250.0,
         "margin_mm": 0.5,
+        "skull_base_margin_mm": 0.0,
         "min_component_hu": MIN_COMPONENT_HU,
         "min_voxel_hu": MIN_VOXEL_HU,
     }
     with pytest.raises(Built):
         predict_cli.main(base + ["--no-hyperdense_only"])
     assert seen["min_component_hu"] is None and seen["min_voxel_hu"] is None
-    with pytest.raises(ConfigError, match="--min_component_ml and --intracranial_margin_mm must be >= 0"):
+    with pytest.raises(ConfigError, match="--min_component_ml -1: expected >= 0"):
         predict_cli.main(base + ["--min_component_ml", "-1"])
+    with pytest.raises(ConfigError, match="--skull_base_margin_mm -2: expected >= 0"):
+        predict_cli.main(base + ["--skull_base_margin_mm", "-2"])
 
 
 @pytest.mark.parametrize("gap_mm, sealed", [(5.0, True), (12.0, False)])

@@ -22,10 +22,12 @@ back into it (credentials from SAM3D_DICOMWEB_USER / SAM3D_DICOMWEB_PASSWORD or 
 Post-processing, on by default and recorded under "postprocessing" in each measurements JSON:
 predictions outside the intracranial space (found in the scan: bone above --bone_hu, the cavity it
 encloses on each axial slice, eroded by --intracranial_margin_mm) are cleared, components that are
-not hyperdense (acute blood) are dropped and trimmed to their hyperdense voxels, and connected
-components smaller than --min_component_ml are dropped. A component holding a positive click is
-always kept whole. Use --no-intracranial_mask for skull-stripped scans or after a craniectomy,
---no-hyperdense_only for subacute or chronic blood, and --min_component_ml 0 to keep every component.
+not hyperdense (acute blood) are dropped and trimmed to their hyperdense voxels, voxels within
+--skull_base_margin_mm of the skull base's bone are cleared, and connected components smaller than
+--min_component_ml are dropped. A component holding a positive click is always kept whole.
+Skull-stripped scans are recognised (their brain is the intracranial space). Use
+--no-intracranial_mask after a craniectomy, --no-hyperdense_only for subacute or chronic blood, and
+--min_component_ml 0 to keep every component.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from sam3d.predict import (
     BONE_THRESHOLD_HU,
     INTRACRANIAL_MARGIN_MM,
     MIN_COMPONENT_ML,
+    SKULL_BASE_MARGIN_MM,
     THRESHOLD,
     HemorrhageSegmenter,
     hyperdense_options,
@@ -93,6 +96,12 @@ def main(argv=None) -> int:
         help="erode the intracranial mask by this many mm off the inner table",
     )
     p.add_argument(
+        "--skull_base_margin_mm",
+        type=float,
+        default=SKULL_BASE_MARGIN_MM,
+        help="clear predictions this close to the skull base's bone (petrous ridges, clivus, sella); 0 keeps them",
+    )
+    p.add_argument(
         "--min_component_ml",
         type=float,
         default=MIN_COMPONENT_ML,
@@ -104,8 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     check_source_arguments(p, args)
-    if args.min_component_ml < 0 or args.intracranial_margin_mm < 0:
-        p.error("--min_component_ml and --intracranial_margin_mm must be >= 0")
+    for flag in ("min_component_ml", "intracranial_margin_mm", "skull_base_margin_mm"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} {getattr(args, flag):g}: expected >= 0")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         p.error(f"--threshold {args.threshold:g}: a probability strictly between 0 and 1 is expected")
     if not 0.0 <= args.overlap < 1.0:
@@ -127,6 +137,7 @@ def main(argv=None) -> int:
             min_component_ml=args.min_component_ml,
             bone_hu=args.bone_hu,
             margin_mm=args.intracranial_margin_mm,
+            skull_base_margin_mm=args.skull_base_margin_mm,
             **hyperdense_options(args.hyperdense_only),
         )
         out = Path(args.output_dir)

@@ -14,7 +14,8 @@ probability map ``sccsf``), in MNI space. Each case
   (superior sagittal, straight and transverse, 50-70 HU, against the inner table like a subdural),
   calcifications at their usual sites (pineal, choroid plexus glomus, globus pallidus, falx plaques;
   most over 100 HU, some 60-100 HU like blood), beam hardening between the petrous bones and streaks
-  across the posterior fossa, correlated noise and the scanner's point-spread;
+  across the posterior fossa, correlated noise and the scanner's point-spread; a thick slice is the
+  average of its slab, so bone and sinuses blur into the slices above and below as on a 5 mm scan;
 * paints one bleed, or none: intraparenchymal (lobar, deep, cerebellar), subdural (a crescent over a
   convexity, thin ones 2-5 mm), epidural (a lens), subarachnoid (sulcal blood under a convexity or in
   a Sylvian fissure), intraventricular (layering in the dependent horns or a cast);
@@ -71,6 +72,8 @@ _CAVITY_BONE_HU = 90.0  # the average's bone, even where smeared thin, is above 
 _CSF_SHELL = 0.1  # CSF probability that outlines the intracranial space on every slice
 _NECK_Z_MM = -60.0  # below the foramen magnum: no cavity
 _CSF_HU_RANGE, _CORTEX_HU_RANGE = (2.0, 10.0), (33.0, 40.0)
+_READ_AS_BLOOD_MAX_HU = 100.0  # a slab averaged above it reads as bone (white in every brain window)
+_SUB_SLICE_MM = 1.25  # finer than the template's 2 mm: the slab average of a thick slice sees its profile
 
 # Sites in template (MNI) mm for the patient's right side (x > 0); left is x -> -x.
 _IPH_SITES = {
@@ -383,6 +386,20 @@ MIMIC_CODES = {"dura": 1, "sinus": 2, "calcification": 3, "skull base": 4}
 VARIANTS = ("full", "skull_stripped", "brain_window")
 
 
+def _slab_mean(field: np.ndarray, sub: int) -> np.ndarray:
+    """Each run of ``sub`` sub-slices made into one slice: the mean over the slab (a flat slice profile)."""
+    return field.reshape(field.shape[:2] + (field.shape[2] // sub, sub)).mean(axis=-1, dtype=np.float32)
+
+
+def _slab_labels(labels: np.ndarray, sub: int) -> np.ndarray:
+    """Per slice, the mimic label carried by most of the slab's sub-slices that carry one."""
+    codes = sorted(MIMIC_CODES.values())
+    counts = np.stack([_slab_mean(labels == code, sub) for code in codes], axis=-1)
+    return np.where(counts.max(axis=-1) > 0, np.asarray(codes, dtype=np.uint8)[counts.argmax(axis=-1)], 0).astype(
+        np.uint8
+    )
+
+
 def synthesize_template_case(
     index: int,
     seed: int = 0,
@@ -421,7 +438,15 @@ def synthesize_template_case(
     origin = [-(n - 1) / 2.0 * sp for n, sp in zip(shape, spacing)]
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = origin
-    head = _Head(_template_coordinates(rng, shape, spacing, origin))
+    # A thick slice is the average of its slab (the scanner's slice profile), not a plane through its
+    # centre: the head is drawn on sub-slices of at most _SUB_SLICE_MM and averaged per slice, so
+    # bone, sinuses and the table blur into the brain above and below as on a real 5 mm scan.
+    sub = math.ceil(spacing[2] / _SUB_SLICE_MM - 1e-6)
+    sub += 1 - sub % 2  # odd: "at least half the slab" is then a strict majority, neither union nor intersection
+    fine_shape = (shape[0], shape[1], shape[2] * sub)
+    fine_spacing = (spacing[0], spacing[1], spacing[2] / sub)
+    fine_origin = [origin[0], origin[1], origin[2] - (sub - 1) / 2.0 * fine_spacing[2]]
+    head = _Head(_template_coordinates(rng, fine_shape, fine_spacing, fine_origin))
     img = _restore_bone(head.hu, rng.uniform(4.0, 6.0))
     # The average smears the inner table into a 60-150 HU band a few mm deep, which no real scan shows
     # (its table is sharp to a voxel): near the table the cavity is rebuilt from the CSF map (sulcal CSF
@@ -442,7 +467,7 @@ def synthesize_template_case(
 
     no_bleed: dict[str, Any] = {"side": "none", "region": "none"}
     mask, extras = (
-        (np.zeros(shape, dtype=bool), no_bleed)
+        (np.zeros(fine_shape, dtype=bool), no_bleed)
         if kind == "none"
         else _bleed(head, kind, np.random.default_rng([seed, index, _LESION]))
     )
@@ -454,9 +479,15 @@ def synthesize_template_case(
             rim = ndi.binary_dilation(mask, iterations=3) & ~mask & head.inside
             img[rim] = np.minimum(img[rim], rng.uniform(16.0, 22.0))
         img[mask] = extras["blood_hu"]
+    if sub > 1:
+        # The bleed where it fills at least half the slab and the slice does not read as bone (a thin
+        # subdural sliced obliquely against the table averages to bone's density: no reader draws it).
+        img, blood, mimics = _slab_mean(img, sub), _slab_mean(mask, sub), _slab_labels(mimics, sub)
+        mask = (blood >= 0.5) & (img <= _READ_AS_BLOOD_MAX_HU)
+        mimics[mask] = 0
     img = _noise_and_blur(img, np.random.default_rng([seed, index, _NOISE]), noise_hu, spacing)
     if variant == "skull_stripped":
-        img[~head.inside] = 0.0
+        img[_slab_mean(head.inside, sub) < 0.5] = 0.0
     if variant != "full":
         img = np.clip(img, 0.0, 80.0)
     image_hu = np.clip(np.rint(img), _HU_MIN, _HU_MAX).astype(np.int16)

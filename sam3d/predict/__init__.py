@@ -4,7 +4,7 @@ In the parts MONAI bundles name:
 
 - ``inference``: preprocessing by the model's contract, sliding-window (automatic) or click-driven
   (interactive) probabilities, mapped back onto the scan's grid;
-- ``postprocessing``: intracranial space, hyperdense gate, small components;
+- ``postprocessing``: intracranial space, hyperdense gate, skull base, small components;
 - ``measurement``: volume, side, extents in world space;
 - ``records``: ``Click``, ``Measurements``, ``SegmentationResult`` (what reporting and the app use);
 - ``segmenter``: :class:`HemorrhageSegmenter`, which runs them in turn and writes the files.
@@ -19,10 +19,12 @@ from .postprocessing import (
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
     MIN_VOXEL_HU,
+    SKULL_BASE_MARGIN_MM,
     hyperdense_gate,
     hyperdense_options,
     intracranial_mask,
     postprocess_mask,
+    skull_base_bone,
 )
 from .records import Click, Measurements, SegmentationResult
 from .segmenter import HemorrhageSegmenter
@@ -35,6 +37,7 @@ __all__ = [
     "MIN_COMPONENT_HU",
     "MIN_COMPONENT_ML",
     "MIN_VOXEL_HU",
+    "SKULL_BASE_MARGIN_MM",
     "THRESHOLD",
     "Click",
     "HemorrhageSegmenter",
@@ -47,5 +50,6 @@ __all__ = [
     "intracranial_mask",
     "measure",
     "postprocess_mask",
+    "skull_base_bone",
     "to_input_grid",
 ]

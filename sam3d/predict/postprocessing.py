@@ -1,12 +1,14 @@
-"""Post-processing of a thresholded mask on the scan's grid: intracranial space, hyperdense gate, components.
+"""Post-processing of a thresholded mask on the scan's grid: intracranial space, hyperdense gate, skull
+base, components.
 
 Whole-head windows mark bone, scalp, the CSF/cortex rim along the inner table (where subdurals lie)
 and scattered specks as blood, and the decoder's mask is 4 model voxels coarse, which inflates small
 bleeds. So voxels outside the intracranial space found in the scan itself are cleared; components
 that are not hyperdense are dropped and the rim of the kept ones over brain trimmed (acute blood is
-50-100 HU, brain 20-45, CSF 0-15); and connected components smaller than a minimum volume are
-dropped. A component holding a positive click is the user's explicit choice and is left untouched
-by every step. The returned record says what ran and what it removed.
+50-100 HU, brain 20-45, CSF 0-15); voxels next to the skull base (petrous ridges, clivus, sella),
+whose partial volume and streaks read as blood, are cleared; and connected components smaller than
+a minimum volume are dropped. A component holding a positive click is the user's explicit choice
+and is left untouched by every step. The returned record says what ran and what it removed.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ __all__ = [
     "MIN_COMPONENT_HU",
     "MIN_COMPONENT_ML",
     "MIN_VOXEL_HU",
+    "SKULL_BASE_MARGIN_MM",
     "HyperdenseOptions",
     "PostprocessingOptions",
     "hyperdense_gate",
     "hyperdense_options",
     "intracranial_mask",
     "postprocess_mask",
+    "skull_base_bone",
     "skull_stripped_background",
 ]
 
@@ -58,6 +62,16 @@ HYPERDENSE_SHARE = 0.25
 MAX_BLOOD_HU = 100.0  # a component whose median is denser is no acute blood (clotted blood is 50-90 HU)
 HYPERDENSE_BLUR_MM = 0.5  # in-plane Gaussian sigma against noise before the half-maximum trim
 HYPERDENSE_SHELL_MM = 3.0  # the background around a component is measured in a shell this thick
+# The skull base: bone deeper than SKULL_BASE_DEPTH_MM below the head's surface (petrous ridges, clivus,
+# sella, sphenoid wings, orbital roofs; the convexity's inner table is 8-18 mm deep) in a bone structure
+# of at least SKULL_BASE_MIN_BONE_ML (not a calcified pineal or plexus). Its partial volume and streaks
+# read as blood on thick slices; predictions within SKULL_BASE_MARGIN_MM of it are cleared.
+SKULL_BASE_DEPTH_MM = 30.0
+SKULL_BASE_MARGIN_MM = 3.0
+SKULL_BASE_MIN_BONE_ML = 1.0
+SKULL_BASE_GRID_MM = 2.0  # depth is found on a grid this coarse (it varies over centimetres)
+HEAD_HU = -300.0  # soft tissue and bone; air and the table's padding are below
+HEAD_SEAL_MM = 8.0  # the ear canals and nostrils, notches this deep into the head, are closed over
 
 
 class PostprocessingOptions(TypedDict, total=False):
@@ -70,6 +84,7 @@ class PostprocessingOptions(TypedDict, total=False):
     margin_mm: float
     min_component_hu: float | None  # None: the hyperdense gate is off
     min_voxel_hu: float | None
+    skull_base_margin_mm: float  # 0: predictions next to the skull base are kept
 
 
 class HyperdenseOptions(TypedDict):
@@ -179,6 +194,45 @@ def skull_stripped_background(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU
     if float(head.size) * volume.voxel_volume_ml < MIN_INTRACRANIAL_ML:
         return None
     return background if float(np.mean(head >= head.max())) < STRIPPED_MAX_AT_TOP else None
+
+
+def skull_base_bone(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> np.ndarray | None:
+    """Bone of the skull base, found in the scan itself: bool array on the input grid, or None when the
+    scan has no bone (skull-stripped, brain-windowed).
+
+    Depth is measured from the head's surface (``HU > HEAD_HU``, closed over HEAD_SEAL_MM notches and
+    filled per axial slice, so the sinuses, air cells and ear canals count as head) in 3-D on a grid of
+    about SKULL_BASE_GRID_MM; the grid's first and last slices are not surface, so a scan that starts at
+    the foramen magnum still finds its petrous bones deep. Bone deeper than SKULL_BASE_DEPTH_MM in a
+    structure of at least SKULL_BASE_MIN_BONE_ML is the skull base.
+    """
+    array = volume.array
+    bone = array >= bone_hu
+    if float(np.count_nonzero(bone)) * volume.voxel_volume_ml < SKULL_BASE_MIN_BONE_ML:
+        return None
+    factors = [max(1, int(round(SKULL_BASE_GRID_MM / s))) for s in volume.spacing_mm]
+    coarse_spacing = [s * f for s, f in zip(volume.spacing_mm, factors)]
+    axial = axial_axis(volume.affine)
+    in_plane = np.expand_dims(np.ones((3, 3), dtype=bool), axial)
+    head = _block_any(array > HEAD_HU, factors)
+    head = ndimage.binary_closing(
+        np.pad(head, [(0, 0) if a == axial else (1, 1) for a in range(3)]),
+        _ellipsoid(HEAD_SEAL_MM, coarse_spacing, flat_axis=axial),
+    )[tuple(slice(None) if a == axial else slice(1, -1) for a in range(3))]
+    head = ndimage.binary_fill_holes(head | _block_any(bone, factors), in_plane)
+    # Outside the grid in plane is outside the head (a field of view that cuts the scalp finds no deep
+    # bone there); above and below it the head goes on.
+    padded = np.pad(head, [(0, 0) if a == axial else (1, 1) for a in range(3)])
+    depth = ndimage.distance_transform_edt(padded, sampling=coarse_spacing)[
+        tuple(slice(None) if a == axial else slice(1, -1) for a in range(3))
+    ]
+    coarse_bone = _block_any(bone, factors)
+    labels, count = ndimage.label(coarse_bone, structure=np.ones((3, 3, 3)))
+    block_ml = float(np.prod(coarse_spacing)) / 1000.0
+    sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * block_ml
+    structures = np.isin(labels, np.flatnonzero(sizes_ml >= SKULL_BASE_MIN_BONE_ML) + 1)
+    deep = _block_repeat(structures & (depth > SKULL_BASE_DEPTH_MM), factors, array.shape)
+    return deep & bone
 
 
 def _per_component(labels: np.ndarray, count: int, values: np.ndarray) -> np.ndarray:
@@ -309,15 +363,19 @@ def postprocess_mask(
     min_component_hu: float | None = MIN_COMPONENT_HU,
     min_voxel_hu: float | None = MIN_VOXEL_HU,
     intracranial: np.ndarray | None = None,
+    skull_base_margin_mm: float = SKULL_BASE_MARGIN_MM,
+    skull_base: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Clear voxels outside the intracranial space, keep hyperdense components (:func:`hyperdense_gate`;
-    ``min_component_hu=None`` turns it off), then drop components under ``min_component_ml``.
+    ``min_component_hu=None`` turns it off), clear voxels within ``skull_base_margin_mm`` of the skull
+    base (:func:`skull_base_bone`; 0 turns it off), then drop components under ``min_component_ml``.
 
     ``keep_points`` are voxel indices (input grid) of positive clicks: a component of ``mask`` holding
     one is kept whole by every step. ``min_component_ml=0`` disables the size filter. Components are
     26-connected, as in :func:`measure`. ``intracranial``: ``intracranial_mask(volume, bone_hu, margin_mm)``
     computed before for this scan (the scan's part that does not change from click to click); computed
-    here if None. Returns the new uint8 mask and a record of what ran.
+    here if None; ``skull_base`` likewise ``skull_base_bone(volume, bone_hu)``. Returns the new uint8
+    mask and a record of what ran.
     """
     mask = mask.astype(bool)
     voxel_ml = volume.voxel_volume_ml
@@ -338,11 +396,16 @@ def postprocess_mask(
             step["reason"] = f"under {MIN_INTRACRANIAL_ML:g} mL enclosed by bone: no skull found in the scan"
             inside = None
         record["intracranial_mask"] = step
-    # Every step looks at the mask's voxels and, at most, a shell and a blur's reach around them: the
-    # steps run in the mask's bounding box grown by that reach, so their cost follows the prediction,
-    # not the scan (a click's window is a small part of a thin-slice scan).
+    if skull_base_margin_mm > 0 and skull_base is None:
+        skull_base = skull_base_bone(volume, bone_hu)
+    # Every step looks at the mask's voxels and, at most, a shell and a blur's reach around them (and
+    # the skull-base margin beyond that): the steps run in the mask's bounding box grown by that reach,
+    # so their cost follows the prediction, not the scan (a click's window is a small part of a
+    # thin-slice scan).
     full_shape = mask.shape
-    box = _grown_box(mask, _gate_reach(volume, HYPERDENSE_BLUR_MM, HYPERDENSE_SHELL_MM))
+    reach = _gate_reach(volume, HYPERDENSE_BLUR_MM, HYPERDENSE_SHELL_MM)
+    reach = [r + int(np.ceil(skull_base_margin_mm / s)) for r, s in zip(reach, volume.spacing_mm)]
+    box = _grown_box(mask, reach)
     mask, volume = mask[box], _cropped(volume, box)
     inside = None if inside is None else inside[box]
     keep_points = np.asarray(keep_points, dtype=float).reshape(-1, 3) - [b.start for b in box]
@@ -359,6 +422,16 @@ def postprocess_mask(
         mask, record["hyperdense"] = hyperdense_gate(
             mask, volume, protected, min_component_hu, min_component_hu if min_voxel_hu is None else min_voxel_hu
         )
+    if skull_base_margin_mm > 0:
+        step = {"depth_mm": SKULL_BASE_DEPTH_MM, "margin_mm": skull_base_margin_mm}
+        if skull_base is None:
+            step.update(applied=False, reason="no bone in the scan")
+        else:
+            near = ndimage.binary_dilation(skull_base[box], _ellipsoid(skull_base_margin_mm, volume.spacing_mm))
+            kept = mask & (~near | protected)
+            step.update(applied=True, removed_ml=round(float((mask & ~kept).sum()) * voxel_ml, 2))
+            mask = kept
+        record["skull_base"] = step
     if min_component_ml > 0:
         labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
         sizes_ml = _per_component(labels, count, mask) * voxel_ml

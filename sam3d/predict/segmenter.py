@@ -46,9 +46,11 @@ from .postprocessing import (
     INTRACRANIAL_MARGIN_MM,
     MIN_COMPONENT_HU,
     MIN_COMPONENT_ML,
+    SKULL_BASE_MARGIN_MM,
     PostprocessingOptions,
     intracranial_mask,
     postprocess_mask,
+    skull_base_bone,
 )
 from .records import Click, SegmentationResult
 
@@ -123,6 +125,7 @@ class PreparedScan:
     volume: Volume
     model_input: ModelInput
     _cavities: dict[tuple[float, float], np.ndarray] = field(default_factory=dict, repr=False)
+    _skull_bases: dict[float, np.ndarray | None] = field(default_factory=dict, repr=False)
     _frame: tuple[IntracranialFrame | None] | None = field(default=None, repr=False)
 
     def cavity(self, options: PostprocessingOptions) -> np.ndarray:
@@ -132,6 +135,14 @@ class PreparedScan:
             with stage("post-processing"):
                 self._cavities[key] = intracranial_mask(self.volume, *key)
         return self._cavities[key]
+
+    def skull_base(self, options: PostprocessingOptions) -> np.ndarray | None:
+        """The skull base's bone for ``options``' bone threshold (None: no bone in the scan)."""
+        key = options.get("bone_hu", BONE_THRESHOLD_HU)
+        if key not in self._skull_bases:
+            with stage("post-processing"):
+                self._skull_bases[key] = skull_base_bone(self.volume, key)
+        return self._skull_bases[key]
 
     def frame(self) -> IntracranialFrame | None:
         """The inner table's distances, the ventricles and the midline that locate each component
@@ -153,6 +164,8 @@ class HemorrhageSegmenter:
       It assumes an intact skull; turn it off for skull-stripped images or after a craniectomy.
     - ``min_component_hu`` / ``min_voxel_hu``: keep hyperdense (acute) blood only; None turns it off
       (subacute or chronic hemorrhage, contrast-free scans of anaemic patients).
+    - ``skull_base_margin_mm``: clear predictions this close to the skull base's bone (petrous ridges,
+      clivus, sella: bone deep below the head's surface), whose partial volume reads as blood; 0 keeps them.
     - ``min_component_ml``: drop connected components smaller than this (mL); 0 keeps every one.
 
     In interactive mode a component holding a positive click is never removed or trimmed.
@@ -170,8 +183,12 @@ class HemorrhageSegmenter:
         """``postprocessing``: keywords of :func:`postprocess_mask` (its defaults for those left out)."""
         min_ml = postprocessing.get("min_component_ml", MIN_COMPONENT_ML)
         margin_mm = postprocessing.get("margin_mm", INTRACRANIAL_MARGIN_MM)
-        if min_ml < 0 or margin_mm < 0:
-            raise ValueError(f"min_component_ml and margin_mm must be >= 0, got {min_ml} and {margin_mm}")
+        base_mm = postprocessing.get("skull_base_margin_mm", SKULL_BASE_MARGIN_MM)
+        if min(min_ml, margin_mm, base_mm) < 0:
+            raise ValueError(
+                "min_component_ml, margin_mm and skull_base_margin_mm must be >= 0, got "
+                f"{min_ml}, {margin_mm} and {base_mm}"
+            )
         model, meta = load_trained_sam3d(checkpoint, model_type)
         self.device = torch.device(device)
         self.model: Sam3D = model.to(self.device).eval()
@@ -214,9 +231,16 @@ class HemorrhageSegmenter:
             gated = self.postprocessing.get("min_component_hu", MIN_COMPONENT_HU) is not None
             threshold = AUTOMATIC_THRESHOLD if gated and not clicks else THRESHOLD
         inside = prepared.cavity(self.postprocessing)
+        skull_base_on = self.postprocessing.get("skull_base_margin_mm", SKULL_BASE_MARGIN_MM) > 0
+        skull_base = prepared.skull_base(self.postprocessing) if skull_base_on else None
         with stage("post-processing"):
             mask, record = postprocess_mask(
-                on_input > threshold, volume, keep_points, intracranial=inside, **self.postprocessing
+                on_input > threshold,
+                volume,
+                keep_points,
+                intracranial=inside,
+                skull_base=skull_base,
+                **self.postprocessing,
             )
         record["threshold"] = threshold
         frame = prepared.frame() if mask.any() else None  # a clean scan needs no location frame
