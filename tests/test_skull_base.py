@@ -11,12 +11,12 @@ from sam3d.predict import SKULL_BASE_MARGIN_MM, postprocess_mask, skull_base_bon
 from sam3d.predict.postprocessing import SKULL_BASE_DEPTH_MM
 
 
-def analytic_head(spacing, bottom_mm=-45.0):
+def analytic_head(spacing, bottom_mm=-45.0, top_mm=85.0):
     """A ball head (radius 80 mm: 5 mm scalp, 7 mm skull, brain at 32 HU) with a 'skull base': a bone
     ridge 30 x 10 x 8 mm centred 20 mm below the ball's centre, over 50 mm below the scalp's surface.
     The grid starts ``bottom_mm`` below the centre, as a head CT starts at the foramen magnum, so the
-    head fills its first slice."""
-    axes = [np.arange(-85.0, 85.0, s) for s in spacing[:2]] + [np.arange(bottom_mm, 85.0, spacing[2])]
+    head fills its first slice, and ends at ``top_mm``."""
+    axes = [np.arange(-85.0, 85.0, s) for s in spacing[:2]] + [np.arange(bottom_mm, top_mm, spacing[2])]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     r = np.sqrt(x**2 + y**2 + z**2)
     hu = np.full(r.shape, -1000.0, np.float32)
@@ -60,6 +60,25 @@ def test_deep_bone_is_the_skull_base_and_the_convexity_is_not(spacing):
     point = np.argwhere(at_ridge)[0]
     clicked, _ = postprocess_mask(mask, volume, keep_points=[point], min_component_ml=0, min_component_hu=None)
     assert clicked.astype(bool)[at_ridge].all()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_scan_that_cuts_the_vertex_has_no_deep_skull_cap(flip):
+    """Cut 70 mm above the centre, the cap is a bone disc 27 mm across under 39 mm of scalp in plane:
+    its middle is deep in that slice, but the scan's superior end is the head's surface (either way
+    the slices are stored)."""
+    volume, (x, y, z, r), ridge = analytic_head((1.0, 1.0, 2.0), top_mm=71.0)
+    if flip:  # slices stored head to foot: the superior end is the first slice
+        affine = volume.affine @ np.array(
+            [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, volume.array.shape[2] - 1], [0, 0, 0, 1]]
+        )
+        volume = Volume(volume.array[:, :, ::-1].copy(), affine, volume.spacing_mm, "", True)
+        ridge = ridge[:, :, ::-1]
+    deep = skull_base_bone(volume)
+    assert deep is not None and deep[ridge].mean() > 0.99
+    cap = np.argwhere(deep)[:, 2]
+    top = 0 if flip else volume.array.shape[2] - 1
+    assert not np.any(np.abs(cap - top) < 8)  # nothing in the 16 mm below the cut
 
 
 def test_small_dense_bodies_deep_in_the_head_are_not_skull_base():

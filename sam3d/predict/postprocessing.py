@@ -202,8 +202,9 @@ def skull_base_bone(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> np.nd
 
     Depth is measured from the head's surface (``HU > HEAD_HU``, closed over HEAD_SEAL_MM notches and
     filled per axial slice, so the sinuses, air cells and ear canals count as head) in 3-D on a grid of
-    about SKULL_BASE_GRID_MM; the grid's first and last slices are not surface, so a scan that starts at
-    the foramen magnum still finds its petrous bones deep. Bone deeper than SKULL_BASE_DEPTH_MM in a
+    about SKULL_BASE_GRID_MM; the grid's inferior end is not surface, so a scan that starts at the
+    foramen magnum still finds its petrous bones deep, and its superior end is, so a scan that cuts the
+    vertex does not find its skull cap deep. Bone deeper than SKULL_BASE_DEPTH_MM in a
     structure of at least SKULL_BASE_MIN_BONE_ML is the skull base.
     """
     array = volume.array
@@ -221,10 +222,12 @@ def skull_base_bone(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> np.nd
     )[tuple(slice(None) if a == axial else slice(1, -1) for a in range(3))]
     head = ndimage.binary_fill_holes(head | _block_any(bone, factors), in_plane)
     # Outside the grid in plane is outside the head (a field of view that cuts the scalp finds no deep
-    # bone there); above and below it the head goes on.
-    padded = np.pad(head, [(0, 0) if a == axial else (1, 1) for a in range(3)])
-    depth = ndimage.distance_transform_edt(padded, sampling=coarse_spacing)[
-        tuple(slice(None) if a == axial else slice(1, -1) for a in range(3))
+    # bone there), and so is above it (a scan that cuts the vertex has its cap there, under the scalp);
+    # below it the head goes on (a scan that starts at the foramen magnum has its skull base deep).
+    up = 1 if float(volume.affine[2, axial]) > 0 else 0  # which end of the axial axis is superior
+    pads = [((1 - up, up) if a == axial else (1, 1)) for a in range(3)]
+    depth = ndimage.distance_transform_edt(np.pad(head, pads), sampling=coarse_spacing)[
+        tuple(slice(before, n + before) for (before, _), n in zip(pads, head.shape))
     ]
     coarse_bone = _block_any(bone, factors)
     labels, count = ndimage.label(coarse_bone, structure=np.ones((3, 3, 3)))
