@@ -355,6 +355,21 @@ def hyperdense_gate(
     }
 
 
+def _clear_near(mask: np.ndarray, obstacle: np.ndarray, spacing_mm: Sequence[float], margin_mm: float) -> np.ndarray:
+    """``mask`` without its voxels within ``margin_mm`` of ``obstacle``, found component by component in
+    each one's box grown by the margin (a distance map over the whole scan costs seconds at 0.45 mm)."""
+    out = mask.copy()
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    grow = [int(np.ceil(margin_mm / s)) for s in spacing_mm]
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        box = tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, mask.shape))
+        near = obstacle[box]
+        if near.any():
+            near = ndimage.distance_transform_edt(~near, sampling=spacing_mm) <= margin_mm
+            out[box] &= ~((labels[box] == label) & near)
+    return out
+
+
 def postprocess_mask(
     mask: np.ndarray,
     volume: Volume,
@@ -430,8 +445,9 @@ def postprocess_mask(
         if skull_base is None:
             step.update(applied=False, reason="no bone in the scan")
         else:
-            near = ndimage.binary_dilation(skull_base[box], _ellipsoid(skull_base_margin_mm, volume.spacing_mm))
-            kept = mask & (~near | protected)
+            kept = _clear_near(mask & ~protected, skull_base[box], volume.spacing_mm, skull_base_margin_mm) | (
+                mask & protected
+            )
             step.update(applied=True, removed_ml=round(float((mask & ~kept).sum()) * voxel_ml, 2))
             mask = kept
         record["skull_base"] = step
