@@ -206,6 +206,27 @@ def test_components_denser_than_acute_blood_are_dropped(small_head):
     assert clicked[ball].all()
 
 
+def test_a_blood_dense_core_that_fits_onto_bone_partial_volume_is_dropped(small_head):
+    """A core at 90 HU passes the median rule, but the gate's fit grows it onto the 220 HU beside it (a
+    thick slice through the vertex's cap): fitted, its median is above MAX_FITTED_HU, so it goes. The
+    same core in brain is kept."""
+    c, volume = small_head
+    x, y, z = np.argwhere(intracranial_mask(volume)).mean(0).astype(int)
+    core = np.zeros(c.mask.shape, bool)
+    core[x : x + 2, y : y + 2, z] = True
+    hu = volume.array.copy()
+    hu[x - 3 : x + 6, y - 3 : y + 6, z - 1 : z + 2] = 35.0  # brain around it
+    hu[core] = 90.0
+    in_brain = Volume(hu.copy(), volume.affine, volume.spacing_mm, "in brain")
+    kept, record = postprocess_mask(core, in_brain, min_component_ml=0)
+    assert kept[core].all() and record["hyperdense"]["too_dense_after_fit_removed"] == 0
+    hu[x + 2 : x + 4, y - 2 : y + 4, z - 1 : z + 2] = 220.0  # partial-volume bone, within the fit's reach
+    on_bone = Volume(hu, volume.affine, volume.spacing_mm, "on bone")
+    gated, record = postprocess_mask(core, on_bone, min_component_ml=0)
+    assert not gated.any() and record["hyperdense"]["too_dense_after_fit_removed"] == 1
+    assert record["hyperdense"]["too_dense_components_removed"] == 0  # the core itself passed
+
+
 def test_hyperdense_gate_in_component_boxes_equals_the_whole_scan_computation(small_head):
     """The gate works in each component's box (so its cost is linear in the scan, not components x
     scan); it must give what the same rule computed over the whole scan gives, for blobs anywhere,

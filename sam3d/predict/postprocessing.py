@@ -60,6 +60,11 @@ MIN_COMPONENT_HU = 45.0
 MIN_VOXEL_HU = 40.0
 HYPERDENSE_SHARE = 0.25
 MAX_BLOOD_HU = 100.0  # a component whose median is denser is no acute blood (clotted blood is 50-90 HU)
+# ... nor one whose median after the gate's fit is denser than this: the fit grows a blood-dense core to
+# its half-maximum edge, which on bone's partial volume (a thick slice through the vertex's cap, the
+# orbital roofs) is mostly 150-300 HU; a thin subdural whose every voxel touches the table reads up to
+# ~135 HU through the scanner's blur.
+MAX_FITTED_HU = 150.0
 HYPERDENSE_BLUR_MM = 0.5  # in-plane Gaussian sigma against noise before the half-maximum trim
 HYPERDENSE_SHELL_MM = 3.0  # the background around a component is measured in a shell this thick
 # The skull base: bone deeper than SKULL_BASE_DEPTH_MM below the head's surface (petrous ridges, clivus,
@@ -300,8 +305,8 @@ def hyperdense_gate(
     or whose median is above MAX_BLOOD_HU; fit each kept one to the voxels (HU blurred by ``blur_mm`` in plane
     against noise) at or above half-way between its hyperdense voxels' median and the median of a ``shell_mm``
     shell around it, the half-maximum edge of a blurred blob, never below ``min_voxel_hu``: trimmed where the
-    mask overshoots that edge, grown up to it (within :func:`_growth`'s reach) where the mask falls short.
-    ``protected`` voxels are kept as they are."""
+    mask overshoots that edge, grown up to it (within :func:`_growth`'s reach) where the mask falls short;
+    drop it if its median, fitted, is above MAX_FITTED_HU. ``protected`` voxels are kept as they are."""
     labels, count = ndimage.label(mask & ~protected, structure=np.ones((3, 3, 3)))
     index = np.arange(1, count + 1)
     dense = volume.array >= min_component_hu
@@ -322,6 +327,7 @@ def hyperdense_gate(
     reach = _gate_reach(volume, blur_mm, shell_mm)
     gated = mask & protected
     edges = []
+    too_dense_fitted = 0
     # Each component is handled in its bounding box grown by the shell (and the blur's reach), so
     # the cost is the scan once plus the components' boxes, not components x scan.
     boxes = ndimage.find_objects(labels)
@@ -340,7 +346,11 @@ def hyperdense_gate(
         blood = (blurred >= edge) & soft_tissue & ~protected[box]
         # On thin slices the growth is the shell itself: its dilation is done once.
         within_reach = (reached if growth.shape == shell.shape else ndimage.binary_dilation(component, growth)) & blood
-        gated[box] |= ndimage.binary_propagation(component & blood, mask=within_reach)
+        fitted = ndimage.binary_propagation(component & blood, mask=within_reach)
+        if fitted.any() and float(np.median(hu[fitted])) > MAX_FITTED_HU:
+            too_dense_fitted += 1
+            continue
+        gated[box] |= fitted
         edges.append(round(edge, 1))
     voxel_ml = volume.voxel_volume_ml
     return gated, {
@@ -350,6 +360,8 @@ def hyperdense_gate(
         "components_removed": int(np.sum(shares < HYPERDENSE_SHARE)),
         "max_median_hu": MAX_BLOOD_HU,
         "too_dense_components_removed": int(too_dense.sum()),
+        "max_fitted_median_hu": MAX_FITTED_HU,
+        "too_dense_after_fit_removed": too_dense_fitted,
         "removed_ml": round(float((mask & ~gated).sum()) * voxel_ml, 2),
         "added_ml": round(float((gated & ~mask).sum()) * voxel_ml, 2),
     }
