@@ -220,12 +220,13 @@ def skull_base_bone(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> np.nd
     coarse_spacing = [s * f for s, f in zip(volume.spacing_mm, factors)]
     axial = axial_axis(volume.affine)
     in_plane = np.expand_dims(np.ones((3, 3), dtype=bool), axial)
+    coarse_bone = _block_any(bone, factors)
     head = _block_any(array > HEAD_HU, factors)
     head = ndimage.binary_closing(
         np.pad(head, [(0, 0) if a == axial else (1, 1) for a in range(3)]),
         _ellipsoid(HEAD_SEAL_MM, coarse_spacing, flat_axis=axial),
     )[tuple(slice(None) if a == axial else slice(1, -1) for a in range(3))]
-    head = ndimage.binary_fill_holes(head | _block_any(bone, factors), in_plane)
+    head = ndimage.binary_fill_holes(head | coarse_bone, in_plane)
     # Outside the grid in plane is outside the head (a field of view that cuts the scalp finds no deep
     # bone there), and so is above it (a scan that cuts the vertex has its cap there, under the scalp);
     # below it the head goes on (a scan that starts at the foramen magnum has its skull base deep).
@@ -234,7 +235,6 @@ def skull_base_bone(volume: Volume, bone_hu: float = BONE_THRESHOLD_HU) -> np.nd
     depth = ndimage.distance_transform_edt(np.pad(head, pads), sampling=coarse_spacing)[
         tuple(slice(before, n + before) for (before, _), n in zip(pads, head.shape))
     ]
-    coarse_bone = _block_any(bone, factors)
     labels, count = ndimage.label(coarse_bone, structure=np.ones((3, 3, 3)))
     block_ml = float(np.prod(coarse_spacing)) / 1000.0
     sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * block_ml
